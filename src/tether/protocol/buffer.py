@@ -1,0 +1,77 @@
+"""The replay buffer: bytes kept until the peer acknowledges them (docs/protocol.md,
+"Acknowledgement and replay").
+
+Bytes are addressed by 64-bit stream offset. The buffer holds ``[start, end)``:
+``start`` is what the peer has acknowledged, ``end`` is everything the
+application has written. Chunks are kept as the caller handed them (no copy);
+acknowledging into the middle of a chunk keeps a memoryview of its tail.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+__all__ = ["ReplayBuffer"]
+
+Chunk = bytes | memoryview
+
+
+class ReplayBuffer:
+    __slots__ = ("_chunks", "_end", "_start")
+
+    def __init__(self) -> None:
+        self._chunks: deque[Chunk] = deque()
+        self._start = 0
+        self._end = 0
+
+    @property
+    def start(self) -> int:
+        """Offset of the oldest byte still held (everything before it was acknowledged)."""
+        return self._start
+
+    @property
+    def end(self) -> int:
+        """Offset one past the newest byte written."""
+        return self._end
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    def append(self, data: Chunk) -> None:
+        if data:
+            self._chunks.append(data)
+            self._end += len(data)
+
+    def discard_until(self, offset: int) -> None:
+        """Forget every byte below ``offset`` (start <= offset <= end)."""
+        if not self._start <= offset <= self._end:
+            raise ValueError(f"offset {offset} outside [{self._start}, {self._end}]")
+        chunks = self._chunks
+        drop = offset - self._start
+        while drop:
+            head = chunks[0]
+            if len(head) <= drop:
+                chunks.popleft()
+                drop -= len(head)
+            else:
+                chunks[0] = memoryview(head)[drop:]
+                drop = 0
+        self._start = offset
+
+    def views(self, offset: int, max_piece: int) -> Iterator[tuple[int, memoryview]]:
+        """Yield (offset, piece) covering ``[offset, end)``, each piece at most ``max_piece``."""
+        if not self._start <= offset <= self._end:
+            raise ValueError(f"offset {offset} outside [{self._start}, {self._end}]")
+        at = self._start
+        for chunk in self._chunks:
+            size = len(chunk)
+            if at + size <= offset:
+                at += size
+                continue
+            view = memoryview(chunk)
+            skip = max(0, offset - at)
+            for lo in range(skip, size, max_piece):
+                piece = view[lo : lo + max_piece]
+                yield at + lo, piece
+            at += size

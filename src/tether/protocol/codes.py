@@ -1,0 +1,35 @@
+"""Close and reject reason codes (docs/protocol.md, "Reason codes")."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["CloseCode"]
+
+
+class CloseCode(enum.IntEnum):
+    """Why a session or a link ended; carried by CLOSE and REJECT frames as a u16."""
+
+    NORMAL = 0  # both directions finished and were acknowledged
+    PROTOCOL_ERROR = 1  # the peer broke the protocol
+    UNSUPPORTED_VERSION = 2  # no common protocol version
+    UNKNOWN_SESSION = 3  # resume names a session the server does not hold
+    BAD_PROOF = 4  # resume proof did not verify
+    EXPIRED = 5  # the session-reliability timeout passed while detached
+    BACKEND_UNAVAILABLE = 6  # the server could not reach its backend
+    BACKEND_RESET = 7  # the backend aborted its connection
+    APPLICATION_RESET = 8  # the application aborted its connection
+    GOING_AWAY = 9  # the endpoint is shutting down
+    SUPERSEDED = 10  # this link was replaced by a newer resume of the same session
+    HANDSHAKE_TIMEOUT = 11  # the link handshake did not finish in time
+    OVERLOADED = 12  # the server holds as many sessions as it is allowed
+    INTERNAL_ERROR = 13  # a bug; reported rather than hidden
+    LINK_LOST = 14  # local only: the link died (never on the wire)
+    RESUME_FAILED = 15  # local only: reconnecting failed until the deadline
+
+    @classmethod
+    def from_wire(cls, value: int) -> CloseCode:
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.PROTOCOL_ERROR

@@ -1,0 +1,106 @@
+"""Events the core emits (docs/protocol.md, "Session lifecycle").
+
+Drivers take them with ``next_event()`` and act on each; they never decide
+protocol questions themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .codes import CloseCode
+
+__all__ = [
+    "DataReceived",
+    "EofReceived",
+    "Event",
+    "HandshakeFailed",
+    "LinkLost",
+    "ResumeRequested",
+    "SessionEnded",
+    "SessionEstablished",
+    "SessionResumed",
+    "SetupRequested",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Stream bytes for the local application, in order, each exactly once."""
+
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class EofReceived:
+    """The peer's direction has ended: half-close the local side's writing."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEstablished:
+    """Client: the server accepted the setup."""
+
+    session_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResumed:
+    """A new link carries the session; ``replayed`` bytes are being sent again."""
+
+    replayed: int
+    peer_received: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkLost:
+    """The current link is dead (keepalive silence, a peer error, a handshake failure).
+
+    The driver closes that transport. ``peer_is_tether`` tells the client whether the
+    peer ever answered with the tether magic on this link (fallback needs to know).
+    """
+
+    reason: str
+    code: CloseCode
+    peer_is_tether: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnded:
+    """The session is over; the driver closes everything that belongs to it."""
+
+    code: CloseCode
+    reason: str
+    by_peer: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SetupRequested:
+    """Server handshake: a client asks for a new session."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRequested:
+    """Server handshake: a client asks to resume ``session_id`` (not yet verified)."""
+
+    session_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeFailed:
+    """Server handshake: the link failed before it reached a session."""
+
+    code: CloseCode
+    reason: str
+
+
+Event = (
+    DataReceived
+    | EofReceived
+    | SessionEstablished
+    | SessionResumed
+    | LinkLost
+    | SessionEnded
+    | SetupRequested
+    | ResumeRequested
+    | HandshakeFailed
+)

@@ -1,0 +1,323 @@
+"""Frame types, their limits and their wire encoding (docs/protocol.md, "Frames").
+
+Every frame is ``type: u8 | length: u24 | payload``, big-endian, where ``length``
+counts the payload only. One frozen dataclass per frame type, fields in wire
+order. ``parse_control`` turns a complete control frame's payload into its
+dataclass or raises :class:`~tether.errors.ProtocolError`; DATA is parsed by the
+incremental reader in reader.py so that payloads are never buffered whole.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from ..errors import ProtocolError
+from .codes import CloseCode
+
+__all__ = [
+    "CLIENT_HELLO_SIZE",
+    "FRAME_HEADER_SIZE",
+    "MAGIC",
+    "MAX_CONTROL_PAYLOAD",
+    "MAX_DATA_CHUNK",
+    "MAX_REASON_BYTES",
+    "NONCE_SIZE",
+    "PROTOCOL_VERSION",
+    "SERVER_HELLO_SIZE",
+    "SESSION_ID_SIZE",
+    "Accept",
+    "Ack",
+    "Close",
+    "ControlFrame",
+    "Data",
+    "Eof",
+    "FrameType",
+    "Ping",
+    "Pong",
+    "Reject",
+    "Resume",
+    "Resumed",
+    "Setup",
+    "client_hello",
+    "data_header",
+    "parse_client_hello",
+    "parse_control",
+    "parse_server_hello",
+    "server_hello",
+]
+
+# docs/protocol.md, "Link hello"
+MAGIC = b"\x89TETHER\n"  # 8 bytes: high bit and LF catch 7-bit and text mangling
+PROTOCOL_VERSION = 1
+NONCE_SIZE = 32
+SESSION_ID_SIZE = 16
+KEY_SIZE = 32
+MAC_SIZE = 32
+CLIENT_HELLO_SIZE = len(MAGIC) + 2  # magic | min_version u8 | max_version u8
+SERVER_HELLO_SIZE = len(MAGIC) + 1 + NONCE_SIZE  # magic | version u8 | server_nonce
+
+# docs/protocol.md, "Limits"
+FRAME_HEADER_SIZE = 4
+MAX_DATA_CHUNK = 65536  # payload bytes in one DATA frame, after its offset
+MAX_CONTROL_PAYLOAD = 512  # every frame but DATA
+MAX_REASON_BYTES = 256  # UTF-8 reason text in CLOSE and REJECT
+
+_HEADER = struct.Struct("!I")
+_DATA_HEADER = struct.Struct("!IQ")
+_U64 = struct.Struct("!Q")
+_SETUP = struct.Struct(f"!{KEY_SIZE}sII")
+_ACCEPT = struct.Struct(f"!{SESSION_ID_SIZE}s{KEY_SIZE}sIII{MAC_SIZE}s")
+_RESUME = struct.Struct(f"!{SESSION_ID_SIZE}s{NONCE_SIZE}sQII{MAC_SIZE}s")
+_RESUMED = struct.Struct(f"!Q{MAC_SIZE}s")
+_CODE = struct.Struct("!H")
+
+
+class FrameType(enum.IntEnum):
+    """The u8 type of a frame (docs/protocol.md, "Frames")."""
+
+    SETUP = 0x01
+    ACCEPT = 0x02
+    RESUME = 0x03
+    RESUMED = 0x04
+    REJECT = 0x05
+    DATA = 0x10
+    ACK = 0x11
+    EOF = 0x12
+    PING = 0x13
+    PONG = 0x14
+    CLOSE = 0x15
+
+
+def _frame(ftype: FrameType, payload: bytes) -> bytes:
+    return _HEADER.pack((ftype << 24) | len(payload)) + payload
+
+
+def data_header(offset: int, length: int) -> bytes:
+    """Header of a DATA frame carrying ``length`` bytes at stream ``offset``."""
+    return _DATA_HEADER.pack((FrameType.DATA << 24) | (8 + length), offset)
+
+
+def _check_reason(reason: str) -> bytes:
+    raw = reason.encode("utf-8", "replace")
+    if len(raw) > MAX_REASON_BYTES:
+        raw = raw[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """Client asks for a new session. ``window`` is its replay buffer size in bytes."""
+
+    client_public: bytes
+    window: int
+    keepalive_ms: int
+
+    def serialize(self) -> bytes:
+        return _frame(
+            FrameType.SETUP, _SETUP.pack(self.client_public, self.window, self.keepalive_ms)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Server created the session; ``confirm`` proves it derived the same secret."""
+
+    session_id: bytes
+    server_public: bytes
+    window: int
+    timeout_ms: int
+    keepalive_ms: int
+    confirm: bytes
+
+    def serialize(self) -> bytes:
+        return _frame(
+            FrameType.ACCEPT,
+            _ACCEPT.pack(
+                self.session_id,
+                self.server_public,
+                self.window,
+                self.timeout_ms,
+                self.keepalive_ms,
+                self.confirm,
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Client asks to resume ``session_id``; ``proof`` is an HMAC over the server nonce."""
+
+    session_id: bytes
+    client_nonce: bytes
+    received: int
+    window: int
+    keepalive_ms: int
+    proof: bytes
+
+    def serialize(self) -> bytes:
+        return _frame(
+            FrameType.RESUME,
+            _RESUME.pack(
+                self.session_id,
+                self.client_nonce,
+                self.received,
+                self.window,
+                self.keepalive_ms,
+                self.proof,
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """Server accepted the resume; ``received`` is where the client must retransmit from."""
+
+    received: int
+    proof: bytes
+
+    def serialize(self) -> bytes:
+        return _frame(FrameType.RESUMED, _RESUMED.pack(self.received, self.proof))
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Server refused the setup or the resume."""
+
+    code: CloseCode
+    reason: str = ""
+
+    def serialize(self) -> bytes:
+        return _frame(FrameType.REJECT, _CODE.pack(self.code) + _check_reason(self.reason))
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """Stream bytes starting at stream ``offset``."""
+
+    offset: int
+    payload: bytes | memoryview
+
+    def serialize(self) -> bytes:
+        return data_header(self.offset, len(self.payload)) + self.payload
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Every stream byte (and the EOF) below ``offset`` has been received."""
+
+    offset: int
+
+    def serialize(self) -> bytes:
+        return _frame(FrameType.ACK, _U64.pack(self.offset))
+
+
+@dataclass(frozen=True, slots=True)
+class Eof:
+    """The sender will send nothing more; the EOF itself occupies stream ``offset``."""
+
+    offset: int
+
+    def serialize(self) -> bytes:
+        return _frame(FrameType.EOF, _U64.pack(self.offset))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Keepalive probe; the peer answers with a PONG carrying the same ``token``."""
+
+    token: int
+
+    def serialize(self) -> bytes:
+        return _frame(FrameType.PING, _U64.pack(self.token))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    token: int
+
+    def serialize(self) -> bytes:
+        return _frame(FrameType.PONG, _U64.pack(self.token))
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The session ends now, in both directions, for ``code``."""
+
+    code: CloseCode
+    reason: str = ""
+
+    def serialize(self) -> bytes:
+        return _frame(FrameType.CLOSE, _CODE.pack(self.code) + _check_reason(self.reason))
+
+
+ControlFrame = Setup | Accept | Resume | Resumed | Reject | Ack | Eof | Ping | Pong | Close
+
+_FIXED: dict[FrameType, struct.Struct] = {
+    FrameType.SETUP: _SETUP,
+    FrameType.ACCEPT: _ACCEPT,
+    FrameType.RESUME: _RESUME,
+    FrameType.RESUMED: _RESUMED,
+    FrameType.ACK: _U64,
+    FrameType.EOF: _U64,
+    FrameType.PING: _U64,
+    FrameType.PONG: _U64,
+}
+_CLASSES: dict[FrameType, type] = {
+    FrameType.SETUP: Setup,
+    FrameType.ACCEPT: Accept,
+    FrameType.RESUME: Resume,
+    FrameType.RESUMED: Resumed,
+    FrameType.ACK: Ack,
+    FrameType.EOF: Eof,
+    FrameType.PING: Ping,
+    FrameType.PONG: Pong,
+}
+
+
+def parse_control(ftype: int, payload: bytes) -> ControlFrame:
+    """Parse a complete control frame payload; raise ProtocolError when malformed."""
+    try:
+        kind = FrameType(ftype)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type 0x{ftype:02x}") from None
+    layout = _FIXED.get(kind)
+    if layout is not None:
+        if len(payload) != layout.size:
+            raise ProtocolError(
+                f"{kind.name} frame of {len(payload)} bytes, expected {layout.size}"
+            )
+        frame: ControlFrame = _CLASSES[kind](*layout.unpack(payload))
+        return frame
+    if kind in (FrameType.REJECT, FrameType.CLOSE):
+        if len(payload) < 2 or len(payload) > 2 + MAX_REASON_BYTES:
+            raise ProtocolError(f"{kind.name} frame of {len(payload)} bytes")
+        (code,) = _CODE.unpack_from(payload)
+        reason = payload[2:].decode("utf-8", "replace")
+        cls = Reject if kind is FrameType.REJECT else Close
+        return cls(CloseCode.from_wire(code), reason)
+    raise ProtocolError(f"{kind.name} is not a control frame")
+
+
+def client_hello(min_version: int = PROTOCOL_VERSION, max_version: int = PROTOCOL_VERSION) -> bytes:
+    return MAGIC + bytes((min_version, max_version))
+
+
+def parse_client_hello(raw: bytes) -> tuple[int, int]:
+    """Return (min_version, max_version); raise ProtocolError if not a tether hello."""
+    if len(raw) != CLIENT_HELLO_SIZE or raw[: len(MAGIC)] != MAGIC:
+        raise ProtocolError("not a tether client (bad magic)")
+    lo, hi = raw[len(MAGIC)], raw[len(MAGIC) + 1]
+    return lo, hi
+
+
+def server_hello(version: int, nonce: bytes) -> bytes:
+    return MAGIC + bytes((version,)) + nonce
+
+
+def parse_server_hello(raw: bytes) -> tuple[int, bytes]:
+    """Return (version, server_nonce); raise ProtocolError if not a tether server."""
+    if len(raw) != SERVER_HELLO_SIZE or raw[: len(MAGIC)] != MAGIC:
+        raise ProtocolError("the peer is not a tether server (bad magic)")
+    return raw[len(MAGIC)], raw[len(MAGIC) + 1 :]

@@ -1,0 +1,113 @@
+"""Incremental frame reader (docs/protocol.md, "Frames" and "Limits").
+
+Feed it bytes as they arrive; it returns the frames they complete. DATA payloads
+are never buffered: each piece of a DATA frame is returned as soon as it arrives,
+as a zero-copy ``memoryview`` slice of the input, wrapped in a :class:`Data` that
+carries its own stream offset. Control frames are buffered until whole, and no
+frame may claim more than its limit, so the reader holds at most
+``FRAME_HEADER_SIZE + MAX_CONTROL_PAYLOAD`` bytes between calls.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import ProtocolError
+from .frames import (
+    FRAME_HEADER_SIZE,
+    MAX_CONTROL_PAYLOAD,
+    MAX_DATA_CHUNK,
+    ControlFrame,
+    Data,
+    FrameType,
+    parse_control,
+)
+
+__all__ = ["FrameReader"]
+
+_HEADER = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+_DATA_PREFIX = FRAME_HEADER_SIZE + 8  # header and the u64 offset
+
+
+class FrameReader:
+    """Turn a byte stream into frames. Raises ProtocolError on malformed input."""
+
+    __slots__ = ("_data_offset", "_data_remaining", "_partial")
+
+    def __init__(self) -> None:
+        self._partial = bytearray()
+        self._data_remaining = 0  # bytes of the current DATA payload still to come
+        self._data_offset = 0  # stream offset of the next of those bytes
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[ControlFrame | Data]:
+        out: list[ControlFrame | Data] = []
+        view = memoryview(data)
+        pos = 0
+        end = len(view)
+        while pos < end:
+            if self._data_remaining:
+                take = min(self._data_remaining, end - pos)
+                out.append(Data(self._data_offset, view[pos : pos + take]))
+                self._data_offset += take
+                self._data_remaining -= take
+                pos += take
+                continue
+            partial = self._partial
+            if partial:
+                # Complete the header, then whatever the header says must be whole.
+                need = self._needed(partial) - len(partial)
+                take = min(need, end - pos)
+                partial += view[pos : pos + take]
+                pos += take
+                if len(partial) < self._needed(partial):
+                    continue
+                frame = self._complete(memoryview(bytes(partial)), 0)
+                partial.clear()
+                if frame is not None:
+                    out.append(frame)
+                continue
+            if end - pos < FRAME_HEADER_SIZE:
+                partial += view[pos:end]
+                break
+            (word,) = _HEADER.unpack_from(view, pos)
+            ftype = word >> 24
+            length = word & 0xFFFFFF
+            total = _DATA_PREFIX if ftype == FrameType.DATA else FRAME_HEADER_SIZE + length
+            self._check(ftype, length)
+            if end - pos < total:
+                partial += view[pos:end]
+                break
+            frame = self._complete(view, pos)
+            pos += total
+            if frame is not None:
+                out.append(frame)
+        return out
+
+    @staticmethod
+    def _check(ftype: int, length: int) -> None:
+        if ftype == FrameType.DATA:
+            if not 8 < length <= 8 + MAX_DATA_CHUNK:
+                raise ProtocolError(f"DATA frame length {length} out of range")
+        elif length > MAX_CONTROL_PAYLOAD:
+            raise ProtocolError(f"control frame 0x{ftype:02x} of {length} bytes exceeds limit")
+
+    def _needed(self, partial: bytearray) -> int:
+        """Bytes the frame starting in ``partial`` needs before it can be handled."""
+        if len(partial) < FRAME_HEADER_SIZE:
+            return FRAME_HEADER_SIZE
+        (word,) = _HEADER.unpack_from(partial)
+        ftype, length = word >> 24, word & 0xFFFFFF
+        self._check(ftype, length)
+        return _DATA_PREFIX if ftype == FrameType.DATA else FRAME_HEADER_SIZE + length
+
+    def _complete(self, view: memoryview, pos: int) -> ControlFrame | None:
+        """Handle a frame whose header (and, for control frames, payload) is at ``pos``."""
+        (word,) = _HEADER.unpack_from(view, pos)
+        ftype, length = word >> 24, word & 0xFFFFFF
+        if ftype == FrameType.DATA:
+            (self._data_offset,) = _U64.unpack_from(view, pos + FRAME_HEADER_SIZE)
+            self._data_remaining = length - 8
+            return None
+        start = pos + FRAME_HEADER_SIZE
+        return parse_control(ftype, bytes(view[start : start + length]))
