@@ -276,7 +276,7 @@ class Session:
             session_id=self.session_id.hex(),
             bytes_sent=self._buffer.end,
             bytes_received=self._received - (1 if self._peer_eof else 0),
-            bytes_acked=min(self._buffer.start, self._buffer.end),
+            bytes_acked=self._buffer.start,
             replay_buffered=len(self._buffer),
             bytes_replayed=self._replayed,
             links=self._links,
@@ -658,7 +658,7 @@ class Session:
         self._transition(_Input.END)
         self._end_code = code
         self._tick_at = self._handshake_at = self._expire_at = None
-        self._buffer = ReplayBuffer()
+        self._buffer.discard_until(self._buffer.end)  # free the bytes, keep the offsets
         self._events.append(SessionEnded(code, reason, by_peer))
 
     def _transition(self, event: _Input) -> None:
