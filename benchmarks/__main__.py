@@ -1,0 +1,136 @@
+"""``python -m benchmarks``: run the suite, write JSON under results/, regenerate the docs.
+
+Examples::
+
+    python -m benchmarks                      # everything, full size (about 30-40 min here)
+    python -m benchmarks --quick              # everything, smaller
+    python -m benchmarks --only B1,B2 --peers direct,socat2,tether
+    python -m benchmarks --smoke --only B1,B2 --out /tmp/x --no-docs   # the test's run
+    python -m benchmarks report               # docs/benchmarks.md from results/latest.json
+    python -m benchmarks profile              # py-spy of the bulk data path
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import SCALES, Result, machine_meta
+from benchmarks.peers import DEFAULT_PEERS, PEERS
+from benchmarks.procs import REPO, raise_nofile
+
+ALL = ["B1", "B2", "B3", "B4", "B5"]
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    scale = SCALES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.repeats:
+        from dataclasses import replace
+
+        scale = replace(scale, repeats=args.repeats)
+    only = [b.strip().upper() for b in args.only.split(",")] if args.only else ALL
+    peer_names = args.peers.split(",") if args.peers else DEFAULT_PEERS
+    unknown = [p for p in peer_names if p not in PEERS]
+    if unknown:
+        print(f"unknown peers {unknown}; known: {sorted(PEERS)}", file=sys.stderr)
+        return 2
+    peers = [PEERS[p] for p in peer_names]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logdir = out / "logs" / stamp
+    meta = machine_meta(["python", "-m", "benchmarks", *sys.argv[1:]])
+    meta["scale"] = scale.name
+    raise_nofile()
+
+    results: list[Result] = []
+    for bench in only:
+        t0 = time.monotonic()
+        print(f"== {bench} ({scale.name})", file=sys.stderr, flush=True)
+        res = run_one(bench, scale, peers, logdir, args)
+        res.meta = dict(meta, seconds=round(time.monotonic() - t0, 1))
+        results.append(res)
+        print(f"   {bench} done in {res.meta['seconds']}s", file=sys.stderr, flush=True)
+        save(out, stamp, results, meta)
+    if not args.no_docs:
+        from benchmarks.report import write_docs
+
+        write_docs(out / "latest.json", REPO / "docs")
+    return 0
+
+
+def run_one(bench: str, scale: Any, peers: list[Any], logdir: Path, args: Any) -> Result:
+    if bench == "B1":
+        from benchmarks.throughput import run_b1
+
+        return run_b1(scale, peers, logdir, args.cases.split(","))
+    if bench == "B2":
+        from benchmarks.throughput import run_b2
+
+        return run_b2(scale, peers, logdir)
+    if bench == "B3":
+        from benchmarks.resume import run_b3
+
+        return run_b3(scale, peers, logdir)
+    if bench == "B4":
+        from benchmarks.scale import run_b4
+
+        return run_b4(scale, logdir)
+    if bench == "B5":
+        from benchmarks.overhead import run_b5
+
+        return run_b5(scale, logdir)
+    raise SystemExit(f"unknown benchmark {bench}")
+
+
+def save(out: Path, stamp: str, results: list[Result], meta: dict[str, Any]) -> None:
+    """Write this run's file and merge its benchmarks into results/latest.json."""
+    doc = {"meta": meta, "benchmarks": {r.id: r.to_json() for r in results}}
+    (out / f"run-{stamp}.json").write_text(json.dumps(doc, indent=1))
+    latest_path = out / "latest.json"
+    latest: dict[str, Any] = {"benchmarks": {}}
+    if latest_path.exists():
+        with contextlib.suppress(ValueError):
+            latest = json.loads(latest_path.read_text())
+    latest.setdefault("benchmarks", {}).update(doc["benchmarks"])
+    latest["meta"] = meta
+    latest_path.write_text(json.dumps(latest, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("what", nargs="?", default="run", choices=["run", "report", "profile"])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness only")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--peers", help=f"comma-separated subset of {','.join(PEERS)}")
+    parser.add_argument("--cases", default="up,down,both", help="B1 directions")
+    parser.add_argument("--repeats", type=int, default=0, help="override the repeat count")
+    parser.add_argument("--out", default=str(REPO / "results"), help="results directory")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/")
+    parser.add_argument("--seconds", type=float, default=10.0, help="profile: seconds sampled")
+    args = parser.parse_args(argv)
+    if args.what == "report":
+        from benchmarks.report import write_docs
+
+        write_docs(Path(args.out) / "latest.json", REPO / "docs")
+        return 0
+    if args.what == "profile":
+        from benchmarks.profile import run_profile
+
+        return run_profile(args)
+    return run_suite(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
