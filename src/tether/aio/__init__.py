@@ -1,0 +1,1 @@
+"""asyncio drivers around the sans-I/O core: thin pumps, no protocol decisions."""
