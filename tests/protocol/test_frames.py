@@ -1,0 +1,237 @@
+"""Frames: every type round-trips; the reader gives the same frames however the bytes
+are split, and rejects oversize, unknown and malformed frames with ProtocolError."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tether.errors import ProtocolError
+from tether.protocol.codes import CloseCode
+from tether.protocol.frames import (
+    CLIENT_HELLO_SIZE,
+    MAGIC,
+    MAX_CONTROL_PAYLOAD,
+    MAX_DATA_CHUNK,
+    MAX_REASON_BYTES,
+    NONCE_SIZE,
+    SERVER_HELLO_SIZE,
+    Close,
+    ControlFrame,
+    Data,
+    FrameType,
+    Reject,
+    client_hello,
+    data_header,
+    parse_client_hello,
+    parse_control,
+    parse_server_hello,
+    server_hello,
+)
+from tether.protocol.reader import FrameReader
+
+from . import strategies as fs
+
+Item = tuple[str, object, object]
+
+
+def normalize(frames: list[ControlFrame | Data]) -> list[Item]:
+    """Frames as comparable items; adjacent pieces of one DATA stream are joined."""
+    out: list[Item] = []
+    for frame in frames:
+        if isinstance(frame, Data):
+            payload = bytes(frame.payload)
+            if out and out[-1][0] == "data":
+                _, offset, previous = out[-1]
+                assert isinstance(offset, int) and isinstance(previous, bytes)
+                if offset + len(previous) == frame.offset:
+                    out[-1] = ("data", offset, previous + payload)
+                    continue
+            out.append(("data", frame.offset, payload))
+        else:
+            out.append(("control", frame, None))
+    return out
+
+
+def read_all(chunks: list[bytes]) -> list[ControlFrame | Data]:
+    reader = FrameReader()
+    frames: list[ControlFrame | Data] = []
+    for chunk in chunks:
+        # Copy what the reader returned: its DATA pieces are views of the input.
+        frames += [
+            Data(f.offset, bytes(f.payload)) if isinstance(f, Data) else f
+            for f in reader.feed(chunk)
+        ]
+    return frames
+
+
+def header(ftype: int, length: int) -> bytes:
+    return struct.pack("!I", (ftype << 24) | length)
+
+
+# -- round trips -------------------------------------------------------------------------
+
+
+@given(fs.control_frames)
+def test_control_frame_round_trip(frame: ControlFrame) -> None:
+    raw = frame.serialize()
+    ftype, length = raw[0], int.from_bytes(raw[1:4], "big")
+    assert length == len(raw) - 4 <= MAX_CONTROL_PAYLOAD
+    assert parse_control(ftype, raw[4:]) == frame
+    assert read_all([raw]) == [frame]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        fs.setups,
+        fs.accepts,
+        fs.resumes,
+        fs.resumeds,
+        fs.rejects,
+        fs.acks,
+        fs.eofs,
+        fs.pings,
+        fs.pongs,
+        fs.closes,
+    ],
+    ids=lambda s: repr(s)[:40],
+)
+@settings(max_examples=30)
+@given(data=st.data())
+def test_each_frame_type_round_trips(
+    strategy: st.SearchStrategy[ControlFrame], data: st.DataObject
+) -> None:
+    frame = data.draw(strategy)
+    assert read_all([frame.serialize()]) == [frame]
+
+
+@settings(max_examples=50)
+@given(fs.data_frames)
+def test_data_frame_round_trip(frame: Data) -> None:
+    raw = frame.serialize()
+    assert raw[0] == FrameType.DATA
+    assert raw[:12] == data_header(frame.offset, len(frame.payload))
+    assert normalize(read_all([raw])) == [("data", frame.offset, bytes(frame.payload))]
+
+
+@given(fs.codes, st.text(min_size=MAX_REASON_BYTES // 2, max_size=400))
+def test_long_reasons_are_cut_to_the_limit_on_a_character_boundary(
+    code: CloseCode, reason: str
+) -> None:
+    for cls in (Close, Reject):
+        raw = cls(code, reason).serialize()
+        assert len(raw) - 4 <= 2 + MAX_REASON_BYTES
+        parsed = parse_control(raw[0], raw[4:])
+        assert isinstance(parsed, cls) and parsed.code == code
+        assert (
+            "\ufffd" not in parsed.reason
+            or "\ufffd" in reason
+            or any("\ud800" <= c <= "\udfff" for c in reason)
+        )
+
+
+def test_unknown_close_code_reads_as_protocol_error() -> None:
+    raw = header(FrameType.CLOSE, 2) + struct.pack("!H", 999)
+    assert read_all([raw]) == [Close(CloseCode.PROTOCOL_ERROR, "")]
+
+
+def test_hellos() -> None:
+    hello = client_hello()
+    assert len(hello) == CLIENT_HELLO_SIZE and hello.startswith(MAGIC)
+    assert parse_client_hello(client_hello(1, 3)) == (1, 3)
+    nonce = bytes(range(NONCE_SIZE))
+    raw = server_hello(1, nonce)
+    assert len(raw) == SERVER_HELLO_SIZE
+    assert parse_server_hello(raw) == (1, nonce)
+    for bad in (b"SSH-2.0-x\r\n", MAGIC[:-1] + b"X\x01\x01", hello[:-1]):
+        with pytest.raises(ProtocolError):
+            parse_client_hello(bad)
+    with pytest.raises(ProtocolError):
+        parse_server_hello(b"HTTP/1.1 400 Bad Request\r\n" + bytes(15))
+
+
+# -- the reader, however the bytes are split ------------------------------------------------
+
+
+@settings(max_examples=100)
+@given(st.lists(fs.frames, max_size=8), st.data())
+def test_reader_is_split_invariant(frames: list[ControlFrame | Data], data: st.DataObject) -> None:
+    stream = b"".join(frame.serialize() for frame in frames)
+    whole = normalize(read_all([stream]))
+    assert whole == normalize(list(frames))
+    assert normalize(read_all(data.draw(fs.splits(stream)))) == whole
+
+
+@settings(max_examples=20)
+@given(
+    st.lists(
+        fs.frames.filter(lambda f: not isinstance(f, Data) or len(f.payload) < 2000), max_size=5
+    )
+)
+def test_reader_byte_by_byte(frames: list[ControlFrame | Data]) -> None:
+    stream = b"".join(frame.serialize() for frame in frames)
+    one_by_one = read_all([stream[i : i + 1] for i in range(len(stream))])
+    assert normalize(one_by_one) == normalize(list(frames))
+
+
+def test_reader_returns_data_as_it_arrives_without_buffering() -> None:
+    reader = FrameReader()
+    raw = Data(7, b"abcdef").serialize()
+    assert reader.feed(raw[:12]) == []
+    first = reader.feed(raw[12:15])
+    assert [(f.offset, bytes(f.payload)) for f in first if isinstance(f, Data)] == [(7, b"abc")]
+    rest = reader.feed(raw[15:])
+    assert [(f.offset, bytes(f.payload)) for f in rest if isinstance(f, Data)] == [(10, b"def")]
+
+
+# -- the reader's refusals --------------------------------------------------------------------
+
+BAD_FRAMES = {
+    "empty DATA": header(FrameType.DATA, 8) + bytes(8),
+    "DATA without offset": header(FrameType.DATA, 4) + bytes(4),
+    "oversize DATA": header(FrameType.DATA, 8 + MAX_DATA_CHUNK + 1),
+    "oversize control": header(FrameType.PING, MAX_CONTROL_PAYLOAD + 1),
+    "oversize unknown": header(0x7F, 0xFFFFFF),
+    "unknown type": header(0x7F, 0),
+    "type zero": header(0x00, 8) + bytes(8),
+    "short ACK": header(FrameType.ACK, 7) + bytes(7),
+    "long PING": header(FrameType.PING, 9) + bytes(9),
+    "short SETUP": header(FrameType.SETUP, 10) + bytes(10),
+    "long RESUME": header(FrameType.RESUME, 200) + bytes(200),
+    "CLOSE without code": header(FrameType.CLOSE, 1) + b"\x00",
+    "REJECT reason too long": header(FrameType.REJECT, 2 + MAX_REASON_BYTES + 1)
+    + bytes(2 + MAX_REASON_BYTES + 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FRAMES))
+def test_reader_rejects(name: str) -> None:
+    raw = BAD_FRAMES[name]
+    with pytest.raises(ProtocolError):
+        FrameReader().feed(raw)
+    reader = FrameReader()
+    with pytest.raises(ProtocolError):  # the error comes at some byte
+        for i in range(len(raw)):
+            reader.feed(raw[i : i + 1])
+
+
+@pytest.mark.parametrize("length", [MAX_CONTROL_PAYLOAD + 1, 0xFFFFFF])
+def test_oversize_is_refused_from_the_header_alone(length: int) -> None:
+    with pytest.raises(ProtocolError):
+        FrameReader().feed(header(FrameType.ACK, length))
+    reader = FrameReader()
+    reader.feed(header(FrameType.ACK, length)[:3])
+    with pytest.raises(ProtocolError):
+        reader.feed(header(FrameType.ACK, length)[3:])
+
+
+def test_good_frames_before_a_bad_one_are_not_returned_twice() -> None:
+    reader = FrameReader()
+    ping = fs.Ping(1).serialize()
+    assert reader.feed(ping) == [fs.Ping(1)]
+    with pytest.raises(ProtocolError):
+        reader.feed(header(0x7F, 0))
