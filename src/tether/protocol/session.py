@@ -300,7 +300,8 @@ class Session:
         return self._events.popleft() if self._events else None
 
     def next_timer(self) -> float | None:
-        deadlines = [t for t in (self._tick_at, self._handshake_at, self._expire_at) if t]
+        times = (self._tick_at, self._handshake_at, self._expire_at)
+        deadlines = [t for t in times if t is not None]
         return min(deadlines) if deadlines else None
 
     # -- application inputs ------------------------------------------------------
@@ -651,9 +652,11 @@ class Session:
 
     def _end(self, code: CloseCode, reason: str, by_peer: bool) -> None:
         if self.link is LinkState.ESTABLISHED and not by_peer:
-            if code is CloseCode.NORMAL:
-                self._send_ack()
+            if self._eof_acked and self._peer_eof:
+                self._send_ack()  # finished: the peer only needs our last acknowledgement
             else:
+                # Any end before both directions finished, whatever its code, is one
+                # the peer must hear of, or it would wait for a resume until it expires.
                 self._out.append(Close(code, reason).serialize())
         self._transition(_Input.END)
         self._end_code = code
