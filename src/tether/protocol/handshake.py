@@ -15,7 +15,7 @@ import os
 import struct
 from collections import deque
 
-from ..errors import ProtocolError
+from ..errors import InvalidState, ProtocolError
 from . import resume as crypto
 from .codes import CloseCode
 from .events import Event, HandshakeFailed, ResumeRequested, SetupRequested
@@ -155,7 +155,7 @@ class ServerHandshake:
         """Create the session the SETUP asked for; its link is established at once."""
         setup = self._setup
         if setup is None or self._stage != "deciding":
-            raise ProtocolError("accept_setup() without a pending SETUP")
+            raise InvalidState("accept_setup() without a pending SETUP")
         keypair = crypto.KeyPair()
         session_id = self._random(SESSION_ID_SIZE)
         try:
@@ -193,7 +193,7 @@ class ServerHandshake:
         """
         request = self._resume
         if request is None or self._stage != "deciding":
-            raise ProtocolError("accept_resume() without a pending RESUME")
+            raise InvalidState("accept_resume() without a pending RESUME")
         if session.closed or session.session_id != request.session_id:
             self.reject(CloseCode.UNKNOWN_SESSION, "no such session")
             return False
