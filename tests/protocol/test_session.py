@@ -1,0 +1,677 @@
+"""The session state machine and the server handshake, driven through a fake link
+and a fake clock (tests/protocol/pair.py). No event loop anywhere."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tether.errors import InvalidState
+from tether.protocol.codes import CloseCode
+from tether.protocol.events import (
+    DataReceived,
+    EofReceived,
+    HandshakeFailed,
+    LinkLost,
+    ResumeRequested,
+    SessionEnded,
+    SessionEstablished,
+    SessionResumed,
+    SetupRequested,
+)
+from tether.protocol.frames import (
+    MAX_DATA_CHUNK,
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    FrameType,
+    Ping,
+    Reject,
+    Resume,
+    client_hello,
+    server_hello,
+)
+from tether.protocol.handshake import ServerHandshake
+from tether.protocol.reader import FrameReader
+from tether.protocol.session import LinkState, Session, SessionConfig, SessionState
+
+from .pair import Pair
+
+KEEPALIVE = 3.0
+TIMEOUT = 60.0
+CONFIG = SessionConfig(window=256 * 1024, keepalive=KEEPALIVE, timeout=TIMEOUT)
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    """``n`` bytes that differ at every offset (a shifted or duplicated byte shows)."""
+    block = bytes((i * 7 + seed) % 251 for i in range(251))
+    return (block * (n // 251 + 1))[:n]
+
+
+@pytest.fixture
+def pair() -> Pair:
+    p = Pair(CONFIG)
+    p.establish()
+    return p
+
+
+def frames_sent(chunks: list[bytes]) -> list[object]:
+    reader = FrameReader()
+    return [frame for chunk in chunks for frame in reader.feed(chunk)]
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+
+def test_setup() -> None:
+    p = Pair(CONFIG)
+    assert p.client.state is SessionState.SETUP
+    link = p.connect()
+    assert p.client.link is LinkState.HELLO
+    p.transfer()
+    (established,) = p.app.of_type(SessionEstablished)
+    assert isinstance(established, SessionEstablished)
+    assert len(established.session_id) == 16
+    assert p.client.session_id == p.server.session_id == established.session_id
+    assert p.client.secret == p.server.secret and len(p.client.secret) == 32
+    assert p.client.state is p.server.state is SessionState.ATTACHED
+    assert p.client.link is p.server.link is LinkState.ESTABLISHED
+    assert p.server_link(p.client.session_id) is link
+    assert p.client.next_timer() == CONFIG.keepalive  # keepalive only: no expiry, no handshake
+    assert p.server.next_timer() == CONFIG.keepalive
+
+
+def test_the_secret_never_crosses_the_wire() -> None:
+    p = Pair(CONFIG)
+    link = p.connect()
+    wire = bytearray()
+    while link.to_server or link.to_client:
+        wire += b"".join(link.to_server) + b"".join(link.to_client)
+        p.deliver()
+    assert p.client.secret and p.client.secret not in wire
+
+
+def test_sessions_get_distinct_ids_and_secrets() -> None:
+    a, b = Pair(CONFIG), Pair(CONFIG)
+    a.establish()
+    b.establish()
+    assert a.client.session_id != b.client.session_id
+    assert a.client.secret != b.client.secret
+
+
+def test_application_bytes_written_before_the_setup_are_sent_after_it() -> None:
+    p = Pair(CONFIG)
+    p.client_send(b"early")
+    p.connect()
+    p.transfer()
+    assert p.backend.received == b"early"
+
+
+# -- bulk transfer, EOF and completion ---------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, MAX_DATA_CHUNK, MAX_DATA_CHUNK + 1, 1_000_000])
+def test_bulk_both_ways(pair: Pair, size: int) -> None:
+    up, down = pattern(size, 1), pattern(size, 2)
+    sent = 0
+    while sent < size:  # respect backpressure like a driver
+        step = max(1, min(pair.client.send_capacity(), 100_000, size - sent))
+        pair.client_send(up[sent : sent + step])
+        pair.server_send(down[sent : sent + step])
+        sent += step
+        pair.transfer()
+    assert pair.backend.received == up
+    assert pair.app.received == down
+    assert pair.client.statistics().bytes_received == size
+    assert pair.server.statistics().bytes_acked <= size
+
+
+def test_many_small_writes_arrive_in_order(pair: Pair) -> None:
+    for i in range(300):
+        pair.client_send(b"%d," % i)
+        if i % 7 == 0:
+            pair.deliver(to_server=5)
+    pair.transfer()
+    assert pair.backend.received == b"".join(b"%d," % i for i in range(300))
+
+
+def test_client_eof_half_close_other_direction_keeps_flowing(pair: Pair) -> None:
+    pair.client_send(b"request")
+    pair.client_eof()
+    pair.transfer()
+    assert pair.backend.received == b"request" and pair.backend.eof
+    assert not pair.app.eof
+    with pytest.raises(InvalidState):
+        pair.client.send(b"more")
+    pair.server_send(b"response 1")
+    pair.transfer()
+    pair.server_send(b", response 2")
+    pair.transfer()
+    assert pair.app.received == b"response 1, response 2"
+    assert not pair.client.closed and not pair.server.closed
+    pair.server_eof()
+    pair.transfer()
+    assert pair.app.eof
+    assert pair.app.ended == SessionEnded(CloseCode.NORMAL, pair.app.ended.reason, False)
+
+
+def test_server_eof_half_close_other_direction_keeps_flowing(pair: Pair) -> None:
+    pair.server_send(b"banner")
+    pair.server_eof()
+    pair.transfer()
+    assert pair.app.received == b"banner" and pair.app.eof and not pair.backend.eof
+    pair.client_send(b"still talking")
+    pair.transfer()
+    assert pair.backend.received == b"still talking"
+    assert not pair.client.closed
+    pair.client_eof()
+    pair.transfer()
+    assert pair.backend.eof
+
+
+def test_eof_arrives_after_every_byte_and_exactly_once(pair: Pair) -> None:
+    pair.client_send(b"x" * 100_000)
+    pair.client_eof()
+    pair.client_eof()  # idempotent
+    pair.transfer()
+    events = pair.backend.events
+    eof_at = next(i for i, e in enumerate(events) if isinstance(e, EofReceived))
+    assert not any(isinstance(e, DataReceived) for e in events[eof_at:])
+    assert len(pair.backend.received) == 100_000
+
+
+def test_normal_completion_on_both_sides(pair: Pair) -> None:
+    pair.client_send(b"ping")
+    pair.server_send(b"pong")
+    pair.client_eof()
+    pair.server_eof()
+    pair.transfer()
+    for end in (pair.app, pair.backend):
+        assert end.ended is not None
+        assert (end.ended.code, end.ended.by_peer) == (CloseCode.NORMAL, False)
+        assert end.session.closed and end.session.close_code is CloseCode.NORMAL
+        assert end.session.next_timer() is None
+    assert pair.app.received == b"pong" and pair.backend.received == b"ping"
+    assert pair.client.session_id not in pair.sessions  # the server forgot it
+
+
+# -- abort -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_abort_reaches_the_peer(pair: Pair, side: str) -> None:
+    pair.client_send(b"a")
+    pair.server_send(b"b")
+    pair.transfer()
+    closer, peer = (pair.app, pair.backend) if side == "client" else (pair.backend, pair.app)
+    code = CloseCode.APPLICATION_RESET if side == "client" else CloseCode.BACKEND_RESET
+    closer.session.close(code, "reset by peer")
+    pair.pump()
+    assert closer.ended == SessionEnded(code, "reset by peer", by_peer=False)
+    pair.transfer()
+    assert peer.ended == SessionEnded(code, "reset by peer", by_peer=True)
+    with pytest.raises(InvalidState):
+        closer.session.send(b"x")
+    closer.session.close(CloseCode.GOING_AWAY)  # a second close changes nothing
+    assert closer.session.close_code is code
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_close_before_both_directions_finished_reaches_the_peer(pair: Pair, side: str) -> None:
+    """close() with its default code on an unfinished session is still an end the peer hears."""
+    closer, peer = (pair.app, pair.backend) if side == "client" else (pair.backend, pair.app)
+    closer.session.close()
+    pair.transfer()
+    assert peer.ended is not None and peer.ended.by_peer
+    assert peer.session.closed
+
+
+# -- keepalive --------------------------------------------------------------------------------
+
+
+def test_a_quiet_healthy_link_stays_up(pair: Pair) -> None:
+    pair.advance(KEEPALIVE * 20)
+    assert pair.client.link is pair.server.link is LinkState.ESTABLISHED
+    assert not pair.app.link_losses and not pair.backend.link_losses
+
+
+def test_ping_after_one_silent_interval_link_lost_after_two(pair: Pair) -> None:
+    link = pair.link
+    assert link is not None
+    pair.advance(KEEPALIVE - 0.01, transfer=False)  # nothing moves: silence
+    assert not link.to_server
+    pair.advance(0.01, transfer=False)
+    assert [f for f in frames_sent(list(link.to_server)) if isinstance(f, Ping)]
+    assert pair.client.link is LinkState.ESTABLISHED
+    pair.advance(KEEPALIVE - 0.01, transfer=False)
+    assert pair.client.link is LinkState.ESTABLISHED
+    pair.advance(0.01, transfer=False)
+    (lost,) = pair.app.link_losses
+    assert lost.code is CloseCode.LINK_LOST and lost.peer_is_tether
+    assert pair.client.state is SessionState.DETACHED
+    assert pair.server.state is SessionState.DETACHED  # the same timers ran there
+    assert pair.client.statistics().detached_since == pair.now
+
+
+def test_any_traffic_keeps_the_link_alive(pair: Pair) -> None:
+    for _ in range(10):
+        pair.client_send(b"k")
+        pair.transfer()
+        pair.advance(KEEPALIVE * 0.9)
+    assert not pair.app.link_losses and not pair.backend.link_losses
+
+
+# -- expiry -----------------------------------------------------------------------------------
+
+
+def test_expiry_while_detached_on_both_sides(pair: Pair) -> None:
+    pair.client_send(b"unsent")
+    pair.cut()
+    assert pair.client.state is pair.server.state is SessionState.DETACHED
+    assert pair.client.next_timer() == pair.now + TIMEOUT
+    pair.advance(TIMEOUT - 0.5)
+    assert not pair.client.closed and not pair.server.closed
+    pair.advance(1)
+    for end in (pair.app, pair.backend):
+        assert end.ended is not None
+        assert (end.ended.code, end.ended.by_peer) == (CloseCode.EXPIRED, False)
+        assert end.session.statistics().replay_buffered == 0
+    assert pair.client.session_id not in pair.sessions
+    pair.reconnect()  # a closed session does not reconnect
+    assert len(pair.links) == 1
+
+
+def test_a_client_that_never_reaches_a_server_gives_up() -> None:
+    p = Pair(CONFIG)
+    for _ in range(5):
+        p.connect()
+        p.blackhole()
+        p.advance(CONFIG.handshake_timeout)
+        assert p.app.link_losses[-1].code is CloseCode.HANDSHAKE_TIMEOUT
+    p.advance(TIMEOUT)
+    assert p.app.ended is not None and p.app.ended.code is CloseCode.RESUME_FAILED
+
+
+# -- resume -----------------------------------------------------------------------------------
+
+
+def test_resume_after_cut_loses_and_duplicates_nothing(pair: Pair) -> None:
+    up, down = pattern(300_000, 3), pattern(200_000, 4)
+    pair.client_send(up[:100_000])
+    pair.server_send(down[:100_000])
+    pair.deliver(to_server=30_000, to_client=50_000)  # some in flight
+    pair.cut()
+    pair.client_send(up[100_000:])  # queued during the outage
+    pair.server_send(down[100_000:])
+    pair.advance(5)
+    link = pair.reconnect()
+    assert link is not None
+    pair.transfer()
+    (resumed,) = pair.app.of_type(SessionResumed)
+    assert isinstance(resumed, SessionResumed) and resumed.replayed > 0
+    assert pair.backend.received == up and pair.app.received == down
+    assert pair.server_link(pair.client.session_id) is link
+    stats = pair.client.statistics()
+    assert stats.resumes == 1 and stats.links == 2 and stats.bytes_replayed == resumed.replayed
+    assert pair.server.statistics().resumes == 1
+
+
+def test_resume_after_keepalive_death_supersedes_the_servers_stale_link() -> None:
+    p = Pair(CONFIG, SessionConfig(window=256 * 1024, keepalive=30, timeout=TIMEOUT))
+    p.establish()
+    old = p.link
+    p.client_send(b"before")
+    p.transfer()
+    p.blackhole()
+    p.client_send(b" during")
+    p.advance(2 * KEEPALIVE)
+    assert p.client.state is SessionState.DETACHED
+    assert p.server.state is SessionState.ATTACHED  # it has not noticed yet
+    new = p.reconnect()
+    p.transfer()
+    assert p.server_link(p.client.session_id) is new
+    assert old is not None and not old.server_open  # superseded
+    p.client_send(b" after")
+    p.transfer()
+    assert p.backend.received == b"before during after"
+
+
+def test_resume_repeatedly_with_eof_in_flight(pair: Pair) -> None:
+    pair.client_send(b"last words")
+    pair.client_eof()
+    pair.server_send(b"reply")
+    for _ in range(3):
+        pair.deliver(to_server=3, to_client=3)
+        pair.cut()
+        pair.reconnect()
+    pair.transfer()
+    assert pair.backend.received == b"last words" and pair.backend.eof
+    assert pair.app.received == b"reply" and not pair.app.eof
+    pair.server_eof()
+    pair.transfer()
+    assert pair.app.eof
+    assert pair.app.ended is not None and pair.app.ended.code is CloseCode.NORMAL
+    assert pair.backend.ended is not None and pair.backend.ended.code is CloseCode.NORMAL
+
+
+@pytest.mark.parametrize("cut_after", range(8))
+def test_cut_at_every_handshake_step(pair: Pair, cut_after: int) -> None:
+    """Cut the resume's link after each write: before the hello, after it, mid RESUME..."""
+    pair.client_send(b"one")
+    pair.server_send(b"two")
+    pair.cut()
+    link = pair.reconnect()
+    assert link is not None
+    for _ in range(cut_after):
+        pair.deliver(
+            to_server=len(link.to_server[0]) if link.to_server else 0,
+            to_client=len(link.to_client[0]) if link.to_client else 0,
+        )
+    pair.cut()
+    pair.reconnect()
+    pair.transfer()
+    assert pair.backend.received == b"one" and pair.app.received == b"two"
+
+
+def test_cut_after_accept_sent_but_not_received() -> None:
+    p = Pair(CONFIG)
+    p.client_send(b"hello")
+    link = p.connect()
+    p.deliver(to_client=0)  # the client hello and SETUP reach the server, ACCEPT is queued
+    assert len(p.backends) == 1 and link.to_client
+    p.cut()
+    p.reconnect()
+    p.transfer()
+    assert len(p.backends) == 2  # a fresh session; the orphan waits for its expiry
+    assert p.backend.received == b"hello"
+    p.advance(TIMEOUT + 1)
+    orphan = next(end for sid, end in p.backends.items() if sid != p.client.session_id)
+    assert orphan.ended is not None and orphan.ended.code is CloseCode.EXPIRED
+    assert not p.client.closed
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+def forge_resume(p: Pair, proof: bytes) -> list[object]:
+    """Open a second link that claims the session with ``proof``; return its server's events."""
+    hs = ServerHandshake(CONFIG, p.now)
+    hs.receive_data(client_hello())
+    out = b"".join(hs.data_to_send())
+    assert len(out) == 41  # server hello with a nonce
+    forged = Resume(p.client.session_id, os.urandom(NONCE_SIZE), 0, 65536, 3000, proof)
+    hs.receive_data(forged.serialize())
+    events: list[object] = []
+    while (event := hs.next_event()) is not None:
+        events.append(event)
+        if isinstance(event, ResumeRequested):
+            assert hs.accept_resume(p.sessions[event.session_id], p.now) is False
+    events += [frames_sent(hs.data_to_send())]
+    return events
+
+
+def test_resume_with_a_wrong_proof_is_rejected_and_the_session_keeps_flowing(pair: Pair) -> None:
+    pair.client_send(b"before ")
+    pair.transfer()
+    events = forge_resume(pair, os.urandom(32))
+    assert events[0] == ResumeRequested(pair.client.session_id)
+    assert isinstance(events[1], HandshakeFailed) and events[1].code is CloseCode.BAD_PROOF
+    assert events[2] == [Reject(CloseCode.BAD_PROOF, "resume proof did not verify")]
+    assert pair.server.statistics().resumes == 0
+    assert pair.server.link is LinkState.ESTABLISHED
+    pair.client_send(b"after")
+    pair.server_send(b"untouched")
+    pair.transfer()
+    assert pair.backend.received == b"before after" and pair.app.received == b"untouched"
+    assert not pair.app.link_losses and not pair.backend.link_losses
+
+
+def test_a_replayed_resume_is_rejected(pair: Pair) -> None:
+    """A RESUME captured on the wire is useless on another link: the server nonce is fresh."""
+    pair.cut()
+    link = pair.reconnect()
+    assert link is not None
+    pair.deliver(to_client=0)  # the client hello reaches the server, its hello is queued
+    pair.deliver(to_server=0)  # the server hello reaches the client: RESUME is queued
+    (raw,) = list(link.to_server)
+    assert raw[0] == FrameType.RESUME
+    pair.transfer()
+    assert pair.app.of_type(SessionResumed)
+    hs = ServerHandshake(CONFIG, pair.now)
+    hs.receive_data(client_hello() + raw)
+    assert hs.next_event() == ResumeRequested(pair.client.session_id)
+    assert hs.accept_resume(pair.server, pair.now) is False
+    assert hs.next_event() == HandshakeFailed(CloseCode.BAD_PROOF, "resume proof did not verify")
+    pair.client_send(b"fine")
+    pair.transfer()
+    assert pair.backend.received == b"fine"
+
+
+def test_an_impostor_session_with_the_right_id_and_wrong_secret(pair: Pair) -> None:
+    """A second client Session that knows the id but not the secret cannot take over."""
+    impostor = Pair(CONFIG)
+    impostor.establish()
+    thief = impostor.client
+    thief.session_id = pair.client.session_id  # the id is not secret; the key is
+    impostor.cut()
+    hs = ServerHandshake(CONFIG, pair.now)
+    thief.link_opened(pair.now)
+    hs.receive_data(b"".join(thief.data_to_send()))
+    thief.receive_data(b"".join(hs.data_to_send()))
+    hs.receive_data(b"".join(thief.data_to_send()))
+    assert hs.next_event() == ResumeRequested(pair.client.session_id)
+    assert hs.accept_resume(pair.server, pair.now) is False
+    thief.receive_data(b"".join(hs.data_to_send()))
+    ended = [e for e in iter(thief.next_event, None) if isinstance(e, SessionEnded)]
+    assert ended == [SessionEnded(CloseCode.BAD_PROOF, "resume proof did not verify", True)]
+    pair.server_send(b"still mine")
+    pair.transfer()
+    assert pair.app.received == b"still mine"
+
+
+def test_resume_of_an_unknown_session() -> None:
+    p = Pair(CONFIG)
+    p.establish()
+    p.cut()
+    p.sessions.clear()  # the server restarted
+    p.reconnect()
+    p.transfer()
+    assert p.app.ended is not None
+    assert (p.app.ended.code, p.app.ended.by_peer) == (CloseCode.UNKNOWN_SESSION, True)
+    assert p.handshake_failures[-1].code is CloseCode.UNKNOWN_SESSION
+
+
+def test_resume_of_an_expired_session_is_unknown() -> None:
+    p = Pair(CONFIG, SessionConfig(window=256 * 1024, keepalive=KEEPALIVE, timeout=10))
+    p.establish()
+    p.cut()
+    p.advance(11)
+    assert p.backend.ended is not None and p.backend.ended.code is CloseCode.EXPIRED
+    assert not p.client.closed
+    p.reconnect()
+    p.transfer()
+    assert p.app.ended is not None and p.app.ended.code is CloseCode.UNKNOWN_SESSION
+
+
+# -- handshake failures -----------------------------------------------------------------------
+
+
+def test_client_handshake_timeout() -> None:
+    p = Pair(CONFIG)
+    p.connect()
+    p.blackhole()
+    p.advance(CONFIG.handshake_timeout - 0.1)
+    assert not p.app.link_losses
+    p.advance(0.1)
+    (lost,) = p.app.link_losses
+    assert lost.code is CloseCode.HANDSHAKE_TIMEOUT and not lost.peer_is_tether
+    assert p.client.state is SessionState.SETUP and p.client.link is LinkState.NONE
+    p.blackhole(False)
+    p.connect()
+    p.transfer()
+    assert p.app.of_type(SessionEstablished)
+
+
+def test_server_handshake_timeout() -> None:
+    hs = ServerHandshake(CONFIG, 100.0)
+    assert hs.next_timer() == 100.0 + CONFIG.handshake_timeout
+    hs.handle_timer(105.0)
+    assert not hs.done
+    hs.receive_data(client_hello())
+    hs.handle_timer(100.0 + CONFIG.handshake_timeout)
+    assert hs.failed and hs.next_timer() is None
+    assert hs.next_event() == HandshakeFailed(
+        CloseCode.HANDSHAKE_TIMEOUT, "link handshake timed out"
+    )
+    frames = frames_sent(hs.data_to_send()[1:])  # after the server hello
+    assert frames == [Reject(CloseCode.HANDSHAKE_TIMEOUT, "too slow")]
+
+
+def test_client_meets_a_peer_that_is_not_tether() -> None:
+    client = Session.client(CONFIG, 0.0)
+    client.link_opened(0.0)
+    client.receive_data(b"SSH-2.0-OpenSSH_9.6\r\n")
+    (lost,) = list(iter(client.next_event, None))
+    assert isinstance(lost, LinkLost)
+    assert not lost.peer_is_tether and lost.code is CloseCode.PROTOCOL_ERROR
+    assert client.link is LinkState.NONE and client.state is SessionState.SETUP
+
+
+def test_client_meets_a_peer_that_stops_after_a_partial_magic() -> None:
+    client = Session.client(CONFIG, 0.0)
+    client.link_opened(0.0)
+    client.receive_data(b"\x89TETH")
+    client.handle_timer(CONFIG.handshake_timeout)
+    (lost,) = list(iter(client.next_event, None))
+    assert isinstance(lost, LinkLost) and not lost.peer_is_tether
+
+
+def test_server_meets_a_client_that_is_not_tether() -> None:
+    hs = ServerHandshake(CONFIG, 0.0)
+    hs.receive_data(b"GET / HTTP/1.1\r\n")
+    event = hs.next_event()
+    assert isinstance(event, HandshakeFailed) and event.code is CloseCode.PROTOCOL_ERROR
+    assert hs.data_to_send() == []  # not even a hello to a stranger
+
+
+def test_version_mismatch_seen_by_the_server() -> None:
+    hs = ServerHandshake(CONFIG, 0.0)
+    hs.receive_data(client_hello(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3))
+    event = hs.next_event()
+    assert isinstance(event, HandshakeFailed) and event.code is CloseCode.UNSUPPORTED_VERSION
+    out = hs.data_to_send()
+    client = Session.client(CONFIG, 0.0)
+    client.link_opened(0.0)
+    client.data_to_send()
+    client.receive_data(b"".join(out))
+    events = list(iter(client.next_event, None))
+    assert [type(e) for e in events] == [SessionEnded]
+    assert isinstance(events[0], SessionEnded)
+    assert events[0].code is CloseCode.UNSUPPORTED_VERSION and events[0].by_peer
+
+
+def test_version_mismatch_seen_by_the_client() -> None:
+    client = Session.client(CONFIG, 0.0)
+    client.link_opened(0.0)
+    client.receive_data(server_hello(PROTOCOL_VERSION + 1, bytes(NONCE_SIZE)))
+    ended = client.next_event()
+    assert isinstance(ended, SessionEnded) and ended.code is CloseCode.UNSUPPORTED_VERSION
+
+
+def test_setup_rejected_by_the_server() -> None:
+    q = Pair(CONFIG)
+    q_link = q.connect()
+    assert q_link.handshake is not None
+    q_link.handshake.receive_data(b"".join(q_link.to_server))
+    q_link.to_server.clear()
+    assert q_link.handshake.next_event() == SetupRequested()
+    q_link.handshake.reject(CloseCode.BACKEND_UNAVAILABLE, "backend down")
+    q.pump()
+    q.transfer()
+    assert q.app.ended == SessionEnded(CloseCode.BACKEND_UNAVAILABLE, "backend down", True)
+
+
+def test_handshake_decisions_out_of_turn_are_caller_errors() -> None:
+    hs = ServerHandshake(CONFIG, 0.0)
+    with pytest.raises(InvalidState):
+        hs.accept_setup(0.0)
+    client = Session.client(CONFIG, 0.0)
+    with pytest.raises(InvalidState):
+        hs.accept_resume(client, 0.0)
+    client.link_opened(0.0)
+    with pytest.raises(InvalidState):
+        client.link_opened(0.0)
+
+
+# -- backpressure -----------------------------------------------------------------------------
+
+
+def test_backpressure_and_recovery(pair: Pair) -> None:
+    window = CONFIG.window
+    assert pair.client.send_capacity() == window
+    pair.blackhole()  # nothing is acknowledged
+    pair.client_send(b"x" * (window - 10))
+    assert pair.client.send_capacity() == 10
+    pair.client_send(b"y" * 20)  # a driver may overshoot by one read; never refused
+    assert pair.client.send_capacity() <= 0
+    assert pair.client.statistics().replay_buffered == window + 10
+    pair.cut()
+    pair.reconnect()
+    pair.transfer()
+    assert pair.client.send_capacity() == window
+    assert len(pair.backend.received) == window + 10
+
+
+def test_capacity_recovers_on_acknowledgement(pair: Pair) -> None:
+    pair.client_send(b"z" * CONFIG.window)
+    assert pair.client.send_capacity() <= 0
+    pair.transfer()
+    assert pair.client.send_capacity() > 0
+    pair.advance(KEEPALIVE)  # the delayed acknowledgement of the tail
+    assert pair.client.send_capacity() == CONFIG.window
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+def test_statistics_snapshot(pair: Pair) -> None:
+    pair.client_send(b"a" * 1000)
+    pair.server_send(b"b" * 500)
+    pair.transfer()
+    pair.advance(KEEPALIVE)  # acknowledgements settle
+    client, server = pair.client.statistics(), pair.server.statistics()
+    assert client.role == "client" and server.role == "server"
+    assert client.state == server.state == "attached"
+    assert client.link == "established"
+    assert client.session_id == server.session_id == pair.client.session_id.hex()
+    assert (client.bytes_sent, client.bytes_received, client.bytes_acked) == (1000, 500, 1000)
+    assert (server.bytes_sent, server.bytes_received, server.bytes_acked) == (500, 1000, 500)
+    assert client.replay_buffered == server.replay_buffered == 0
+    assert client.links == server.links == 1 and client.resumes == 0
+    assert not client.eof_sent and not client.eof_received and client.detached_since is None
+    with pytest.raises(AttributeError):
+        client.bytes_sent = 0  # type: ignore[misc]
+    pair.server_send(b"c" * 10)
+    pair.cut()
+    detached = pair.client.statistics()
+    assert detached.state == "detached" and detached.link == "none"
+    assert detached.detached_since == pair.now
+    assert pair.server.statistics().replay_buffered == 10
+    pair.reconnect()
+    pair.transfer()
+    pair.client_eof()
+    pair.server_eof()
+    pair.transfer()
+    final = pair.client.statistics()
+    assert final.state == "closed" and final.eof_sent and final.eof_received
+    assert (final.bytes_sent, final.bytes_received) == (1000, 510)
+    assert final.links == 2 and final.resumes == 1 and final.bytes_replayed == 0
+    assert pair.server.statistics().bytes_replayed == 10
+
+
+# -- misuse -----------------------------------------------------------------------------------
+
+
+def test_next_timer_reports_a_deadline_at_time_zero() -> None:
+    client = Session.client(SessionConfig(timeout=5), -5.0)
+    assert client.next_timer() == 0.0
