@@ -28,6 +28,7 @@ from tether.protocol.frames import (
     Ping,
     Reject,
     Resume,
+    Setup,
     client_hello,
     server_hello,
 )
@@ -675,3 +676,15 @@ def test_statistics_snapshot(pair: Pair) -> None:
 def test_next_timer_reports_a_deadline_at_time_zero() -> None:
     client = Session.client(SessionConfig(timeout=5), -5.0)
     assert client.next_timer() == 0.0
+
+
+def test_setup_with_a_low_order_public_key_fails_the_handshake_without_raising() -> None:
+    """An all-zero X25519 key makes the exchange fail: a peer error, reported, never raised."""
+    hs = ServerHandshake(CONFIG, 0.0)
+    hs.receive_data(client_hello() + Setup(bytes(32), 65536, 3000).serialize())
+    events = list(iter(hs.next_event, None))
+    assert not any(isinstance(e, SetupRequested) for e in events)
+    assert events == [HandshakeFailed(CloseCode.PROTOCOL_ERROR, "client public key is invalid")]
+    assert frames_sent(hs.data_to_send()[1:]) == [
+        Reject(CloseCode.PROTOCOL_ERROR, "client public key is invalid")
+    ]

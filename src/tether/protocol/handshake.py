@@ -58,6 +58,8 @@ class ServerHandshake:
         self._out: list[bytes] = []
         self._events: deque[Event] = deque()
         self._setup: Setup | None = None
+        self._keypair: crypto.KeyPair | None = None
+        self._shared = b""  # X25519 result, computed when the SETUP arrives
         self._resume: Resume | None = None
 
     @property
@@ -141,6 +143,14 @@ class ServerHandshake:
         if isinstance(frame, Setup):
             if not 1024 <= frame.window <= MAX_WINDOW:
                 raise ProtocolError(f"client window {frame.window} out of range")
+            # The key agreement runs here, on peer input, so that a bad key (one of
+            # low order) fails the handshake instead of raising in accept_setup().
+            keypair = crypto.KeyPair()
+            try:
+                self._shared = keypair.shared(frame.client_public)
+            except ValueError:
+                raise ProtocolError("client public key is invalid") from None
+            self._keypair = keypair
             self._setup = frame
             self._events.append(SetupRequested())
         elif isinstance(frame, Resume):
@@ -153,19 +163,14 @@ class ServerHandshake:
 
     def accept_setup(self, now: float) -> Session:
         """Create the session the SETUP asked for; its link is established at once."""
-        setup = self._setup
-        if setup is None or self._stage != "deciding":
+        setup, keypair = self._setup, self._keypair
+        if setup is None or keypair is None or self._stage != "deciding":
             raise InvalidState("accept_setup() without a pending SETUP")
-        keypair = crypto.KeyPair()
         session_id = self._random(SESSION_ID_SIZE)
-        try:
-            shared = keypair.shared(setup.client_public)
-        except ValueError:
-            self.reject(CloseCode.PROTOCOL_ERROR, "client public key is invalid")
-            raise ProtocolError("client public key is invalid") from None
         secret = crypto.derive_secret(
-            shared, session_id, setup.client_public, keypair.public, self._nonce
+            self._shared, session_id, setup.client_public, keypair.public, self._nonce
         )
+        self._keypair, self._shared = None, b""
         accept = Accept(
             session_id,
             keypair.public,
