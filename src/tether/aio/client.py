@@ -55,8 +55,19 @@ class _ClientSession(SessionRelay):
         self._winner: asyncio.Future[tuple[asyncio.Transport, _ClientLink] | None] | None = None
         self._last_error = ""
         self._detached_at: float | None = None
+        self._fallback_peer: _Splice | None = None
 
     # -- hooks -------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """The client is stopping: end this session (or its fallback connection)."""
+        peer = self._fallback_peer
+        if peer is not None:
+            for transport in (peer.transport, peer.target):
+                if transport is not None:
+                    transport.abort()
+            peer.done.set()
+        self.abort(CloseCode.GOING_AWAY, "client shutting down")
 
     def on_established(self, event: SessionEstablished) -> None:
         self.name = f"{self.name}/{event.session_id.hex()[:12]}"
@@ -116,8 +127,6 @@ class _ClientSession(SessionRelay):
     async def _run(self) -> None:
         if not await self._setup():
             return
-        if self.app.transport is not None and not self.app.transport.is_closing():
-            self.app.transport.resume_reading()
         while not self.core.closed:
             await self._changed.wait()
             self._changed.clear()
@@ -256,7 +265,9 @@ class _ClientSession(SessionRelay):
         assert target is not None
         app = self.app.transport
         assert app is not None
-        self.local = None  # the core never saw a byte: let it go quietly
+        early = self.core.pending()  # what the application wrote during the setup
+        early_eof = self.core.statistics().eof_sent
+        self.local = None  # the session never existed for the server: end it quietly
         self.core.close(CloseCode.NORMAL, "fell back to a direct connection")
         self.core.data_to_send()
         self.log.warning(
@@ -275,10 +286,17 @@ class _ClientSession(SessionRelay):
             self.log.warning("session %s: fallback %s failed: %s", self.name, target, exc)
             app.abort()
             return
+        assert peer.transport is not None
+        for piece in early:
+            peer.transport.write(piece)
+        if early_eof:
+            peer.transport.write_eof()
         back = _Splice(peer.transport)  # application -> fallback
         self.app.relay = None
         self.app.splice = back
-        app.resume_reading()
+        self._fallback_peer = peer
+        if not app.is_closing():
+            app.resume_reading()
         await peer.done.wait()
 
 
@@ -329,8 +347,6 @@ class _AppProtocol(LocalProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        assert self.transport is not None
-        self.transport.pause_reading()  # until the session is up (or fell back)
         self.client._start_session(self)
 
     def data_received(self, data: bytes) -> None:
@@ -416,7 +432,7 @@ class TetherClient:
             self._server.close()
             self._server = None
         for session in list(self._live):
-            session.abort(CloseCode.GOING_AWAY, "client shutting down")
+            session.shutdown()
 
     def statistics(self) -> ClientStatistics:
         return ClientStatistics(

@@ -304,6 +304,14 @@ class Session:
         deadlines = [t for t in times if t is not None]
         return min(deadlines) if deadlines else None
 
+    def pending(self) -> list[memoryview]:
+        """Every byte the peer has not acknowledged, oldest first (views, no copy).
+
+        A client that falls back to a direct connection forwards these: bytes the
+        application wrote while the session was being set up.
+        """
+        return [piece for _, piece in self._buffer.views(self._buffer.start, MAX_DATA_CHUNK)]
+
     # -- application inputs ------------------------------------------------------
 
     def send(self, data: bytes | memoryview) -> None:
