@@ -243,6 +243,15 @@ class Pair:
         self.pump()
         return moved
 
+    def deliver_writes(self, to_server: int, to_client: int) -> int:
+        """Move the next ``to_server`` / ``to_client`` whole writes of the current link."""
+        link = self.link
+        if link is None:
+            return 0
+        up = sum(len(buf) for buf in list(link.to_server)[:to_server])
+        down = sum(len(buf) for buf in list(link.to_client)[:to_client])
+        return self.deliver(to_server=up, to_client=down)
+
     def transfer(self) -> None:
         """Move bytes both ways until nothing more happens."""
         for _ in range(MAX_ROUNDS):
@@ -299,9 +308,10 @@ class Pair:
         if link is None:
             assert not out, "bytes to send with no link"
             return
-        if toward_server and link.client_open:
+        # Bytes toward an end that is closed already are lost (it would answer with a reset).
+        if toward_server and link.client_open and link.server_open:
             link.to_server.extend(bytes(buf) for buf in out if buf)
-        elif not toward_server and link.server_open:
+        elif not toward_server and link.server_open and link.client_open:
             link.to_client.extend(bytes(buf) for buf in out if buf)
 
     def _pump_client(self) -> bool:
