@@ -1,0 +1,231 @@
+"""Fuzz targets for the sans-I/O core (STYLE.md item 10).
+
+Each target takes a list of byte chunks from the fuzzer and checks the documented
+contract for peer input:
+
+- ``FrameReader.feed`` returns frames or raises :class:`~tether.errors.ProtocolError`,
+  nothing else;
+- ``ServerHandshake.receive_data`` and ``Session.receive_data`` never raise: they report
+  a failure with ``HandshakeFailed``, ``LinkLost`` or ``SessionEnded``, and what they
+  report is consistent with their state afterwards.
+
+Run them under pytest with hypothesis (tests/protocol/test_fuzz.py), or with atheris
+when it is installed: ``python -m fuzz.targets reader|handshake|client-<state>|server``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from tether.errors import ProtocolError
+from tether.protocol.codes import CloseCode
+from tether.protocol.events import (
+    DataReceived,
+    EofReceived,
+    Event,
+    HandshakeFailed,
+    LinkLost,
+    ResumeRequested,
+    SessionEnded,
+    SessionEstablished,
+    SessionResumed,
+    SetupRequested,
+)
+from tether.protocol.frames import NONCE_SIZE, PROTOCOL_VERSION, server_hello
+from tether.protocol.handshake import ServerHandshake
+from tether.protocol.reader import FrameReader
+from tether.protocol.session import LinkState, Session, SessionConfig, SessionState
+
+__all__ = [
+    "CLIENT_STATES",
+    "VICTIM_ID",
+    "client_target",
+    "reader_target",
+    "server_handshake_target",
+    "server_session_target",
+]
+
+CONFIG = SessionConfig(window=64 * 1024, keepalive=1.0, timeout=30.0, handshake_timeout=5.0)
+VICTIM_ID = b"\x01" * 16  # the session id every fuzzed server holds, so a RESUME can name it
+CLIENT_STATES = ("hello", "setup", "resume", "established")
+
+SESSION_EVENTS = (
+    DataReceived,
+    EofReceived,
+    SessionEstablished,
+    SessionResumed,
+    LinkLost,
+    SessionEnded,
+)
+HANDSHAKE_EVENTS = (SetupRequested, ResumeRequested, HandshakeFailed)
+
+
+def _fixed(n: int) -> bytes:
+    return b"\x01" * n
+
+
+def _exchange(client: Session, hs: ServerHandshake) -> None:
+    for _ in range(4):
+        hs.receive_data(b"".join(client.data_to_send()))
+        client.receive_data(b"".join(hs.data_to_send()))
+
+
+def established(now: float = 0.0) -> tuple[Session, Session]:
+    """A client and a server session on one link, with session id ``VICTIM_ID``."""
+    client = Session.client(CONFIG, now)
+    client.link_opened(now)
+    hs = ServerHandshake(CONFIG, now, random=_fixed)
+    hs.receive_data(b"".join(client.data_to_send()))
+    assert isinstance(hs.next_event(), SetupRequested)
+    server = hs.accept_setup(now)
+    client.receive_data(b"".join(hs.data_to_send()))
+    assert isinstance(client.next_event(), SessionEstablished)
+    assert server.session_id == VICTIM_ID
+    return client, server
+
+
+def _drain(obj: Session | ServerHandshake, allowed: tuple[type, ...]) -> list[Event]:
+    events = list(iter(obj.next_event, None))
+    for event in events:
+        assert isinstance(event, allowed), event
+    return events
+
+
+def _check_session(session: Session, events: list[Event], ended_before: bool) -> bool:
+    """What a session reported agrees with its state. Returns whether it has ended."""
+    ends = [e for e in events if isinstance(e, SessionEnded)]
+    assert len(ends) <= 1 and not (ends and ended_before), events
+    if ends:
+        assert session.closed and session.close_code is ends[0].code
+        assert session.next_timer() is None
+    if any(isinstance(e, LinkLost) for e in events) and not session.closed:
+        assert session.link is LinkState.NONE
+    if session.closed:
+        assert ended_before or ends
+    return session.closed
+
+
+# -- targets ------------------------------------------------------------------------------
+
+
+def reader_target(chunks: list[bytes]) -> None:
+    reader = FrameReader()
+    for chunk in chunks:
+        try:
+            reader.feed(chunk)
+        except ProtocolError as exc:
+            assert isinstance(exc.code, CloseCode)
+            return
+
+
+def server_handshake_target(chunks: list[bytes]) -> None:
+    """Random bytes from a client into a fresh server handshake, the driver routing
+    SETUP to ``accept_setup`` and RESUME to a live session with id ``VICTIM_ID``."""
+    victim_client, victim = established()
+    victim_stats = victim.statistics()
+    hs = ServerHandshake(CONFIG, 0.0)
+    session: Session | None = None
+    ended = False
+    for chunk in chunks:
+        if session is not None:
+            session.receive_data(chunk)
+            ended = _check_session(session, _drain(session, SESSION_EVENTS), ended)
+            continue
+        hs.receive_data(chunk)
+        for event in _drain(hs, HANDSHAKE_EVENTS):
+            if isinstance(event, SetupRequested):
+                session = hs.accept_setup(1.0)
+            elif isinstance(event, ResumeRequested):
+                if hs.accept_resume(victim, 1.0):
+                    session = victim  # only the real secret gets here
+            else:
+                assert hs.failed and hs.next_timer() is None
+        if session is not None:
+            session.receive_data(hs.leftover())
+            ended = _check_session(session, _drain(session, SESSION_EVENTS), ended)
+        hs.data_to_send()
+    hs.handle_timer(100.0)
+    _drain(hs, HANDSHAKE_EVENTS)
+    assert hs.done or hs.next_timer() is None or hs.next_timer() > 100.0
+    if session is not victim:  # a failed or forged resume leaves the live session alone
+        assert victim.statistics() == victim_stats
+        victim_client.send(b"still flowing")
+        victim.receive_data(b"".join(victim_client.data_to_send()))
+        assert _drain(victim, SESSION_EVENTS) == [DataReceived(b"still flowing")]
+
+
+def client_target(state: str, chunks: list[bytes]) -> None:
+    """Random bytes from a server into a client session whose link is in ``state``."""
+    if state == "established":
+        client, _ = established()
+    else:
+        client = Session.client(CONFIG, 0.0)
+        if state == "resume":
+            client, _ = established()
+            client.link_lost(1.0)
+            assert client.state is SessionState.DETACHED
+        client.link_opened(1.0)
+        if state in ("setup", "resume"):
+            client.receive_data(server_hello(PROTOCOL_VERSION, b"\x02" * NONCE_SIZE))
+            assert client.link is LinkState.HANDSHAKE
+    _drain(client, SESSION_EVENTS)
+    client.data_to_send()
+    ended = False
+    now = 2.0
+    for chunk in chunks:
+        client.receive_data(chunk)
+        ended = _check_session(client, _drain(client, SESSION_EVENTS), ended)
+        client.data_to_send()
+        if not client.closed:
+            client.send(b"x")
+            if client.link is LinkState.NONE:
+                client.link_opened(now)  # the driver reconnects; the next chunk is its link
+        now += 0.5
+        client.handle_timer(now)
+        ended = _check_session(client, _drain(client, SESSION_EVENTS), ended)
+
+
+def server_session_target(chunks: list[bytes]) -> None:
+    """Random bytes from a client into an established server session."""
+    _, server = established()
+    ended = False
+    for chunk in chunks:
+        server.receive_data(chunk)
+        ended = _check_session(server, _drain(server, SESSION_EVENTS), ended)
+        server.data_to_send()
+        if not server.closed:
+            server.send(b"y")
+
+
+TARGETS: dict[str, Callable[[list[bytes]], None]] = {
+    "reader": reader_target,
+    "handshake": server_handshake_target,
+    "server": server_session_target,
+    **{
+        f"client-{state}": (lambda chunks, state=state: client_target(state, chunks))
+        for state in CLIENT_STATES
+    },
+}
+
+
+def main(argv: list[str]) -> int:  # pragma: no cover - needs atheris
+    import atheris  # type: ignore[import-not-found]
+
+    name = argv[1] if len(argv) > 1 else "reader"
+    target = TARGETS[name]
+
+    def one_input(data: bytes) -> None:
+        fdp = atheris.FuzzedDataProvider(data)
+        chunks = []
+        while fdp.remaining_bytes():
+            chunks.append(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 256)))
+        target(chunks)
+
+    atheris.Setup([argv[0], *argv[2:]], one_input)
+    atheris.Fuzz()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv))
