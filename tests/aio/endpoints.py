@@ -104,7 +104,18 @@ class Backend:
         self.server.close()
         for c in self.connections:
             if c.transport is not None:
-                c.transport.close()
+                c.transport.abort()
+        await self.server.wait_closed()
+
+
+OPEN: list[Streamer] = []  # application ends the tests opened, closed by close_all()
+
+
+def close_all() -> None:
+    for streamer in OPEN:
+        if streamer.transport is not None:
+            streamer.transport.abort()
+    OPEN.clear()
 
 
 async def connect_app(
@@ -112,4 +123,5 @@ async def connect_app(
 ) -> Streamer:
     loop = asyncio.get_running_loop()
     _, app = await loop.create_connection(lambda: Streamer(seed, size, eof=eof), *address)
+    OPEN.append(app)
     return app

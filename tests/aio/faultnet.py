@@ -114,6 +114,7 @@ class FaultRelay:
     def _accept(self) -> asyncio.Protocol:
         pair = _Pair()
         down = _Half(self, pair)
+        self.halves.append(down)
         pair.down = down
         self.accepted += 1
         loop = asyncio.get_running_loop()
@@ -125,6 +126,7 @@ class FaultRelay:
                     _reset(down.transport)
                 return
             up = _Half(self, pair)
+            self.halves.append(up)
             try:
                 await loop.create_connection(lambda: up, *self.target)
             except OSError:
@@ -142,6 +144,7 @@ class FaultRelay:
         return down
 
     _tasks: set[asyncio.Future[None]] = field(default_factory=set)
+    halves: list[_Half] = field(default_factory=list)
 
     def on_forward(self) -> None:
         if self.cut_every and self.forwarded >= self._next_cut:
@@ -165,6 +168,12 @@ class FaultRelay:
         self.kill_all()
         for task in self._tasks:
             task.cancel()
+        for half in self.halves:
+            if half.transport is not None:
+                half.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+        await asyncio.sleep(0)  # let the aborted transports finish closing
 
 
 @dataclass
@@ -202,14 +211,18 @@ async def start_tether(role: str, *args: str, tmp: str, ready_timeout: float = 2
 
 
 def stop(proc: Proc, timeout: float = 10.0) -> int:
-    if proc.popen.poll() is None:
-        proc.popen.send_signal(signal.SIGTERM)
     try:
-        return proc.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.popen.kill()
-        proc.popen.wait()
-        raise
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGTERM)
+        try:
+            return proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait()
+            raise
+    finally:
+        if proc.popen.stdout is not None:
+            proc.popen.stdout.close()
 
 
 @contextlib.asynccontextmanager

@@ -22,14 +22,21 @@ from tether.protocol.frames import (
     parse_control,
 )
 
-from .endpoints import Backend, connect_app, stream_digest
+from .endpoints import Backend, close_all, connect_app, stream_digest
 from .faultnet import FaultRelay, tether_pair
 
 FAST = ("--keepalive", "0.3")
 
 
 def run(coro: Coroutine[Any, Any, None], limit: float = 180) -> None:
-    asyncio.run(asyncio.wait_for(coro, limit))
+    async def main() -> None:
+        try:
+            await asyncio.wait_for(coro, limit)
+        finally:
+            close_all()
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
 
 
 async def wait_for(event: asyncio.Event, limit: float, what: str) -> None:
@@ -203,6 +210,7 @@ def test_fallback_connects_straight_to_the_backend(tmp_path: Any, peer: str) -> 
                 assert stop(client) == 0
             assert "no reliability" in client.log()
         plain.close()
+        await plain.wait_closed()
 
     run(main())
 
@@ -272,6 +280,7 @@ def test_resume_with_a_wrong_proof_is_rejected_and_the_session_keeps_flowing(
             assert far.digest.hexdigest() == stream_digest(13, size)
             assert len(backend.connections) == 1
             assert "bad proof" in server.log()
+            writer.transport.abort()
 
     run(main())
 

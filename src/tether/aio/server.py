@@ -114,6 +114,8 @@ class _ServerLink(LinkProtocol):
             elif isinstance(event, HandshakeFailed):
                 self.server._handshakes_failed += 1
                 logger.info("link from %s refused: %s", self.peer, event.reason)
+                for buf in self.hs.data_to_send():  # the REJECT goes out before the close
+                    transport.write(buf)
                 transport.close()
         if self.hs.done and self._timer is not None:
             self._timer.cancel()
@@ -142,10 +144,10 @@ class _ServerLink(LinkProtocol):
                 return
             core = self.hs.accept_setup(self.loop.time())
             relay = server._register(core, self.peer)
-            backend_proto.bind(relay)
             self.relay = relay
             relay.set_link(self.transport)
             self._pump_handshake()  # the ACCEPT goes out before any session frame
+            backend_proto.bind(relay)  # what the backend already said follows it
             relay.log.info(
                 "session %s: new from %s, backend %s", relay.sid, self.peer, server.config.backend
             )
