@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tether.protocol.codes import CloseCode
@@ -201,6 +201,27 @@ def check(p: Pair, causes: set[CloseCode]) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(schedules)
+# Each link handshake step, written out so that every run breaks a link there: a setup cut
+# before the server hello, after it, after ACCEPT was sent but not received (an orphan
+# session on the server); a resume cut before its hello, after RESUME was sent, after it
+# reached the server but before RESUMED arrived.
+@example([("client_write", 5000), ("cut",), ("reconnect",), ("transfer",)])
+@example([("deliver_writes", 1, 0), ("cut",), ("reconnect",), ("client_write", 10), ("transfer",)])
+@example([("deliver_writes", 2, 1), ("cut",), ("reconnect",), ("client_write", 10), ("transfer",)])
+@example(
+    [
+        *[("transfer",), ("server_write", 70_000), ("client_write", 3), ("cut",), ("reconnect",)],
+        *[("deliver_writes", 1, 0), ("cut",), ("reconnect",), ("deliver_writes", 1, 1), ("cut",)],
+        *[("reconnect",), ("deliver_writes", 1, 1), ("deliver_writes", 1, 0), ("cut",)],
+    ]
+)
+@example(
+    [
+        *[("transfer",), ("client_write", 200_000), ("server_eof",), ("deliver", 3000, None)],
+        *[("blackhole",), ("advance", 2 * KEEPALIVE), ("reconnect",), ("deliver_writes", 2, 2)],
+        *[("cut",), ("client_eof",), ("expire",)],
+    ]
+)
 def test_any_fault_schedule_delivers_once_in_order_or_ends_with_a_reason(
     schedule: list[tuple[Any, ...]],
 ) -> None:
@@ -217,10 +238,10 @@ def test_any_fault_schedule_delivers_once_in_order_or_ends_with_a_reason(
 
 
 def test_the_schedules_reach_the_interesting_places() -> None:
-    """A sanity check of the generator: resumes, orphans and expiry all occur."""
-    seen = {"resumed": 0, "orphan": 0, "expired": 0, "normal": 0}
+    """A sanity check of the generator: resumes, expiry and normal ends all occur."""
+    seen = {"resumed": 0, "expired": 0, "normal": 0}
 
-    @settings(max_examples=150, deadline=None, database=None)
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True)
     @given(schedules)
     def probe(schedule: list[tuple[Any, ...]]) -> None:
         p = Pair(CONFIG)
@@ -230,7 +251,6 @@ def test_the_schedules_reach_the_interesting_places() -> None:
             run(p, op, causes)
         heal(p)
         seen["resumed"] += p.client.statistics().resumes > 0
-        seen["orphan"] += len(p.backends) > 1
         codes = [e.ended.code for e in (p.app, *p.backends.values()) if e.ended]
         seen["expired"] += CloseCode.EXPIRED in codes
         seen["normal"] += CloseCode.NORMAL in codes
