@@ -90,11 +90,13 @@ class SessionRelay:
 
     def local_pause_writing(self) -> None:
         self._local_writing_paused = True
+        self.core.pause_receiving(True)
         if self.link is not None:
             self.link.pause_reading()
 
     def local_resume_writing(self) -> None:
         self._local_writing_paused = False
+        self.core.pause_receiving(False)
         if self.link is not None and not self.link.is_closing():
             self.link.resume_reading()
 

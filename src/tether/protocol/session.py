@@ -84,6 +84,13 @@ ACK_FRACTION = 4  # acknowledge once a quarter of the peer's window is unacknowl
 MAX_ACK_THRESHOLD = 1024 * 1024
 
 
+# docs/protocol.md, "Reason codes": a REJECT of a resume with one of these leaves the
+# session detached (the client tries again until its timeout); any other ends it.
+TRANSIENT_REJECTS = frozenset(
+    {CloseCode.HANDSHAKE_TIMEOUT, CloseCode.OVERLOADED, CloseCode.GOING_AWAY}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     """Parameters of one end of a session (docs/protocol.md, "Limits")."""
@@ -203,6 +210,7 @@ class Session:
         self._peer_eof = False
         # link liveness and deadlines
         self._heard = False
+        self._receive_paused = False  # the driver stopped reading the link on purpose
         self._misses = 0
         self._ping_token = 0
         self._tick_at: float | None = None
@@ -311,6 +319,12 @@ class Session:
         application wrote while the session was being set up.
         """
         return [piece for _, piece in self._buffer.views(self._buffer.start, MAX_DATA_CHUNK)]
+
+    def pause_receiving(self, paused: bool) -> None:
+        """The driver stopped (or resumed) reading the link because the local side is
+        slow. While paused, keepalive silence does not count against the link: the
+        peer's bytes wait in the kernel, unread, and the link is not dead."""
+        self._receive_paused = paused
 
     # -- application inputs ------------------------------------------------------
 
@@ -474,6 +488,9 @@ class Session:
 
     def _handle_handshake(self, frame: object) -> None:
         if isinstance(frame, Reject):
+            if self.state is SessionState.DETACHED and frame.code in TRANSIENT_REJECTS:
+                # The server is busy or going away: a later link may still resume.
+                raise ProtocolError(f"resume refused for now: {frame.code.name}", frame.code)
             self._end(frame.code, frame.reason or "rejected by the server", True)
         elif isinstance(frame, Accept) and self.state is SessionState.SETUP:
             assert self._keypair is not None
@@ -612,7 +629,8 @@ class Session:
         return replayed
 
     def _tick(self, now: float) -> None:
-        if self._heard:
+        if self._heard or self._receive_paused:
+            # Silence we caused by not reading (the local side is slow) is not a dead link.
             self._heard = False
             self._misses = 0
         else:
