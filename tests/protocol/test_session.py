@@ -688,3 +688,40 @@ def test_setup_with_a_low_order_public_key_fails_the_handshake_without_raising()
     assert frames_sent(hs.data_to_send()[1:]) == [
         Reject(CloseCode.PROTOCOL_ERROR, "client public key is invalid")
     ]
+
+
+def test_silence_while_the_driver_holds_the_link_unread_is_not_death(pair: Pair) -> None:
+    pair.client.pause_receiving(True)  # the application is slow: the link is not read
+    pair.advance(KEEPALIVE * 5, transfer=False)
+    assert pair.client.link is LinkState.ESTABLISHED
+    assert not pair.app.link_losses
+    pair.client.pause_receiving(False)
+    pair.advance(KEEPALIVE * 2, transfer=False)  # reading again, and still silence: dead
+    assert pair.app.link_losses and pair.client.state is SessionState.DETACHED
+
+
+@pytest.mark.parametrize(
+    "code", [CloseCode.OVERLOADED, CloseCode.GOING_AWAY, CloseCode.HANDSHAKE_TIMEOUT]
+)
+def test_a_transient_reject_of_a_resume_leaves_the_session_detached(
+    pair: Pair, code: CloseCode
+) -> None:
+    pair.cut()
+    client = pair.client
+    client.link_opened(pair.now)
+    client.data_to_send()
+    client.receive_data(server_hello(PROTOCOL_VERSION, os.urandom(NONCE_SIZE)))
+    client.receive_data(Reject(code, "busy").serialize())
+    assert client.state is SessionState.DETACHED and not client.closed
+    losses = [e for e in iter(client.next_event, None) if isinstance(e, LinkLost)]
+    assert [loss.code for loss in losses] == [code]
+    assert client.link is LinkState.NONE
+
+
+def test_a_final_reject_of_a_resume_ends_the_session(pair: Pair) -> None:
+    pair.cut()
+    client = pair.client
+    client.link_opened(pair.now)
+    client.receive_data(server_hello(PROTOCOL_VERSION, os.urandom(NONCE_SIZE)))
+    client.receive_data(Reject(CloseCode.EXPIRED, "too late").serialize())
+    assert client.closed and client.close_code is CloseCode.EXPIRED
