@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,11 +69,12 @@ class Backend:
 
 
 def start_backend(lab: Lab, *, up: int, down: int, seed: int, rate: float = 0.0,
-                  name: str = "backend") -> Backend:  # fmt: skip
+                  wait_first_byte: bool = False, name: str = "backend") -> Backend:  # fmt: skip
     proc = lab.spawn(
         "server",
         [PYTHON, str(TRAFFIC), "backend", "--listen", "127.0.0.1:0", "--seed", str(seed),
-         "--up-bytes", str(up), "--down-bytes", str(down), "--rate", str(rate)],
+         "--up-bytes", str(up), "--down-bytes", str(down), "--rate", str(rate),
+         *(["--wait-first-byte"] if wait_first_byte else [])],
         name,
     )  # fmt: skip
     _, port = proc.wait_ready()
@@ -258,3 +260,35 @@ def proc_logs(*procs: Proc) -> str:
 def require(condition: bool, message: str, *procs: Proc) -> None:
     if not condition:
         raise AssertionError(f"{message}\n{proc_logs(*procs)}")
+
+
+class PeakRss:
+    """Sample the resident memory of some processes every ``interval`` seconds in a thread,
+    keeping the peak of each, for as long as the ``with`` block lasts."""
+
+    def __init__(self, *procs: Proc, interval: float = 0.2) -> None:
+        self.procs = procs
+        self.interval = interval
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for proc in self.procs:
+            rss = proc.rss_kib()
+            if rss is not None:
+                self.peak[proc.name] = max(self.peak.get(proc.name, 0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakRss:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()

@@ -6,11 +6,14 @@ or from the harness, so it runs unchanged inside any namespace.
 
 ``backend`` plays the service behind the relay (it runs on the server host). It listens, prints
 one line ``READY HOST:PORT`` once listening, and for every connection at the same time sends
-``--down-bytes`` of the *down* stream and receives and hashes what the application sends. It
+``--down-bytes`` of the *down* stream (from the start, or with ``--wait-first-byte`` once the
+application's first bytes arrive, as in a client-speaks-first protocol) and receives and hashes
+what the application sends. It
 prints one line ``REPORT {json}`` per finished connection (and appends the JSON to ``--report``
-when given). SIGUSR1 makes it close every open
-connection at once (everything written so far is still delivered, then FIN): that is how a test
-makes the backend close in the middle of an outage.
+when given). SIGUSR1 makes it close every open connection at once, as a server that is done
+does: it stops sending and shuts down its write side (FIN after everything written so far), and
+keeps reading until the application closes (closing with unread data would be a reset, not a
+close). That is how a test makes the backend close in the middle of an outage.
 
 ``app`` plays the application (it runs on the client host). It connects, sends ``--up-bytes`` of
 the *up* stream while receiving and hashing the down stream, closes once both directions are
@@ -88,16 +91,19 @@ class Endpoint(asyncio.BufferedProtocol):
         rate: float,
         done: asyncio.Future[None],
         close_when_complete: bool,
+        wait_first_byte: bool = False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.seed = seed
         self.send_direction = send_direction
         self.chunks = stream_chunks(seed, send_direction)
         self.send_total = send_total
+        self.configured_send_total = send_total
         self.recv_total = recv_total
         self.rate = rate
         self.done = done
         self.close_when_complete = close_when_complete
+        self.waiting = wait_first_byte  # send nothing before the peer's first byte
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
@@ -129,7 +135,8 @@ class Endpoint(asyncio.BufferedProtocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.pump()
+        if not self.waiting:
+            self.pump()
 
     def pump(self) -> None:
         self.pump_handle = None
@@ -180,6 +187,10 @@ class Endpoint(asyncio.BufferedProtocol):
         else:
             self.timeline[-1][1] = self.received
         self.last_recv_at = now
+        if self.waiting:
+            self.waiting = False
+            self.started_at = now
+            self.pump()
         if self.received > self.recv_total:
             self.fail("received more bytes than the peer should send")
             return
@@ -224,6 +235,20 @@ class Endpoint(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def half_close(self, reason: str) -> None:
+        """Stop sending and send FIN after what was written; keep reading until the peer closes
+        (a close with unread data would be a reset, not a close)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.closed_by = self.closed_by or reason
+        self.send_total = self.sent
+        if self.pump_handle is not None:
+            self.pump_handle.cancel()
+            self.pump_handle = None
+        if transport.can_write_eof():
+            transport.write_eof()
+
     def close_now(self, reason: str) -> None:
         """Close gracefully: what was written is still delivered, then FIN."""
         if self.transport is not None and not self.transport.is_closing():
@@ -234,12 +259,14 @@ class Endpoint(asyncio.BufferedProtocol):
         return {
             "role": role,
             "seed": self.seed,
-            "status": "complete" if self.complete and not self.error else "incomplete",
+            "status": "complete"
+            if self.complete and not self.error and self.send_total == self.configured_send_total
+            else "incomplete",
             "sent": self.sent,
             "sent_sha256": self.send_digest.hexdigest(),
             "received": self.received,
             "received_sha256": self.recv_digest.hexdigest(),
-            "expected_send": self.send_total,
+            "expected_send": self.configured_send_total,
             "expected_receive": self.recv_total,
             "eof": self.eof,
             "closed_by": self.closed_by,
@@ -286,6 +313,7 @@ async def run_backend(args: argparse.Namespace) -> int:
             rate=args.rate,
             done=loop.create_future(),
             close_when_complete=False,  # the application closes first
+            wait_first_byte=args.wait_first_byte,
         )
         endpoints.add(endpoint)
         task = loop.create_task(watch(endpoint))
@@ -295,7 +323,7 @@ async def run_backend(args: argparse.Namespace) -> int:
 
     def close_all() -> None:
         for endpoint in list(endpoints):
-            endpoint.close_now("backend")
+            endpoint.half_close("backend")
 
     host, port = parse_addr(args.listen)
     server = await loop.create_server(factory, host, port, reuse_address=True)
@@ -357,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         if role == "backend":
             p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
             p.add_argument("--report", help="append one JSON line per connection here")
+            p.add_argument(
+                "--wait-first-byte",
+                action="store_true",
+                help="send nothing before the application's first byte (client speaks first)",
+            )
         else:
             p.add_argument("--connect", required=True, help="HOST:PORT of the relay entry")
             p.add_argument("--deadline", type=float, default=60.0, help="seconds before giving up")
