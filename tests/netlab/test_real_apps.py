@@ -22,7 +22,17 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 SERVER_RESUMED = r"session \S+: resumed from"
 REDIS_PORT = 6390
 PG_PORT = 5439
-PG_BIN = Path("/usr/local/bin")
+
+
+def _pg_bin() -> Path:
+    """Where initdb and postgres are: /usr/local/bin (CI image) or Debian's versioned dir."""
+    for candidate in [Path("/usr/local/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"))]:
+        if (candidate / "initdb").exists() and (candidate / "postgres").exists():
+            return candidate
+    return Path("/usr/local/bin")
+
+
+PG_BIN = _pg_bin()
 
 
 def _need(*tools: str) -> None:
