@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -102,7 +103,12 @@ def save(out: Path, stamp: str, results: list[Result], meta: dict[str, Any]) -> 
     latest_path.write_text(json.dumps(latest, indent=1))
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds every ``with Procs``: children are stopped
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=__doc__,

@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,11 @@ class Result:
             "extra": self.extra,
             "meta": self.meta,
         }
+
+
+def progress(text: str) -> None:
+    """One line on stderr, so a slow or stuck step can be told from the log."""
+    print(f"   {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -43,6 +43,13 @@ PEERS: dict[str, Peer] = {
             env={"TETHER_NO_UVLOOP": "1"},
             label="tether client + server, TETHER_NO_UVLOOP=1",
         ),
+        Peer(
+            "tether-malloc",
+            "tether",
+            2,
+            env={"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "67108864"},
+            label="tether (uvloop) with glibc mmap/trim thresholds raised (an experiment)",
+        ),
     )
 }
 DEFAULT_PEERS = ["direct", "socat1", "socat2", "socat2-b256k", "tether", "tether-asyncio"]

@@ -7,6 +7,7 @@ their own pid, newest first) when the ``with`` block ends, whatever happened ins
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import selectors
@@ -22,10 +23,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 NOFILE = 65536
+PR_SET_PDEATHSIG = 1
 
 
 class HarnessError(RuntimeError):
     """A peer or tool did not start or did not answer in time."""
+
+
+def child_setup() -> None:
+    """In each child before exec: more file descriptors, and die with the harness."""
+    raise_nofile()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def raise_nofile(limit: int = NOFILE) -> None:
@@ -130,7 +140,7 @@ class Procs:
             text=True,
             env=child_env(env),
             cwd=REPO,
-            preexec_fn=raise_nofile,
+            preexec_fn=child_setup,
         )
         errf.close()
         self.children.append(proc)
@@ -215,7 +225,7 @@ def run_tool(
             timeout=timeout,
             env=child_env(env),
             cwd=REPO,
-            preexec_fn=raise_nofile,
+            preexec_fn=child_setup,
         )
     except subprocess.TimeoutExpired as exc:
         raise HarnessError(f"{argv[:4]} timed out after {timeout}s") from exc

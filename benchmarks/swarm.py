@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import struct
 import sys
 import time
@@ -194,10 +195,8 @@ class Load:
         if self.stream_task is not None:
             await self.stream_task
         waiters = [c.expect(c.sent) for c in self.conns if not c.lost]
-        try:
+        with contextlib.suppress(TimeoutError, ConnectionError):
             await asyncio.wait_for(asyncio.gather(*waiters), 30)
-        except (TimeoutError, ConnectionError):
-            pass
         sent = sum(c.sent for c in self.conns)
         received = sum(c.received for c in self.conns)
         bad = sum(c.bad for c in self.conns)

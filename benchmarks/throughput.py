@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.common import MiB, Result, Scale, percentile
+from benchmarks.common import MiB, Result, Scale, percentile, progress
 from benchmarks.peers import Peer, available, start_chain
 from benchmarks.procs import HarnessError, Procs, endpoint, run_tool
 
@@ -66,17 +66,18 @@ def run_b1(scale: Scale, peers: list[Peer], logdir: Path, cases: list[str]) -> R
             for case in cases:
                 u, d = CASES[case]
                 try:
-                    r = bulk_once(entry, u * verify_n, d * verify_n, True, 120)
+                    r = bulk_once(entry, u * verify_n, d * verify_n, True, 20 + verify_n / MiB)
                 except HarnessError as exc:
                     result.skipped[name] = f"verified transfer failed: {exc}"
                     entries.pop(name)
                     break
                 result.extra.setdefault("verified", {})[f"{name}/{case}"] = r["intact"]
-        timeout = 60 + n / (20 * MiB)  # even at 20 MiB/s a run ends
+        timeout = 20 + n / (20 * MiB)  # even at 20 MiB/s a run ends
         for rep in range(scale.repeats):
             for case in cases:
                 u, d = CASES[case]
                 for name, entry in entries.items():
+                    progress(f"B1 {case} {name} repeat {rep}")
                     try:
                         r = bulk_once(entry, u * n, d * n, False, timeout)
                     except HarnessError as exc:
@@ -109,10 +110,11 @@ def run_b2(scale: Scale, peers: list[Peer], logdir: Path) -> Result:
         entries = _chains(peers, procs, result)
         for rep in range(scale.repeats):
             for name, entry in entries.items():
+                progress(f"B2 {name} repeat {rep}")
                 try:
                     out = run_tool(
                         endpoint("rtt", "--connect", entry, "--count", str(scale.rtt_count)),
-                        timeout=180,
+                        timeout=20 + scale.rtt_count * 0.005,
                     )
                 except HarnessError as exc:
                     result.notes.append(f"{name} repeat {rep}: {exc}")

@@ -1,0 +1,580 @@
+"""docs/benchmarks.md and docs/img/*.png from results/latest.json.
+
+Everything on the page is computed from the JSON, except the hand-written analysis, which
+is read from benchmarks/analysis.md and appended as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import percentile, summary
+from benchmarks.peers import PEERS
+
+HERE = Path(__file__).resolve().parent
+ANALYSIS = HERE / "analysis.md"
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def smm(values: list[float], digits: int = 2) -> tuple[str, str, str]:
+    s = summary(values)
+    return fmt(s["median"], digits), fmt(s["min"], digits), fmt(s["max"], digits)
+
+
+def label(name: str) -> str:
+    return PEERS[name].describe() if name in PEERS else name
+
+
+def ratios(runs: list[dict[str, Any]], key: str, a: str, b: str, group: str) -> list[float]:
+    """Per-repeat ratio a/b of ``key`` (the runs of one repeat were made back to back)."""
+    by: dict[Any, dict[str, float]] = {}
+    for r in runs:
+        by.setdefault(r[group], {})[r["peer"]] = r[key]
+    return [v[a] / v[b] for v in by.values() if a in v and b in v and v[b]]
+
+
+class Page:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.targets: list[tuple[str, str, str, str]] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.add("| " + " | ".join(header) + " |", "|" + "---|" * len(header))
+        for row in rows:
+            self.add("| " + " | ".join(row) + " |")
+        self.add("")
+
+    def target(self, what: str, measured: str, ok: bool | None, margin: str) -> None:
+        verdict = "n/a" if ok is None else ("**met**" if ok else "**missed**")
+        self.targets.append((what, measured, verdict, margin))
+
+
+def meta_line(b: dict[str, Any]) -> str:
+    m = b.get("meta", {})
+    return (
+        f"Made with `{m.get('command', '?')}` at {m.get('time', '?')}, commit "
+        f"{m.get('commit', '?')}{' (src/ modified)' if m.get('dirty_src') else ''}, scale "
+        f"`{m.get('scale', '?')}`, {m.get('seconds', '?')} s."
+    )
+
+
+def skipped_lines(page: Page, b: dict[str, Any]) -> None:
+    for name, why in b.get("skipped", {}).items():
+        page.add(f"- skipped {name}: {why}")
+    for note in b.get("notes", []):
+        page.add(f"- note: {note}")
+    if b.get("skipped") or b.get("notes"):
+        page.add("")
+
+
+# -- B1 -----------------------------------------------------------------------------------
+
+
+def b1(page: Page, b: dict[str, Any], img: Path | None) -> None:
+    runs = b["runs"]
+    cfg = b["config"]
+    page.add(
+        "## B1 bulk throughput",
+        "",
+        f"{cfg['bytes'] / 2**30:g} GiB per run through each peer, {cfg['repeats']} repeats, "
+        "peers interleaved within each repeat. GB/s = 1e9 payload bytes per second; `both` "
+        "counts the bytes of both directions. The ratio columns are the median (min-max) of "
+        "tether's per-repeat ratio to that peer.",
+        "",
+        meta_line(b),
+        "",
+    )
+    skipped_lines(page, b)
+    peers = list(dict.fromkeys(r["peer"] for r in runs))
+    for case in cfg["cases"]:
+        cr = [r for r in runs if r["case"] == case]
+        rows = []
+        for p in peers:
+            v = [r["gbps"] for r in cr if r["peer"] == p]
+            med, lo, hi = smm(v)
+            row = [label(p), med, lo, hi]
+            for ref in ("socat2-b256k", "socat2", "direct"):
+                rr = ratios(cr, "gbps", p, ref, "repeat") if p.startswith("tether") else []
+                row.append(
+                    f"{fmt(percentile(rr, 50))} ({fmt(min(rr))}-{fmt(max(rr))})" if rr else ""
+                )
+            rows.append(row)
+        page.add(f"### {case}", "")
+        page.table(
+            ["peer", "median GB/s", "min", "max", "tether / socat -b256k 2 hops",
+             "tether / socat 2 hops", "tether / direct"],
+            rows,
+        )  # fmt: skip
+        tv = [r["gbps"] for r in cr if r["peer"] == "tether"]
+        big = [r["gbps"] for r in cr if r["peer"] == "socat2-b256k"]
+        small = [r["gbps"] for r in cr if r["peer"] == "socat2"]
+        if tv and big:
+            t, s = percentile(tv, 50), percentile(big, 50)
+            page.target(
+                f"B1 {case}: >= 0.8x socat -b 262144 two hops",
+                f"{t:.2f} vs {s:.2f} GB/s = {t / s:.2f}x",
+                t / s >= 0.8,
+                f"{(t / s - 0.8) / 0.8:+.0%} against 0.8x",
+            )
+        if tv and small:
+            t, s = percentile(tv, 50), percentile(small, 50)
+            page.target(
+                f"B1 {case}: > socat two hops, default buffer",
+                f"{t:.2f} vs {s:.2f} GB/s = {t / s:.2f}x",
+                t > s,
+                f"{t / s - 1:+.0%}",
+            )
+    if img is not None and runs:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        width = 0.8 / max(1, len(peers))
+        for i, p in enumerate(peers):
+            meds, errs_lo, errs_hi = [], [], []
+            for case in cfg["cases"]:
+                v = [r["gbps"] for r in runs if r["case"] == case and r["peer"] == p]
+                s = summary(v)
+                meds.append(s["median"])
+                errs_lo.append(s["median"] - s["min"])
+                errs_hi.append(s["max"] - s["median"])
+            xs = [j + i * width for j in range(len(cfg["cases"]))]
+            ax.bar(xs, meds, width, yerr=[errs_lo, errs_hi], capsize=3, label=p)
+        ax.set_xticks([j + width * (len(peers) - 1) / 2 for j in range(len(cfg["cases"]))])
+        ax.set_xticklabels(cfg["cases"])
+        ax.set_ylabel("GB/s (median, whiskers min-max)")
+        ax.set_title(f"B1 bulk throughput, {cfg['bytes'] / 2**30:g} GiB per run, loopback")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(img / "b1_throughput.png", dpi=100)
+        plt.close(fig)
+        page.add("![B1 throughput](img/b1_throughput.png)", "")
+
+
+# -- B2 -----------------------------------------------------------------------------------
+
+
+def b2(page: Page, b: dict[str, Any], img: Path | None) -> None:
+    runs = b["runs"]
+    cfg = b["config"]
+    page.add(
+        "## B2 request/response latency",
+        "",
+        f"{cfg['count']} round trips of 64 bytes per run (after 200 warm-up), one at a time, "
+        f"{cfg['repeats']} repeats interleaved. Microseconds. *Added* is the peer's minus "
+        "direct's, per repeat.",
+        "",
+        meta_line(b),
+        "",
+    )
+    skipped_lines(page, b)
+    peers = list(dict.fromkeys(r["peer"] for r in runs))
+    added: dict[str, dict[str, list[float]]] = {}
+    for q in ("p50_us", "p99_us"):
+        by: dict[int, dict[str, float]] = {}
+        for r in runs:
+            by.setdefault(r["repeat"], {})[r["peer"]] = r[q]
+        for p in peers:
+            added.setdefault(p, {})[q] = [
+                v[p] - v["direct"] for v in by.values() if p in v and "direct" in v
+            ]
+    rows = []
+    for p in peers:
+        p50 = smm([r["p50_us"] for r in runs if r["peer"] == p], 1)
+        p99 = smm([r["p99_us"] for r in runs if r["peer"] == p], 1)
+        rows.append(
+            [
+                label(p),
+                *p50,
+                *p99,
+                fmt(percentile(added[p]["p50_us"], 50), 1),
+                fmt(percentile(added[p]["p99_us"], 50), 1),
+            ]
+        )
+    page.table(
+        ["peer", "p50 median", "min", "max", "p99 median", "min", "max", "added p50",
+         "added p99"],
+        rows,
+    )  # fmt: skip
+    for q in ("p50_us", "p99_us"):
+        t = added.get("tether", {}).get(q)
+        s = added.get("socat2", {}).get(q)
+        if t and s:
+            tm, sm = percentile(t, 50), percentile(s, 50)
+            ratio = tm / sm if sm > 0 else math.inf
+            page.target(
+                f"B2 {q[:3]}: added latency <= 1.5x socat two hops'",
+                f"+{tm:.1f} us vs +{sm:.1f} us = {ratio:.2f}x",
+                ratio <= 1.5,
+                f"{(1.5 - ratio) / 1.5:+.0%} headroom",
+            )
+    cdf = b.get("extra", {}).get("cdf_us", {})
+    if img is not None and cdf:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        ys = [q / 200 for q in range(1, 201)]
+        for p, xs in cdf.items():
+            ax.plot(xs, ys, label=p)
+        ax.set_xscale("log")
+        ax.set_xlabel("round-trip time, us (log)")
+        ax.set_ylabel("fraction of round trips")
+        ax.set_title("B2 64-byte request/response, all repeats pooled")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(img / "b2_latency_cdf.png", dpi=100)
+        plt.close(fig)
+        page.add("![B2 latency CDF](img/b2_latency_cdf.png)", "")
+
+
+# -- B3 -----------------------------------------------------------------------------------
+
+
+def b3(page: Page, b: dict[str, Any], img: Path | None) -> None:
+    runs = b["runs"]
+    cfg = b["config"]
+    page.add(
+        "## B3 resume time",
+        "",
+        f"Client and server in two network namespaces joined by a veth (198.18.0.0/30); "
+        f"method: {cfg['method']}. A pinger does a 64-byte round trip every 10 ms through "
+        "the peer; each trial cuts the path for a duration from a fixed sequence over "
+        f"{min(cfg['cut_seconds']):g}-{max(cfg['cut_seconds']):g} s (the same sequence for "
+        "every peer), restores it and measures from just before the restore to the arrival "
+        f"of the pinger's next reply. tether: {cfg['tether_settings']}.",
+        "",
+        meta_line(b),
+        "",
+    )
+    skipped_lines(page, b)
+    pct = b.get("extra", {}).get("percentiles", {})
+    rows = []
+    for p, v in pct.items():
+        rows.append(
+            [label(p), str(v["n"]), str(v["failed"]), fmt(v["p50_s"], 3), fmt(v["p99_s"], 3),
+             fmt(v["max_s"], 3)]
+        )  # fmt: skip
+    if rows:
+        page.table(["peer", "trials", "not resumed", "p50 s", "p99 s", "max s"], rows)
+    if "tether" in pct:
+        v = pct["tether"]
+        page.target(
+            "B3: p99 resume < 1 s after restore (defaults)",
+            f"p99 {v['p99_s']:.3f} s over {v['n']} trials ({v['failed']} not resumed)",
+            v["p99_s"] < 1.0 and v["failed"] == 0,
+            f"{(1.0 - v['p99_s']):+.3f} s",
+        )
+    if img is not None and runs:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for p in dict.fromkeys(r["peer"] for r in runs):
+            pts = [(r["cut_s"], r["resume_s"]) for r in runs if r["peer"] == p and r["resumed"]]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), label=p, s=18)
+        ax.axhline(1.0, color="grey", ls="--", lw=1)
+        ax.set_xlabel("cut duration, s")
+        ax.set_ylabel("restore -> data flows, s")
+        ax.set_title("B3 resume time against cut duration")
+        ax.legend(fontsize=8)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(img / "b3_resume.png", dpi=100)
+        plt.close(fig)
+        page.add("![B3 resume time](img/b3_resume.png)", "")
+
+
+# -- B4 -----------------------------------------------------------------------------------
+
+
+def b4(page: Page, b: dict[str, Any], img: Path | None) -> None:
+    runs = b["runs"]
+    cfg = b["config"]
+    page.add(
+        "## B4 scale on one server",
+        "",
+        "Sessions from one load-generator process (uvloop) through one client-side process to "
+        "one server-side process and an echo or sink backend, on loopback. Reference: "
+        f"`pyrelay` = {cfg['peers']['pyrelay']}.",
+        "",
+        meta_line(b),
+        "",
+    )
+    skipped_lines(page, b)
+    idle = [r for r in runs if r["phase"] == "idle"]
+    if idle:
+        page.add(
+            f"### Idle: {cfg['idle_sessions']} sessions, CPU over {cfg['idle_seconds']:g} s",
+            "",
+            "KiB per session is the slope of a least-squares line through RSS after each of "
+            "ten opening steps; *delta* is (RSS at the end - RSS before) / sessions.",
+            "",
+        )
+        rows = [
+            [
+                label(r["peer"]),
+                str(r["sessions"]),
+                fmt(r["server_kib_per_session"]),
+                fmt(r["server_kib_per_session_delta"]),
+                fmt(r["client_kib_per_session"]),
+                f"{r['server_rss_kib'] / 1024:.0f}",
+                fmt(r["server_cpu_pct"]),
+                fmt(r["client_cpu_pct"]),
+                fmt(r["probe_all_s"], 3),
+            ]
+            for r in idle
+        ]
+        page.table(
+            ["peer", "sessions", "server KiB/session", "delta", "client KiB/session",
+             "server RSS MiB", "server CPU % of a core", "client CPU %",
+             "probe all sessions, s"],
+            rows,
+        )  # fmt: skip
+        for r in idle:
+            if r["peer"] == "tether":
+                kib = r["server_kib_per_session"]
+                page.target(
+                    f"B4: server RSS <= 8 KiB per idle session ({r['sessions']} sessions)",
+                    f"{kib:.2f} KiB (delta {r['server_kib_per_session_delta']:.2f})",
+                    kib <= 8.0,
+                    f"{(8.0 - kib) / 8.0:+.0%} headroom",
+                )
+                cpu = r["server_cpu_pct"]
+                page.target(
+                    f"B4: idle server CPU < 5% of a core ({r['sessions']} sessions)",
+                    f"{cpu:.2f}% (client process {r['client_cpu_pct']:.2f}%)",
+                    cpu < 5.0,
+                    f"{5.0 - cpu:+.2f} points",
+                )
+        if img is not None:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(8, 4.5))
+            for r in idle:
+                xs = [c[0] for c in r["rss_curve_kib"]]
+                ax.plot(xs, [c[1] / 1024 for c in r["rss_curve_kib"]], "o-",
+                        label=f"{r['peer']} server")  # fmt: skip
+                ax.plot(xs, [c[2] / 1024 for c in r["rss_curve_kib"]], "x--",
+                        label=f"{r['peer']} client side")  # fmt: skip
+            ax.set_xlabel("idle sessions")
+            ax.set_ylabel("RSS, MiB")
+            ax.set_title("B4 resident memory against idle sessions")
+            ax.legend(fontsize=8)
+            ax.grid(True, alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(img / "b4_rss.png", dpi=100)
+            plt.close(fig)
+            page.add("![B4 RSS](img/b4_rss.png)", "")
+    active = [r for r in runs if r["phase"] == "active"]
+    if active:
+        n = active[0]["sessions"]
+        page.add(
+            f"### Aggregate throughput, {n} active sessions",
+            "",
+            f"Each session sends {cfg['active_bytes'] / n / 2**20:.2f} MiB to a sink at once; "
+            "GB/s of payload over all sessions. One load-generator process drives all "
+            "sessions, so `direct` is the ceiling of the harness itself.",
+            "",
+        )
+        rows = []
+        for p in dict.fromkeys(r["peer"] for r in active):
+            med, lo, hi = smm([r["gbps"] for r in active if r["peer"] == p])
+            rr = ratios(active, "gbps", "tether", p, "repeat") if p != "tether" else []
+            rows.append(
+                [label(p), med, lo, hi,
+                 f"{fmt(percentile(rr, 50))} ({fmt(min(rr))}-{fmt(max(rr))})" if rr else ""]
+            )  # fmt: skip
+        page.table(["peer", "median GB/s", "min", "max", "tether / peer"], rows)
+    storm = [r for r in runs if r["phase"] == "storm"]
+    if storm:
+        n = storm[0]["sessions"]
+        page.add(
+            f"### Reconnect storm, {n} sessions",
+            "",
+            "Every session streams a numbered 64-byte message each 100 ms through an echo "
+            "backend; `ss -K` destroys every client<->server socket at once (both ends); a "
+            "probe goes down every session right after; *all resumed* is the time from the "
+            "kill until the last probe's echo. Then every byte sent must come back once, in "
+            "order.",
+            "",
+        )
+        rows = [
+            [str(r["trial"]), str(r["sockets_killed"]), fmt(r["all_resumed_s"], 3),
+             str(r["bytes_sent"]), str(r["bytes_echoed"]), str(r["bytes_bad"]),
+             str(r["connections_lost"]), "yes" if r["zero_loss"] else "NO"]
+            for r in storm
+        ]  # fmt: skip
+        page.table(
+            ["trial", "sockets killed", "all resumed, s", "bytes sent", "bytes echoed",
+             "bytes wrong", "app connections lost", "zero loss"],
+            rows,
+        )  # fmt: skip
+        worst = max(r["all_resumed_s"] for r in storm)
+        page.target(
+            f"B4: {n}-session storm fully resumed within 5 s, zero bytes lost",
+            f"worst {worst:.3f} s over {len(storm)} trials; "
+            f"{'zero loss' if all(r['zero_loss'] for r in storm) else 'LOSS'}",
+            worst <= 5.0 and all(r["zero_loss"] for r in storm),
+            f"{5.0 - worst:+.2f} s",
+        )
+
+
+# -- B5 -----------------------------------------------------------------------------------
+
+
+def b5(page: Page, b: dict[str, Any], img: Path | None) -> None:
+    runs = b["runs"]
+    cfg = b["config"]
+    page.add(
+        "## B5 wire overhead",
+        "",
+        "*application*: bytes tether writes on the client<->server link, counted by a relay "
+        "between them (frames, acknowledgements, handshake; no TCP/IP headers). *ip*: every "
+        "packet on the veth between two namespaces, counted by nft (IP and TCP headers and "
+        "bare ACKs included; plain TCP pays most of that too). Overhead = (link bytes both "
+        "ways - payload) / payload.",
+        "",
+        meta_line(b),
+        "",
+    )
+    skipped_lines(page, b)
+    bulk = [r for r in runs if r["kind"] == "bulk"]
+    if bulk:
+        rows = []
+        for r in bulk:
+            payload = r.get("payload") or r["payload_up"] + r["payload_down"]
+            c2s = r.get("link_c2s", r.get("client_to_server_bytes"))
+            s2c = r.get("link_s2c", r.get("server_to_client_bytes"))
+            rows.append(
+                [r["level"], r["case"], str(payload), str(c2s), str(s2c),
+                 f"{100 * r['overhead_ratio']:.4f}%"]
+            )  # fmt: skip
+        page.add(f"### Bulk, {cfg['bulk_bytes'] / 2**20:g} MiB each way", "")
+        page.table(
+            ["level", "direction", "payload bytes", "client->server", "server->client",
+             "overhead"],
+            rows,
+        )  # fmt: skip
+        app = [r["overhead_ratio"] for r in bulk if r["level"] == "application"]
+        if app:
+            worst = max(app)
+            page.target(
+                "B5: framing + acknowledgement overhead < 0.5% in bulk",
+                f"{100 * worst:.4f}% (worst direction, application level)",
+                worst < 0.005,
+                f"{(0.005 - worst) / 0.005:+.0%} headroom",
+            )
+    ka = [r for r in runs if r["kind"] == "keepalive"]
+    if ka:
+        page.add(
+            f"### Keepalive, {cfg['keepalive_sessions']} idle sessions for "
+            f"{cfg['keepalive_seconds']:g} s",
+            "",
+        )
+        page.table(
+            ["level", "bytes per session per minute", "packets per session per minute"],
+            [
+                [r["level"], fmt(r["bytes_per_session_minute"], 0),
+                 fmt(r.get("packets_per_session_minute"), 1)]
+                for r in ka
+            ],
+        )  # fmt: skip
+
+
+# -- profile ------------------------------------------------------------------------------
+
+
+def profile_section(page: Page, prof: dict[str, Any]) -> None:
+    page.add(
+        "## Profile of the bulk data path",
+        "",
+        f"Made with `{prof.get('command', '?')}` at {prof.get('time', '?')}: "
+        f"{prof.get('description', '')}",
+        "",
+    )
+    for role, data in prof.get("roles", {}).items():
+        page.add(
+            f"### {role}: {data.get('samples', 0)} samples, "
+            f"{fmt(data.get('cpu_pct'), 0)}% of a core, "
+            f"{fmt(data.get('minflt_per_gib'), 0)} minor page faults per GiB",
+            "",
+        )
+        page.table(
+            ["self %", "function (file:line)"],
+            [[fmt(p, 1), f"`{f}`"] for f, p in data.get("self", [])[:12]],
+        )
+        page.table(
+            ["total %", "function (file:line), inclusive"],
+            [[fmt(p, 1), f"`{f}`"] for f, p in data.get("total", [])[:12]],
+        )
+
+
+def write_docs(results: Path, docs: Path, plots: bool = True) -> Path:
+    data = json.loads(results.read_text())
+    benches = data.get("benchmarks", {})
+    img = docs / "img"
+    if plots:
+        img.mkdir(parents=True, exist_ok=True)
+    page = Page()
+    body = Page()
+    render = {"B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5}
+    for bid in sorted(benches):
+        if bid in render:
+            render[bid](body, benches[bid], img if plots else None)
+            page.targets.extend(body.targets)
+            body.targets = []
+    meta = data.get("meta", {})
+    page.add(
+        "# Benchmarks",
+        "",
+        "Generated by `python -m benchmarks` (see `benchmarks/__main__.py`; `python -m "
+        "benchmarks report` rewrites this page from `results/latest.json`). Do not edit by "
+        "hand: the analysis at the end comes from `benchmarks/analysis.md`.",
+        "",
+        f"Machine: {meta.get('cpu', '?')}, {meta.get('cores', '?')} cores, shared and noisy "
+        f"(other work runs beside the benchmarks); Linux {meta.get('kernel', '?')}, Python "
+        f"{meta.get('python', '?')}, uvloop {meta.get('uvloop', '?')}. Every process of a run "
+        "(application, relays, backend) shares the two cores, so a two-hop chain runs four "
+        "busy processes on two cores.",
+        "",
+        "Peers: " + "; ".join(f"`{k}` = {v.describe()}" for k, v in PEERS.items()) + ".",
+        "",
+        "## Targets (issue 4)",
+        "",
+    )
+    if page.targets:
+        page.table(["target", "measured (medians)", "verdict", "margin"],
+                   [list(t) for t in page.targets])  # fmt: skip
+    page.lines.extend(body.lines)
+    prof_path = results.parent / "profile.json"
+    if prof_path.exists():
+        profile_section(page, json.loads(prof_path.read_text()))
+    if ANALYSIS.exists():
+        page.add(ANALYSIS.read_text().rstrip(), "")
+    docs.mkdir(parents=True, exist_ok=True)
+    out = docs / "benchmarks.md"
+    out.write_text("\n".join(page.lines).rstrip() + "\n")
+    return out
