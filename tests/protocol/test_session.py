@@ -482,16 +482,26 @@ def test_resume_of_an_unknown_session() -> None:
     assert p.handshake_failures[-1].code is CloseCode.UNKNOWN_SESSION
 
 
-def test_resume_of_an_expired_session_is_unknown() -> None:
+def test_the_client_adopts_a_shorter_server_timeout() -> None:
     p = Pair(CONFIG, SessionConfig(window=256 * 1024, keepalive=KEEPALIVE, timeout=10))
     p.establish()
     p.cut()
-    p.advance(11)
+    p.advance(9.5)
+    assert not p.client.closed and not p.server.closed
+    p.advance(1)
     assert p.backend.ended is not None and p.backend.ended.code is CloseCode.EXPIRED
-    assert not p.client.closed
-    p.reconnect()
-    p.transfer()
-    assert p.app.ended is not None and p.app.ended.code is CloseCode.UNKNOWN_SESSION
+    # The client knows the server's timeout from ACCEPT: it expires too, instead of
+    # learning of it later as an unknown session.
+    assert p.app.ended is not None and p.app.ended.code is CloseCode.EXPIRED
+
+
+def test_a_resume_cannot_claim_bytes_that_were_never_sent(pair: Pair) -> None:
+    pair.client_send(b"x" * 1000)
+    pair.transfer()
+    pair.cut()
+    pair.server_send(b"queued while detached")  # never on any link
+    assert pair.server.check_peer_received(0)
+    assert not pair.server.check_peer_received(len(b"queued while detached"))
 
 
 # -- handshake failures -----------------------------------------------------------------------

@@ -203,6 +203,8 @@ class Session:
         self._eof_queued = False  # send_eof() called: the EOF occupies offset buffer.end
         self._eof_sent = False  # EOF frame on the current link
         self._eof_acked = False
+        self._eof_ever_sent = False
+        self._peer_timeout = config.timeout  # the client adopts the server's if shorter
         self._peer_window = DEFAULT_WINDOW
         # inbound direction
         self._received = 0  # stream offset received, EOF included
@@ -426,7 +428,8 @@ class Session:
 
     def check_peer_received(self, offset: int) -> bool:
         """Is ``offset`` a place the peer can truthfully have received up to?"""
-        limit = self._buffer.end + (1 if self._eof_queued else 0)
+        # Only what was ever put on a link: bytes queued while detached were never sent.
+        limit = self._send_next + (1 if self._eof_ever_sent else 0)
         return self._buffer.start <= offset <= limit
 
     def attach(self, now: float, peer_received: int) -> None:
@@ -514,6 +517,8 @@ class Session:
             self.session_id = frame.session_id
             self._secret = secret
             self._peer_window = frame.window
+            if frame.timeout_ms > 0:
+                self._peer_timeout = frame.timeout_ms / 1000
             self._establish(self._clock, peer_received=0)
             self._events.append(SessionEstablished(self.session_id))
         elif isinstance(frame, Resumed) and self.state is SessionState.DETACHED:
@@ -604,7 +609,7 @@ class Session:
             self._send_next = self._buffer.end
         if self._eof_queued and not self._eof_sent and not self._eof_acked:
             self._out.append(Eof(self._buffer.end).serialize())
-            self._eof_sent = True
+            self._eof_sent = self._eof_ever_sent = True
 
     def _establish(self, now: float, peer_received: int) -> int:
         """The link is up and the peer has ``peer_received``: send from there."""
@@ -660,7 +665,7 @@ class Session:
         self._transition(_Input.LINK_LOST)
         if was_established:
             self._detached_since = now
-            self._expire_at = now + self.config.timeout
+            self._expire_at = now + min(self.config.timeout, self._peer_timeout)
 
     def _lose_link(self, now: float, code: CloseCode, reason: str) -> None:
         """The core decided the link is dead: tell the driver to close it."""
