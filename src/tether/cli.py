@@ -115,6 +115,18 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return asyncio.run(main())
 
 
+def _raise_file_limit() -> None:
+    """Each session holds two sockets: let the process use as many as it is allowed."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - platform dependent
+        pass
+
+
 async def _serve_until_signal(service: ServerConfig | ClientConfig) -> int:
     from .aio.client import TetherClient
     from .aio.server import TetherServer
@@ -161,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tether: error: {exc}", file=sys.stderr)
         return 2
+    _raise_file_limit()
     try:
         return _run(lambda: _serve_until_signal(config))
     except OSError as exc:
