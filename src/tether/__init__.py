@@ -1,3 +1,37 @@
-"""tether: session reliability for any TCP service."""
+"""tether: session reliability for any TCP service.
+
+The public API. The command line (``tether server``, ``tether client``, ``tether demo``)
+is built on the same objects.
+"""
+
+from .aio.client import ClientStatistics, TetherClient, connect
+from .aio.server import ServerStatistics, TetherServer
+from .aio.stream import TetherStream
+from .config import Address, ClientConfig, ServerConfig, parse_address
+from .errors import HandshakeError, InvalidState, ProtocolError, SessionClosed, TetherError
+from .protocol.codes import CloseCode
+from .protocol.session import SessionConfig, SessionStatistics
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Address",
+    "ClientConfig",
+    "ClientStatistics",
+    "CloseCode",
+    "HandshakeError",
+    "InvalidState",
+    "ProtocolError",
+    "ServerConfig",
+    "ServerStatistics",
+    "SessionClosed",
+    "SessionConfig",
+    "SessionStatistics",
+    "TetherClient",
+    "TetherError",
+    "TetherServer",
+    "TetherStream",
+    "__version__",
+    "connect",
+    "parse_address",
+]

@@ -12,19 +12,23 @@ start it connects the application straight to the fallback, if one is given.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from ..config import Address, ClientConfig
+from ..config import Address, ClientConfig, parse_address
+from ..errors import SessionClosed
 from ..protocol.codes import CloseCode
 from ..protocol.events import LinkLost, SessionEnded, SessionEstablished, SessionResumed
 from ..protocol.session import LinkState, Session
 from .link import LinkProtocol, LocalProtocol, SessionRelay
+from .stream import TetherStream
 
-__all__ = ["ClientStatistics", "TetherClient"]
+__all__ = ["ClientStatistics", "TetherClient", "connect"]
 
 logger = logging.getLogger("tether.client")
 
@@ -43,7 +47,7 @@ class _NotTether(Exception):
 
 
 class _ClientSession(SessionRelay):
-    def __init__(self, client: TetherClient, app: _AppProtocol, number: int) -> None:
+    def __init__(self, client: TetherClient, app: _AppProtocol | None, number: int) -> None:
         loop = asyncio.get_running_loop()
         core = Session.client(client.config.session, loop.time())
         super().__init__(core, logging.LoggerAdapter(logger, {"session": number}))
@@ -56,6 +60,7 @@ class _ClientSession(SessionRelay):
         self._last_error = ""
         self._detached_at: float | None = None
         self._fallback_peer: _Splice | None = None
+        self.ready: asyncio.Future[bool] = loop.create_future()  # established, or not
 
     # -- hooks -------------------------------------------------------------------
 
@@ -72,6 +77,8 @@ class _ClientSession(SessionRelay):
     def on_established(self, event: SessionEstablished) -> None:
         self.name = f"{self.name}/{event.session_id.hex()[:12]}"
         self.log.info("session %s: established via %s", self.name, self.client.config.server)
+        if not self.ready.done():
+            self.ready.set_result(True)
         self._changed.set()
 
     def on_resumed(self, event: SessionResumed) -> None:
@@ -96,6 +103,8 @@ class _ClientSession(SessionRelay):
 
     def on_ended(self, event: SessionEnded) -> None:
         self.client._ended += 1
+        if not self.ready.done():
+            self.ready.set_result(False)
         if self._winner is not None and not self._winner.done():
             self._winner.set_result(None)
         level = logging.INFO if event.code is CloseCode.NORMAL else logging.WARNING
@@ -160,7 +169,7 @@ class _ClientSession(SessionRelay):
                     why = str(exc) or type(exc).__name__
                 except _NotTether as exc:
                     why = str(exc)
-            if why and config.fallback is not None:
+            if why and config.fallback is not None and self.app is not None:
                 await self._fallback(why)
                 return False
             if why and remaining <= 0:
@@ -262,9 +271,11 @@ class _ClientSession(SessionRelay):
     async def _fallback(self, why: str) -> None:
         config = self.client.config
         target = config.fallback
-        assert target is not None
+        assert target is not None and self.app is not None
         app = self.app.transport
         assert app is not None
+        if not app.is_closing():
+            app.pause_reading()  # until the splice below takes over
         early = self.core.pending()  # what the application wrote during the setup
         early_eof = self.core.statistics().eof_sent
         self.local = None  # the session never existed for the server: end it quietly
@@ -386,8 +397,9 @@ class _ClientLink(LinkProtocol):
 class TetherClient:
     """Accept application connections and carry each over a tether session."""
 
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(self, config: ClientConfig, *, listen: bool = True) -> None:
         self.config = config
+        self._listen = listen
         self._server: asyncio.Server | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._live: set[_ClientSession] = set()
@@ -411,9 +423,15 @@ class TetherClient:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
         assert self._tasks is not None
+        if exc_info[0] is not None and issubclass(exc_info[0], Exception):
+            # The caller's own error: every session is closed, so the tasks end; let
+            # the error propagate as itself rather than wrapped in an ExceptionGroup.
+            exc_info = (None, None, None)
         await self._tasks.__aexit__(*exc_info)
 
     async def start(self) -> None:
+        if not self._listen:
+            return
         loop = asyncio.get_running_loop()
         listen = self.config.listen
         self._server = await loop.create_server(
@@ -446,6 +464,29 @@ class TetherClient:
     def sessions(self) -> list[Session]:
         return [s.core for s in self._live]
 
+    @contextlib.asynccontextmanager
+    async def open_stream(self) -> AsyncIterator[TetherStream]:
+        """A new session for the caller's own use, as a :class:`TetherStream`.
+
+        Raises :class:`~tether.errors.SessionClosed` when no session could be set up.
+        Leaving the block closes the session (call ``write_eof()`` and read to EOF first
+        for a graceful end).
+        """
+        assert self._tasks is not None, "use the client as an async context manager"
+        stream = TetherStream()
+        session = _ClientSession(self, None, next(self._numbers))
+        stream._bind(session)
+        self._live.add(session)
+        self._sessions_total += 1
+        self._tasks.create_task(session.run())
+        if not await session.ready:
+            code = session.core.close_code or CloseCode.RESUME_FAILED
+            raise SessionClosed(code, f"no session with {self.config.server}")
+        try:
+            yield stream
+        finally:
+            stream.close()
+
     def _start_session(self, app: _AppProtocol) -> None:
         assert self._tasks is not None, "use the client as an async context manager"
         session = _ClientSession(self, app, next(self._numbers))
@@ -453,3 +494,14 @@ class TetherClient:
         self._live.add(session)
         self._sessions_total += 1
         self._tasks.create_task(session.run())
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    server: str | Address, *, config: ClientConfig | None = None
+) -> AsyncIterator[TetherStream]:
+    """Open one resumable stream to a tether server (no local listener, no fallback)."""
+    address = parse_address(server) if isinstance(server, str) else server
+    settings = replace(config or ClientConfig(), server=address, fallback=None)
+    async with TetherClient(settings, listen=False) as client, client.open_stream() as stream:
+        yield stream

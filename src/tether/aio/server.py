@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,9 @@ from ..protocol.events import (
 from ..protocol.handshake import ServerHandshake
 from ..protocol.session import Session
 from .link import LinkProtocol, LocalProtocol, SessionRelay
+from .stream import TetherStream
+
+Handler = Callable[[TetherStream], Awaitable[None]]
 
 __all__ = ["ServerStatistics", "TetherServer"]
 
@@ -123,6 +127,9 @@ class _ServerLink(LinkProtocol):
 
     async def _setup(self) -> None:
         server = self.server
+        if server.handler is not None:
+            self._setup_stream(server.handler)
+            return
         backend_proto = LocalProtocol(CloseCode.BACKEND_RESET)
         backend: asyncio.BaseTransport | None = None
         try:
@@ -163,6 +170,30 @@ class _ServerLink(LinkProtocol):
             self.hs.reject(exc.code, exc.reason)
             self._pump_handshake()
 
+    def _setup_stream(self, handler: Handler) -> None:
+        """A library server: the session goes to ``handler``, not to a backend."""
+        server = self.server
+        if len(server._sessions) >= server.config.max_sessions:
+            server._rejected += 1
+            self.hs.reject(CloseCode.OVERLOADED, "server holds its maximum of sessions")
+            self._pump_handshake()
+            return
+        if self.transport is None or self.hs.done:
+            return
+        core = self.hs.accept_setup(self.loop.time())
+        relay = server._register(core, self.peer)
+        self.relay = relay
+        relay.set_link(self.transport)
+        self._pump_handshake()
+        stream = TetherStream()
+        stream._bind(relay)
+        relay.log.info("session %s: new from %s, to the handler", relay.sid, self.peer)
+        leftover = self.hs.leftover()
+        if leftover:
+            relay.link_data(self.transport, leftover)
+        relay.pump()
+        server._spawn(server._serve_stream(handler, stream, relay))
+
 
 class _Refused(Exception):
     def __init__(self, code: CloseCode, reason: str) -> None:
@@ -174,8 +205,11 @@ class _Refused(Exception):
 class TetherServer:
     """Serve tether sessions. Use ``async with TetherServer(config) as server``."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, *, handler: Handler | None = None) -> None:
+        """Relay each session to ``config.backend``, or, with ``handler``, call
+        ``await handler(stream)`` for it (returning from the handler half-closes)."""
         self.config = config
+        self.handler = handler
         self._sessions: dict[bytes, _ServerSession] = {}
         self._ended: OrderedDict[bytes, CloseCode] = OrderedDict()
         self._server: asyncio.Server | None = None
@@ -200,6 +234,10 @@ class TetherServer:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
         assert self._tasks is not None
+        if exc_info[0] is not None and issubclass(exc_info[0], Exception):
+            # The caller's own error: every session is closed, so the tasks end; let
+            # the error propagate as itself rather than wrapped in an ExceptionGroup.
+            exc_info = (None, None, None)
         await self._tasks.__aexit__(*exc_info)
 
     async def start(self) -> None:
@@ -251,6 +289,19 @@ class TetherServer:
     def _spawn(self, coro: Any) -> None:
         assert self._tasks is not None, "use the server as an async context manager"
         self._tasks.create_task(coro)
+
+    async def _serve_stream(
+        self, handler: Handler, stream: TetherStream, relay: _ServerSession
+    ) -> None:
+        try:
+            await handler(stream)
+        except Exception as exc:  # the handler's bug costs its session only
+            relay.log.exception("session %s: handler failed", relay.sid)
+            stream.close(CloseCode.INTERNAL_ERROR, f"handler failed: {exc!r}")
+            return
+        if not relay.core.closed:
+            stream.write_eof()
+            await relay.ended.wait()
 
     def _register(self, core: Session, peer: str) -> _ServerSession:
         relay = _ServerSession(self, core, peer)

@@ -1,0 +1,124 @@
+"""The library API: resumable streams for asyncio code, in one process, through a
+fault-injecting relay."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+import tether
+from tether import Address, ClientConfig, CloseCode, ServerConfig, SessionClosed, SessionConfig
+
+from .faultnet import FaultRelay
+
+FAST = SessionConfig(keepalive=0.3, timeout=30)
+
+
+def run(coro: Coroutine[Any, Any, None], limit: float = 120) -> None:
+    asyncio.run(asyncio.wait_for(coro, limit))
+
+
+async def echo_upper(stream: tether.TetherStream) -> None:
+    while data := await stream.read(65536):
+        stream.write(data.upper())
+        await stream.drain()
+
+
+def test_a_library_client_talks_to_a_library_server() -> None:
+    async def main() -> None:
+        config = ServerConfig(listen=Address("127.0.0.1", 0), session=FAST)
+        server = tether.TetherServer(config, handler=echo_upper)
+        async with server, tether.connect(str(server.addresses[0])) as stream:
+            stream.write(b"hello, tether")
+            stream.write_eof()
+            assert await stream.read() == b"HELLO, TETHER"
+            assert len(stream.session_id) == 16
+            assert stream.statistics().bytes_sent == 13
+
+    run(main())
+
+
+def test_a_stream_survives_cuts_with_nothing_lost() -> None:
+    size = 16 * 1024 * 1024
+    rng = random.Random(7)
+    payload = rng.randbytes(size)
+
+    async def main() -> None:
+        config = ServerConfig(listen=Address("127.0.0.1", 0), session=FAST)
+        async with tether.TetherServer(config, handler=echo_upper) as server:
+            relay = FaultRelay(server.addresses[0].host and ("127.0.0.1", 0))
+            relay.target = ("127.0.0.1", server.addresses[0].port)
+            relay.cut_every = size // 5
+            cuts = 0
+
+            def cut() -> None:
+                nonlocal cuts
+                cuts += 1
+                relay.kill_all()
+
+            relay.on_cut = cut
+            await relay.start()
+            client_config = ClientConfig(session=FAST)
+            got = hashlib.sha256()
+            count = 0
+            async with tether.connect(f"127.0.0.1:{relay.port}", config=client_config) as stream:
+
+                async def reader() -> None:
+                    nonlocal count
+                    while data := await stream.read(1 << 20):
+                        got.update(data)
+                        count += len(data)
+
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(reader())
+                    view = memoryview(payload)
+                    for lo in range(0, size, 1 << 18):
+                        stream.write(view[lo : lo + (1 << 18)])
+                        await stream.drain()
+                    stream.write_eof()
+                assert stream.statistics().resumes >= 3
+            await relay.close()
+            assert cuts >= 3
+            assert count == size
+            assert got.hexdigest() == hashlib.sha256(payload.upper()).hexdigest()
+
+    run(main())
+
+
+def test_a_failing_handler_ends_only_its_session() -> None:
+    async def broken(stream: tether.TetherStream) -> None:
+        await stream.read(1)
+        raise RuntimeError("bug in the application")
+
+    async def main() -> None:
+        config = ServerConfig(listen=Address("127.0.0.1", 0), session=FAST)
+        async with tether.TetherServer(config, handler=broken) as server:
+            address = str(server.addresses[0])
+            async with tether.connect(address) as stream:
+                stream.write(b"x")
+                with pytest.raises(SessionClosed) as info:
+                    await stream.read()
+                assert info.value.code is CloseCode.INTERNAL_ERROR
+            assert server.statistics().sessions == 0
+
+    run(main())
+
+
+def test_connect_to_nothing_raises_a_clear_error() -> None:
+    async def main() -> None:
+        probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = probe.sockets[0].getsockname()[1]
+        probe.close()
+        await probe.wait_closed()
+        config = ClientConfig(connect_timeout=0.5)
+        with pytest.raises(SessionClosed) as info:
+            async with tether.connect(f"127.0.0.1:{port}", config=config):
+                pass
+        assert info.value.code is CloseCode.RESUME_FAILED
+
+    run(main())
