@@ -125,6 +125,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        if dirty:
+            commit += " with uncommitted changes in src/"
     except OSError:
         commit = "?"
     lines = [

@@ -397,43 +397,52 @@ def test_slow_link_with_outage(lab: netns.Lab, tether: list[str], record: dict[s
 def test_outage_longer_than_timeout(
     lab: netns.Lab, tether: list[str], record: dict[str, Any]
 ) -> None:
-    """--timeout 5 and a 10 s outage: both sides end the session, the application sees a close
-    (not a hang), the backend connection is closed, memory returns to its baseline."""
-    flow = Flow(lab, tether, seed=190, rate=2 * MB, seconds=60, deadline=40, timeout=5, keepalive=1)
-    server = flow.relay.server
+    """--timeout 5 and an outage that outlasts it, twice: both sides end the session, the
+    application sees a close (not a hang), the backend connection is closed, and the server's
+    memory after the second session is what it was after the first (nothing kept per session)."""
+    flow = Flow(lab, tether, seed=190, rate=2 * MB, seconds=60, deadline=40, timeout=5,
+                keepalive=1)  # fmt: skip
+    server, client = flow.relay.server, flow.relay.client
     baseline = server.rss_kib() or 0  # listening, before any session
-    flow.start()
-    assert flow.app is not None
-    flow.pause(1.0)
-    down = lab.link_down("client")
-    a = app_report(flow.app, 20)
-    app_closed = time.monotonic()
-    b = flow.backend.next_report(10)
-    backend_closed = time.monotonic()
-    flow.pause(max(0.0, down + 10 - time.monotonic()))
-    lab.link_up("client")
-    server.wait_line(r"ended EXPIRED", 5, stream="stderr")
-    flow.relay.client.wait_line(r"ended EXPIRED", 5, stream="stderr")
-    after = server.rss_kib() or 0
-    problems = integrity_problems(a, b, flow.backend.seed)
-    require(not problems, "; ".join(problems), *flow.procs)
-    require(not a["deadline_hit"], f"the application hung: {a['error']}", *flow.procs)
-    require(a["closed_by"] in ("peer", "reset"), f"app not closed: {a}", *flow.procs)
-    require(b["closed_by"] in ("peer", "reset"), f"backend not closed: {b}", *flow.procs)
-    require(
-        app_closed - down < 5 + 3 + 2,
-        f"app closed {app_closed - down:.1f} s after the outage began",
-        *flow.procs,
-    )
-    require(server.running and flow.relay.client.running, "a tether process exited", *flow.procs)
-    require(after - baseline < 16 * 1024, f"server RSS {baseline} -> {after} KiB", *flow.procs)
+    rss_after: list[int] = []
+    closes: list[str] = []
+    total = 0
+    for round_ in range(2):
+        flow.app = start_app(lab, flow.relay, flow.backend, rate=flow.rate, deadline=40,
+                             name=f"app{round_}")  # fmt: skip
+        client.wait_line(ESTABLISHED, 10, stream="stderr", skip=round_)
+        flow.pause(1.0)
+        down = lab.link_down("client")
+        a = app_report(flow.app, 20)
+        app_closed = time.monotonic() - down
+        b = flow.backend.next_report(10)
+        backend_closed = time.monotonic() - down
+        server.wait_line(r"ended EXPIRED", 5, stream="stderr", skip=round_)
+        client.wait_line(r"ended EXPIRED", 5, stream="stderr", skip=round_)
+        outage = lab.link_up("client") - down
+        rss_after.append(server.rss_kib() or 0)
+        total += moved(a, b)
+        problems = integrity_problems(a, b, flow.backend.seed)
+        require(not problems, "; ".join(problems), *flow.procs)
+        require(outage > 5, f"the outage ({outage:.1f} s) did not outlast --timeout", *flow.procs)
+        require(not a["deadline_hit"], f"the application hung: {a['error']}", *flow.procs)
+        require(a["closed_by"] in ("peer", "reset"), f"app not closed: {a}", *flow.procs)
+        require(b["closed_by"] in ("peer", "reset"), f"backend not closed: {b}", *flow.procs)
+        require(app_closed < 5 + 3 + 2, f"app closed {app_closed:.1f} s after the outage began",
+                *flow.procs)  # fmt: skip
+        closes.append(
+            f"app closed ({a['closed_by']}) {app_closed:.1f} s, backend ({b['closed_by']}) "
+            f"{backend_closed:.1f} s into a {outage:.1f} s outage"
+        )
+    require(server.running and client.running, "a tether process exited", *flow.procs)
+    require(rss_after[1] - rss_after[0] < 2 * 1024,
+            f"server RSS grew per session: {baseline} -> {rss_after} KiB", *flow.procs)  # fmt: skip
     record.update(
-        title="outage 10 s > --timeout 5 s",
-        bytes=moved(a, b),
+        title="outage > --timeout 5 s, twice",
+        bytes=total,
         resume="ends cleanly",
-        note=f"app closed ({a['closed_by']}) {app_closed - down:.1f} s and backend closed "
-        f"{backend_closed - down:.1f} s after the outage began; server RSS {baseline // 1024} "
-        f"-> {after // 1024} MiB",
+        note=f"{closes[0]}; server RSS {baseline // 1024} MiB idle, {rss_after[0] // 1024} MiB "
+        f"after one expired session, {rss_after[1] // 1024} MiB after two",
     )
 
 
