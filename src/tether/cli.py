@@ -105,6 +105,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    _tune_malloc()
     if not os.environ.get("TETHER_NO_UVLOOP"):
         try:
             import uvloop
@@ -113,6 +114,28 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         else:
             return uvloop.run(main())
     return asyncio.run(main())
+
+
+def _tune_malloc() -> None:
+    """Keep glibc from mapping and unmapping memory for every large read buffer.
+
+    Each 64-256 KiB object the data path allocates is above glibc's default mmap
+    threshold, so it costs an mmap, page faults and an munmap; raising the thresholds
+    lets freed chunks be reused (STYLE.md item 9; docs/benchmarks.md measures it).
+    Set TETHER_NO_MALLOC_TUNING=1 to leave malloc alone.
+    """
+    if os.environ.get("TETHER_NO_MALLOC_TUNING") or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    mallopt(m_mmap_threshold, 4 * 1024 * 1024)
+    mallopt(m_trim_threshold, 32 * 1024 * 1024)
 
 
 def _raise_file_limit() -> None:

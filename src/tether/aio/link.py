@@ -129,8 +129,7 @@ class SessionRelay:
         out = core.data_to_send()
         link = self.link
         if out and link is not None and not link.is_closing():
-            for buf in out:
-                link.write(buf)
+            link.writelines(out)
         while (event := core.next_event()) is not None:
             if isinstance(event, DataReceived):
                 local = self.local

@@ -195,7 +195,7 @@ class Session:
         self._secret = b""
         self._clock = now
         self._events: deque[Event] = deque()
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._reader = FrameReader()
         # outbound direction
         self._buffer = ReplayBuffer()
@@ -298,8 +298,9 @@ class Session:
 
     # -- outputs -------------------------------------------------------------------
 
-    def data_to_send(self) -> list[bytes]:
-        """Bytes for the current link, as a list of buffers to write in order."""
+    def data_to_send(self) -> list[bytes | memoryview]:
+        """Bytes for the current link, as a list of buffers to write in order, with one
+        gathering write (``transport.writelines``); payloads are views, not copies."""
         if self.link is LinkState.ESTABLISHED and self._received > self._acked and self._out:
             self._out.append(Ack(self._received).serialize())  # piggyback
             self._acked = self._received
@@ -592,20 +593,25 @@ class Session:
             self._acked = self._received
 
     def _frame(self, offset: int, view: memoryview) -> None:
+        # Header and payload stay separate buffers: the driver hands the list to a
+        # gathering write, so payload bytes are never copied here (STYLE.md item 9).
         out = self._out
         size = len(view)
         if size <= MAX_DATA_CHUNK:
-            out.append(data_header(offset, size) + view)
+            out.append(data_header(offset, size))
+            out.append(view)
             return
         for lo in range(0, size, MAX_DATA_CHUNK):
             piece = view[lo : lo + MAX_DATA_CHUNK]
-            out.append(data_header(offset + lo, len(piece)) + piece)
+            out.append(data_header(offset + lo, len(piece)))
+            out.append(piece)
 
     def _flush(self) -> None:
         """Put everything not yet on the current link onto it, EOF last."""
         if self._send_next < self._buffer.end:
             for offset, piece in self._buffer.views(self._send_next, MAX_DATA_CHUNK):
-                self._out.append(data_header(offset, len(piece)) + piece)
+                self._out.append(data_header(offset, len(piece)))
+                self._out.append(piece)
             self._send_next = self._buffer.end
         if self._eof_queued and not self._eof_sent and not self._eof_acked:
             self._out.append(Eof(self._buffer.end).serialize())
