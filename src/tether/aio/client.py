@@ -50,7 +50,7 @@ class _ClientSession(SessionRelay):
     def __init__(self, client: TetherClient, app: _AppProtocol | None, number: int) -> None:
         loop = asyncio.get_running_loop()
         core = Session.client(client.config.session, loop.time())
-        super().__init__(core, logging.LoggerAdapter(logger, {"session": number}))
+        super().__init__(core, logger)
         self.client = client
         self.app = app
         self.name = f"#{number}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, cast
+from typing import cast
 
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
@@ -37,7 +37,7 @@ _RESET_CODES = frozenset(
 class SessionRelay:
     """Drives one core session between a local transport and a link transport."""
 
-    def __init__(self, core: Session, log: logging.LoggerAdapter[Any]) -> None:
+    def __init__(self, core: Session, log: logging.Logger) -> None:
         self.core = core
         self.log = log
         self.loop = asyncio.get_running_loop()

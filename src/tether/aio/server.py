@@ -54,7 +54,7 @@ class ServerStatistics:
 class _ServerSession(SessionRelay):
     def __init__(self, server: TetherServer, core: Session, peer: str) -> None:
         sid = core.session_id.hex()[:12]
-        super().__init__(core, logging.LoggerAdapter(logger, {"session": sid}))
+        super().__init__(core, logger)
         self.server = server
         self.sid = sid
         self.peer = peer

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections import deque
 
 from ..errors import InvalidState, ProtocolError
 from . import resume as crypto
@@ -56,7 +55,7 @@ class ServerHandshake:
         self._stage = "hello"  # hello -> request -> deciding -> done | failed
         self._deadline: float | None = now + config.handshake_timeout
         self._out: list[bytes] = []
-        self._events: deque[Event] = deque()
+        self._events: list[Event] = []
         self._setup: Setup | None = None
         self._keypair: crypto.KeyPair | None = None
         self._shared = b""  # X25519 result, computed when the SETUP arrives
@@ -75,7 +74,7 @@ class ServerHandshake:
         return out
 
     def next_event(self) -> Event | None:
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     def next_timer(self) -> float | None:
         return self._deadline
