@@ -34,7 +34,13 @@ from tether.protocol.frames import (
 )
 from tether.protocol.handshake import ServerHandshake
 from tether.protocol.reader import FrameReader
-from tether.protocol.session import LinkState, Session, SessionConfig, SessionState
+from tether.protocol.session import (
+    SERVER_TICK_LAG,
+    LinkState,
+    Session,
+    SessionConfig,
+    SessionState,
+)
 
 from .pair import Pair
 
@@ -79,7 +85,8 @@ def test_setup() -> None:
     assert p.client.link is p.server.link is LinkState.ESTABLISHED
     assert p.server_link(p.client.session_id) is link
     assert p.client.next_timer() == CONFIG.keepalive  # keepalive only: no expiry, no handshake
-    assert p.server.next_timer() == CONFIG.keepalive
+    # The server's ticks lag half an interval so that an idle link needs the client's only.
+    assert p.server.next_timer() == CONFIG.keepalive * SERVER_TICK_LAG
 
 
 def test_the_secret_never_crosses_the_wire() -> None:
@@ -250,8 +257,10 @@ def test_ping_after_one_silent_interval_link_lost_after_two(pair: Pair) -> None:
     (lost,) = pair.app.link_losses
     assert lost.code is CloseCode.LINK_LOST and lost.peer_is_tether
     assert pair.client.state is SessionState.DETACHED
-    assert pair.server.state is SessionState.DETACHED  # the same timers ran there
     assert pair.client.statistics().detached_since == pair.now
+    assert pair.server.state is SessionState.ATTACHED  # its ticks lag by half an interval
+    pair.advance(KEEPALIVE * (SERVER_TICK_LAG + 1) - 2 * KEEPALIVE, transfer=False)
+    assert pair.server.state is SessionState.DETACHED  # the same rule ran there
 
 
 def test_any_traffic_keeps_the_link_alive(pair: Pair) -> None:
@@ -649,7 +658,7 @@ def test_statistics_snapshot(pair: Pair) -> None:
     pair.client_send(b"a" * 1000)
     pair.server_send(b"b" * 500)
     pair.transfer()
-    pair.advance(KEEPALIVE)  # acknowledgements settle
+    pair.advance(KEEPALIVE * SERVER_TICK_LAG)  # acknowledgements settle
     client, server = pair.client.statistics(), pair.server.statistics()
     assert client.role == "client" and server.role == "server"
     assert client.state == server.state == "attached"
@@ -735,3 +744,19 @@ def test_a_final_reject_of_a_resume_ends_the_session(pair: Pair) -> None:
     client.receive_data(server_hello(PROTOCOL_VERSION, os.urandom(NONCE_SIZE)))
     client.receive_data(Reject(CloseCode.EXPIRED, "too late").serialize())
     assert client.closed and client.close_code is CloseCode.EXPIRED
+
+
+def test_an_idle_session_is_kept_alive_by_the_client_alone(pair: Pair) -> None:
+    pings = {"client": 0, "server": 0}
+    for _ in range(400):  # 60 s of fake time in small steps
+        pair.advance(0.15, transfer=False)
+        link = pair.link
+        assert link is not None
+        pings["client"] += sum(isinstance(f, Ping) for f in frames_sent(list(link.to_server)))
+        pings["server"] += sum(isinstance(f, Ping) for f in frames_sent(list(link.to_client)))
+        pair.transfer()
+    assert pair.client.link is pair.server.link is LinkState.ESTABLISHED
+    # The client pings after each silent interval, about every other one; the server
+    # hears those and never needs to ping back.
+    assert 60 / (2 * KEEPALIVE) - 2 <= pings["client"] <= 60 / KEEPALIVE
+    assert pings["server"] <= 1

@@ -78,6 +78,8 @@ DEFAULT_KEEPALIVE = 3.0  # seconds of silence before a PING
 DEFAULT_TIMEOUT = 180.0  # session-reliability timeout (Citrix's documented default)
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # one link handshake, seconds
 KEEPALIVE_MISSES = 2  # silent keepalive intervals after which a link is dead
+PING_CREDIT = 2  # intervals a received PING counts as heard: one side pings, not both
+SERVER_TICK_LAG = 1.5  # the server's first keepalive tick, in intervals after establishment
 MAX_WINDOW = 1 << 30
 ACK_FRACTION = 4  # acknowledge once a quarter of the peer's window is unacknowledged
 MAX_ACK_THRESHOLD = 1024 * 1024
@@ -201,6 +203,7 @@ class Session:
         "_peer_is_tether",
         "_peer_timeout",
         "_peer_window",
+        "_ping_credit",
         "_ping_token",
         "_random",
         "_reader",
@@ -253,6 +256,7 @@ class Session:
         self._peer_eof = False
         # link liveness and deadlines
         self._heard = False
+        self._ping_credit = 0  # ticks that count as heard after the peer's PING
         self._receive_paused = False  # the driver stopped reading the link on purpose
         self._misses = 0
         self._ping_token = 0
@@ -595,6 +599,9 @@ class Session:
             self._handle_ack(frame.offset)
         elif isinstance(frame, Ping):
             self._out.append(Pong(frame.token).serialize())
+            # The peer pings only after a silent interval of its own, so it will be heard
+            # from again within two of ours: no need to ping it back meanwhile.
+            self._ping_credit = PING_CREDIT
         elif isinstance(frame, Pong):
             pass  # hearing it is the point
         elif isinstance(frame, Eof):
@@ -667,8 +674,12 @@ class Session:
         self._expire_at = None
         self._detached_since = None
         self._heard = False
+        self._ping_credit = 0
         self._misses = 0
-        self._tick_at = now + self.config.keepalive
+        # The server's ticks run half an interval behind the client's, so on an idle
+        # link the client's PING arrives first and the server never needs its own.
+        lag = SERVER_TICK_LAG if self.role is Role.SERVER else 1.0
+        self._tick_at = now + self.config.keepalive * lag
         if peer_received > self._buffer.end:
             self._eof_acked = True
         self._buffer.discard_until(min(peer_received, self._buffer.end))
@@ -681,9 +692,10 @@ class Session:
         return replayed
 
     def _tick(self, now: float) -> None:
-        if self._heard or self._receive_paused:
+        if self._heard or self._receive_paused or self._ping_credit:
             # Silence we caused by not reading (the local side is slow) is not a dead link.
             self._heard = False
+            self._ping_credit = max(0, self._ping_credit - 1)
             self._misses = 0
         else:
             self._misses += 1
