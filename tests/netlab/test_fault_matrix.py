@@ -360,7 +360,11 @@ def test_slow_link_with_outage(lab: netns.Lab, tether: list[str], record: dict[s
     buffer = 256 * 1024
     lab.rate_limit("1mbit")
     size = 1 * MB  # 8 s at 1 Mbit/s
-    flow = Flow(lab, tether, seed=180, rate=0, size=size, deadline=60, buffer=buffer).start()
+    # --keepalive 1: the 4 s outage is long enough for tether to resume (and replay a full
+    # buffer), not only for TCP to retransmit.
+    flow = Flow(
+        lab, tether, seed=180, rate=0, size=size, deadline=60, buffer=buffer, keepalive=1
+    ).start()
     with PeakRss(flow.relay.client, flow.relay.server) as peak:
         baseline = dict(peak.peak)
         flow.pause(2.0)
@@ -382,12 +386,16 @@ def test_slow_link_with_outage(lab: netns.Lab, tether: list[str], record: dict[s
     )
     require(all(g < 48 * 1024 for g in growth.values()), f"RSS grew {growth} KiB", *flow.procs)
     elapsed = max(a["ended_at"], b["ended_at"]) - min(a["connected_at"], b["connected_at"])
+    replayed = re.findall(r"replaying (\d+) bytes", flow.relay.client.stderr_text())
+    replayed += re.findall(r"replaying (\d+) bytes", flow.relay.server.stderr_text())
+    require(len(replayed) >= 2, "tether did not resume after the outage", *flow.procs)
     record.update(
-        title="tbf 1 Mbit/s + 4 s outage (--buffer 256 KiB)",
+        title="tbf 1 Mbit/s + 4 s outage (--buffer 256 KiB, --keepalive 1)",
         bytes=moved(a, b),
         resume=times["resume"],
         note=f"unread while away: {held_app // 1024} KiB app side, {held_backend // 1024} KiB "
-        f"backend side; RSS growth {max(growth.values()) // 1024} MiB; {elapsed:.1f} s total",
+        f"backend side; replayed {'/'.join(replayed) or 'nothing'} bytes (client/server); "
+        f"RSS growth {max(growth.values()) // 1024} MiB; {elapsed:.1f} s total",
     )
 
 
@@ -405,6 +413,7 @@ def test_outage_longer_than_timeout(
     server, client = flow.relay.server, flow.relay.client
     baseline = server.rss_kib() or 0  # listening, before any session
     rss_after: list[int] = []
+    client_rss: list[int] = []
     closes: list[str] = []
     total = 0
     for round_ in range(2):
@@ -421,6 +430,7 @@ def test_outage_longer_than_timeout(
         client.wait_line(r"ended EXPIRED", 5, stream="stderr", skip=round_)
         outage = lab.link_up("client") - down
         rss_after.append(server.rss_kib() or 0)
+        client_rss.append(client.rss_kib() or 0)
         total += moved(a, b)
         problems = integrity_problems(a, b, flow.backend.seed)
         require(not problems, "; ".join(problems), *flow.procs)
@@ -435,14 +445,20 @@ def test_outage_longer_than_timeout(
             f"{backend_closed:.1f} s into a {outage:.1f} s outage"
         )
     require(server.running and client.running, "a tether process exited", *flow.procs)
-    require(rss_after[1] - rss_after[0] < 2 * 1024,
-            f"server RSS grew per session: {baseline} -> {rss_after} KiB", *flow.procs)  # fmt: skip
+    require(
+        rss_after[1] - rss_after[0] < 2 * 1024,
+        f"server RSS grew per session: {baseline} -> {rss_after} KiB",
+        *flow.procs,
+    )
+    require(client_rss[1] - client_rss[0] < 2 * 1024,
+            f"client RSS grew per session: {client_rss} KiB", *flow.procs)  # fmt: skip
     record.update(
         title="outage > --timeout 5 s, twice",
         bytes=total,
         resume="ends cleanly",
         note=f"{closes[0]}; server RSS {baseline // 1024} MiB idle, {rss_after[0] // 1024} MiB "
-        f"after one expired session, {rss_after[1] // 1024} MiB after two",
+        f"after one expired session, {rss_after[1] // 1024} MiB after two (client "
+        f"{client_rss[0] // 1024} -> {client_rss[1] // 1024} MiB)",
     )
 
 
