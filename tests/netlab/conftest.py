@@ -143,6 +143,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         f"Run: commit `{commit}`, kernel {platform.release()}, Python {platform.python_version()},"
         f" {len(_records)} cases in {time.monotonic() - _session_started:.0f} s.",
         "",
+        "Regenerate: `sudo TETHER_NETLAB_REPORT=docs/reliability.md .venv/bin/python -m pytest "
+        "tests/netlab/test_fault_matrix.py tests/netlab/test_real_apps.py`",
+        "",
         "*Bytes* is what crossed the relay, both directions together. *Resume time* is from the "
         "instant the path was restored to the first byte delivered after it, taken in the later "
         "of the two directions (application side for down, backend side for up).",
@@ -152,8 +155,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ]
     for entry in _records:
         note = entry.get("note", "")
-        if entry.get("result") in ("FAIL", "xfail", "XPASS") and entry.get("reason"):
-            note = f"{note} {entry['reason']}".strip()
+        reason = entry.get("reason", "")
+        if entry.get("result") in ("FAIL", "xfail", "XPASS") and reason:
+            note = reason if note in reason else f"{note}; {reason}"
         note = note.replace("|", "\\|").replace("\n", " ")
         command = f"`sudo .venv/bin/python -m pytest '{entry['nodeid']}'`"
         lines.append(
