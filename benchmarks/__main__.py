@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "results"), help="results directory")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/")
     parser.add_argument("--seconds", type=float, default=10.0, help="profile: seconds sampled")
+    parser.add_argument(
+        "--workload", default="bulk", choices=["bulk", "rtt", "idle"], help="profile"
+    )
+    parser.add_argument("--sessions", type=int, default=10000, help="profile idle: sessions")
     args = parser.parse_args(argv)
     if args.what == "report":
         from benchmarks.report import write_docs

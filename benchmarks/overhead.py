@@ -9,7 +9,10 @@ The link is observed two ways:
   nft counters count every packet in and out of it, headers and bare TCP ACKs included.
 
 Bulk: ``overhead_bytes`` up, then down; overhead = (link bytes - payload) / payload, with
-the acknowledgements flowing the other way counted too. Keepalive: ``keepalive_sessions``
+the acknowledgements flowing the other way counted too. At IP level plain TCP across the
+same veth is measured too, so that what tether adds can be told from what TCP costs (with
+GSO, nft sees segments of up to 64 KiB, so headers are counted per segment, not per
+1500-byte wire packet). Keepalive: ``keepalive_sessions``
 idle sessions for ``keepalive_seconds``, scaled to bytes per session per minute.
 """
 
@@ -19,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.common import Result, Scale
+from benchmarks.common import Result, Scale, progress
 from benchmarks.endpoint import HEADER, TRAILER
 from benchmarks.netns import SERVER_IP, Topology, unavailable
 from benchmarks.peers import PEERS, available
@@ -57,6 +60,7 @@ def run_b5(scale: Scale, logdir: Path) -> Result:
     if why:
         result.skipped["tether"] = why
         return result
+    progress("B5 application-level counts")
     try:
         _app_level(scale, logdir / "b5" / "app", result)
     except (HarnessError, OSError) as exc:
@@ -65,6 +69,7 @@ def run_b5(scale: Scale, logdir: Path) -> Result:
     if reason:
         result.skipped["ip-level"] = reason
     else:
+        progress("B5 IP-level counts")
         try:
             _ip_level(scale, logdir / "b5" / "ip", result)
         except (HarnessError, OSError, RuntimeError) as exc:
@@ -101,6 +106,7 @@ def _app_level(scale: Scale, logdir: Path, result: Result) -> None:
                 {
                     "kind": "bulk",
                     "level": "application",
+                    "peer": "tether",
                     "case": case,
                     "payload_up": payload_up,
                     "payload_down": payload_down,
@@ -171,13 +177,20 @@ def _ip_level(scale: Scale, logdir: Path, result: Result) -> None:
                 "tether-client",
                 netns=topo.client_ns,
             )
+        _, direct = procs.start_ready(
+            endpoint("backend", "--listen", f"{SERVER_IP}:0"), "backend", netns=topo.server_ns
+        )
         topo.start_counting()
-        for case, up, down in (("up", n, 0), ("down", 0, n)):
+        for peer, case, up, down in (
+            ("tether", "up", n, 0),
+            ("tether", "down", 0, n),
+            ("direct", "up", n, 0),
+            ("direct", "down", 0, n),
+        ):
+            target = entries["bulk"] if peer == "tether" else direct
             before = topo.counters()
             run_tool(
-                endpoint(
-                    "bulk", "--connect", entries["bulk"], "--up", str(up), "--down", str(down)
-                ),
+                endpoint("bulk", "--connect", target, "--up", str(up), "--down", str(down)),
                 300,
                 netns=topo.client_ns,
             )
@@ -190,6 +203,7 @@ def _ip_level(scale: Scale, logdir: Path, result: Result) -> None:
                 {
                     "kind": "bulk",
                     "level": "ip",
+                    "peer": peer,
                     "case": case,
                     "payload": payload,
                     **d,

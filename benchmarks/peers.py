@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from benchmarks.procs import Procs, free_port, socat_command, tether_command, wait_listening
+from benchmarks.procs import PYTHON, Procs, free_port, socat_command, tether_command, wait_listening
 
 SOCAT_BIG = 262144
 
@@ -22,6 +22,7 @@ class Peer:
     socat_buffer: int | None = None  # None: socat's default (8192)
     env: dict[str, str] = field(default_factory=dict)
     label: str = ""
+    variant: bool = False  # run through benchmarks/variant.py (a what-if experiment)
 
     def describe(self) -> str:
         return self.label or self.name
@@ -49,6 +50,22 @@ PEERS: dict[str, Peer] = {
             2,
             env={"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "67108864"},
             label="tether (uvloop) with glibc mmap/trim thresholds raised (an experiment)",
+        ),
+        Peer(
+            "tether-attempt1s",
+            "tether",
+            2,
+            env={"TBENCH_HANDSHAKE_TIMEOUT": "0.9"},
+            label="tether with link handshake / reconnect attempt timeout 0.9 s (an experiment)",
+            variant=True,
+        ),
+        Peer(
+            "tether-gather",
+            "tether",
+            2,
+            env={"TBENCH_GATHER": "1"},
+            label="tether writing each read's DATA payloads in one writelines (an experiment)",
+            variant=True,
         ),
     )
 }
@@ -108,6 +125,8 @@ def start_chain(
     if peer.kind == "tether":
         cmd = tether_command()
         assert cmd is not None
+        if peer.variant:
+            cmd = [PYTHON, "-m", "benchmarks.variant"]
         _, server = procs.start_ready(
             [*cmd, "server", "--listen", f"{server_host}:0", "--backend", backend, *tether_args],
             "tether-server",

@@ -19,12 +19,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks.common import Result, Scale, percentile
+from benchmarks.common import Result, Scale, percentile, progress
 from benchmarks.netns import SERVER_IP, Topology, unavailable
 from benchmarks.peers import PEERS, Peer, available, start_chain
 from benchmarks.procs import HarnessError, Procs, endpoint, read_line
 
-B3_PEERS = ["tether", "socat2", "direct"]
+B3_PEERS = ["tether", "socat2", "direct", "tether-attempt1s"]
 RESUME_WAIT = 60.0  # a trial that has not resumed this long after restore counts as failed
 SETTLE = 2.0
 GOLDEN = 0.6180339887498949
@@ -61,6 +61,7 @@ def run_b3(scale: Scale, peers: list[Peer], logdir: Path) -> Result:
             result.skipped[name] = why
             continue
         trials = scale.resume_trials if peer.kind == "tether" else max(1, scale.resume_trials // 2)
+        progress(f"B3 {name}: {trials} trials")
         try:
             _run_peer(peer, cut_durations(scale, trials), logdir / "b3", result)
         except (HarnessError, RuntimeError) as exc:
@@ -102,6 +103,7 @@ def _run_peer(peer: Peer, cuts: list[float], logdir: Path, result: Result) -> No
             stdin=True,
         )
         for trial, cut in enumerate(cuts):
+            progress(f"B3 {peer.name} trial {trial}: cut {cut} s")
             time.sleep(SETTLE)
             topo.cut()
             time.sleep(cut)

@@ -9,8 +9,8 @@ commands, one per stdin line, answering one stdout line each:
                                                            -> OPENED total seconds
     probe           every connection sends 16 bytes; report when the last echo is back
                                                            -> PROBED seconds_from_command
-    stream on|off   every connection sends a 64-byte numbered message every 100 ms
-                    (echo backend); ``off`` stops, waits up to 30 s for every echo and
+    stream on [S]   every connection sends a 64-byte numbered message every S seconds
+    stream off      (default 0.1; echo backend); ``off`` stops, waits up to 30 s for every echo and
                     checks every byte came back once, in order
                                                            -> STREAM sent received bad
     bulk N          every connection sends N bytes to a sink backend and waits for its
@@ -172,8 +172,8 @@ class Load:
         await asyncio.wait_for(asyncio.gather(*waiters), DEADLINE)
         return f"PROBED {time.monotonic() - t0:.4f}"
 
-    async def _stream(self) -> None:
-        for _ in range(10 * 3600):  # bounded: one hour at 10 Hz
+    async def _stream(self, interval: float) -> None:
+        for _ in range(int(3600 / interval)):  # bounded: one hour
             if not self.streaming:
                 return
             start = time.monotonic()
@@ -184,12 +184,12 @@ class Load:
                     c.send(msg)
                 if i % 500 == 499:
                     await asyncio.sleep(0)
-            await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - start)))
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - start)))
 
-    async def stream(self, on: bool) -> str:
+    async def stream(self, on: bool, interval: float = 0.1) -> str:
         if on:
             self.streaming = True
-            self.stream_task = asyncio.ensure_future(self._stream())
+            self.stream_task = asyncio.ensure_future(self._stream(interval))
             return "STREAM on"
         self.streaming = False
         if self.stream_task is not None:
@@ -238,7 +238,8 @@ async def load(args: argparse.Namespace) -> int:
             elif cmd == "probe":
                 answer = await lg.probe()
             elif cmd == "stream":
-                answer = await lg.stream(line[1] == "on")
+                interval = float(line[2]) if len(line) > 2 else 0.1
+                answer = await lg.stream(line[1] == "on", interval)
             elif cmd == "bulk":
                 answer = await lg.bulk(int(line[1]))
             else:
