@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -101,6 +102,12 @@ class _ClientSession(SessionRelay):
             self.log.info("session %s: link lost (%s); reconnecting", self.name, why)
         self._changed.set()
 
+    def _note_failure(self, why: str) -> None:
+        """A reconnect attempt failed: log each new kind of failure once, not every try."""
+        if why != self._last_error and self.core.session_id:
+            self.log.info("session %s: reconnect attempt failed: %s; retrying", self.name, why)
+        self._last_error = why
+
     def on_ended(self, event: SessionEnded) -> None:
         self.client._ended += 1
         if not self.ready.done():
@@ -108,12 +115,15 @@ class _ClientSession(SessionRelay):
         if self._winner is not None and not self._winner.done():
             self._winner.set_result(None)
         level = logging.INFO if event.code is CloseCode.NORMAL else logging.WARNING
+        reason = event.reason
+        if event.code is CloseCode.EXPIRED and self._last_error:
+            reason = f"{reason}; reconnect attempts failed: {self._last_error}"
         self.log.log(
             level,
             "session %s: ended %s (%s)%s; application connection closed",
             self.name,
             event.code.name,
-            event.reason,
+            reason,
             " by the server" if event.by_peer else "",
         )
         self._changed.set()
@@ -166,7 +176,7 @@ class _ClientSession(SessionRelay):
                     else:
                         raise _NotTether(loss.reason if loss else "connection closed")
                 except (OSError, TimeoutError) as exc:
-                    why = str(exc) or type(exc).__name__
+                    why = _describe(exc)
                 except _NotTether as exc:
                     why = str(exc)
             if why and config.fallback is not None and self.app is not None:
@@ -238,12 +248,9 @@ class _ClientSession(SessionRelay):
                 return  # the session ended (expired) while we were trying
             transport, proto = won
             if await self._use_link(transport, proto):
+                self._last_error = ""
                 return
-            self.log.info(
-                "session %s: resume attempt failed (%s)",
-                self.name,
-                self._last_loss.reason if self._last_loss else "connection lost",
-            )
+            self._note_failure(self._last_loss.reason if self._last_loss else "connection lost")
 
     async def _attempt(
         self, winner: asyncio.Future[tuple[asyncio.Transport, _ClientLink] | None]
@@ -261,7 +268,7 @@ class _ClientSession(SessionRelay):
                 config.session.handshake_timeout,
             )
         except (OSError, TimeoutError) as exc:
-            self._last_error = str(exc) or type(exc).__name__
+            self._note_failure(_describe(exc))
             return
         if winner.done():
             transport.close()
@@ -505,3 +512,12 @@ async def connect(
     settings = replace(config or ClientConfig(), server=address, fallback=None)
     async with TetherClient(settings, listen=False) as client, client.open_stream() as stream:
         yield stream
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, readable reason: "Connection refused", not "[Errno 111] Connect call failed"."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's text hides it ("Connect call failed")
+    return str(exc) or type(exc).__name__
