@@ -491,11 +491,9 @@ def test_server_killed(lab: netns.Lab, tether: list[str], record: dict[str, Any]
         note=f"client: ended {match.group(1)} ({match.group(2)})",
     )
     # A clear reason names what the reconnects met: the dead server's port refuses them.
-    if "refused" not in flow.relay.client.stderr_text().lower():
-        pytest.xfail(
-            "tether defect: the client gives up in time but its log never says why it could not "
-            f"reconnect (every attempt was refused); it ended {match.group(1)} ({match.group(2)})"
-        )
+    require("refused" in match.group(2).lower(),
+            f"the client's reason does not say why it could not reconnect: {match.group(0)}",
+            flow.relay.client)  # fmt: skip
 
 
 # -- backend closes during an outage -------------------------------------------------------------
