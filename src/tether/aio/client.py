@@ -19,14 +19,14 @@ import os
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import cast
 
 from ..config import Address, ClientConfig, parse_address
 from ..errors import SessionClosed
 from ..protocol.codes import CloseCode
 from ..protocol.events import LinkLost, SessionEnded, SessionEstablished, SessionResumed
 from ..protocol.session import LinkState, Session
-from .link import LinkProtocol, LocalProtocol, SessionRelay
+from .link import LinkProtocol, LocalProtocol, Service, SessionRelay
 from .stream import TetherStream
 
 __all__ = ["ClientStatistics", "TetherClient", "connect"]
@@ -191,10 +191,10 @@ class _ClientSession(SessionRelay):
             delay = min(delay * 2, config.backoff_cap)
         return False
 
-    async def _try_link(self, limit: float) -> bool:
-        """One connection: TCP connect, then the link handshake. True when it is up."""
+    async def _connect(self, limit: float) -> tuple[asyncio.Transport, _ClientLink]:
+        """One TCP (or TLS) connection to the server, within ``limit`` seconds."""
         config = self.client.config
-        transport, proto = await asyncio.wait_for(
+        return await asyncio.wait_for(
             self.loop.create_connection(
                 _ClientLink,
                 config.server.host,
@@ -204,6 +204,10 @@ class _ClientSession(SessionRelay):
             ),
             limit,
         )
+
+    async def _try_link(self, limit: float) -> bool:
+        """One connection: TCP connect, then the link handshake. True when it is up."""
+        transport, proto = await self._connect(limit)
         return await self._use_link(transport, proto)
 
     async def _use_link(self, transport: asyncio.Transport, proto: _ClientLink) -> bool:
@@ -255,18 +259,8 @@ class _ClientSession(SessionRelay):
     async def _attempt(
         self, winner: asyncio.Future[tuple[asyncio.Transport, _ClientLink] | None]
     ) -> None:
-        config = self.client.config
         try:
-            transport, proto = await asyncio.wait_for(
-                self.loop.create_connection(
-                    _ClientLink,
-                    config.server.host,
-                    config.server.port,
-                    ssl=config.ssl,
-                    server_hostname=config.server_hostname if config.ssl else None,
-                ),
-                config.session.handshake_timeout,
-            )
+            transport, proto = await self._connect(self.client.config.session.handshake_timeout)
         except (OSError, TimeoutError) as exc:
             self._note_failure(_describe(exc))
             return
@@ -401,14 +395,13 @@ class _ClientLink(LinkProtocol):
     pass
 
 
-class TetherClient:
+class TetherClient(Service):
     """Accept application connections and carry each over a tether session."""
 
     def __init__(self, config: ClientConfig, *, listen: bool = True) -> None:
         self.config = config
         self._listen = listen
         self._server: asyncio.Server | None = None
-        self._tasks: asyncio.TaskGroup | None = None
         self._live: set[_ClientSession] = set()
         self._numbers = itertools.count(1)
         self._sessions_total = 0
@@ -416,25 +409,6 @@ class TetherClient:
         self._resumes = 0
         self._ended = 0
         self.addresses: list[Address] = []
-
-    async def __aenter__(self) -> TetherClient:
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        try:
-            await self.start()
-        except BaseException:
-            await self._tasks.__aexit__(None, None, None)
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.close()
-        assert self._tasks is not None
-        if exc_info[0] is not None and issubclass(exc_info[0], Exception):
-            # The caller's own error: every session is closed, so the tasks end; let
-            # the error propagate as itself rather than wrapped in an ExceptionGroup.
-            exc_info = (None, None, None)
-        await self._tasks.__aexit__(*exc_info)
 
     async def start(self) -> None:
         if not self._listen:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import cast
+from typing import Any, Self, cast
 
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
@@ -27,7 +27,7 @@ from ..protocol.events import (
 )
 from ..protocol.session import Session
 
-__all__ = ["LinkProtocol", "LocalProtocol", "SessionRelay"]
+__all__ = ["LinkProtocol", "LocalProtocol", "Service", "SessionRelay"]
 
 _RESET_CODES = frozenset(
     {CloseCode.BACKEND_RESET, CloseCode.APPLICATION_RESET, CloseCode.PROTOCOL_ERROR}
@@ -281,3 +281,35 @@ class LinkProtocol(asyncio.Protocol):
 
     def handshake_lost(self, exc: Exception | None) -> None:
         """The transport died before it joined a session."""
+
+
+class Service:
+    """A server or client: an async context manager owning the TaskGroup of its sessions
+    (STYLE.md item 8: every task lives in a group as long as its resource)."""
+
+    _tasks: asyncio.TaskGroup | None = None
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        try:
+            await self.start()
+        except BaseException:
+            await self._tasks.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+        assert self._tasks is not None
+        if exc_info[0] is not None and issubclass(exc_info[0], Exception):
+            # The caller's own error: every session is closed, so the tasks end; let
+            # the error propagate as itself rather than wrapped in an ExceptionGroup.
+            exc_info = (None, None, None)
+        await self._tasks.__aexit__(*exc_info)

@@ -28,7 +28,7 @@ from ..protocol.events import (
 )
 from ..protocol.handshake import ServerHandshake
 from ..protocol.session import Session
-from .link import LinkProtocol, LocalProtocol, SessionRelay
+from .link import LinkProtocol, LocalProtocol, Service, SessionRelay
 from .stream import TetherStream
 
 Handler = Callable[[TetherStream], Awaitable[None]]
@@ -202,7 +202,7 @@ class _Refused(Exception):
         self.reason = reason
 
 
-class TetherServer:
+class TetherServer(Service):
     """Serve tether sessions. Use ``async with TetherServer(config) as server``."""
 
     def __init__(self, config: ServerConfig, *, handler: Handler | None = None) -> None:
@@ -213,32 +213,12 @@ class TetherServer:
         self._sessions: dict[bytes, _ServerSession] = {}
         self._ended: OrderedDict[bytes, CloseCode] = OrderedDict()
         self._server: asyncio.Server | None = None
-        self._tasks: asyncio.TaskGroup | None = None
         self._sessions_total = 0
         self._resumes = 0
         self._rejected = 0
         self._expired = 0
         self._handshakes_failed = 0
         self.addresses: list[Address] = []
-
-    async def __aenter__(self) -> TetherServer:
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        try:
-            await self.start()
-        except BaseException:
-            await self._tasks.__aexit__(None, None, None)
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.close()
-        assert self._tasks is not None
-        if exc_info[0] is not None and issubclass(exc_info[0], Exception):
-            # The caller's own error: every session is closed, so the tasks end; let
-            # the error propagate as itself rather than wrapped in an ExceptionGroup.
-            exc_info = (None, None, None)
-        await self._tasks.__aexit__(*exc_info)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
