@@ -30,6 +30,23 @@ _records: list[dict[str, Any]] = []
 _session_started = time.monotonic()
 
 
+def _commit() -> str:
+    """The checked-out commit, and whether src/ differs from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "?"
+    return f"{commit} with uncommitted changes in src/" if dirty else commit
+
+
+_commit_at_start = _commit()
+
+
 @pytest.fixture(scope="session")
 def netlab_host() -> Iterator[None]:
     reason = netns.netns_unavailable_reason()
@@ -121,17 +138,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     target = os.environ.get(REPORT_ENV)
     if not target or not _records:
         return
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        if dirty:
-            commit += " with uncommitted changes in src/"
-    except OSError:
-        commit = "?"
+    commit = _commit()
+    if commit != _commit_at_start:
+        commit = f"{_commit_at_start} at the start, {commit} at the end (src changed meanwhile)"
     lines = [
         "# Reliability matrix",
         "",

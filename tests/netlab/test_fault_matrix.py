@@ -399,6 +399,14 @@ def test_slow_link_with_outage(lab: netns.Lab, tether: list[str], record: dict[s
         f"backend side; replayed {'/'.join(replayed) or 'nothing'} bytes (client/server); "
         f"RSS growth {max(growth.values()) // 1024} MiB; {elapsed:.1f} s total",
     )
+    # The bound itself: --buffer is "the replay buffer bound per direction and session".
+    over = [int(n) for n in replayed if int(n) > buffer]
+    if over:
+        pytest.xfail(
+            f"tether defect: replayed {over} bytes with --buffer {buffer}: the replay buffer "
+            "exceeds its bound by up to one read of the local socket (core send() accepts a "
+            "whole chunk, the driver pauses reading only after it)"
+        )
 
 
 # -- session timeout -----------------------------------------------------------------------------
