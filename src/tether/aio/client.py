@@ -361,9 +361,9 @@ class _AppProtocol(LocalProtocol):
         super().connection_made(transport)
         self.client._start_session(self)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.splice is not None:
-            self.splice.data_received(data)
+            self.splice.data_received(bytes(data))
         else:
             super().data_received(data)
 

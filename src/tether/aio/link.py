@@ -65,7 +65,7 @@ class SessionRelay:
 
     # -- local side --------------------------------------------------------------
 
-    def local_data(self, data: bytes) -> None:
+    def local_data(self, data: bytes | memoryview) -> None:
         core = self.core
         if core.closed:
             return
@@ -197,17 +197,47 @@ class SessionRelay:
             self.pump()
 
 
-class LocalProtocol(asyncio.Protocol):
-    """The application (client) or the backend (server) connection of one session."""
+READ_SIZE = 256 * 1024  # one read from the local side, at most
+_scratch = bytearray(READ_SIZE)  # shared read buffer: one event loop reads one socket at a time
+
+
+class LocalProtocol(asyncio.BufferedProtocol):
+    """The application (client) or the backend (server) connection of one session.
+
+    Reads go into a buffer no larger than the replay buffer's remaining capacity, so a
+    session never holds more than its bound (the rest waits in the kernel). The read
+    buffer is shared; a read of half a buffer or more is handed over whole (no copy)
+    and a fresh buffer takes its place, a smaller one is copied out (so a few bytes
+    never pin 256 KiB). Idle connections therefore hold no read buffer at all.
+    """
 
     def __init__(self, reset_code: CloseCode) -> None:
         self.relay: SessionRelay | None = None
         self.transport: asyncio.Transport | None = None
         self._reset_code = reset_code
-        self._early: list[bytes] = []
+        self._early: list[bytes | memoryview] = []
         self._early_eof = False
         self._lost = False
         self._lost_exc: Exception | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        size = READ_SIZE
+        relay = self.relay
+        if relay is not None:
+            capacity = relay.core.send_capacity()
+            if 0 < capacity < size:
+                size = capacity
+        return memoryview(_scratch)[:size]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        global _scratch
+        data: bytes | memoryview
+        if nbytes >= READ_SIZE // 2:
+            data = memoryview(_scratch)[:nbytes]
+            _scratch = bytearray(READ_SIZE)
+        else:
+            data = bytes(memoryview(_scratch)[:nbytes])
+        self.data_received(data)
 
     def bind(self, relay: SessionRelay) -> None:
         """Attach to a relay, handing it anything that arrived before."""
@@ -224,7 +254,7 @@ class LocalProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.relay is not None:
             self.relay.local_data(data)
         else:
