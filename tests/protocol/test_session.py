@@ -532,6 +532,19 @@ def test_client_handshake_timeout() -> None:
     assert p.app.of_type(SessionEstablished)
 
 
+def test_a_mute_resume_is_abandoned_after_two_keepalive_intervals(pair: Pair) -> None:
+    pair.cut()
+    pair.reconnect()
+    pair.blackhole()  # TCP is up, nothing gets through: the resume hangs
+    losses = len(pair.app.link_losses)
+    pair.advance(2 * KEEPALIVE - 0.1)
+    assert len(pair.app.link_losses) == losses
+    pair.advance(0.1)
+    assert pair.app.link_losses[-1].code is CloseCode.HANDSHAKE_TIMEOUT
+    assert CONFIG.handshake_timeout > 2 * KEEPALIVE  # a setup would still be waiting
+    assert pair.client.state is SessionState.DETACHED
+
+
 def test_server_handshake_timeout() -> None:
     hs = ServerHandshake(CONFIG, 100.0)
     assert hs.next_timer() == 100.0 + CONFIG.handshake_timeout

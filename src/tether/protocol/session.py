@@ -416,7 +416,13 @@ class Session:
         self._clock = now
         self._reset_link()
         self.link = LinkState.HELLO
-        self._handshake_at = now + self.config.handshake_timeout
+        limit = self.config.handshake_timeout
+        if self.state is SessionState.DETACHED:
+            # A resume on a path that is up answers within a round trip or two; one that
+            # stays mute as long as a dead link would is abandoned for a fresh connection
+            # rather than waiting on TCP's retransmission backoff.
+            limit = min(limit, max(KEEPALIVE_MISSES * self.config.keepalive, 1.0))
+        self._handshake_at = now + limit
         self._out.append(client_hello())
         if self.state is SessionState.SETUP:
             self._keypair = crypto.KeyPair()
