@@ -57,7 +57,7 @@ def run_suite(args: argparse.Namespace) -> int:
         res.meta = dict(meta, seconds=round(time.monotonic() - t0, 1))
         results.append(res)
         print(f"   {bench} done in {res.meta['seconds']}s", file=sys.stderr, flush=True)
-        save(out, stamp, results, meta)
+        save(out, stamp, results, meta, keep=args.merge)
     if not args.no_docs:
         from benchmarks.report import write_docs
 
@@ -89,8 +89,29 @@ def run_one(bench: str, scale: Any, peers: list[Any], logdir: Path, args: Any) -
     raise SystemExit(f"unknown benchmark {bench}")
 
 
-def save(out: Path, stamp: str, results: list[Result], meta: dict[str, Any]) -> None:
-    """Write this run's file and merge its benchmarks into results/latest.json."""
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the runs (and per-peer extras) of the peers that only ``old`` has."""
+    fresh = {r.get("peer") for r in new["runs"]}
+    merged = dict(new)
+    merged["runs"] = [r for r in old.get("runs", []) if r.get("peer") not in fresh] + new["runs"]
+    extra = {}
+    for key in set(old.get("extra", {})) | set(new.get("extra", {})):
+        a, b = old.get("extra", {}).get(key), new.get("extra", {}).get(key)
+        extra[key] = {**a, **b} if isinstance(a, dict) and isinstance(b, dict) else b or a
+    merged["extra"] = extra
+    merged["skipped"] = {**old.get("skipped", {}), **new.get("skipped", {})}
+    commands = [old.get("meta", {}).get("command"), new.get("meta", {}).get("command")]
+    merged["meta"] = dict(new.get("meta", {}), merged_from=[c for c in commands if c])
+    return merged
+
+
+def save(
+    out: Path, stamp: str, results: list[Result], meta: dict[str, Any], keep: bool = False
+) -> None:
+    """Write this run's file and put its benchmarks into results/latest.json.
+
+    With ``keep`` (``--merge``), peers measured before and not in this run stay.
+    """
     doc = {"meta": meta, "benchmarks": {r.id: r.to_json() for r in results}}
     (out / f"run-{stamp}.json").write_text(json.dumps(doc, indent=1))
     latest_path = out / "latest.json"
@@ -98,7 +119,9 @@ def save(out: Path, stamp: str, results: list[Result], meta: dict[str, Any]) -> 
     if latest_path.exists():
         with contextlib.suppress(ValueError):
             latest = json.loads(latest_path.read_text())
-    latest.setdefault("benchmarks", {}).update(doc["benchmarks"])
+    for bid, bench in doc["benchmarks"].items():
+        old = latest.setdefault("benchmarks", {}).get(bid)
+        latest["benchmarks"][bid] = merge(old, bench) if keep and old else bench
     latest["meta"] = meta
     latest_path.write_text(json.dumps(latest, indent=1))
 
@@ -124,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=0, help="override the repeat count")
     parser.add_argument("--out", default=str(REPO / "results"), help="results directory")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep earlier results of peers not in this run"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="profile: seconds sampled")
     parser.add_argument(
         "--workload", default="bulk", choices=["bulk", "rtt", "idle"], help="profile"

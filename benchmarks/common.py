@@ -165,6 +165,7 @@ def machine_meta(command: list[str]) -> dict[str, Any]:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(command),
         "commit": git("rev-parse", "--short", "HEAD"),
+        "src_commit": git("log", "-1", "--format=%h", "--", "src"),
         "dirty_src": bool(git("status", "--porcelain", "--", "src")),
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -67,6 +67,15 @@ PEERS: dict[str, Peer] = {
             label="tether writing each read's DATA payloads in one writelines (an experiment)",
             variant=True,
         ),
+        Peer(
+            "tether-rtomax",
+            "tether",
+            2,
+            env={"TBENCH_RTO_MAX_MS": "1000", "TBENCH_HANDSHAKE_TIMEOUT": "0.9"},
+            label="tether with TCP_RTO_MAX_MS=1000 on link sockets and 0.9 s attempt timeout "
+            "(an experiment)",
+            variant=True,
+        ),
     )
 }
 DEFAULT_PEERS = ["direct", "socat1", "socat2", "socat2-b256k", "tether", "tether-asyncio"]

@@ -64,7 +64,8 @@ def meta_line(b: dict[str, Any]) -> str:
     m = b.get("meta", {})
     return (
         f"Made with `{m.get('command', '?')}` at {m.get('time', '?')}, commit "
-        f"{m.get('commit', '?')}{' (src/ modified)' if m.get('dirty_src') else ''}, scale "
+        f"{m.get('commit', '?')} (src/ at {m.get('src_commit', '?')}"
+        f"{', modified' if m.get('dirty_src') else ''}), scale "
         f"`{m.get('scale', '?')}`, {m.get('seconds', '?')} s."
     )
 

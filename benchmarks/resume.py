@@ -24,7 +24,7 @@ from benchmarks.netns import SERVER_IP, Topology, unavailable
 from benchmarks.peers import PEERS, Peer, available, start_chain
 from benchmarks.procs import HarnessError, Procs, endpoint, read_line
 
-B3_PEERS = ["tether", "socat2", "direct", "tether-attempt1s"]
+B3_PEERS = ["tether", "socat2", "direct", "tether-attempt1s", "tether-rtomax"]
 RESUME_WAIT = 60.0  # a trial that has not resumed this long after restore counts as failed
 SETTLE = 2.0
 GOLDEN = 0.6180339887498949
