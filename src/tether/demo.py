@@ -48,6 +48,11 @@ class _EchoBackend(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.stats["backend_connections"] = int(str(self.stats.get("backend_connections", 0))) + 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.stats.get("backend_sha"):
+            self.stats["backend_dropped"] = True  # closed before the application finished
 
     def data_received(self, data: bytes) -> None:
         self.digest.update(data)
@@ -192,50 +197,54 @@ async def _application(
                 delay = asyncio.get_running_loop().time() - typed_at[text]
                 tl.say(f"echo of {text!r} arrived ({delay * 1000:.0f} ms after typing)")
 
-    receiving = asyncio.ensure_future(receive())
-    bulk_step = max(1, total_bulk // 24)
-    bulk_sent = 0
-    loop = asyncio.get_running_loop()
-    for step in range(24):
-        if step == 6:
-            path.cut()
-            tl.say(f"PATH CUT: every connection reset, new ones refused for {outage:g}s")
-        if 6 <= step < 6 + len(keystrokes) and step % 2 == 0:
-            pass
-        if step % 2 == 0 and keystrokes:
-            text = keystrokes.pop(0)
-            typed_at[text] = loop.time()
-            emit(b"K", text.encode())
-            queued = ""
-            if not path.up:
-                buffered = sum(s.statistics().replay_buffered for s in client.sessions())
-                queued = f" -- queued in the client ({buffered} bytes held for replay)"
-            tl.say(f"typed {text!r}{queued}")
-        chunk = rng.randbytes(min(bulk_step, total_bulk - bulk_sent))
-        bulk_sent += len(chunk)
-        emit(b"B", chunk)
-        await writer.drain()
-        await asyncio.sleep(outage / 6 if not path.up else 0.15)
-        if step == 11:
-            path.up = True
-            tl.say("PATH RESTORED")
-            for _ in range(200):
-                if any(s.statistics().resumes for s in server.sessions()):
-                    break
-                await asyncio.sleep(0.01)
-            for s in server.sessions():
-                st = s.statistics()
-                tl.say(
-                    f"session {st.session_id[:12]} resumed: {st.resumes} resume(s), "
-                    f"{st.bytes_replayed} bytes replayed by the server"
-                )
-    writer.write_eof()
-    tl.say(f"application finished sending ({sent_count} bytes) and half-closed")
+    async def type_and_stream() -> None:
+        bulk_step = max(1, total_bulk // 24)
+        bulk_sent = 0
+        loop = asyncio.get_running_loop()
+        for step in range(24):
+            if step == 6:
+                path.cut()
+                tl.say(f"PATH CUT: every connection reset, new ones refused for {outage:g}s")
+                await asyncio.sleep(0.05)  # the client notices the reset at once
+            if step % 2 == 0 and keystrokes:
+                text = keystrokes.pop(0)
+                typed_at[text] = loop.time()
+                emit(b"K", text.encode())
+                queued = ""
+                if not path.up:
+                    await asyncio.sleep(0.02)  # let the client take the keystroke in
+                    held = sum(s.statistics().replay_buffered for s in client.sessions())
+                    queued = f" while the path is down: the client holds {held} bytes for replay"
+                tl.say(f"typed {text!r}{queued}")
+            chunk = rng.randbytes(min(bulk_step, total_bulk - bulk_sent))
+            bulk_sent += len(chunk)
+            emit(b"B", chunk)
+            await writer.drain()
+            await asyncio.sleep(outage / 6 if not path.up else 0.15)
+            if step == 11:
+                path.up = True
+                tl.say("PATH RESTORED")
+                for _ in range(200):
+                    if any(s.statistics().resumes for s in client.sessions()):
+                        break
+                    await asyncio.sleep(0.01)
+                for s in client.sessions():
+                    st = s.statistics()
+                    tl.say(
+                        f"session {st.session_id[:12]} resumed ({st.resumes} resume): the client "
+                        f"replayed {st.bytes_replayed} bytes the server had not received"
+                    )
+        writer.write_eof()
+        tl.say(f"application finished sending ({sent_count} bytes) and half-closed")
+
     try:
-        got_count, got_sha = await asyncio.wait_for(receiving, 60)
+        async with asyncio.timeout(60 + 4 * outage), asyncio.TaskGroup() as tasks:
+            tasks.create_task(type_and_stream())
+            receiving = tasks.create_task(receive())
     except TimeoutError:
-        tl.say("FAILED: the echo did not finish within 60 s")
+        tl.say("FAILED: the session did not finish in time")
         return 1
+    got_count, got_sha = receiving.result()
     writer.close()
     up_ok = (
         stats.get("backend_bytes") == sent_count and stats.get("backend_sha") == sent.hexdigest()
@@ -254,7 +263,9 @@ async def _application(
     )
     print(f"      sha256 echoed   {stats.get('backend_sha')}")
     print(f"      sha256 received {got_sha}   {'OK' if down_ok else 'MISMATCH'}")
-    ok = up_ok and down_ok
+    connections = stats.get("backend_connections")
+    print(f"  the backend saw {connections} connection, never dropped mid-session")
+    ok = up_ok and down_ok and connections == 1 and not stats.get("backend_dropped")
     print()
     print(
         "  every byte arrived exactly once, in order, both ways: the backend saw a pause, "
