@@ -130,12 +130,15 @@ class SessionRelay:
         link = self.link
         if out and link is not None and not link.is_closing():
             link.writelines(out)
+        received: list[bytes | memoryview] = []
         while (event := core.next_event()) is not None:
             if isinstance(event, DataReceived):
-                local = self.local
-                if local is not None and not local.is_closing():
-                    local.write(event.data)
-            elif isinstance(event, EofReceived):
+                received.append(event.data)  # written below in one gathering write
+                continue
+            if received:
+                self._deliver(received)
+                received = []
+            if isinstance(event, EofReceived):
                 local = self.local
                 if local is not None and not local.is_closing() and local.can_write_eof():
                     local.write_eof()
@@ -150,11 +153,23 @@ class SessionRelay:
                 self.on_link_lost(event)
             elif isinstance(event, SessionEnded):
                 self._finish(event)
+        if received:
+            self._deliver(received)
         if self._local_reading_paused and core.send_capacity() > 0 and not core.closed:
             self._local_reading_paused = False
             if self.local is not None:
                 self.local.resume_reading()
         self._arm()
+
+    def _deliver(self, pieces: list[bytes | memoryview]) -> None:
+        """Stream bytes for the local side: the pieces of one read of the link (up to four
+        64 KiB DATA frames per 256 KiB) go out in one writev under uvloop."""
+        local = self.local
+        if local is not None and not local.is_closing():
+            if len(pieces) == 1:
+                local.write(pieces[0])
+            else:
+                local.writelines(pieces)
 
     def _finish(self, event: SessionEnded) -> None:
         reset = event.code in _RESET_CODES

@@ -58,6 +58,10 @@ class _LocalEnd:
     def write(self, data: bytes | memoryview) -> None:
         self.stream._reader.feed_data(data)
 
+    def writelines(self, pieces: list[bytes | memoryview]) -> None:
+        for piece in pieces:
+            self.stream._reader.feed_data(piece)
+
     def can_write_eof(self) -> bool:
         return True
 
