@@ -236,12 +236,16 @@ class _ClientSession(SessionRelay):
             winner = self.loop.create_future()
             self._winner = winner
             async with asyncio.TaskGroup() as attempts:
-                in_flight: set[asyncio.Task[None]] = set()
+                # A new attempt every backoff step, even while older ones still wait: an
+                # attempt whose SYNs were lost is stuck in TCP's own backoff (1, 3, 7 s),
+                # so only a fresh SYN uses a restored path at once. Past the cap, the
+                # oldest attempt gives way.
+                in_flight: list[asyncio.Task[None]] = []
                 while not winner.done():
-                    if len(in_flight) < config.max_attempts_in_flight:
-                        task = attempts.create_task(self._attempt(winner))
-                        in_flight.add(task)
-                        task.add_done_callback(in_flight.discard)
+                    in_flight = [task for task in in_flight if not task.done()]
+                    if len(in_flight) >= config.max_attempts_in_flight:
+                        in_flight.pop(0).cancel()
+                    in_flight.append(attempts.create_task(self._attempt(winner)))
                     await asyncio.wait({winner}, timeout=delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, config.backoff_cap)
                 for task in in_flight:

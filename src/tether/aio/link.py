@@ -13,7 +13,9 @@ Flow control, end to end:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from typing import Any, Self, cast
 
 from ..protocol.codes import CloseCode
@@ -296,6 +298,10 @@ class LocalProtocol(asyncio.BufferedProtocol):
             self.relay.local_resume_writing()
 
 
+TCP_RTO_MAX_MS = 44  # <linux/tcp.h>, Linux 6.15 and later
+LINK_RTO_MAX_MS = 1000
+
+
 class LinkProtocol(asyncio.Protocol):
     """A link transport; before it joins a session its bytes go to ``handshake_data``."""
 
@@ -306,6 +312,13 @@ class LinkProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # Cap TCP's retransmission backoff on links at 1 s (default 120 s): after a
+        # short outage the link's own retransmission, not a resume, carries on at once.
+        # Kernels without the option keep their default.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, LINK_RTO_MAX_MS)
 
     def data_received(self, data: bytes) -> None:
         relay = self.relay
