@@ -773,3 +773,15 @@ def test_an_idle_session_is_kept_alive_by_the_client_alone(pair: Pair) -> None:
     # hears those and never needs to ping back.
     assert 60 / (2 * KEEPALIVE) - 2 <= pings["client"] <= 60 / KEEPALIVE
     assert pings["server"] <= 1
+
+
+def test_an_idle_server_wakes_once_per_client_ping(pair: Pair) -> None:
+    deadlines = set()
+    for _ in range(400):  # 60 s of fake time
+        pair.advance(0.15)
+        deadline = pair.server.next_timer()
+        assert deadline is not None
+        deadlines.add(deadline)
+    assert pair.server.link is LinkState.ESTABLISHED
+    # One tick per client PING (every 2 K), not one per K.
+    assert len(deadlines) <= 60 / (2 * KEEPALIVE) + 2

@@ -698,10 +698,14 @@ class Session:
         return replayed
 
     def _tick(self, now: float) -> None:
+        interval = self.config.keepalive
         if self._heard or self._receive_paused or self._ping_credit:
             # Silence we caused by not reading (the local side is slow) is not a dead link.
+            # A PING's credit covers the ticks it vouches for in one go: the next tick
+            # comes after all of them (an idle server wakes once per client PING).
+            interval *= max(1, self._ping_credit)
             self._heard = False
-            self._ping_credit = max(0, self._ping_credit - 1)
+            self._ping_credit = 0
             self._misses = 0
         else:
             self._misses += 1
@@ -710,8 +714,8 @@ class Session:
                 return
             self._ping_token += 1
             self._out.append(Ping(self._ping_token).serialize())
-        self._send_ack()  # a delayed acknowledgement never waits more than one interval
-        self._tick_at = now + self.config.keepalive
+        self._send_ack()  # a delayed acknowledgement waits one tick at most
+        self._tick_at = now + interval
 
     def _reset_link(self) -> None:
         self._out.clear()
