@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import GiB, progress
+from benchmarks.common import GiB, machine_meta, progress
 from benchmarks.peers import PEERS, available, start_chain
 from benchmarks.procs import PYTHON, HarnessError, Procs, endpoint, run_tool
 from benchmarks.scale import command, session_limit, swarm
@@ -119,6 +119,7 @@ def run_profile(args: argparse.Namespace) -> int:
         + (f" --peers {args.peers}" if args.peers else "")
         + (f" --workload {args.workload}" if args.workload != "bulk" else "")
         + (f" --sessions {args.sessions}" if args.workload == "idle" else ""),
+        **{k: v for k, v in machine_meta([]).items() if k in ("commit", "src_commit", "dirty_src")},
         "workload": args.workload,
         "description": {
             "bulk": "1 GiB uploads back to back",

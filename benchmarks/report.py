@@ -521,7 +521,15 @@ def profile_section(page: Page, prof: dict[str, Any]) -> None:
     page.add(
         f"## Profile: {prof.get('workload', 'bulk')} through tether",
         "",
-        f"Made with `{prof.get('command', '?')}` at {prof.get('time', '?')}: "
+        f"Made with `{prof.get('command', '?')}` at {prof.get('time', '?')}, "
+        + (
+            f"commit {prof['commit']} (src/ at {prof.get('src_commit', '?')}"
+            + (", src/ modified" if prof.get("dirty_src") else "")
+            + ")"
+            if prof.get("commit")
+            else "commit not recorded (this profile predates profile.py recording it)"
+        )
+        + ": "
         f"{prof.get('description', '')}",
         "",
     )
