@@ -60,14 +60,6 @@ PEERS: dict[str, Peer] = {
             variant=True,
         ),
         Peer(
-            "tether-gather",
-            "tether",
-            2,
-            env={"TBENCH_GATHER": "1"},
-            label="tether writing each read's DATA payloads in one writelines (an experiment)",
-            variant=True,
-        ),
-        Peer(
             "tether-rtomax",
             "tether",
             2,
