@@ -23,7 +23,6 @@ from ..protocol.events import (
     LinkLost,
     ResumeRequested,
     SessionEnded,
-    SessionResumed,
     SetupRequested,
 )
 from ..protocol.handshake import ServerHandshake
@@ -58,9 +57,6 @@ class _ServerSession(SessionRelay):
         self.server = server
         self.sid = sid
         self.peer = peer
-
-    def on_resumed(self, event: SessionResumed) -> None:  # pragma: no cover - client only
-        pass
 
     def on_link_lost(self, event: LinkLost | None) -> None:
         why = event.reason if event else "connection closed"
