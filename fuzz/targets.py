@@ -1,14 +1,15 @@
-"""Fuzz targets for the sans-I/O core (STYLE.md item 10).
+"""Fuzz targets for the sans-I/O core (CONTRIBUTING.md, "Testing" T4).
 
 Each target takes a list of byte chunks from the fuzzer and checks the documented
 contract for peer input:
 
 - ``FrameReader.feed`` returns frames or raises :class:`~tether.errors.ProtocolError`,
   nothing else;
-- ``ServerHandshake.receive_data`` and ``Session.receive_data`` never raise: they report
-  a failure with ``HandshakeFailed``, ``LinkLost`` or ``SessionEnded``, and what they
-  report is consistent with their state afterwards.
+- ``ServerHandshake``, ``ClientHandshake`` and ``Session`` ``receive_data`` never
+  raise: they report a failure with ``HandshakeFailed``, ``LinkLost`` or
+  ``SessionEnded``, and what they report is consistent with their state afterwards.
 
+The server side routes through the same :class:`Router` as the asyncio server.
 Run them under pytest with hypothesis (tests/protocol/test_fuzz.py), or with atheris
 when it is installed: ``python -m fuzz.targets reader|handshake|client-<state>|server``.
 """
@@ -33,9 +34,10 @@ from tether.protocol.events import (
     SetupRequested,
 )
 from tether.protocol.frames import NONCE_SIZE, PROTOCOL_VERSION, server_hello
-from tether.protocol.handshake import ServerHandshake
+from tether.protocol.handshake import ClientHandshake, HandshakeStage, ServerHandshake
 from tether.protocol.reader import FrameReader
-from tether.protocol.session import LinkState, Session, SessionConfig, SessionState
+from tether.protocol.router import Router
+from tether.protocol.session import Session, SessionConfig, SessionState
 
 __all__ = [
     "CLIENT_STATES",
@@ -65,27 +67,26 @@ def _fixed(n: int) -> bytes:
     return b"\x01" * n
 
 
-def _exchange(client: Session, hs: ServerHandshake) -> None:
-    for _ in range(4):
-        hs.receive_data(b"".join(client.data_to_send()))
-        client.receive_data(b"".join(hs.data_to_send()))
-
-
-def established(now: float = 0.0) -> tuple[Session, Session]:
-    """A client and a server session on one link, with session id ``VICTIM_ID``."""
+def established(now: float = 0.0) -> tuple[Session, Session, Router]:
+    """A client and a server session on one link, with session id ``VICTIM_ID``, and
+    the router that holds the server's."""
     client = Session.client(CONFIG, now)
-    client.link_opened(now)
-    hs = ServerHandshake(CONFIG, now, random=_fixed)
-    hs.receive_data(b"".join(client.data_to_send()))
+    client_hs = ClientHandshake(client, now)
+    router = Router(CONFIG, max_sessions=10, random=_fixed)
+    hs = router.open_link(now)
+    hs.receive_data(b"".join(client_hs.data_to_send()))
     assert isinstance(hs.next_event(), SetupRequested)
-    server = hs.accept_setup(now)
-    client.receive_data(b"".join(hs.data_to_send()))
+    server = router.accept_setup(hs, now)
+    client_hs.receive_data(b"".join(server.data_to_send()))
     assert isinstance(client.next_event(), SessionEstablished)
     assert server.session_id == VICTIM_ID
-    return client, server
+    assert isinstance(server.next_event(), SessionEstablished)
+    return client, server, router
 
 
-def _drain(obj: Session | ServerHandshake, allowed: tuple[type, ...]) -> list[Event]:
+def _drain(
+    obj: Session | ServerHandshake | ClientHandshake, allowed: tuple[type, ...]
+) -> list[Event]:
     events = list(iter(obj.next_event, None))
     for event in events:
         assert isinstance(event, allowed), event
@@ -100,7 +101,7 @@ def _check_session(session: Session, events: list[Event], ended_before: bool) ->
         assert session.closed and session.close_code is ends[0].code
         assert session.next_timer() is None
     if any(isinstance(e, LinkLost) for e in events) and not session.closed:
-        assert session.link is LinkState.NONE
+        assert session.state is SessionState.DETACHED
     if session.closed:
         assert ended_before or ends
     return session.closed
@@ -120,11 +121,11 @@ def reader_target(chunks: list[bytes]) -> None:
 
 
 def server_handshake_target(chunks: list[bytes]) -> None:
-    """Random bytes from a client into a fresh server handshake, the driver routing
-    SETUP to ``accept_setup`` and RESUME to a live session with id ``VICTIM_ID``."""
-    victim_client, victim = established()
+    """Random bytes from a client into a fresh link of a server whose router holds a
+    live session with id ``VICTIM_ID``; SETUP is accepted, RESUME routed."""
+    victim_client, victim, router = established()
     victim_stats = victim.statistics()
-    hs = ServerHandshake(CONFIG, 0.0)
+    hs = router.open_link(0.0)
     session: Session | None = None
     ended = False
     for chunk in chunks:
@@ -135,14 +136,14 @@ def server_handshake_target(chunks: list[bytes]) -> None:
         hs.receive_data(chunk)
         for event in _drain(hs, HANDSHAKE_EVENTS):
             if isinstance(event, SetupRequested):
-                session = hs.accept_setup(1.0)
+                if router.admit_setup() is None:
+                    session = router.accept_setup(hs, 1.0)
             elif isinstance(event, ResumeRequested):
-                if hs.accept_resume(victim, 1.0):
-                    session = victim  # only the real secret gets here
+                session = router.resume(hs, 1.0)  # only the real secret gets a session
             else:
                 assert hs.failed and hs.next_timer() is None
         if session is not None:
-            session.receive_data(hs.leftover())
+            assert hs.stage is HandshakeStage.DONE and hs.data_to_send() == []
             ended = _check_session(session, _drain(session, SESSION_EVENTS), ended)
         hs.data_to_send()
     hs.handle_timer(100.0)
@@ -156,39 +157,52 @@ def server_handshake_target(chunks: list[bytes]) -> None:
 
 
 def client_target(state: str, chunks: list[bytes]) -> None:
-    """Random bytes from a server into a client session whose link is in ``state``."""
+    """Random bytes from a server into a client whose current link is in ``state``."""
+    hs: ClientHandshake | None = None
     if state == "established":
-        client, _ = established()
+        client, _, _ = established()
     else:
         client = Session.client(CONFIG, 0.0)
         if state == "resume":
-            client, _ = established()
+            client, _, _ = established()
             client.link_lost(1.0)
             assert client.state is SessionState.DETACHED
-        client.link_opened(1.0)
+        hs = ClientHandshake(client, 1.0)
         if state in ("setup", "resume"):
-            client.receive_data(server_hello(PROTOCOL_VERSION, b"\x02" * NONCE_SIZE))
-            assert client.link is LinkState.HANDSHAKE
+            hs.receive_data(server_hello(PROTOCOL_VERSION, b"\x02" * NONCE_SIZE))
+            assert hs.stage is HandshakeStage.ANSWER
+        hs.data_to_send()
     _drain(client, SESSION_EVENTS)
     client.data_to_send()
     ended = False
     now = 2.0
     for chunk in chunks:
-        client.receive_data(chunk)
+        if hs is not None and not hs.done:
+            hs.receive_data(chunk)
+            for event in _drain(hs, (HandshakeFailed,)):
+                assert isinstance(event, HandshakeFailed) and hs.failed
+            hs.data_to_send()
+        elif hs is None or not hs.failed:
+            client.receive_data(chunk)
         ended = _check_session(client, _drain(client, SESSION_EVENTS), ended)
         client.data_to_send()
         if not client.closed:
             client.send(b"x")
-            if client.link is LinkState.NONE:
-                client.link_opened(now)  # the driver reconnects; the next chunk is its link
+            dead = hs.failed if hs is not None else client.state is not SessionState.ATTACHED
+            if dead and client.state is not SessionState.ATTACHED:
+                hs = ClientHandshake(client, now)  # the driver reconnects
+                hs.data_to_send()
         now += 0.5
         client.handle_timer(now)
+        if hs is not None:
+            hs.handle_timer(now)
+            _drain(hs, (HandshakeFailed,))
         ended = _check_session(client, _drain(client, SESSION_EVENTS), ended)
 
 
 def server_session_target(chunks: list[bytes]) -> None:
     """Random bytes from a client into an established server session."""
-    _, server = established()
+    _, server, _ = established()
     ended = False
     for chunk in chunks:
         server.receive_data(chunk)

@@ -4,11 +4,12 @@ The public API. The command line (``tether server``, ``tether client``, ``tether
 is built on the same objects.
 """
 
-from .aio.client import ClientStatistics, TetherClient, connect
-from .aio.server import ServerStatistics, TetherServer
+from .aio.client import TetherClient, connect
+from .aio.server import TetherServer
+from .aio.service import ServiceStatistics
 from .aio.stream import TetherStream
 from .config import Address, ClientConfig, ServerConfig, parse_address
-from .errors import HandshakeError, InvalidState, ProtocolError, SessionClosed, TetherError
+from .errors import InvalidState, ProtocolError, SessionClosed, TetherError
 from .protocol.codes import CloseCode
 from .protocol.session import SessionConfig, SessionStatistics
 
@@ -17,13 +18,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Address",
     "ClientConfig",
-    "ClientStatistics",
     "CloseCode",
-    "HandshakeError",
     "InvalidState",
     "ProtocolError",
     "ServerConfig",
-    "ServerStatistics",
+    "ServiceStatistics",
     "SessionClosed",
     "SessionConfig",
     "SessionStatistics",

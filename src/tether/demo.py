@@ -213,7 +213,7 @@ async def _application(
                 queued = ""
                 if not path.up:
                     await asyncio.sleep(0.02)  # let the client take the keystroke in
-                    held = sum(s.statistics().replay_buffered for s in client.sessions())
+                    held = sum(s.replay_buffered for s in client.sessions())
                     queued = f" while the path is down: the client holds {held} bytes for replay"
                 tl.say(f"typed {text!r}{queued}")
             chunk = rng.randbytes(min(bulk_step, total_bulk - bulk_sent))
@@ -225,11 +225,10 @@ async def _application(
                 path.up = True
                 tl.say("PATH RESTORED")
                 for _ in range(200):
-                    if any(s.statistics().resumes for s in client.sessions()):
+                    if any(s.resumes for s in client.sessions()):
                         break
                     await asyncio.sleep(0.01)
-                for s in client.sessions():
-                    st = s.statistics()
+                for st in client.sessions():
                     tl.say(
                         f"session {st.session_id[:12]} resumed ({st.resumes} resume): the client "
                         f"replayed {st.bytes_replayed} bytes the server had not received"

@@ -4,7 +4,6 @@
 
     TetherError
     ├── ProtocolError          the peer broke docs/protocol.md; carries the wire close code
-    │   └── HandshakeError     a link handshake failed (bad magic, no common version, rejected)
     ├── SessionClosed          the session ended; carries the close code and the reason
     └── InvalidState           the caller used an object in a way its state forbids
 
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 from .protocol.codes import CloseCode
 
-__all__ = ["HandshakeError", "InvalidState", "ProtocolError", "SessionClosed", "TetherError"]
+__all__ = ["InvalidState", "ProtocolError", "SessionClosed", "TetherError"]
 
 
 class TetherError(Exception):
@@ -30,10 +29,6 @@ class ProtocolError(TetherError):
     def __init__(self, message: str, code: CloseCode = CloseCode.PROTOCOL_ERROR) -> None:
         super().__init__(message)
         self.code = code
-
-
-class HandshakeError(ProtocolError):
-    """A link handshake failed."""
 
 
 class SessionClosed(TetherError):

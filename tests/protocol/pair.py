@@ -1,16 +1,18 @@
 """A client and a server joined by a fake link and a fake clock.
 
 Modelled on h11's ``ConnectionPair`` and aioquic's ``client_and_server``: no event
-loop, no sockets, no real time. The server side routes links exactly as a server
-driver would (STYLE.md item 2: drivers are thin pumps):
+loop, no sockets, no real time. Both sides drive the core exactly as the asyncio
+drivers do (CONTRIBUTING.md, "Layers" L3: drivers are thin pumps):
 
-- one :class:`ServerHandshake` per link; ``SetupRequested`` -> ``accept_setup(now)``;
-  ``ResumeRequested`` -> look the session up by id, then ``accept_resume(session,
-  now)`` or ``reject(UNKNOWN_SESSION)``; once the handshake is done its
-  ``leftover()`` bytes are the session's first link bytes;
-- a resumed session's previous link is closed by the server (superseded);
-- ``LinkLost`` closes that end of the link; ``SessionEnded`` flushes the last
-  bytes (a CLOSE) and closes it.
+- every link starts with a handshake that owns it: a :class:`ClientHandshake` on the
+  client's end, a :class:`ServerHandshake` from the server's :class:`Router` on the
+  server's; once the handshake hands the link to a session, the session's bytes and
+  events are pumped instead;
+- ``SetupRequested`` -> ``router.admit_setup()`` then ``router.accept_setup()``;
+  ``ResumeRequested`` -> ``router.resume()``; a resumed session's previous link is
+  closed by the server (superseded);
+- ``HandshakeFailed`` and ``LinkLost`` close that end of the link; ``SessionEnded``
+  flushes the last bytes (a CLOSE) and closes it.
 
 A link carries whole writes (the buffers ``data_to_send()`` returned) in each
 direction. ``deliver()`` moves some of them, ``transfer()`` moves everything until
@@ -38,8 +40,9 @@ from tether.protocol.events import (
     SessionResumed,
     SetupRequested,
 )
-from tether.protocol.handshake import ServerHandshake
-from tether.protocol.session import LinkState, Session, SessionConfig
+from tether.protocol.handshake import ClientHandshake, ServerHandshake
+from tether.protocol.router import Router
+from tether.protocol.session import Session, SessionConfig
 
 __all__ = ["Endpoint", "FakeLink", "Pair"]
 
@@ -57,7 +60,7 @@ class Endpoint:
     eof: bool = False  # EofReceived seen
     events: list[Event] = field(default_factory=list)
     ended: SessionEnded | None = None
-    link_losses: list[LinkLost] = field(default_factory=list)
+    link_losses: list[LinkLost | HandshakeFailed] = field(default_factory=list)
 
     def of_type(self, kind: type) -> list[Event]:
         return [event for event in self.events if isinstance(event, kind)]
@@ -68,7 +71,8 @@ class FakeLink:
     """One transport: writes queued each way, each end open or closed."""
 
     number: int
-    handshake: ServerHandshake | None
+    handshake: ServerHandshake | None  # the server's end, until it reaches a session
+    client_handshake: ClientHandshake | None  # the client's end, until it is done
     to_server: deque[bytes] = field(default_factory=deque)
     to_client: deque[bytes] = field(default_factory=deque)
     client_open: bool = True
@@ -99,16 +103,13 @@ class Pair:
         server_config: SessionConfig | None = None,
         *,
         now: float = 0.0,
-        remember_ended: bool = False,
     ) -> None:
         self.now = now
         self.client_config = client_config or SessionConfig()
         self.server_config = server_config or self.client_config
         self.app = Endpoint(Session.client(self.client_config, now))
         self.backends: dict[bytes, Endpoint] = {}  # every server session ever created
-        self.sessions: dict[bytes, Session] = {}  # the server's registry of open sessions
-        self.ended_codes: dict[bytes, CloseCode] = {}
-        self.remember_ended = remember_ended  # reject a late resume with the end code
+        self.router = Router(self.server_config, max_sessions=1 << 30)
         self.links: list[FakeLink] = []
         self.link: FakeLink | None = None  # the client's current link
         self.handshake_failures: list[HandshakeFailed] = []
@@ -127,6 +128,19 @@ class Pair:
     @property
     def server(self) -> Session:
         return self.backend.session
+
+    @property
+    def sessions(self) -> dict[bytes, Session]:
+        """The server's registry of open sessions."""
+        return self.router.sessions
+
+    @property
+    def client_handshake(self) -> ClientHandshake | None:
+        """The handshake of the client's current link, while it runs."""
+        link = self.link
+        if link is None or link.client_handshake is None or link.client_handshake.done:
+            return None
+        return link.client_handshake
 
     def server_link(self, session_id: bytes) -> FakeLink | None:
         for link in self.links:
@@ -160,16 +174,17 @@ class Pair:
 
     def connect(self) -> FakeLink:
         """The client opens a new link (and the server accepts it)."""
-        link = FakeLink(len(self.links), ServerHandshake(self.server_config, self.now))
+        link = FakeLink(
+            len(self.links), self.router.open_link(self.now), ClientHandshake(self.client, self.now)
+        )
         self.links.append(link)
         self.link = link
-        self.client.link_opened(self.now)
         self.pump()
         return link
 
     def reconnect(self) -> FakeLink | None:
         """Connect if the client is open and has no link, as its driver would."""
-        if self.client.closed or self.client.link is not LinkState.NONE:
+        if self.client.closed or (self.link is not None and self.link.client_open):
             return None
         return self.connect()
 
@@ -230,7 +245,7 @@ class Pair:
                     budget -= len(chunk)
                 moved += len(chunk)
                 if not link.blackholed and link is self.link:
-                    self.client.receive_data(chunk)
+                    self._client_receive(link, chunk)
                 self.pump()
             if link.blackholed:
                 continue
@@ -284,10 +299,12 @@ class Pair:
         self.now = max(self.now, target)
         self.pump()
 
-    def _timed(self) -> list[Session | ServerHandshake]:
-        objs: list[Session | ServerHandshake] = [self.app.session]
+    def _timed(self) -> list[Session | ServerHandshake | ClientHandshake]:
+        objs: list[Session | ServerHandshake | ClientHandshake] = [self.app.session]
         objs += [end.session for end in self.backends.values() if not end.session.closed]
         objs += [link.handshake for link in self.links if link.handshake is not None]
+        if self.client_handshake is not None:
+            objs.append(self.client_handshake)
         return objs
 
     # -- the drivers ------------------------------------------------------------------------
@@ -316,9 +333,24 @@ class Pair:
 
     def _pump_client(self) -> bool:
         app = self.app
+        link = self.link
+        hs = link.client_handshake if link is not None else None
+        busy = False
+        if hs is not None:
+            out = hs.data_to_send()
+            self._write(link, out, toward_server=True)
+            busy = bool(out)
+            while (failure := hs.next_event()) is not None:
+                assert isinstance(failure, HandshakeFailed), failure
+                busy = True
+                app.link_losses.append(failure)
+                assert link is not None
+                link.client_handshake = None
+                if link.client_open:
+                    self._close_client_end(link, notify=False)
         out = app.session.data_to_send()
         self._write(self.link, out, toward_server=True)
-        busy = bool(out)
+        busy |= bool(out)
         while (event := app.session.next_event()) is not None:
             busy = True
             app.events.append(event)
@@ -349,26 +381,23 @@ class Pair:
         while (event := hs.next_event()) is not None:
             busy = True
             if isinstance(event, SetupRequested):
-                session = hs.accept_setup(self.now)
+                refusal = self.router.admit_setup()
+                if refusal is not None:
+                    hs.reject(refusal.code, refusal.reason)
+                    continue
+                session = self.router.accept_setup(hs, self.now)
                 sid = session.session_id
                 assert sid not in self.backends, "session id reused"
                 self.backends[sid] = Endpoint(session)
-                self.sessions[sid] = session
-                self._hand_over(link, hs, sid)
+                self._hand_over(link, sid)
             elif isinstance(event, ResumeRequested):
-                sid = event.session_id
-                found = self.sessions.get(sid)
-                if found is None:
-                    code = CloseCode.UNKNOWN_SESSION
-                    if self.remember_ended:
-                        code = self.ended_codes.get(sid, code)
-                    hs.reject(code, "no such session")
-                elif hs.accept_resume(found, self.now):
-                    old = self.server_link(sid)
+                found = self.router.resume(hs, self.now)
+                if found is not None:
+                    old = self.server_link(found.session_id)
                     if old is not None and old is not link:
                         old.session_id = None  # superseded: the server closes it
                         self._close_server_end(old, notify=False)
-                    self._hand_over(link, hs, sid)
+                    self._hand_over(link, found.session_id)
             elif isinstance(event, HandshakeFailed):
                 link.failure = event
                 self.handshake_failures.append(event)
@@ -377,15 +406,13 @@ class Pair:
                 self._close_server_end(link, notify=False)
         return busy
 
-    def _hand_over(self, link: FakeLink, hs: ServerHandshake, sid: bytes) -> None:
-        """The handshake is done: its answer goes first, then the session owns the link."""
-        self._write(link, hs.data_to_send(), toward_server=False)
-        assert hs.next_event() is None
+    def _hand_over(self, link: FakeLink, sid: bytes) -> None:
+        """The handshake gave the link to a session: from now on its bytes are the
+        session's (the handshake's answer is first in the session's output)."""
+        assert link.handshake is not None and link.handshake.done
+        assert link.handshake.data_to_send() == []
         link.handshake = None
         link.session_id = sid
-        leftover = hs.leftover()
-        if leftover:
-            self.sessions[sid].receive_data(leftover)
 
     def _pump_server_session(self, end: Endpoint) -> bool:
         session = end.session
@@ -413,16 +440,22 @@ class Pair:
             elif isinstance(event, SessionEnded):
                 assert end.ended is None, "two SessionEnded"
                 end.ended = event
-                self.sessions.pop(sid, None)
-                self.ended_codes[sid] = event.code
+                self.router.forget(session)
                 if link is not None:
                     self._write(link, session.data_to_send(), toward_server=False)
                     link.session_id = None
                     self._close_server_end(link, notify=False)
                     link = None
-            elif isinstance(event, SessionResumed):
+            elif isinstance(event, SessionEstablished | SessionResumed):
                 pass
         return busy
+
+    def _client_receive(self, link: FakeLink, chunk: bytes) -> None:
+        hs = link.client_handshake
+        if hs is not None and not hs.done:
+            hs.receive_data(chunk)  # it hands what follows its last frame to the session
+        elif hs is None or not hs.failed:
+            self.client.receive_data(chunk)
 
     def _server_receive(self, link: FakeLink, chunk: bytes) -> None:
         if link.handshake is not None:
@@ -434,8 +467,14 @@ class Pair:
         """The client's end of ``link`` closes; ``notify``: the client learns it from the link."""
         link.client_open = False
         link.to_client.clear()
+        hs, link.client_handshake = link.client_handshake, None
         if notify and link is self.link:
-            self.client.link_lost(self.now)
+            if hs is not None and not hs.done:  # the driver sees the connection close
+                self.app.link_losses.append(
+                    HandshakeFailed(CloseCode.LINK_LOST, "connection lost", hs.peer_is_tether)
+                )
+            elif hs is None or not hs.failed:
+                self.client.link_lost(self.now)
 
     def _close_server_end(self, link: FakeLink, *, notify: bool) -> None:
         link.server_open = False
@@ -444,5 +483,5 @@ class Pair:
             link.handshake = None  # the driver forgets a handshake whose link died
         if link.session_id is not None:
             sid, link.session_id = link.session_id, None
-            if notify:
+            if notify and sid in self.sessions:
                 self.sessions[sid].link_lost(self.now)

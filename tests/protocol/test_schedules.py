@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import SessionEstablished
-from tether.protocol.session import LinkState, SessionConfig
+from tether.protocol.session import SessionConfig, SessionState
 
 from .pair import Pair
 
@@ -133,7 +133,7 @@ def settled(p: Pair) -> bool:
     if p.client.closed:
         return True
     backend = p.backends.get(p.client.session_id)
-    if backend is None or p.client.link is not LinkState.ESTABLISHED:
+    if backend is None or p.client.state is not SessionState.ATTACHED:
         return False
     return (
         p.client.statistics().replay_buffered == 0

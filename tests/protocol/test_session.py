@@ -32,11 +32,10 @@ from tether.protocol.frames import (
     client_hello,
     server_hello,
 )
-from tether.protocol.handshake import ServerHandshake
+from tether.protocol.handshake import ClientHandshake, HandshakeStage, ServerHandshake
 from tether.protocol.reader import FrameReader
 from tether.protocol.session import (
     SERVER_TICK_LAG,
-    LinkState,
     Session,
     SessionConfig,
     SessionState,
@@ -72,9 +71,10 @@ def frames_sent(chunks: list[bytes]) -> list[object]:
 
 def test_setup() -> None:
     p = Pair(CONFIG)
-    assert p.client.state is SessionState.SETUP
+    assert p.client.state is SessionState.NEW
     link = p.connect()
-    assert p.client.link is LinkState.HELLO
+    assert p.client_handshake is not None
+    assert p.client_handshake.stage is HandshakeStage.HELLO
     p.transfer()
     (established,) = p.app.of_type(SessionEstablished)
     assert isinstance(established, SessionEstablished)
@@ -82,7 +82,7 @@ def test_setup() -> None:
     assert p.client.session_id == p.server.session_id == established.session_id
     assert p.client.secret == p.server.secret and len(p.client.secret) == 32
     assert p.client.state is p.server.state is SessionState.ATTACHED
-    assert p.client.link is p.server.link is LinkState.ESTABLISHED
+    assert p.client.state is p.server.state is SessionState.ATTACHED
     assert p.server_link(p.client.session_id) is link
     assert p.client.next_timer() == CONFIG.keepalive  # keepalive only: no expiry, no handshake
     # The server's ticks lag half an interval so that an idle link needs the client's only.
@@ -239,7 +239,7 @@ def test_close_before_both_directions_finished_reaches_the_peer(pair: Pair, side
 
 def test_a_quiet_healthy_link_stays_up(pair: Pair) -> None:
     pair.advance(KEEPALIVE * 20)
-    assert pair.client.link is pair.server.link is LinkState.ESTABLISHED
+    assert pair.client.state is pair.server.state is SessionState.ATTACHED
     assert not pair.app.link_losses and not pair.backend.link_losses
 
 
@@ -250,12 +250,12 @@ def test_ping_after_one_silent_interval_link_lost_after_two(pair: Pair) -> None:
     assert not link.to_server
     pair.advance(0.01, transfer=False)
     assert [f for f in frames_sent(list(link.to_server)) if isinstance(f, Ping)]
-    assert pair.client.link is LinkState.ESTABLISHED
+    assert pair.client.state is SessionState.ATTACHED
     pair.advance(KEEPALIVE - 0.01, transfer=False)
-    assert pair.client.link is LinkState.ESTABLISHED
+    assert pair.client.state is SessionState.ATTACHED
     pair.advance(0.01, transfer=False)
     (lost,) = pair.app.link_losses
-    assert lost.code is CloseCode.LINK_LOST and lost.peer_is_tether
+    assert isinstance(lost, LinkLost) and lost.code is CloseCode.LINK_LOST
     assert pair.client.state is SessionState.DETACHED
     assert pair.client.statistics().detached_since == pair.now
     assert pair.server.state is SessionState.ATTACHED  # its ticks lag by half an interval
@@ -428,7 +428,7 @@ def test_resume_with_a_wrong_proof_is_rejected_and_the_session_keeps_flowing(pai
     assert isinstance(events[1], HandshakeFailed) and events[1].code is CloseCode.BAD_PROOF
     assert events[2] == [Reject(CloseCode.BAD_PROOF, "resume proof did not verify")]
     assert pair.server.statistics().resumes == 0
-    assert pair.server.link is LinkState.ESTABLISHED
+    assert pair.server.state is SessionState.ATTACHED
     pair.client_send(b"after")
     pair.server_send(b"untouched")
     pair.transfer()
@@ -465,13 +465,13 @@ def test_an_impostor_session_with_the_right_id_and_wrong_secret(pair: Pair) -> N
     thief.session_id = pair.client.session_id  # the id is not secret; the key is
     impostor.cut()
     hs = ServerHandshake(CONFIG, pair.now)
-    thief.link_opened(pair.now)
-    hs.receive_data(b"".join(thief.data_to_send()))
-    thief.receive_data(b"".join(hs.data_to_send()))
-    hs.receive_data(b"".join(thief.data_to_send()))
+    thief_hs = ClientHandshake(thief, pair.now)
+    hs.receive_data(b"".join(thief_hs.data_to_send()))
+    thief_hs.receive_data(b"".join(hs.data_to_send()))
+    hs.receive_data(b"".join(thief_hs.data_to_send()))
     assert hs.next_event() == ResumeRequested(pair.client.session_id)
     assert hs.accept_resume(pair.server, pair.now) is False
-    thief.receive_data(b"".join(hs.data_to_send()))
+    thief_hs.receive_data(b"".join(hs.data_to_send()))
     ended = [e for e in iter(thief.next_event, None) if isinstance(e, SessionEnded)]
     assert ended == [SessionEnded(CloseCode.BAD_PROOF, "resume proof did not verify", True)]
     pair.server_send(b"still mine")
@@ -509,8 +509,8 @@ def test_a_resume_cannot_claim_bytes_that_were_never_sent(pair: Pair) -> None:
     pair.transfer()
     pair.cut()
     pair.server_send(b"queued while detached")  # never on any link
-    assert pair.server.check_peer_received(0)
-    assert not pair.server.check_peer_received(len(b"queued while detached"))
+    assert pair.server.can_resume_from(0)
+    assert not pair.server.can_resume_from(len(b"queued while detached"))
 
 
 # -- handshake failures -----------------------------------------------------------------------
@@ -525,7 +525,7 @@ def test_client_handshake_timeout() -> None:
     p.advance(0.1)
     (lost,) = p.app.link_losses
     assert lost.code is CloseCode.HANDSHAKE_TIMEOUT and not lost.peer_is_tether
-    assert p.client.state is SessionState.SETUP and p.client.link is LinkState.NONE
+    assert p.client.state is SessionState.NEW and p.client_handshake is None
     p.blackhole(False)
     p.connect()
     p.transfer()
@@ -562,21 +562,21 @@ def test_server_handshake_timeout() -> None:
 
 def test_client_meets_a_peer_that_is_not_tether() -> None:
     client = Session.client(CONFIG, 0.0)
-    client.link_opened(0.0)
-    client.receive_data(b"SSH-2.0-OpenSSH_9.6\r\n")
-    (lost,) = list(iter(client.next_event, None))
-    assert isinstance(lost, LinkLost)
+    hs = ClientHandshake(client, 0.0)
+    hs.receive_data(b"SSH-2.0-OpenSSH_9.6\r\n")
+    (lost,) = list(iter(hs.next_event, None))
+    assert isinstance(lost, HandshakeFailed)
     assert not lost.peer_is_tether and lost.code is CloseCode.PROTOCOL_ERROR
-    assert client.link is LinkState.NONE and client.state is SessionState.SETUP
+    assert hs.failed and client.state is SessionState.NEW
 
 
 def test_client_meets_a_peer_that_stops_after_a_partial_magic() -> None:
     client = Session.client(CONFIG, 0.0)
-    client.link_opened(0.0)
-    client.receive_data(b"\x89TETH")
-    client.handle_timer(CONFIG.handshake_timeout)
-    (lost,) = list(iter(client.next_event, None))
-    assert isinstance(lost, LinkLost) and not lost.peer_is_tether
+    hs = ClientHandshake(client, 0.0)
+    hs.receive_data(b"\x89TETH")
+    hs.handle_timer(CONFIG.handshake_timeout)
+    (lost,) = list(iter(hs.next_event, None))
+    assert isinstance(lost, HandshakeFailed) and not lost.peer_is_tether
 
 
 def test_server_meets_a_client_that_is_not_tether() -> None:
@@ -594,9 +594,9 @@ def test_version_mismatch_seen_by_the_server() -> None:
     assert isinstance(event, HandshakeFailed) and event.code is CloseCode.UNSUPPORTED_VERSION
     out = hs.data_to_send()
     client = Session.client(CONFIG, 0.0)
-    client.link_opened(0.0)
-    client.data_to_send()
-    client.receive_data(b"".join(out))
+    client_hs = ClientHandshake(client, 0.0)
+    client_hs.data_to_send()
+    client_hs.receive_data(b"".join(out))
     events = list(iter(client.next_event, None))
     assert [type(e) for e in events] == [SessionEnded]
     assert isinstance(events[0], SessionEnded)
@@ -605,8 +605,7 @@ def test_version_mismatch_seen_by_the_server() -> None:
 
 def test_version_mismatch_seen_by_the_client() -> None:
     client = Session.client(CONFIG, 0.0)
-    client.link_opened(0.0)
-    client.receive_data(server_hello(PROTOCOL_VERSION + 1, bytes(NONCE_SIZE)))
+    ClientHandshake(client, 0.0).receive_data(server_hello(PROTOCOL_VERSION + 1, bytes(NONCE_SIZE)))
     ended = client.next_event()
     assert isinstance(ended, SessionEnded) and ended.code is CloseCode.UNSUPPORTED_VERSION
 
@@ -631,9 +630,9 @@ def test_handshake_decisions_out_of_turn_are_caller_errors() -> None:
     client = Session.client(CONFIG, 0.0)
     with pytest.raises(InvalidState):
         hs.accept_resume(client, 0.0)
-    client.link_opened(0.0)
+    client.close()
     with pytest.raises(InvalidState):
-        client.link_opened(0.0)
+        ClientHandshake(client, 0.0)  # a handshake is for a new or a detached session
 
 
 # -- backpressure -----------------------------------------------------------------------------
@@ -675,7 +674,6 @@ def test_statistics_snapshot(pair: Pair) -> None:
     client, server = pair.client.statistics(), pair.server.statistics()
     assert client.role == "client" and server.role == "server"
     assert client.state == server.state == "attached"
-    assert client.link == "established"
     assert client.session_id == server.session_id == pair.client.session_id.hex()
     assert (client.bytes_sent, client.bytes_received, client.bytes_acked) == (1000, 500, 1000)
     assert (server.bytes_sent, server.bytes_received, server.bytes_acked) == (500, 1000, 500)
@@ -687,7 +685,7 @@ def test_statistics_snapshot(pair: Pair) -> None:
     pair.server_send(b"c" * 10)
     pair.cut()
     detached = pair.client.statistics()
-    assert detached.state == "detached" and detached.link == "none"
+    assert detached.state == "detached"
     assert detached.detached_since == pair.now
     assert pair.server.statistics().replay_buffered == 10
     pair.reconnect()
@@ -725,7 +723,7 @@ def test_setup_with_a_low_order_public_key_fails_the_handshake_without_raising()
 def test_silence_while_the_driver_holds_the_link_unread_is_not_death(pair: Pair) -> None:
     pair.client.pause_receiving(True)  # the application is slow: the link is not read
     pair.advance(KEEPALIVE * 5, transfer=False)
-    assert pair.client.link is LinkState.ESTABLISHED
+    assert pair.client.state is SessionState.ATTACHED
     assert not pair.app.link_losses
     pair.client.pause_receiving(False)
     pair.advance(KEEPALIVE * 2, transfer=False)  # reading again, and still silence: dead
@@ -740,22 +738,22 @@ def test_a_transient_reject_of_a_resume_leaves_the_session_detached(
 ) -> None:
     pair.cut()
     client = pair.client
-    client.link_opened(pair.now)
-    client.data_to_send()
-    client.receive_data(server_hello(PROTOCOL_VERSION, os.urandom(NONCE_SIZE)))
-    client.receive_data(Reject(code, "busy").serialize())
+    hs = ClientHandshake(client, pair.now)
+    hs.data_to_send()
+    hs.receive_data(server_hello(PROTOCOL_VERSION, os.urandom(NONCE_SIZE)))
+    hs.receive_data(Reject(code, "busy").serialize())
     assert client.state is SessionState.DETACHED and not client.closed
-    losses = [e for e in iter(client.next_event, None) if isinstance(e, LinkLost)]
+    losses = [e for e in iter(hs.next_event, None) if isinstance(e, HandshakeFailed)]
     assert [loss.code for loss in losses] == [code]
-    assert client.link is LinkState.NONE
+    assert hs.failed
 
 
 def test_a_final_reject_of_a_resume_ends_the_session(pair: Pair) -> None:
     pair.cut()
     client = pair.client
-    client.link_opened(pair.now)
-    client.receive_data(server_hello(PROTOCOL_VERSION, os.urandom(NONCE_SIZE)))
-    client.receive_data(Reject(CloseCode.EXPIRED, "too late").serialize())
+    hs = ClientHandshake(client, pair.now)
+    hs.receive_data(server_hello(PROTOCOL_VERSION, os.urandom(NONCE_SIZE)))
+    hs.receive_data(Reject(CloseCode.EXPIRED, "too late").serialize())
     assert client.closed and client.close_code is CloseCode.EXPIRED
 
 
@@ -768,7 +766,7 @@ def test_an_idle_session_is_kept_alive_by_the_client_alone(pair: Pair) -> None:
         pings["client"] += sum(isinstance(f, Ping) for f in frames_sent(list(link.to_server)))
         pings["server"] += sum(isinstance(f, Ping) for f in frames_sent(list(link.to_client)))
         pair.transfer()
-    assert pair.client.link is pair.server.link is LinkState.ESTABLISHED
+    assert pair.client.state is pair.server.state is SessionState.ATTACHED
     # The client pings after each silent interval, about every other one; the server
     # hears those and never needs to ping back.
     assert 60 / (2 * KEEPALIVE) - 2 <= pings["client"] <= 60 / KEEPALIVE
@@ -782,6 +780,6 @@ def test_an_idle_server_wakes_once_per_client_ping(pair: Pair) -> None:
         deadline = pair.server.next_timer()
         assert deadline is not None
         deadlines.add(deadline)
-    assert pair.server.link is LinkState.ESTABLISHED
+    assert pair.server.state is SessionState.ATTACHED
     # One tick per client PING (every 2 K), not one per K.
     assert len(deadlines) <= 60 / (2 * KEEPALIVE) + 2

@@ -1,7 +1,14 @@
-"""The pump between one core :class:`~tether.protocol.session.Session`, its local
-transport (the application on the client, the backend on the server) and the
-current link transport (STYLE.md item 2: feed the core, write what it returns,
-dispatch its events, re-arm its timer).
+"""The asyncio pumps around the core: one link, one session (CONTRIBUTING.md, "Layers" L3:
+feed the core, write what it returns, dispatch its events, re-arm its timer).
+
+- :class:`LinkProtocol` is one link transport on either side. Its handshake
+  (``ServerHandshake`` or ``ClientHandshake``) owns it first: handshake events go to
+  the link's :class:`LinkOwner` (the server or the client session), which decides.
+  Once the handshake has handed the link to a session, :meth:`LinkProtocol.hand_over`
+  gives it to that session's relay and every later byte goes straight there.
+- :class:`SessionRelay` drives one core ``Session`` between its local transport (the
+  application on the client, the backend on the server) and its current link.
+- :class:`LocalProtocol` is the local connection of a relay.
 
 Flow control, end to end:
 - local -> session: ``send()`` into the replay buffer; at ``send_capacity() <= 0``
@@ -16,24 +23,41 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import Any, Self, cast
+from typing import Protocol, cast
 
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
     DataReceived,
     EofReceived,
+    Event,
     LinkLost,
     SessionEnded,
     SessionEstablished,
     SessionResumed,
 )
+from ..protocol.handshake import ClientHandshake, HandshakeStage, ServerHandshake
 from ..protocol.session import Session
 
-__all__ = ["LinkProtocol", "LocalProtocol", "Service", "SessionRelay"]
+__all__ = ["LinkOwner", "LinkProtocol", "LocalProtocol", "LocalTransport", "SessionRelay"]
 
 _RESET_CODES = frozenset(
     {CloseCode.BACKEND_RESET, CloseCode.APPLICATION_RESET, CloseCode.PROTOCOL_ERROR}
 )
+
+
+class LocalTransport(Protocol):
+    """What a relay uses of its local side: an ``asyncio.Transport``, or a TetherStream's
+    end for library users."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+    def writelines(self, pieces: list[bytes | memoryview]) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def write_eof(self) -> None: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
 
 
 class SessionRelay:
@@ -43,7 +67,7 @@ class SessionRelay:
         self.core = core
         self.log = log
         self.loop = asyncio.get_running_loop()
-        self.local: asyncio.Transport | None = None
+        self.local: LocalTransport | None = None
         self.link: asyncio.Transport | None = None
         self._local_reading_paused = False  # by us, for a full replay buffer
         self._local_writing_paused = False  # the local side cannot take more
@@ -51,16 +75,20 @@ class SessionRelay:
         self._timer_when = 0.0
         self.ended = asyncio.Event()
 
+    @property
+    def close_code(self) -> CloseCode | None:
+        return self.core.close_code
+
     # -- hooks for the roles -----------------------------------------------------
 
     def on_established(self, event: SessionEstablished) -> None:
-        """Client: the server accepted the session."""
+        """The setup completed."""
 
     def on_resumed(self, event: SessionResumed) -> None:
         """A new link carries the session."""
 
-    def on_link_lost(self, event: LinkLost | None) -> None:
-        """The link is gone (event from the core, or None when the transport died)."""
+    def on_link_lost(self, reason: str) -> None:
+        """The link is gone (the core gave up on it, or its transport died)."""
 
     def on_ended(self, event: SessionEnded) -> None:
         """The session is over; everything has been closed already."""
@@ -85,7 +113,7 @@ class SessionRelay:
     def local_lost(self, exc: Exception | None, code: CloseCode) -> None:
         self.local = None
         if not self.core.closed:
-            if exc is None and self.core.statistics().eof_sent:
+            if exc is None and self.core.eof_sent:
                 return  # we closed it ourselves after its EOF; the session goes on
             self.core.close(code, str(exc) if exc else "connection closed")
             self.pump()
@@ -104,12 +132,12 @@ class SessionRelay:
 
     # -- link side ---------------------------------------------------------------
 
-    def set_link(self, transport: asyncio.Transport | None) -> None:
+    def set_link(self, transport: asyncio.Transport) -> None:
         """Make ``transport`` the session's link, closing the one it replaces."""
         old, self.link = self.link, transport
         if old is not None and old is not transport:
-            old.abort()
-        if transport is not None and self._local_writing_paused:
+            old.abort()  # superseded by a newer resume of the same session
+        if self._local_writing_paused:
             transport.pause_reading()
 
     def link_data(self, transport: asyncio.Transport, data: bytes) -> None:
@@ -121,7 +149,7 @@ class SessionRelay:
         if transport is self.link:
             self.link = None
             self.core.link_lost(self.loop.time())
-            self.on_link_lost(None)
+            self.on_link_lost("connection closed")
             self.pump()
 
     # -- the pump ----------------------------------------------------------------
@@ -152,7 +180,7 @@ class SessionRelay:
                 if self.link is not None:
                     self.link.abort()
                     self.link = None
-                self.on_link_lost(event)
+                self.on_link_lost(event.reason)
             elif isinstance(event, SessionEnded):
                 self._finish(event)
         if received:
@@ -175,12 +203,14 @@ class SessionRelay:
 
     def _finish(self, event: SessionEnded) -> None:
         reset = event.code in _RESET_CODES
-        for transport in (self.link, self.local):
-            if transport is not None:
-                if reset and transport is self.local:
-                    transport.abort()
-                else:
-                    transport.close()
+        link, local = self.link, self.local
+        if link is not None:
+            link.close()
+        if local is not None:
+            if reset:
+                local.abort()
+            else:
+                local.close()
         self.link = None
         if self._timer is not None:
             self._timer.cancel()
@@ -298,20 +328,47 @@ class LocalProtocol(asyncio.BufferedProtocol):
             self.relay.local_resume_writing()
 
 
+class LinkOwner(Protocol):
+    """Who decides for a link while its handshake owns it: the server, or a client
+    session."""
+
+    def link_event(self, link: LinkProtocol, event: Event) -> None:
+        """A handshake event: SetupRequested, ResumeRequested or HandshakeFailed."""
+
+    def link_ready(self, link: LinkProtocol) -> None:
+        """The handshake handed the link to its session by itself (the client side)."""
+
+    def link_lost(self, link: LinkProtocol, exc: Exception | None) -> None:
+        """The transport died before it joined a session."""
+
+
 TCP_RTO_MAX_MS = 44  # <linux/tcp.h>, Linux 6.15 and later
 LINK_RTO_MAX_MS = 1000
+MAX_EARLY_LINK_BYTES = 64 * 1024  # bytes a peer may send before our handshake starts
 
 
 class LinkProtocol(asyncio.Protocol):
-    """A link transport; before it joins a session its bytes go to ``handshake_data``."""
+    """One link transport, on either side. Its handshake owns it until :meth:`hand_over`."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, owner: LinkOwner, handshake: ServerHandshake | ClientHandshake | None = None
+    ) -> None:
+        self.owner = owner
+        self.handshake = handshake
         self.transport: asyncio.Transport | None = None
         self.relay: SessionRelay | None = None
+        self.peer = "?"
+        self.why = ""  # for the log, when it says more than the peer is told
         self.lost = False
+        self._early = bytearray()  # bytes before start(): a server that speaks first
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            host = peer[0]
+            self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
         # Cap TCP's retransmission backoff on links at 1 s (default 120 s): after a
         # short outage the link's own retransmission, not a resume, carries on at once.
         # Kernels without the option keep their default.
@@ -319,55 +376,95 @@ class LinkProtocol(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, LINK_RTO_MAX_MS)
+        if self.handshake is not None:
+            self.pump_handshake()
+
+    def start(self, handshake: ClientHandshake) -> None:
+        """Begin ``handshake`` on this (already connected) link."""
+        self.handshake = handshake
+        if self._early:
+            early, self._early = bytes(self._early), bytearray()
+            handshake.receive_data(early)
+        self.pump_handshake()
 
     def data_received(self, data: bytes) -> None:
         relay = self.relay
-        if relay is not None and self.transport is not None:
-            relay.link_data(self.transport, data)
-        else:
-            self.handshake_data(data)
-
-    def handshake_data(self, data: bytes) -> None:
-        """Bytes before the link joins a session."""
+        if relay is not None:
+            relay.link_data(cast(asyncio.Transport, self.transport), data)
+            return
+        handshake = self.handshake
+        if handshake is None:
+            self._early += data
+            if len(self._early) > MAX_EARLY_LINK_BYTES and self.transport is not None:
+                self.transport.abort()
+            return
+        handshake.receive_data(data)
+        self.pump_handshake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._cancel_timer()
         if self.relay is not None and self.transport is not None:
             self.relay.link_closed(self.transport)
-        else:
-            self.handshake_lost(exc)
+        elif self.handshake is None or not self.handshake.failed:
+            self.owner.link_lost(self, exc)
 
-    def handshake_lost(self, exc: Exception | None) -> None:
-        """The transport died before it joined a session."""
+    def hand_over(self, relay: SessionRelay) -> None:
+        """The handshake gave the link to ``relay``'s session (its answer is first in
+        the session's output): from now on the relay pumps it."""
+        assert self.transport is not None and self.handshake is not None
+        assert self.handshake.stage is HandshakeStage.DONE
+        self._cancel_timer()
+        self.relay = relay
+        relay.set_link(self.transport)
+        relay.pump()
 
+    def close(self) -> None:
+        """Send what the handshake still has (a REJECT) and close."""
+        transport = self.transport
+        self._cancel_timer()
+        if transport is not None and not transport.is_closing():
+            self._write_handshake()
+            transport.close()
 
-class Service:
-    """A server or client: an async context manager owning the TaskGroup of its sessions
-    (STYLE.md item 8: every task lives in a group as long as its resource)."""
+    def abort(self) -> None:
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
 
-    _tasks: asyncio.TaskGroup | None = None
+    def _write_handshake(self) -> None:
+        handshake, transport = self.handshake, self.transport
+        if handshake is not None and transport is not None and not transport.is_closing():
+            out = handshake.data_to_send()
+            if out:
+                transport.writelines(out)
 
-    async def start(self) -> None:
-        raise NotImplementedError
+    def pump_handshake(self) -> None:
+        """Write what the handshake has to send and hand its events to the owner."""
+        handshake = self.handshake
+        assert handshake is not None
+        self._write_handshake()
+        while (event := handshake.next_event()) is not None:
+            self.owner.link_event(self, event)
+        if self.relay is not None or self.lost:
+            return
+        if handshake.stage is HandshakeStage.DONE:
+            self.owner.link_ready(self)
+        elif not handshake.done:
+            self._arm()
 
-    async def close(self) -> None:
-        raise NotImplementedError
+    def _arm(self) -> None:
+        when = self.handshake.next_timer() if self.handshake is not None else None
+        if when is not None and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
 
-    async def __aenter__(self) -> Self:
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        try:
-            await self.start()
-        except BaseException:
-            await self._tasks.__aexit__(None, None, None)
-            raise
-        return self
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.handshake is not None and self.relay is None:
+            self.handshake.handle_timer(asyncio.get_running_loop().time())
+            self.pump_handshake()
 
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.close()
-        assert self._tasks is not None
-        if exc_info[0] is not None and issubclass(exc_info[0], Exception):
-            # The caller's own error: every session is closed, so the tasks end; let
-            # the error propagate as itself rather than wrapped in an ExceptionGroup.
-            exc_info = (None, None, None)
-        await self._tasks.__aexit__(*exc_info)
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

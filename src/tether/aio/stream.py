@@ -4,7 +4,7 @@ stream API (read, write, drain, write_eof, close).
 
 Client::
 
-    async with tether.aio.connect("server.example:2598") as stream:
+    async with tether.connect("server.example:2598") as stream:
         stream.write(b"hello")
         await stream.drain()
         reply = await stream.read(65536)
@@ -16,7 +16,7 @@ new session instead of opening a backend connection.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SessionClosed
 from ..protocol.codes import CloseCode
@@ -30,72 +30,74 @@ __all__ = ["TetherStream"]
 READ_LIMIT = 256 * 1024  # bytes buffered for the application before the link is paused
 
 
-class _ReaderFlow:
-    """What a StreamReader calls when its buffer is too full or drained again."""
+class _ReaderFlow(asyncio.ReadTransport):
+    """What the stream's StreamReader calls when its buffer is too full or drained
+    again: the relay stops (or starts) reading the link."""
 
     def __init__(self, stream: TetherStream) -> None:
-        self.stream = stream
+        super().__init__()
+        self._stream = stream
 
     def pause_reading(self) -> None:
-        relay = self.stream._relay
+        relay = self._stream._relay
         if relay is not None:
             relay.local_pause_writing()
 
     def resume_reading(self) -> None:
-        relay = self.stream._relay
+        relay = self._stream._relay
         if relay is not None:
             relay.local_resume_writing()
 
 
 class _LocalEnd:
-    """The stream's side of the relay, shaped like the transport the relay expects."""
+    """The stream's side of the relay: the relay's ``LocalTransport``."""
 
     def __init__(self, stream: TetherStream) -> None:
-        self.stream = stream
-        self.closing = False
+        self._stream = stream
+        self._closing = False
 
     # what the relay writes: bytes from the peer, for the application to read
     def write(self, data: bytes | memoryview) -> None:
-        self.stream._reader.feed_data(data)
+        self._stream._reader.feed_data(data)
 
     def writelines(self, pieces: list[bytes | memoryview]) -> None:
         for piece in pieces:
-            self.stream._reader.feed_data(piece)
+            self._stream._reader.feed_data(piece)
 
     def can_write_eof(self) -> bool:
         return True
 
     def write_eof(self) -> None:
-        if not self.stream._reader.at_eof():
-            self.stream._reader.feed_eof()
+        if not self._stream._reader.at_eof():
+            self._stream._reader.feed_eof()
 
     def is_closing(self) -> bool:
-        return self.closing
+        return self._closing
 
     def close(self) -> None:
-        self.closing = True
-        relay = self.stream._relay
-        code = relay.core.close_code if relay is not None else None
+        """The session ended: a normal end reads as EOF, any other as an error."""
+        self._closing = True
+        code = self._stream.close_code
         if code is None or code is CloseCode.NORMAL:
             self.write_eof()
         else:
-            self.stream._reader.set_exception(SessionClosed(code, "the session ended"))
-        self.stream._writable.set()
+            self._stream._reader.set_exception(SessionClosed(code, "the session ended"))
+        self._stream._writable.set()
 
     def abort(self) -> None:
-        self.closing = True
-        reason = self.stream._relay.core.close_code if self.stream._relay else None
-        self.stream._reader.set_exception(
-            ConnectionResetError(f"tether session ended: {reason.name if reason else 'reset'}")
+        self._closing = True
+        code = self._stream.close_code
+        self._stream._reader.set_exception(
+            ConnectionResetError(f"tether session ended: {code.name if code else 'reset'}")
         )
-        self.stream._writable.set()
+        self._stream._writable.set()
 
     # what the relay calls for backpressure: its replay buffer is full
     def pause_reading(self) -> None:
-        self.stream._writable.clear()
+        self._stream._writable.clear()
 
     def resume_reading(self) -> None:
-        self.stream._writable.set()
+        self._stream._writable.set()
 
 
 class TetherStream:
@@ -103,19 +105,25 @@ class TetherStream:
 
     def __init__(self) -> None:
         self._reader = asyncio.StreamReader(limit=READ_LIMIT)
-        self._reader.set_transport(cast(asyncio.ReadTransport, _ReaderFlow(self)))
-        self._local = _LocalEnd(self)
+        self._reader.set_transport(_ReaderFlow(self))
+        self.local_end = _LocalEnd(self)
         self._writable = asyncio.Event()
         self._writable.set()
         self._relay: SessionRelay | None = None
 
-    def _bind(self, relay: SessionRelay) -> None:
+    def bind(self, relay: SessionRelay) -> None:
+        """Become ``relay``'s local side (tether calls this once)."""
         self._relay = relay
-        relay.local = cast(asyncio.Transport, self._local)
+        relay.local = self.local_end
 
     @property
     def session_id(self) -> bytes:
         return self._relay.core.session_id if self._relay else b""
+
+    @property
+    def close_code(self) -> CloseCode | None:
+        """Why the session ended, once it has."""
+        return self._relay.close_code if self._relay else None
 
     def statistics(self) -> SessionStatistics:
         assert self._relay is not None
@@ -139,21 +147,15 @@ class TetherStream:
         relay = self._relay
         if relay is None or relay.core.closed:
             raise SessionClosed(
-                relay.core.close_code if relay and relay.core.close_code else CloseCode.NORMAL,
-                "write() on a finished session",
+                self.close_code or CloseCode.NORMAL, "write() on a finished session"
             )
         relay.local_data(bytes(data))
 
     async def drain(self) -> None:
         """Wait while the replay buffer is full (backpressure, never growth)."""
         await self._writable.wait()
-        relay = self._relay
-        if (
-            relay is not None
-            and relay.core.closed
-            and relay.core.close_code is not CloseCode.NORMAL
-        ):
-            code = relay.core.close_code or CloseCode.INTERNAL_ERROR
+        code = self.close_code
+        if code is not None and code is not CloseCode.NORMAL:
             raise SessionClosed(code, "the session ended")
 
     def write_eof(self) -> None:

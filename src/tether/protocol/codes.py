@@ -20,7 +20,7 @@ class CloseCode(enum.IntEnum):
     BACKEND_RESET = 7  # the backend aborted its connection
     APPLICATION_RESET = 8  # the application aborted its connection
     GOING_AWAY = 9  # the endpoint is shutting down
-    SUPERSEDED = 10  # this link was replaced by a newer resume of the same session
+    # 10 is reserved: once SUPERSEDED, never sent (a superseded link is dead at the client)
     HANDSHAKE_TIMEOUT = 11  # the link handshake did not finish in time
     OVERLOADED = 12  # the server holds as many sessions as it is allowed
     INTERNAL_ERROR = 13  # a bug; reported rather than hidden

@@ -38,7 +38,7 @@ class EofReceived:
 
 @dataclass(frozen=True, slots=True)
 class SessionEstablished:
-    """Client: the server accepted the setup."""
+    """The setup completed: the session has its id and its first link."""
 
     session_id: bytes
 
@@ -53,15 +53,11 @@ class SessionResumed:
 
 @dataclass(frozen=True, slots=True)
 class LinkLost:
-    """The current link is dead (keepalive silence, a peer error, a handshake failure).
-
-    The driver closes that transport. ``peer_is_tether`` tells the client whether the
-    peer ever answered with the tether magic on this link (fallback needs to know).
-    """
+    """The session's link is dead (keepalive silence): the driver closes that transport
+    and the session waits for a resume."""
 
     reason: str
     code: CloseCode
-    peer_is_tether: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +83,15 @@ class ResumeRequested:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeFailed:
-    """Server handshake: the link failed before it reached a session."""
+    """A link failed before it reached a session; the driver closes it.
+
+    ``peer_is_tether``: the peer sent the whole tether magic on this link (a client
+    falls back only when it did not).
+    """
 
     code: CloseCode
     reason: str
+    peer_is_tether: bool = True
 
 
 Event = (

@@ -23,6 +23,8 @@ __all__ = [
     "MAX_CONTROL_PAYLOAD",
     "MAX_DATA_CHUNK",
     "MAX_REASON_BYTES",
+    "MAX_WINDOW",
+    "MIN_WINDOW",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "SERVER_HELLO_SIZE",
@@ -40,6 +42,9 @@ __all__ = [
     "Resume",
     "Resumed",
     "Setup",
+    "check_header",
+    "check_magic",
+    "check_window",
     "client_hello",
     "data_header",
     "parse_client_hello",
@@ -63,6 +68,8 @@ FRAME_HEADER_SIZE = 4
 MAX_DATA_CHUNK = 65536  # payload bytes in one DATA frame, after its offset
 MAX_CONTROL_PAYLOAD = 512  # every frame but DATA
 MAX_REASON_BYTES = 256  # UTF-8 reason text in CLOSE and REJECT
+MIN_WINDOW = 1024  # a replay buffer (window) announced in SETUP, ACCEPT or RESUME, bytes
+MAX_WINDOW = 1 << 30
 
 _HEADER = struct.Struct("!I")
 _DATA_HEADER = struct.Struct("!IQ")
@@ -88,6 +95,35 @@ class FrameType(enum.IntEnum):
     PING = 0x13
     PONG = 0x14
     CLOSE = 0x15
+
+
+def check_header(word: int) -> tuple[int, int, int]:
+    """Split a frame header's u32 into (type, length, bytes to read before the frame can
+    be handled: the offset too for DATA, the whole payload otherwise); raise
+    ProtocolError when the length is outside its limit. The one place headers are read."""
+    ftype, length = word >> 24, word & 0xFFFFFF
+    if ftype == FrameType.DATA:
+        if not 8 < length <= 8 + MAX_DATA_CHUNK:
+            raise ProtocolError(f"DATA frame length {length} out of range")
+        return ftype, length, FRAME_HEADER_SIZE + 8
+    if length > MAX_CONTROL_PAYLOAD:
+        raise ProtocolError(f"control frame 0x{ftype:02x} of {length} bytes exceeds limit")
+    return ftype, length, FRAME_HEADER_SIZE + length
+
+
+def check_magic(seen: bytes | bytearray, peer: str) -> bool:
+    """Raise ProtocolError unless ``seen`` is a prefix of MAGIC; True once it is all of it."""
+    seen = bytes(seen[: len(MAGIC)])
+    if seen != MAGIC[: len(seen)]:
+        raise ProtocolError(f"the peer is not a tether {peer} (bad magic)")
+    return len(seen) == len(MAGIC)
+
+
+def check_window(window: int, peer: str) -> int:
+    """A replay buffer size announced by the peer; raise ProtocolError when out of range."""
+    if not MIN_WINDOW <= window <= MAX_WINDOW:
+        raise ProtocolError(f"{peer} window {window} out of range")
+    return window
 
 
 def _frame(ftype: FrameType, payload: bytes) -> bytes:
@@ -306,8 +342,8 @@ def client_hello(min_version: int = PROTOCOL_VERSION, max_version: int = PROTOCO
 
 def parse_client_hello(raw: bytes) -> tuple[int, int]:
     """Return (min_version, max_version); raise ProtocolError if not a tether hello."""
-    if len(raw) != CLIENT_HELLO_SIZE or raw[: len(MAGIC)] != MAGIC:
-        raise ProtocolError("not a tether client (bad magic)")
+    if len(raw) != CLIENT_HELLO_SIZE or not check_magic(raw, "client"):
+        raise ProtocolError("not a tether client hello")
     lo, hi = raw[len(MAGIC)], raw[len(MAGIC) + 1]
     return lo, hi
 
@@ -318,6 +354,6 @@ def server_hello(version: int, nonce: bytes) -> bytes:
 
 def parse_server_hello(raw: bytes) -> tuple[int, bytes]:
     """Return (version, server_nonce); raise ProtocolError if not a tether server."""
-    if len(raw) != SERVER_HELLO_SIZE or raw[: len(MAGIC)] != MAGIC:
-        raise ProtocolError("the peer is not a tether server (bad magic)")
+    if len(raw) != SERVER_HELLO_SIZE or not check_magic(raw, "server"):
+        raise ProtocolError("not a tether server hello")
     return raw[len(MAGIC)], raw[len(MAGIC) + 1 :]

@@ -1,18 +1,30 @@
-"""The server's side of a link handshake (docs/protocol.md, "Link handshake").
+"""Link handshakes, one per side (docs/protocol.md, "Link handshake").
 
-One :class:`ServerHandshake` per accepted transport. It reads the client hello,
-answers with the server hello and a fresh nonce, reads one SETUP or RESUME frame
-and reports it as an event. The driver then decides only what it must: for a
-SETUP, whether the backend could be reached (``accept_setup`` or ``reject``);
-for a RESUME, which session the id names (``accept_resume`` or ``reject``).
+Every link starts with a handshake that owns it until the session is decided:
+
+- :class:`ServerHandshake` reads the client hello, answers with the server hello and
+  a fresh nonce, and *parses* one SETUP or RESUME into :attr:`~ServerHandshake.request`
+  (reported as ``SetupRequested`` / ``ResumeRequested``). The driver then *decides*:
+  ``accept_setup`` (once it has what the session needs, such as a backend
+  connection), ``accept_resume`` for the session the id names, or ``reject``. A gateway
+  or a probe can stop after the parse: nothing is created and no backend is dialled.
+- :class:`ClientHandshake` sends the client hello with SETUP (a new session) or, after
+  the server hello, RESUME (a detached one), and decides itself on the answer:
+  ACCEPT and RESUMED are verified before the session is touched.
+
 ``accept_resume`` verifies the proof in constant time *before* it touches the
 session; a wrong proof leaves the live session and its link exactly as they were.
+On success each side hands the link over to its :class:`Session` the same way
+(:meth:`_Handshake._hand_over`): the handshake's unsent bytes go first on the link,
+and the bytes that arrived after the handshake's last frame are the session's.
 """
 
 from __future__ import annotations
 
+import enum
 import os
-import struct
+from collections import deque
+from collections.abc import Callable
 
 from ..errors import InvalidState, ProtocolError
 from . import resume as crypto
@@ -20,11 +32,9 @@ from .codes import CloseCode
 from .events import Event, HandshakeFailed, ResumeRequested, SetupRequested
 from .frames import (
     CLIENT_HELLO_SIZE,
-    FRAME_HEADER_SIZE,
-    MAGIC,
-    MAX_CONTROL_PAYLOAD,
     NONCE_SIZE,
     PROTOCOL_VERSION,
+    SERVER_HELLO_SIZE,
     SESSION_ID_SIZE,
     Accept,
     FrameType,
@@ -32,116 +42,200 @@ from .frames import (
     Resume,
     Resumed,
     Setup,
+    check_magic,
+    check_window,
+    client_hello,
     parse_client_hello,
-    parse_control,
+    parse_server_hello,
     server_hello,
 )
-from .session import MAX_WINDOW, Random, Session, SessionConfig
+from .reader import take_control_frame
+from .session import KEEPALIVE_MISSES, Role, Session, SessionConfig, SessionState
 
-__all__ = ["ServerHandshake"]
+__all__ = [
+    "TRANSIENT_REJECTS",
+    "ClientHandshake",
+    "HandshakeStage",
+    "Random",
+    "ServerHandshake",
+]
 
-_HEADER = struct.Struct("!I")
+Random = Callable[[int], bytes]
+
 MAX_EARLY_BYTES = 64 * 1024  # bytes a client may send past its request before the answer
 
+# docs/protocol.md, "Reason codes": a REJECT of a resume with one of these leaves the
+# session detached (the client tries again until its timeout); any other ends it.
+TRANSIENT_REJECTS = frozenset(
+    {CloseCode.HANDSHAKE_TIMEOUT, CloseCode.OVERLOADED, CloseCode.GOING_AWAY}
+)
 
-class ServerHandshake:
-    """Sans-I/O server handshake for one link."""
 
-    def __init__(self, config: SessionConfig, now: float, *, random: Random = os.urandom) -> None:
+class HandshakeStage(enum.Enum):
+    HELLO = "hello"  # waiting for the peer's hello
+    REQUEST = "request"  # server: waiting for SETUP or RESUME
+    DECIDING = "deciding"  # server: the request is parsed; the driver decides
+    ANSWER = "answer"  # client: SETUP or RESUME sent; waiting for the answer
+    DONE = "done"  # the session owns the link
+    FAILED = "failed"
+
+
+class _Step(enum.Enum):
+    CLIENT_HELLO = "client hello received"
+    SERVER_HELLO = "server hello received"
+    REQUEST = "request received"
+    ACCEPT = "accepted"
+    FAIL = "failed"
+
+
+_S = HandshakeStage
+# docs/protocol.md, "Link handshake": the one table of both sides' stages.
+STAGES: dict[tuple[HandshakeStage, _Step], HandshakeStage] = {
+    (_S.HELLO, _Step.CLIENT_HELLO): _S.REQUEST,
+    (_S.REQUEST, _Step.REQUEST): _S.DECIDING,
+    (_S.DECIDING, _Step.ACCEPT): _S.DONE,
+    (_S.HELLO, _Step.SERVER_HELLO): _S.ANSWER,
+    (_S.ANSWER, _Step.ACCEPT): _S.DONE,
+    **{(stage, _Step.FAIL): _S.FAILED for stage in (_S.HELLO, _S.REQUEST, _S.DECIDING, _S.ANSWER)},
+}
+
+
+class _Handshake:
+    """What both sides' handshakes share: stage, buffer, deadline, outputs, hand-over."""
+
+    _peer = ""  # "client" or "server": the other side, for error messages
+
+    def __init__(self, config: SessionConfig, now: float, limit: float, random: Random) -> None:
         self.config = config
+        self.stage = HandshakeStage.HELLO
+        self.peer_is_tether = False  # the peer sent the whole magic
         self._random = random
-        self._nonce = random(NONCE_SIZE)
+        self._clock = now
+        self._deadline: float | None = now + limit
         self._buf = bytearray()
-        self._stage = "hello"  # hello -> request -> deciding -> done | failed
-        self._deadline: float | None = now + config.handshake_timeout
         self._out: list[bytes] = []
-        self._events: list[Event] = []
-        self._setup: Setup | None = None
-        self._keypair: crypto.KeyPair | None = None
-        self._shared = b""  # X25519 result, computed when the SETUP arrives
-        self._resume: Resume | None = None
+        self._events: deque[Event] = deque()
 
     @property
     def done(self) -> bool:
-        return self._stage in ("done", "failed")
+        return self.stage in (HandshakeStage.DONE, HandshakeStage.FAILED)
 
     @property
     def failed(self) -> bool:
-        return self._stage == "failed"
+        return self.stage is HandshakeStage.FAILED
 
     def data_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
         return out
 
     def next_event(self) -> Event | None:
-        return self._events.pop(0) if self._events else None
+        return self._events.popleft() if self._events else None
 
     def next_timer(self) -> float | None:
         return self._deadline
 
     def handle_timer(self, now: float) -> None:
+        self._clock = now
         if self._deadline is not None and now >= self._deadline and not self.done:
-            if self._stage != "hello":
-                self._out.append(Reject(CloseCode.HANDSHAKE_TIMEOUT, "too slow").serialize())
-            self._fail(CloseCode.HANDSHAKE_TIMEOUT, "link handshake timed out")
-
-    def leftover(self) -> bytes:
-        """Bytes that arrived after the request: the first bytes of the session's link."""
-        rest, self._buf = bytes(self._buf), bytearray()
-        return rest
+            self._timed_out()
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if self.done:
+        """Bytes from the link. Never raises on peer input: a failure is reported as
+        ``HandshakeFailed`` (after a REJECT, where the peer should hear why)."""
+        if self.done or not data:
             return
         self._buf += data
         try:
-            if self._stage == "hello":
-                self._read_hello()
-            if self._stage == "request":
-                self._read_request()
-            if self._stage == "deciding" and len(self._buf) > MAX_EARLY_BYTES:
-                raise ProtocolError("client sent too much before the handshake finished")
+            self._advance()
         except ProtocolError as exc:
-            if self._stage != "hello":
-                self._out.append(Reject(exc.code, str(exc)).serialize())
-            self._fail(exc.code, str(exc))
+            self._refuse(exc.code, str(exc))
+
+    # -- for the sides ----------------------------------------------------------------
+
+    def _advance(self) -> None:
+        raise NotImplementedError
+
+    def _timed_out(self) -> None:
+        self._fail(CloseCode.HANDSHAKE_TIMEOUT, "link handshake timed out")
+
+    def _refuse(self, code: CloseCode, reason: str) -> None:
+        self._fail(code, reason)
+
+    def _step(self, step: _Step) -> None:
+        try:
+            self.stage = STAGES[self.stage, step]
+        except KeyError:
+            raise InvalidState(
+                f"handshake: no step from {self.stage.value} on {step.value}"
+            ) from None
+
+    def _hello_seen(self, size: int) -> bytes | None:
+        """The peer's hello once it is whole (its magic checked as it arrives)."""
+        self.peer_is_tether = check_magic(self._buf, self._peer)
+        if len(self._buf) < size:
+            return None
+        hello = bytes(self._buf[:size])
+        del self._buf[:size]
+        return hello
+
+    def _hand_over(self) -> tuple[list[bytes], bytes]:
+        """The link now belongs to the session: (bytes to send before the session's own,
+        bytes the peer sent after the handshake's last frame)."""
+        self._step(_Step.ACCEPT)
+        self._deadline = None
+        preamble, self._out = self._out, []
+        leftover, self._buf = bytes(self._buf), bytearray()
+        return preamble, leftover
+
+    def _fail(self, code: CloseCode, reason: str) -> None:
+        self._step(_Step.FAIL)
+        self._deadline = None
+        self._buf.clear()
+        self._events.append(HandshakeFailed(code, reason, self.peer_is_tether))
+
+
+class ServerHandshake(_Handshake):
+    """Sans-I/O server handshake for one link: parse, then the driver decides."""
+
+    _peer = "client"
+
+    def __init__(self, config: SessionConfig, now: float, *, random: Random = os.urandom) -> None:
+        super().__init__(config, now, config.handshake_timeout, random)
+        self._nonce = random(NONCE_SIZE)
+        self.request: Setup | Resume | None = None  # the parsed SETUP or RESUME
+        self._keypair: crypto.KeyPair | None = None
+        self._shared = b""  # X25519 result, computed when the SETUP arrives
+
+    def _advance(self) -> None:
+        if self.stage is HandshakeStage.HELLO:
+            self._read_hello()
+        if self.stage is HandshakeStage.REQUEST:
+            self._read_request()
+        if self.stage is HandshakeStage.DECIDING and len(self._buf) > MAX_EARLY_BYTES:
+            raise ProtocolError("client sent too much before the handshake finished")
 
     def _read_hello(self) -> None:
-        seen = bytes(self._buf[: len(MAGIC)])
-        if seen != MAGIC[: len(seen)]:
-            raise ProtocolError("not a tether client (bad magic)")
-        if len(self._buf) < CLIENT_HELLO_SIZE:
+        hello = self._hello_seen(CLIENT_HELLO_SIZE)
+        if hello is None:
             return
-        lo, hi = parse_client_hello(bytes(self._buf[:CLIENT_HELLO_SIZE]))
-        del self._buf[:CLIENT_HELLO_SIZE]
+        lo, hi = parse_client_hello(hello)
         if not lo <= PROTOCOL_VERSION <= hi:
             self._out.append(server_hello(0, bytes(NONCE_SIZE)))
-            self._stage = "request"  # so the failure below sends a REJECT after the hello
+            self._step(_Step.CLIENT_HELLO)  # so the failure below sends a REJECT after it
             raise ProtocolError(
                 f"client speaks versions {lo}..{hi}, server {PROTOCOL_VERSION}",
                 CloseCode.UNSUPPORTED_VERSION,
             )
         self._out.append(server_hello(PROTOCOL_VERSION, self._nonce))
-        self._stage = "request"
+        self._step(_Step.CLIENT_HELLO)
 
     def _read_request(self) -> None:
-        if len(self._buf) < FRAME_HEADER_SIZE:
+        frame = take_control_frame(self._buf, (FrameType.SETUP, FrameType.RESUME), "client")
+        if frame is None:
             return
-        (word,) = _HEADER.unpack_from(self._buf)
-        ftype, length = word >> 24, word & 0xFFFFFF
-        if ftype not in (FrameType.SETUP, FrameType.RESUME):
-            raise ProtocolError(f"expected SETUP or RESUME, got frame type 0x{ftype:02x}")
-        if length > MAX_CONTROL_PAYLOAD:
-            raise ProtocolError(f"request of {length} bytes exceeds the limit")
-        if len(self._buf) < FRAME_HEADER_SIZE + length:
-            return
-        payload = bytes(self._buf[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + length])
-        del self._buf[: FRAME_HEADER_SIZE + length]
-        frame = parse_control(ftype, payload)
-        self._stage = "deciding"
+        self._step(_Step.REQUEST)
         if isinstance(frame, Setup):
-            if not 1024 <= frame.window <= MAX_WINDOW:
-                raise ProtocolError(f"client window {frame.window} out of range")
+            check_window(frame.window, "client")
             # The key agreement runs here, on peer input, so that a bad key (one of
             # low order) fails the handshake instead of raising in accept_setup().
             keypair = crypto.KeyPair()
@@ -150,20 +244,27 @@ class ServerHandshake:
             except ValueError:
                 raise ProtocolError("client public key is invalid") from None
             self._keypair = keypair
-            self._setup = frame
+            self.request = frame
             self._events.append(SetupRequested())
         elif isinstance(frame, Resume):
-            if not 1024 <= frame.window <= MAX_WINDOW:
-                raise ProtocolError(f"client window {frame.window} out of range")
-            self._resume = frame
+            check_window(frame.window, "client")
+            self.request = frame
             self._events.append(ResumeRequested(frame.session_id))
+
+    def _timed_out(self) -> None:
+        self._refuse(CloseCode.HANDSHAKE_TIMEOUT, "link handshake timed out", "too slow")
+
+    def _refuse(self, code: CloseCode, reason: str, told: str | None = None) -> None:
+        if self.stage is not HandshakeStage.HELLO:  # a stranger gets no answer at all
+            self._out.append(Reject(code, reason if told is None else told).serialize())
+        self._fail(code, reason)
 
     # -- decisions ---------------------------------------------------------------
 
     def accept_setup(self, now: float) -> Session:
-        """Create the session the SETUP asked for; its link is established at once."""
-        setup, keypair = self._setup, self._keypair
-        if setup is None or keypair is None or self._stage != "deciding":
+        """Create the session the SETUP asked for; it owns the link from now on."""
+        setup, keypair = self.request, self._keypair
+        if not isinstance(setup, Setup) or keypair is None or self.stage is not _S.DECIDING:
             raise InvalidState("accept_setup() without a pending SETUP")
         session_id = self._random(SESSION_ID_SIZE)
         secret = crypto.derive_secret(
@@ -174,20 +275,18 @@ class ServerHandshake:
             session_id,
             keypair.public,
             self.config.window,
-            round(self.config.timeout * 1000),
+            self.config.timeout_ms,
             self.config.keepalive_ms,
             crypto.accept_confirm(secret, session_id, setup.client_public),
         )
         self._out.append(accept.serialize())
-        self._finish()
-        return Session.server(
-            self.config,
-            now,
-            session_id=session_id,
-            secret=secret,
-            peer_window=setup.window,
-            random=self._random,
+        preamble, leftover = self._hand_over()
+        session = Session(Role.SERVER, self.config, now)
+        session.establish(
+            now, session_id=session_id, secret=secret, peer_window=setup.window, preamble=preamble
         )
+        session.receive_data(leftover)
+        return session
 
     def accept_resume(self, session: Session, now: float) -> bool:
         """Verify the resume against ``session``; only then move the session here.
@@ -195,13 +294,13 @@ class ServerHandshake:
         Returns False (and rejects the link) when the proof or the offsets are wrong;
         the session is not touched in that case.
         """
-        request = self._resume
-        if request is None or self._stage != "deciding":
+        request = self.request
+        if not isinstance(request, Resume) or self.stage is not _S.DECIDING:
             raise InvalidState("accept_resume() without a pending RESUME")
         if session.closed or session.session_id != request.session_id:
             self.reject(CloseCode.UNKNOWN_SESSION, "no such session")
             return False
-        received, secret = session.resume_fields()
+        secret = session.secret
         expected = crypto.client_resume_proof(
             secret,
             request.session_id,
@@ -214,29 +313,155 @@ class ServerHandshake:
         if not crypto.verify(expected, request.proof):
             self.reject(CloseCode.BAD_PROOF, "resume proof did not verify")
             return False
-        if not session.check_peer_received(request.received):
+        if not session.can_resume_from(request.received):
             self.reject(CloseCode.PROTOCOL_ERROR, "resume offset outside the replay buffer")
             return False
         proof = crypto.server_resume_proof(
-            secret, request.session_id, self._nonce, request.client_nonce, received
+            secret, request.session_id, self._nonce, request.client_nonce, session.received
         )
-        self._out.append(Resumed(received, proof).serialize())
-        self._finish()
-        session.note_peer_window(request.window)
-        session.attach(now, request.received)
+        self._out.append(Resumed(session.received, proof).serialize())
+        preamble, leftover = self._hand_over()
+        session.attach(
+            now, peer_received=request.received, peer_window=request.window, preamble=preamble
+        )
+        session.receive_data(leftover)
         return True
 
     def reject(self, code: CloseCode, reason: str = "") -> None:
-        if self.done:
+        """Refuse the request: the client is told ``code`` and ``reason``."""
+        if not self.done:
+            self._refuse(code, reason or code.name)
+
+
+class ClientHandshake(_Handshake):
+    """Sans-I/O client handshake for one link of ``session`` (NEW: a setup; DETACHED: a
+    resume). It decides on the server's answer itself and hands the link over."""
+
+    _peer = "server"
+
+    def __init__(self, session: Session, now: float, *, random: Random = os.urandom) -> None:
+        config = session.config
+        if session.role is not Role.CLIENT:
+            raise InvalidState("ClientHandshake is for client sessions")
+        limit = config.handshake_timeout
+        if session.state is SessionState.DETACHED:
+            # A resume on a path that is up answers within a round trip or two; one that
+            # stays mute as long as a dead link would is abandoned for a fresh connection
+            # rather than waiting on TCP's retransmission backoff.
+            limit = min(limit, max(KEEPALIVE_MISSES * config.keepalive, 1.0))
+        elif session.state is not SessionState.NEW:
+            raise InvalidState(f"ClientHandshake for a {session.state.value} session")
+        super().__init__(config, now, limit, random)
+        self.session = session
+        self._server_nonce = b""
+        self._client_nonce = b""
+        self._out.append(client_hello())
+        self._keypair: crypto.KeyPair | None = None
+        if session.state is SessionState.NEW:
+            self._keypair = crypto.KeyPair()
+            setup = Setup(self._keypair.public, config.window, config.keepalive_ms)
+            self._out.append(setup.serialize())
+
+    def _advance(self) -> None:
+        session = self.session
+        if session.closed:
+            self._fail(CloseCode.NORMAL, "the session ended during the handshake")
             return
-        self._out.append(Reject(code, reason).serialize())
-        self._fail(code, reason or code.name)
+        if self.stage is HandshakeStage.HELLO:
+            hello = self._hello_seen(SERVER_HELLO_SIZE)
+            if hello is None:
+                return
+            version, self._server_nonce = parse_server_hello(hello)
+            if version != PROTOCOL_VERSION:
+                reason = f"server offers version {version}"
+                session.rejected(CloseCode.UNSUPPORTED_VERSION, reason)
+                raise ProtocolError(reason, CloseCode.UNSUPPORTED_VERSION)
+            self._step(_Step.SERVER_HELLO)
+            if session.state is SessionState.DETACHED:
+                self._send_resume()
+        if self.stage is HandshakeStage.ANSWER:
+            expected = (FrameType.ACCEPT, FrameType.RESUMED, FrameType.REJECT)
+            frame = take_control_frame(self._buf, expected, "server")
+            if isinstance(frame, Reject):
+                self._rejected(frame)
+            elif isinstance(frame, Accept):
+                self._accepted(frame)
+            elif isinstance(frame, Resumed):
+                self._resumed(frame)
 
-    def _finish(self) -> None:
-        self._stage = "done"
-        self._deadline = None
+    def _send_resume(self) -> None:
+        session, config = self.session, self.config
+        self._client_nonce = self._random(NONCE_SIZE)
+        proof = crypto.client_resume_proof(
+            session.secret,
+            session.session_id,
+            self._server_nonce,
+            self._client_nonce,
+            session.received,
+            config.window,
+            config.keepalive_ms,
+        )
+        resume = Resume(
+            session.session_id,
+            self._client_nonce,
+            session.received,
+            config.window,
+            config.keepalive_ms,
+            proof,
+        )
+        self._out.append(resume.serialize())
 
-    def _fail(self, code: CloseCode, reason: str) -> None:
-        self._stage = "failed"
-        self._deadline = None
-        self._events.append(HandshakeFailed(code, reason))
+    def _rejected(self, frame: Reject) -> None:
+        session = self.session
+        if session.state is SessionState.DETACHED and frame.code in TRANSIENT_REJECTS:
+            # The server is busy or going away: a later link may still resume.
+            raise ProtocolError(f"resume refused for now: {frame.code.name}", frame.code)
+        reason = frame.reason or "rejected by the server"
+        session.rejected(frame.code, reason)
+        self._fail(frame.code, reason)
+
+    def _accepted(self, frame: Accept) -> None:
+        keypair = self._keypair
+        if keypair is None:
+            raise ProtocolError("ACCEPT answers a RESUME")
+        try:
+            shared = keypair.shared(frame.server_public)
+        except ValueError:
+            raise ProtocolError("server public key is invalid") from None
+        secret = crypto.derive_secret(
+            shared, frame.session_id, keypair.public, frame.server_public, self._server_nonce
+        )
+        expected = crypto.accept_confirm(secret, frame.session_id, keypair.public)
+        if not crypto.verify(expected, frame.confirm):
+            raise ProtocolError("server key confirmation failed")
+        check_window(frame.window, "server")
+        self._keypair = None
+        preamble, leftover = self._hand_over()
+        self.session.establish(
+            self._clock,
+            session_id=frame.session_id,
+            secret=secret,
+            peer_window=frame.window,
+            peer_timeout=frame.timeout_ms / 1000 if frame.timeout_ms > 0 else None,
+            preamble=preamble,
+        )
+        self.session.receive_data(leftover)
+
+    def _resumed(self, frame: Resumed) -> None:
+        session = self.session
+        if self._keypair is not None:
+            raise ProtocolError("RESUMED answers a SETUP")
+        expected = crypto.server_resume_proof(
+            session.secret,
+            session.session_id,
+            self._server_nonce,
+            self._client_nonce,
+            frame.received,
+        )
+        if not crypto.verify(expected, frame.proof):
+            raise ProtocolError("server resume proof failed")
+        if not session.can_resume_from(frame.received):
+            raise ProtocolError(f"server resumes from impossible offset {frame.received}")
+        preamble, leftover = self._hand_over()
+        session.attach(self._clock, peer_received=frame.received, preamble=preamble)
+        session.receive_data(leftover)

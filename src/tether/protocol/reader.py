@@ -6,6 +6,10 @@ as a zero-copy ``memoryview`` slice of the input, wrapped in a :class:`Data` tha
 carries its own stream offset. Control frames are buffered until whole, and no
 frame may claim more than its limit, so the reader holds at most
 ``FRAME_HEADER_SIZE + MAX_CONTROL_PAYLOAD`` bytes between calls.
+
+:func:`take_control_frame` reads exactly one control frame off the front of a
+buffer: the handshakes use it, so that the bytes after their one frame stay raw for
+the session's own reader.
 """
 
 from __future__ import annotations
@@ -15,19 +19,17 @@ import struct
 from ..errors import ProtocolError
 from .frames import (
     FRAME_HEADER_SIZE,
-    MAX_CONTROL_PAYLOAD,
-    MAX_DATA_CHUNK,
     ControlFrame,
     Data,
     FrameType,
+    check_header,
     parse_control,
 )
 
-__all__ = ["FrameReader"]
+__all__ = ["FrameReader", "take_control_frame"]
 
 _HEADER = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
-_DATA_PREFIX = FRAME_HEADER_SIZE + 8  # header and the u64 offset
 
 
 class FrameReader:
@@ -71,10 +73,7 @@ class FrameReader:
                 partial += view[pos:end]
                 break
             (word,) = _HEADER.unpack_from(view, pos)
-            ftype = word >> 24
-            length = word & 0xFFFFFF
-            total = _DATA_PREFIX if ftype == FrameType.DATA else FRAME_HEADER_SIZE + length
-            self._check(ftype, length)
+            _, _, total = check_header(word)
             if end - pos < total:
                 partial += view[pos:end]
                 break
@@ -85,29 +84,37 @@ class FrameReader:
         return out
 
     @staticmethod
-    def _check(ftype: int, length: int) -> None:
-        if ftype == FrameType.DATA:
-            if not 8 < length <= 8 + MAX_DATA_CHUNK:
-                raise ProtocolError(f"DATA frame length {length} out of range")
-        elif length > MAX_CONTROL_PAYLOAD:
-            raise ProtocolError(f"control frame 0x{ftype:02x} of {length} bytes exceeds limit")
-
-    def _needed(self, partial: bytearray) -> int:
+    def _needed(partial: bytearray) -> int:
         """Bytes the frame starting in ``partial`` needs before it can be handled."""
         if len(partial) < FRAME_HEADER_SIZE:
             return FRAME_HEADER_SIZE
-        (word,) = _HEADER.unpack_from(partial)
-        ftype, length = word >> 24, word & 0xFFFFFF
-        self._check(ftype, length)
-        return _DATA_PREFIX if ftype == FrameType.DATA else FRAME_HEADER_SIZE + length
+        return check_header(_HEADER.unpack_from(partial)[0])[2]
 
     def _complete(self, view: memoryview, pos: int) -> ControlFrame | None:
         """Handle a frame whose header (and, for control frames, payload) is at ``pos``."""
-        (word,) = _HEADER.unpack_from(view, pos)
-        ftype, length = word >> 24, word & 0xFFFFFF
+        ftype, length, _ = check_header(_HEADER.unpack_from(view, pos)[0])
         if ftype == FrameType.DATA:
             (self._data_offset,) = _U64.unpack_from(view, pos + FRAME_HEADER_SIZE)
             self._data_remaining = length - 8
             return None
         start = pos + FRAME_HEADER_SIZE
         return parse_control(ftype, bytes(view[start : start + length]))
+
+
+def take_control_frame(
+    buf: bytearray, expected: tuple[FrameType, ...], peer: str
+) -> ControlFrame | None:
+    """Remove one whole control frame of an ``expected`` type from the front of ``buf``;
+    None while it is incomplete. Raises ProtocolError for any other type, as soon as the
+    header shows it."""
+    if len(buf) < FRAME_HEADER_SIZE:
+        return None
+    ftype, _, total = check_header(_HEADER.unpack_from(buf)[0])
+    if ftype not in expected:
+        names = " or ".join(kind.name for kind in expected)
+        raise ProtocolError(f"expected {names} from the {peer}, got frame type 0x{ftype:02x}")
+    if len(buf) < total:
+        return None
+    payload = bytes(buf[FRAME_HEADER_SIZE:total])
+    del buf[:total]
+    return parse_control(ftype, payload)

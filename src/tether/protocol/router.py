@@ -1,0 +1,88 @@
+"""The server's table of sessions (docs/protocol.md, "Link handshake" and "Resume").
+
+One :class:`Router` per server. It makes the handshake of every new link, admits or
+refuses setups, creates sessions, routes each resume to its session by id (never by
+address, so a client may come back from anywhere) and remembers how recently ended
+sessions ended, so that a late resume is told why. Sans-I/O like the rest of the
+core: the asyncio server, the test pair and the fuzz targets all route through it.
+
+The driver's part is small: for ``SetupRequested`` ask :meth:`Router.admit_setup`,
+get what the session needs (a backend connection), then :meth:`Router.accept_setup`;
+for ``ResumeRequested`` call :meth:`Router.resume`; when a session ends, call
+:meth:`Router.forget`. The accepted handshake has already handed its link to the
+session (its answer first, then the session's own bytes), so the driver then only
+pumps the session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .codes import CloseCode
+from .frames import Resume
+from .handshake import Random, ServerHandshake
+from .session import Session, SessionConfig
+
+__all__ = ["ENDED_MEMORY", "Refusal", "Router"]
+
+ENDED_MEMORY = 16384  # recently ended session ids remembered to answer a late resume
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a setup is refused: the REJECT code and its text (no internal detail)."""
+
+    code: CloseCode
+    reason: str
+
+
+class Router:
+    """Sessions by id, and the decisions taken for a link before it reaches one."""
+
+    def __init__(
+        self, config: SessionConfig, *, max_sessions: int, random: Random = os.urandom
+    ) -> None:
+        self.config = config
+        self.max_sessions = max_sessions
+        self.sessions: dict[bytes, Session] = {}
+        self._ended: OrderedDict[bytes, CloseCode] = OrderedDict()
+        self._random = random
+
+    def open_link(self, now: float) -> ServerHandshake:
+        """The handshake that owns a newly accepted link."""
+        return ServerHandshake(self.config, now, random=self._random)
+
+    def admit_setup(self) -> Refusal | None:
+        """May a new session be created now? None, or why not."""
+        if len(self.sessions) >= self.max_sessions:
+            return Refusal(CloseCode.OVERLOADED, "server holds its maximum of sessions")
+        return None
+
+    def accept_setup(self, handshake: ServerHandshake, now: float) -> Session:
+        """Create and register the session ``handshake`` asked for."""
+        session = handshake.accept_setup(now)
+        self.sessions[session.session_id] = session
+        return session
+
+    def resume(self, handshake: ServerHandshake, now: float) -> Session | None:
+        """Move the session the RESUME names onto this link, once its proof verified;
+        None when refused (``handshake`` reports why with ``HandshakeFailed``)."""
+        request = handshake.request
+        assert isinstance(request, Resume), "resume() answers a ResumeRequested"
+        session = self.sessions.get(request.session_id)
+        if session is None:
+            code = self._ended.get(request.session_id, CloseCode.UNKNOWN_SESSION)
+            handshake.reject(code, "no such session" if code is CloseCode.UNKNOWN_SESSION else "")
+            return None
+        return session if handshake.accept_resume(session, now) else None
+
+    def forget(self, session: Session) -> None:
+        """``session`` ended: drop it, and remember how for a late resume."""
+        sid = session.session_id
+        if self.sessions.pop(sid, None) is None:
+            return
+        self._ended[sid] = session.close_code or CloseCode.INTERNAL_ERROR
+        while len(self._ended) > ENDED_MEMORY:
+            self._ended.popitem(last=False)
