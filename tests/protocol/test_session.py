@@ -783,3 +783,16 @@ def test_an_idle_server_wakes_once_per_client_ping(pair: Pair) -> None:
     assert pair.server.state is SessionState.ATTACHED
     # One tick per client PING (every 2 K), not one per K.
     assert len(deadlines) <= 60 / (2 * KEEPALIVE) + 2
+
+
+def test_a_resume_whose_handshake_failed_after_asking_is_not_routed(pair: Pair) -> None:
+    """hello + RESUME + more than 64 KiB in one write: the handshake fails on the extra
+    bytes after reporting the RESUME; routing it then must not raise (it did: InvalidState)."""
+    pair.cut()
+    hs = pair.router.open_link(pair.now)
+    forged = Resume(pair.client.session_id, os.urandom(NONCE_SIZE), 0, 65536, 3000, bytes(32))
+    hs.receive_data(client_hello() + forged.serialize() + bytes(70 * 1024))
+    events = list(iter(hs.next_event, None))
+    assert isinstance(events[0], ResumeRequested) and isinstance(events[1], HandshakeFailed)
+    assert pair.router.resume(hs, pair.now) is None
+    assert pair.server.state is SessionState.DETACHED  # untouched

@@ -70,7 +70,8 @@ class Router:
         """Move the session the RESUME names onto this link, once its proof verified;
         None when refused (``handshake`` reports why with ``HandshakeFailed``)."""
         request = handshake.request
-        assert isinstance(request, Resume), "resume() answers a ResumeRequested"
+        if handshake.done or not isinstance(request, Resume):
+            return None  # it failed after asking (more bytes than allowed before the answer)
         session = self.sessions.get(request.session_id)
         if session is None:
             code = self._ended.get(request.session_id, CloseCode.UNKNOWN_SESSION)
