@@ -136,7 +136,7 @@ def server_handshake_target(chunks: list[bytes]) -> None:
         hs.receive_data(chunk)
         for event in _drain(hs, HANDSHAKE_EVENTS):
             if isinstance(event, SetupRequested):
-                if router.admit_setup() is None:
+                if router.admit_setup(hs) is None:
                     session = router.accept_setup(hs, 1.0)
             elif isinstance(event, ResumeRequested):
                 session = router.resume(hs, 1.0)  # only the real secret gets a session

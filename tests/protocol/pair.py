@@ -8,7 +8,7 @@ drivers do (CONTRIBUTING.md, "Layers" L3: drivers are thin pumps):
   client's end, a :class:`ServerHandshake` from the server's :class:`Router` on the
   server's; once the handshake hands the link to a session, the session's bytes and
   events are pumped instead;
-- ``SetupRequested`` -> ``router.admit_setup()`` then ``router.accept_setup()``;
+- ``SetupRequested`` -> ``router.admit_setup(hs)`` then ``router.accept_setup()``;
   ``ResumeRequested`` -> ``router.resume()``; a resumed session's previous link is
   closed by the server (superseded);
 - ``HandshakeFailed`` and ``LinkLost`` close that end of the link; ``SessionEnded``
@@ -110,6 +110,7 @@ class Pair:
         self.app = Endpoint(Session.client(self.client_config, now))
         self.backends: dict[bytes, Endpoint] = {}  # every server session ever created
         self.router = Router(self.server_config, max_sessions=1 << 30)
+        self.token = b""  # the client's credential
         self.links: list[FakeLink] = []
         self.link: FakeLink | None = None  # the client's current link
         self.handshake_failures: list[HandshakeFailed] = []
@@ -174,9 +175,8 @@ class Pair:
 
     def connect(self) -> FakeLink:
         """The client opens a new link (and the server accepts it)."""
-        link = FakeLink(
-            len(self.links), self.router.open_link(self.now), ClientHandshake(self.client, self.now)
-        )
+        client_hs = ClientHandshake(self.client, self.now, token=self.token)
+        link = FakeLink(len(self.links), self.router.open_link(self.now), client_hs)
         self.links.append(link)
         self.link = link
         self.pump()
@@ -381,7 +381,7 @@ class Pair:
         while (event := hs.next_event()) is not None:
             busy = True
             if isinstance(event, SetupRequested):
-                refusal = self.router.admit_setup()
+                refusal = self.router.admit_setup(hs)
                 if refusal is not None:
                     hs.reject(refusal.code, refusal.reason)
                     continue

@@ -796,3 +796,62 @@ def test_a_resume_whose_handshake_failed_after_asking_is_not_routed(pair: Pair) 
     assert isinstance(events[0], ResumeRequested) and isinstance(events[1], HandshakeFailed)
     assert pair.router.resume(hs, pair.now) is None
     assert pair.server.state is SessionState.DETACHED  # untouched
+
+
+# -- the key confirmation covers the whole setup (issue 8: ACCEPT tampering) -----------------
+
+
+def _tampered_setup(edit: str) -> Pair:
+    """A setup in which an on-path attacker rewrote one field of SETUP or ACCEPT."""
+    p = Pair(CONFIG)
+    link = p.connect()
+    hello, setup = list(link.to_server)
+    if edit == "setup-window":
+        frame = Setup(setup[4:36], 1024, 3000)  # the client asked for 256 KiB
+        link.to_server[1] = frame.serialize()
+    p.deliver(to_client=0)  # the server reads hello and SETUP, answers hello and ACCEPT
+    server_hello_raw, accept_raw = list(link.to_client)[:2]
+    assert accept_raw[0] == FrameType.ACCEPT
+    if edit == "accept-timeout":  # timeout_ms = 1: reliability silently switched off
+        fields = bytearray(accept_raw)
+        fields[4 + 16 + 32 + 4 : 4 + 16 + 32 + 8] = (1).to_bytes(4, "big")
+        link.to_client[1] = bytes(fields)
+    p.transfer()
+    return p
+
+
+@pytest.mark.parametrize("edit", ["accept-timeout", "setup-window", "none"])
+def test_tampering_with_setup_or_accept_fails_the_key_confirmation(edit: str) -> None:
+    p = _tampered_setup(edit)
+    if edit == "none":
+        assert p.client.state is SessionState.ATTACHED
+        return
+    assert p.client.state is SessionState.NEW  # not established: the link failed
+    (failure,) = p.app.link_losses
+    assert isinstance(failure, HandshakeFailed)
+    assert failure.reason == "server key confirmation failed"
+
+
+# -- client credentials (issue 8) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [b"", b"wrong", b"tether_right"])
+def test_only_a_client_with_an_accepted_token_gets_a_session(token: bytes) -> None:
+    p = Pair(CONFIG)
+    seen: list[bytes] = []
+
+    def authorize(presented: bytes) -> bool:
+        seen.append(presented)
+        return presented == b"tether_right"
+
+    p.router.authorize = authorize
+    p.token = token
+    p.connect()
+    p.transfer()
+    assert seen == [token]
+    if token == b"tether_right":
+        assert p.client.state is SessionState.ATTACHED and len(p.backends) == 1
+        return
+    assert not p.backends  # refused before anything was created
+    assert p.app.ended == SessionEnded(CloseCode.UNAUTHORIZED, "not authorized", True)
+    assert p.handshake_failures[-1].code is CloseCode.UNAUTHORIZED

@@ -90,7 +90,7 @@ class TetherServer(Service):
         handshake = link.handshake
         assert isinstance(handshake, ServerHandshake)
         if isinstance(event, SetupRequested):
-            refusal = self._router.admit_setup()
+            refusal = self._router.admit_setup(handshake)
             if refusal is not None:
                 handshake.reject(refusal.code, refusal.reason)
             else:

@@ -26,6 +26,9 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 13  # a bug; reported rather than hidden
     LINK_LOST = 14  # local only: the link died (never on the wire)
     RESUME_FAILED = 15  # local only: reconnecting failed until the deadline
+    UNAUTHORIZED = 16  # the client presented no credential the server accepts
+    TLS_REQUIRED = 17  # sent in clear: the server takes only TLS links
+    UNTRUSTED_SERVER = 18  # local only: the server's certificate did not verify
 
     @classmethod
     def from_wire(cls, value: int) -> CloseCode:

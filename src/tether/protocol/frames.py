@@ -23,6 +23,7 @@ __all__ = [
     "MAX_CONTROL_PAYLOAD",
     "MAX_DATA_CHUNK",
     "MAX_REASON_BYTES",
+    "MAX_TOKEN_BYTES",
     "MAX_WINDOW",
     "MIN_WINDOW",
     "NONCE_SIZE",
@@ -55,7 +56,7 @@ __all__ = [
 
 # docs/protocol.md, "Link hello"
 MAGIC = b"\x89TETHER\n"  # 8 bytes: high bit and LF catch 7-bit and text mangling
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: SETUP carries a credential; ACCEPT confirms the whole transcript
 NONCE_SIZE = 32
 SESSION_ID_SIZE = 16
 KEY_SIZE = 32
@@ -68,6 +69,7 @@ FRAME_HEADER_SIZE = 4
 MAX_DATA_CHUNK = 65536  # payload bytes in one DATA frame, after its offset
 MAX_CONTROL_PAYLOAD = 512  # every frame but DATA
 MAX_REASON_BYTES = 256  # UTF-8 reason text in CLOSE and REJECT
+MAX_TOKEN_BYTES = 255  # the client credential in SETUP (u8 length)
 MIN_WINDOW = 1024  # a replay buffer (window) announced in SETUP, ACCEPT or RESUME, bytes
 MAX_WINDOW = 1 << 30
 
@@ -75,7 +77,8 @@ _HEADER = struct.Struct("!I")
 _DATA_HEADER = struct.Struct("!IQ")
 _U64 = struct.Struct("!Q")
 _SETUP = struct.Struct(f"!{KEY_SIZE}sII")
-_ACCEPT = struct.Struct(f"!{SESSION_ID_SIZE}s{KEY_SIZE}sIII{MAC_SIZE}s")
+_ACCEPT_FIELDS = struct.Struct(f"!{SESSION_ID_SIZE}s{KEY_SIZE}sIII")  # what confirm covers
+_ACCEPT = struct.Struct(f"!{_ACCEPT_FIELDS.format[1:]}{MAC_SIZE}s")
 _RESUME = struct.Struct(f"!{SESSION_ID_SIZE}s{NONCE_SIZE}sQII{MAC_SIZE}s")
 _RESUMED = struct.Struct(f"!Q{MAC_SIZE}s")
 _CODE = struct.Struct("!H")
@@ -144,16 +147,17 @@ def _check_reason(reason: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Setup:
-    """Client asks for a new session. ``window`` is its replay buffer size in bytes."""
+    """Client asks for a new session. ``window`` is its replay buffer size in bytes;
+    ``token`` its credential (empty when it has none)."""
 
     client_public: bytes
     window: int
     keepalive_ms: int
+    token: bytes = b""
 
     def serialize(self) -> bytes:
-        return _frame(
-            FrameType.SETUP, _SETUP.pack(self.client_public, self.window, self.keepalive_ms)
-        )
+        fixed = _SETUP.pack(self.client_public, self.window, self.keepalive_ms)
+        return _frame(FrameType.SETUP, fixed + bytes((len(self.token),)) + self.token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,18 +171,14 @@ class Accept:
     keepalive_ms: int
     confirm: bytes
 
-    def serialize(self) -> bytes:
-        return _frame(
-            FrameType.ACCEPT,
-            _ACCEPT.pack(
-                self.session_id,
-                self.server_public,
-                self.window,
-                self.timeout_ms,
-                self.keepalive_ms,
-                self.confirm,
-            ),
+    def fields(self) -> bytes:
+        """Everything but ``confirm``, as on the wire: part of what ``confirm`` covers."""
+        return _ACCEPT_FIELDS.pack(
+            self.session_id, self.server_public, self.window, self.timeout_ms, self.keepalive_ms
         )
+
+    def serialize(self) -> bytes:
+        return _frame(FrameType.ACCEPT, self.fields() + self.confirm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +291,6 @@ class Close:
 ControlFrame = Setup | Accept | Resume | Resumed | Reject | Ack | Eof | Ping | Pong | Close
 
 _FIXED: dict[FrameType, struct.Struct] = {
-    FrameType.SETUP: _SETUP,
     FrameType.ACCEPT: _ACCEPT,
     FrameType.RESUME: _RESUME,
     FrameType.RESUMED: _RESUMED,
@@ -301,7 +300,6 @@ _FIXED: dict[FrameType, struct.Struct] = {
     FrameType.PONG: _U64,
 }
 _CLASSES: dict[FrameType, type] = {
-    FrameType.SETUP: Setup,
     FrameType.ACCEPT: Accept,
     FrameType.RESUME: Resume,
     FrameType.RESUMED: Resumed,
@@ -326,6 +324,11 @@ def parse_control(ftype: int, payload: bytes) -> ControlFrame:
             )
         frame: ControlFrame = _CLASSES[kind](*layout.unpack(payload))
         return frame
+    if kind is FrameType.SETUP:
+        if len(payload) <= _SETUP.size or len(payload) != _SETUP.size + 1 + payload[_SETUP.size]:
+            raise ProtocolError(f"SETUP frame of {len(payload)} bytes")
+        public, window, keepalive_ms = _SETUP.unpack_from(payload)
+        return Setup(public, window, keepalive_ms, payload[_SETUP.size + 1 :])
     if kind in (FrameType.REJECT, FrameType.CLOSE):
         if len(payload) < 2 or len(payload) > 2 + MAX_REASON_BYTES:
             raise ProtocolError(f"{kind.name} frame of {len(payload)} bytes")

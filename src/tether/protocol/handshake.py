@@ -25,6 +25,7 @@ import enum
 import os
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..errors import InvalidState, ProtocolError
 from . import resume as crypto
@@ -202,6 +203,7 @@ class ServerHandshake(_Handshake):
     def __init__(self, config: SessionConfig, now: float, *, random: Random = os.urandom) -> None:
         super().__init__(config, now, config.handshake_timeout, random)
         self._nonce = random(NONCE_SIZE)
+        self._hellos = (b"", b"")  # (client's, ours): the key confirmation covers both
         self.request: Setup | Resume | None = None  # the parsed SETUP or RESUME
         self._keypair: crypto.KeyPair | None = None
         self._shared = b""  # X25519 result, computed when the SETUP arrives
@@ -226,7 +228,8 @@ class ServerHandshake(_Handshake):
                 f"client speaks versions {lo}..{hi}, server {PROTOCOL_VERSION}",
                 CloseCode.UNSUPPORTED_VERSION,
             )
-        self._out.append(server_hello(PROTOCOL_VERSION, self._nonce))
+        self._hellos = (hello, server_hello(PROTOCOL_VERSION, self._nonce))
+        self._out.append(self._hellos[1])
         self._step(_Step.CLIENT_HELLO)
 
     def _read_request(self) -> None:
@@ -271,14 +274,13 @@ class ServerHandshake(_Handshake):
             self._shared, session_id, setup.client_public, keypair.public, self._nonce
         )
         self._keypair, self._shared = None, b""
+        config = self.config
         accept = Accept(
-            session_id,
-            keypair.public,
-            self.config.window,
-            self.config.timeout_ms,
-            self.config.keepalive_ms,
-            crypto.accept_confirm(secret, session_id, setup.client_public),
+            session_id, keypair.public, config.window, config.timeout_ms, config.keepalive_ms, b""
         )
+        client_hello, hello = self._hellos
+        confirmed = crypto.transcript(client_hello, setup.serialize(), hello, accept.fields())
+        accept = replace(accept, confirm=crypto.accept_confirm(secret, confirmed))
         self._out.append(accept.serialize())
         preamble, leftover = self._hand_over()
         session = Session(Role.SERVER, self.config, now)
@@ -339,7 +341,10 @@ class ClientHandshake(_Handshake):
 
     _peer = "server"
 
-    def __init__(self, session: Session, now: float, *, random: Random = os.urandom) -> None:
+    def __init__(
+        self, session: Session, now: float, *, token: bytes = b"", random: Random = os.urandom
+    ) -> None:
+        """``token``: the client's credential, sent in SETUP (docs/protocol.md, "Setup")."""
         config = session.config
         if session.role is not Role.CLIENT:
             raise InvalidState("ClientHandshake is for client sessions")
@@ -355,12 +360,13 @@ class ClientHandshake(_Handshake):
         self.session = session
         self._server_nonce = b""
         self._client_nonce = b""
-        self._out.append(client_hello())
+        self._sent = [client_hello()]  # hello and SETUP: the key confirmation covers them
         self._keypair: crypto.KeyPair | None = None
         if session.state is SessionState.NEW:
             self._keypair = crypto.KeyPair()
-            setup = Setup(self._keypair.public, config.window, config.keepalive_ms)
-            self._out.append(setup.serialize())
+            setup = Setup(self._keypair.public, config.window, config.keepalive_ms, token)
+            self._sent.append(setup.serialize())
+        self._out += self._sent
 
     def _advance(self) -> None:
         session = self.session
@@ -372,6 +378,7 @@ class ClientHandshake(_Handshake):
             if hello is None:
                 return
             version, self._server_nonce = parse_server_hello(hello)
+            self._sent.append(hello)
             if version != PROTOCOL_VERSION:
                 reason = f"server offers version {version}"
                 session.rejected(CloseCode.UNSUPPORTED_VERSION, reason)
@@ -431,8 +438,9 @@ class ClientHandshake(_Handshake):
         secret = crypto.derive_secret(
             shared, frame.session_id, keypair.public, frame.server_public, self._server_nonce
         )
-        expected = crypto.accept_confirm(secret, frame.session_id, keypair.public)
-        if not crypto.verify(expected, frame.confirm):
+        client_hello, setup, hello = self._sent
+        confirmed = crypto.transcript(client_hello, setup, hello, frame.fields())
+        if not crypto.verify(crypto.accept_confirm(secret, confirmed), frame.confirm):
             raise ProtocolError("server key confirmation failed")
         check_window(frame.window, "server")
         self._keypair = None

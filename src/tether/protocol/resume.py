@@ -25,13 +25,14 @@ __all__ = [
     "client_resume_proof",
     "derive_secret",
     "server_resume_proof",
+    "transcript",
     "verify",
 ]
 
-_SECRET_INFO = b"tether v1 session secret"
-_ACCEPT_LABEL = b"tether v1 accept"
-_CLIENT_LABEL = b"tether v1 resume client"
-_SERVER_LABEL = b"tether v1 resume server"
+_SECRET_INFO = b"tether v2 session secret"
+_ACCEPT_LABEL = b"tether v2 accept"
+_CLIENT_LABEL = b"tether v2 resume client"
+_SERVER_LABEL = b"tether v2 resume server"
 _RESUME_FIELDS = struct.Struct("!QII")
 
 
@@ -65,9 +66,19 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, b"".join(parts), sha256).digest()
 
 
-def accept_confirm(secret: bytes, session_id: bytes, client_public: bytes) -> bytes:
-    """Key confirmation the server sends in ACCEPT."""
-    return _mac(secret, _ACCEPT_LABEL, session_id, client_public)
+def transcript(*messages: bytes) -> bytes:
+    """SHA-256 over length-prefixed messages: what the key confirmation binds."""
+    digest = sha256()
+    for message in messages:
+        digest.update(struct.pack("!I", len(message)))
+        digest.update(message)
+    return digest.digest()
+
+
+def accept_confirm(secret: bytes, transcript_hash: bytes) -> bytes:
+    """Key confirmation the server sends in ACCEPT: it covers the whole setup, both hellos,
+    the SETUP and every field of the ACCEPT, so that none can be altered on the way."""
+    return _mac(secret, _ACCEPT_LABEL, transcript_hash)
 
 
 def client_resume_proof(

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .codes import CloseCode
-from .frames import Resume
+from .frames import Resume, Setup
 from .handshake import Random, ServerHandshake
 from .session import Session, SessionConfig
 
@@ -42,10 +43,18 @@ class Router:
     """Sessions by id, and the decisions taken for a link before it reaches one."""
 
     def __init__(
-        self, config: SessionConfig, *, max_sessions: int, random: Random = os.urandom
+        self,
+        config: SessionConfig,
+        *,
+        max_sessions: int,
+        authorize: Callable[[bytes], bool] | None = None,
+        random: Random = os.urandom,
     ) -> None:
+        """``authorize(token)``: may a client presenting ``token`` create a session? None:
+        any client that reached the handshake may (docs/security.md, "Client credentials")."""
         self.config = config
         self.max_sessions = max_sessions
+        self.authorize = authorize
         self.sessions: dict[bytes, Session] = {}
         self._ended: OrderedDict[bytes, CloseCode] = OrderedDict()
         self._random = random
@@ -54,8 +63,14 @@ class Router:
         """The handshake that owns a newly accepted link."""
         return ServerHandshake(self.config, now, random=self._random)
 
-    def admit_setup(self) -> Refusal | None:
-        """May a new session be created now? None, or why not."""
+    def admit_setup(self, handshake: ServerHandshake) -> Refusal | None:
+        """May the session ``handshake`` asks for be created now? None, or why not (the
+        client is told no more than the code and a generic text)."""
+        setup = handshake.request
+        if handshake.done or not isinstance(setup, Setup):
+            return Refusal(CloseCode.PROTOCOL_ERROR, "no pending SETUP")
+        if self.authorize is not None and not self.authorize(setup.token):
+            return Refusal(CloseCode.UNAUTHORIZED, "not authorized")
         if len(self.sessions) >= self.max_sessions:
             return Refusal(CloseCode.OVERLOADED, "server holds its maximum of sessions")
         return None
