@@ -15,6 +15,7 @@ import pytest
 
 from tether.protocol.codes import CloseCode
 from tether.protocol.frames import (
+    PROTOCOL_VERSION,
     SERVER_HELLO_SIZE,
     Reject,
     Resume,
@@ -265,7 +266,7 @@ def test_resume_with_a_wrong_proof_is_rejected_and_the_session_keeps_flowing(
             word = int.from_bytes(header, "big")
             reply = parse_control(word >> 24, await reader.readexactly(word & 0xFFFFFF))
             assert reply == Reject(CloseCode.BAD_PROOF, "resume proof did not verify")
-            assert hello[8] == 1
+            assert hello[8] == PROTOCOL_VERSION
             assert await reader.read() == b""  # and the attacker's link is closed
             writer.close()
             # The owner's session is untouched and keeps flowing, across a real cut too.

@@ -21,6 +21,7 @@ from ..protocol.handshake import ServerHandshake
 from ..protocol.router import Router
 from ..protocol.session import Session
 from .link import LinkProtocol, LocalProtocol, LocalTransport, SessionRelay
+from .listener import LinkListener
 from .service import Service
 from .stream import TetherStream
 from .util import describe
@@ -59,6 +60,8 @@ class TetherServer(Service):
         self.handler = handler
         self._router = Router(config.session, max_sessions=config.max_sessions)
         self._relays: dict[bytes, _ServerSession] = {}
+        self._links: LinkListener | None = None
+        self._accepting: asyncio.Task[None] | None = None
 
     def relays(self) -> Iterable[SessionRelay]:
         return self._relays.values()
@@ -66,11 +69,17 @@ class TetherServer(Service):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         router = self._router
-        await self.listen(
+        listener = LinkListener(
             lambda: LinkProtocol(self, router.open_link(loop.time())),
-            self.config.listen,
-            ssl=self.config.ssl,
+            self.config.ssl,
+            handshake_timeout=self.config.session.handshake_timeout,
+            refused=self._link_refused,
+            spawn=self.spawn,
         )
+        listener.open(self.config.listen)
+        self.addresses = listener.addresses
+        self._links = listener
+        self._accepting = self.spawn(listener.serve())
         logger.info(
             "listening on %s, backend %s, timeout %gs, keepalive %gs",
             ", ".join(map(str, self.addresses)),
@@ -78,6 +87,14 @@ class TetherServer(Service):
             self.config.session.timeout,
             self.config.session.keepalive,
         )
+
+    def stop_listening(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+        if self._links is not None:
+            self._links.close()
+            self._links = None
 
     def shutdown(self) -> None:
         """End every session (GOING_AWAY) and close their backends."""
@@ -115,6 +132,11 @@ class TetherServer(Service):
 
     def link_lost(self, link: LinkProtocol, exc: Exception | None) -> None:
         """Nothing to do: the handshake is dropped with its link."""
+
+    def _link_refused(self, peer: str, why: str) -> None:
+        """A connection that never became a link (see listener.py)."""
+        self.counters.handshakes_failed += 1
+        logger.info("link from %s refused: %s", peer, why)
 
     def _refused(self, link: LinkProtocol, hs: ServerHandshake, event: HandshakeFailed) -> None:
         counters = self.counters

@@ -100,11 +100,14 @@ class Service:
         """A frozen snapshot of every live session."""
         return [relay.core.statistics() for relay in self.relays()]
 
-    async def close(self) -> None:
-        """Stop listening and end every session."""
+    def stop_listening(self) -> None:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+
+    async def close(self) -> None:
+        """Stop listening and end every session."""
+        self.stop_listening()
         self.shutdown()
 
     async def __aenter__(self) -> Self:

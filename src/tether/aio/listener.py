@@ -1,0 +1,187 @@
+"""The server's listening sockets: accept, look at the first byte, then start the link
+with TLS or in clear text (docs/security.md, "Transport").
+
+Accepting ourselves rather than with ``create_server(ssl=...)`` lets the server tell
+a mismatched client what is wrong instead of failing silently:
+
+- first byte 0x16 (a TLS handshake record): the link starts with TLS when the server
+  has TLS; a ``--plaintext`` server refuses it with one log line;
+- first byte 0x89 (the tether magic in clear): a ``--plaintext`` server takes the link;
+  a TLS server answers, in clear, a server hello and ``REJECT(TLS_REQUIRED)`` that a
+  clear-text client reports, and logs one line;
+- anything else is not a tether client: closed (TLS servers let TLS refuse it).
+
+The first byte is read with ``MSG_PEEK``, so it is still there for the TLS handshake.
+A connection that sends nothing within the handshake timeout is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ..config import Address
+from ..protocol.codes import CloseCode
+from ..protocol.frames import MAGIC, NONCE_SIZE, PROTOCOL_VERSION, Reject, server_hello
+from .link import LinkProtocol
+from .util import describe, format_peer
+
+__all__ = ["LinkListener", "TLS_RECORD"]
+
+logger = logging.getLogger("tether.server")
+
+TLS_RECORD = 0x16  # a TLS handshake record: what every TLS ClientHello starts with
+
+
+class LinkListener:
+    """Accept links on ``address`` and start each one (with ``tls`` when it is given)."""
+
+    def __init__(
+        self,
+        link: Callable[[], LinkProtocol],
+        tls: ssl.SSLContext | None,
+        *,
+        handshake_timeout: float,
+        refused: Callable[[str, str], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+    ) -> None:
+        """``link`` makes each link's protocol; ``refused(peer, why)`` hears of every
+        connection that never became a link; ``spawn`` runs a task in the service's group."""
+        self._link = link
+        self._tls = tls
+        self._timeout = handshake_timeout
+        self._refused = refused
+        self._spawn = spawn
+        self._sockets: list[socket.socket] = []
+
+    @property
+    def addresses(self) -> list[Address]:
+        return [Address(*sock.getsockname()[:2]) for sock in self._sockets]
+
+    def open(self, address: Address) -> None:
+        """Bind and listen (``::`` listens on IPv4 too)."""
+        infos = socket.getaddrinfo(
+            address.host or None,
+            address.port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(sockaddr)
+            sock.listen(4096)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sockets.append(sock)
+
+    async def serve(self) -> None:
+        """Accept until cancelled, on every socket."""
+        async with asyncio.TaskGroup() as group:
+            for sock in self._sockets:
+                group.create_task(self._accept(sock))
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listening)
+            except OSError as exc:  # out of file descriptors, most likely: breathe
+                logger.warning("accept on %s failed: %s", listening.getsockname(), describe(exc))
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            self._sniff(conn, format_peer(peer))
+
+    def _sniff(self, conn: socket.socket, peer: str) -> None:
+        """Wait for the first byte (bounded by the handshake timeout), then start."""
+        loop = asyncio.get_running_loop()
+        fd = conn.fileno()
+        timer: asyncio.TimerHandle | None = None
+
+        def readable() -> None:
+            try:
+                first = conn.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                first = b""
+                why = describe(exc)
+            else:
+                why = "closed before saying anything"
+            loop.remove_reader(fd)
+            if timer is not None:
+                timer.cancel()
+            if not first:
+                conn.close()
+                self._refused(peer, why)
+            else:
+                self._start(conn, peer, first[0])
+
+        def silent() -> None:
+            loop.remove_reader(fd)
+            conn.close()
+            self._refused(peer, "sent nothing before the handshake timeout")
+
+        loop.add_reader(fd, readable)
+        timer = loop.call_later(self._timeout, silent)
+
+    def _start(self, conn: socket.socket, peer: str, first: int) -> None:
+        tls = self._tls
+        if first == TLS_RECORD and tls is not None:
+            self._spawn(self._start_link(conn, peer, tls))
+        elif first == MAGIC[0] and tls is None:
+            self._spawn(self._start_link(conn, peer, None))
+        elif first == MAGIC[0]:
+            # A clear-text client: tell it, in its own terms, why it cannot go on.
+            refusal = Reject(CloseCode.TLS_REQUIRED, "this server takes TLS links only")
+            try:
+                conn.send(server_hello(PROTOCOL_VERSION, bytes(NONCE_SIZE)) + refusal.serialize())
+            except OSError:
+                pass
+            conn.close()
+            self._refused(peer, "the client speaks clear text; this server requires TLS")
+        elif first == TLS_RECORD:
+            conn.close()
+            self._refused(peer, "the client speaks TLS; this server runs with --plaintext")
+        else:
+            conn.close()
+            self._refused(peer, "not a tether client")
+
+    async def _start_link(self, conn: socket.socket, peer: str, tls: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if tls is None:
+                await loop.connect_accepted_socket(self._link, conn)
+            else:
+                await loop.connect_accepted_socket(
+                    self._link, conn, ssl=tls, ssl_handshake_timeout=self._timeout
+                )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            conn.close()
+            what = "TLS handshake failed: " if tls is not None else ""
+            self._refused(peer, what + describe_tls(exc))
+        except Exception:  # a bug must cost this connection only, never the server
+            conn.close()
+            logger.exception("link from %s failed to start", peer)
+
+
+def describe_tls(exc: BaseException) -> str:
+    """A TLS failure in a few words: OpenSSL's reason, not its whole message."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    return describe(exc)
