@@ -805,12 +805,12 @@ def _tampered_setup(edit: str) -> Pair:
     """A setup in which an on-path attacker rewrote one field of SETUP or ACCEPT."""
     p = Pair(CONFIG)
     link = p.connect()
-    hello, setup = list(link.to_server)
+    _hello, setup = list(link.to_server)
     if edit == "setup-window":
         frame = Setup(setup[4:36], 1024, 3000)  # the client asked for 256 KiB
         link.to_server[1] = frame.serialize()
     p.deliver(to_client=0)  # the server reads hello and SETUP, answers hello and ACCEPT
-    server_hello_raw, accept_raw = list(link.to_client)[:2]
+    _server_hello_raw, accept_raw = list(link.to_client)[:2]
     assert accept_raw[0] == FrameType.ACCEPT
     if edit == "accept-timeout":  # timeout_ms = 1: reliability silently switched off
         fields = bytearray(accept_raw)

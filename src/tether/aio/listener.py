@@ -18,6 +18,7 @@ A connection that sends nothing within the handshake timeout is closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -30,7 +31,7 @@ from ..protocol.frames import MAGIC, NONCE_SIZE, PROTOCOL_VERSION, Reject, serve
 from .link import LinkProtocol
 from .util import describe, format_peer
 
-__all__ = ["LinkListener", "TLS_RECORD"]
+__all__ = ["TLS_RECORD", "LinkListener"]
 
 logger = logging.getLogger("tether.server")
 
@@ -149,10 +150,8 @@ class LinkListener:
         elif first == MAGIC[0]:
             # A clear-text client: tell it, in its own terms, why it cannot go on.
             refusal = Reject(CloseCode.TLS_REQUIRED, "this server takes TLS links only")
-            try:
+            with contextlib.suppress(OSError):
                 conn.send(server_hello(PROTOCOL_VERSION, bytes(NONCE_SIZE)) + refusal.serialize())
-            except OSError:
-                pass
             conn.close()
             self._refused(peer, "the client speaks clear text; this server requires TLS")
         elif first == TLS_RECORD:
