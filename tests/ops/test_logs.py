@@ -1,0 +1,189 @@
+"""Logging setup (text and JSON Lines) and the flood summariser, on a fake clock."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from tether.logs import RateLimitedLog, setup_logging
+
+
+@pytest.fixture
+def tether_logger() -> Iterator[logging.Logger]:
+    """The 'tether' logger, restored afterwards (setup_logging stops its propagation)."""
+    logger = logging.getLogger("tether")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield logger
+    for handler in logger.handlers[:]:
+        if handler not in saved[0]:
+            logger.removeHandler(handler)
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
+def test_text_is_todays_format(tether_logger: logging.Logger) -> None:
+    out = io.StringIO()
+    setup_logging(logging.INFO, "text", out)
+    logging.getLogger("tether.server").info("listening on %s", "0.0.0.0:2598")
+    logging.getLogger("tether.server").debug("not shown")
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO tether.server: listening on 0.0.0.0:2598\n",
+        out.getvalue(),
+    )
+
+
+def test_json_lines_carry_structured_fields_and_tracebacks(tether_logger: logging.Logger) -> None:
+    out = io.StringIO()
+    setup_logging(logging.DEBUG, "json", out)
+    log = logging.getLogger("tether.server")
+    log.info(
+        "session %s: link lost",
+        "ab12",
+        extra={
+            "tether": {
+                "session": b"\xab\x12",
+                "peer": "198.18.0.7:5000",
+                "event": "lost",
+                "code": 4001,
+                "message": "clash",
+            }
+        },
+    )
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("handler failed")
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["level"] == "INFO"
+    assert first["logger"] == "tether.server"
+    assert first["message"] == "session ab12: link lost"
+    assert first["session"] == "ab12"  # bytes as hex
+    assert (first["peer"], first["event"], first["code"]) == ("198.18.0.7:5000", "lost", 4001)
+    assert first["field_message"] == "clash"  # a reserved name does not overwrite
+    when = datetime.datetime.fromisoformat(first["time"].replace("Z", "+00:00"))
+    assert first["time"].endswith("Z") and when.utcoffset() == datetime.timedelta(0)
+    assert abs((datetime.datetime.now(datetime.UTC) - when).total_seconds()) < 60
+    assert second["level"] == "ERROR"
+    assert second["traceback"].startswith("Traceback (most recent call last):")
+    assert second["traceback"].endswith("RuntimeError: boom")
+
+
+def test_setup_again_replaces_its_handler(tether_logger: logging.Logger) -> None:
+    first, second = io.StringIO(), io.StringIO()
+    setup_logging(logging.INFO, "text", first)
+    setup_logging(logging.WARNING, "json", second)
+    log = logging.getLogger("tether.client")
+    log.info("quiet now")
+    log.warning("loud")
+    assert first.getvalue() == ""
+    assert [json.loads(line)["message"] for line in second.getvalue().splitlines()] == ["loud"]
+    with pytest.raises(ValueError, match="log format"):
+        setup_logging(logging.INFO, "xml", second)  # type: ignore[arg-type]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def limited(caplog: pytest.LogCaptureFixture) -> tuple[RateLimitedLog, Clock]:
+    caplog.set_level(logging.INFO, logger="tether.test")
+    clock = Clock()
+    return RateLimitedLog(logging.getLogger("tether.test"), window=10, clock=clock), clock
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    out = [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    return out
+
+
+KEY = "link from 198.18.0.7 refused"
+
+
+def test_first_at_once_then_one_summary_per_window(
+    limited: tuple[RateLimitedLog, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    log, clock = limited
+    assert log.hit(KEY, "handshake timed out") is True
+    assert messages(caplog) == [f"{KEY}: handshake timed out"]
+    for _ in range(522):
+        clock.now += 0.01
+        assert log.hit(KEY, "handshake timed out") is False
+    assert messages(caplog) == []  # counted, not logged
+    assert log.next_timer() == 1010.0
+    clock.now = 1010.0
+    log.handle_timer()
+    assert messages(caplog) == [f"{KEY} 523 times in the last 10 s: handshake timed out"]
+    log.handle_timer()
+    assert messages(caplog) == []  # at most one summary per window
+
+    # still flooding: the next window is summarised too, the next hit is not logged at once
+    clock.now = 1012.5
+    assert log.hit(KEY, "bad magic") is False
+    clock.now = 1020.0
+    assert log.hit(KEY, "bad magic") is False
+    assert messages(caplog) == [f"{KEY} once in the last 10 s: bad magic"]
+    # quiet for a whole window: forgotten, the next hit is logged at once
+    clock.now = 1031.0
+    log.handle_timer()
+    assert messages(caplog) == [f"{KEY} once in the last 11 s: bad magic"]
+    clock.now = 1042.0
+    log.handle_timer()
+    assert messages(caplog) == [] and len(log) == 0
+    assert log.hit(KEY, "bad magic") is True
+
+
+def test_a_single_hit_needs_no_summary(
+    limited: tuple[RateLimitedLog, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    log, clock = limited
+    log.hit("a", "x")
+    clock.now += 60
+    log.handle_timer()
+    log.flush()
+    assert messages(caplog) == ["a: x"]
+    assert log.next_timer() is None
+
+
+def test_keys_are_independent_and_flush_writes_what_is_pending(
+    limited: tuple[RateLimitedLog, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    log, clock = limited
+    log.hit("a", "x")
+    log.hit("b", "y")
+    log.hit("a", "x")
+    clock.now += 2.5
+    log.flush()
+    assert messages(caplog) == ["a: x", "b: y", "a 2 times in the last 2.5 s: x"]
+
+
+def test_memory_is_bounded_and_the_overflow_summarised(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tether.test")
+    clock = Clock()
+    log = RateLimitedLog(logging.getLogger("tether.test"), window=10, max_keys=3, clock=clock)
+    for i in range(1000):
+        log.hit(f"link from 198.18.{i // 256}.{i % 256} refused", "handshake timed out")
+    assert len(log) == 3
+    logged = messages(caplog)
+    assert len(logged) == 4  # three tracked keys, and the first of the others
+    assert logged[3] == "link from 198.18.0.3 refused: handshake timed out"
+    clock.now += 10
+    log.handle_timer()
+    assert messages(caplog) == [
+        "other sources (beyond 3 tracked) 997 times in the last 10 s, the latest: "
+        "link from 198.18.3.231 refused: handshake timed out"
+    ]
+    assert len(log) == 0
+    assert log.hit("link from 198.18.9.9 refused", "bad magic") is True  # room again
