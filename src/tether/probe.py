@@ -38,10 +38,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO, cast
 
+from .protocol.codes import CloseCode
 from .protocol.frames import (
+    FRAME_HEADER_SIZE,
     MAGIC,
     PROTOCOL_VERSION,
     SERVER_HELLO_SIZE,
+    FrameType,
     client_hello,
     parse_server_hello,
 )
@@ -166,6 +169,15 @@ def classify(data: bytes) -> Kind | None:
         elif data[1] == 0x03 and data[2] <= 0x04:
             return Kind.TLS
     return None if undecided else Kind.OTHER
+
+
+def _tls_required(data: bytes) -> bool:
+    """A server hello followed by REJECT(TLS_REQUIRED): a TLS server answering in clear."""
+    rest = data[SERVER_HELLO_SIZE:]
+    if len(rest) < FRAME_HEADER_SIZE + 2 or rest[0] != FrameType.REJECT:
+        return False
+    code = int.from_bytes(rest[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + 2], "big")
+    return code == CloseCode.TLS_REQUIRED
 
 
 def _complete(kind: Kind | None, data: bytes) -> bool:
@@ -460,6 +472,8 @@ class _Prober:
         self.first = answer
         if answer.kind in (Kind.TLS, None) and (answer.closed or answer.data):
             return await self._try_tls(answer)
+        if answer.kind is Kind.TETHER and _tls_required(answer.data):
+            return await self._try_tls(answer)  # a TLS tether server told us so, in clear
         if answer.kind is Kind.HTTP or not answer.data:
             return await self._try_http(None, fallback=answer)
         return self._identify(answer, said_hello=True)

@@ -41,7 +41,13 @@ from tether.probe import (
     to_dict,
     to_json,
 )
-from tether.protocol.frames import CLIENT_HELLO_SIZE, MAGIC, client_hello, server_hello
+from tether.protocol.frames import (
+    CLIENT_HELLO_SIZE,
+    MAGIC,
+    PROTOCOL_VERSION,
+    client_hello,
+    server_hello,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -485,9 +491,9 @@ def test_real_tether_server_in_clear_is_identified_without_touching_the_backend(
             async def main() -> None:
                 result = await probe(host, int(server_port), timeout=3)
                 assert result.kind is Kind.TETHER, result
-                assert result.tether_version == 1
+                assert result.tether_version == PROTOCOL_VERSION
                 assert result.tls is None
-                assert result.detail == "tether version 1 in clear (no TLS)"
+                assert result.detail == f"tether version {PROTOCOL_VERSION} in clear (no TLS)"
 
             run(main())
             assert_never_connected(backend)
@@ -513,7 +519,7 @@ def test_real_tether_server_inside_tls(certificate: tuple[Path, Path, str]) -> N
             async with TetherServer(config) as server:
                 result = await probe("127.0.0.1", server.addresses[0].port, timeout=3)
             assert result.kind is Kind.TETHER, result
-            assert result.tether_version == 1
+            assert result.tether_version == PROTOCOL_VERSION
             assert result.tls is not None and result.tls.fingerprint == certificate[2]
 
         run(main())
