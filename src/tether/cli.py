@@ -1,95 +1,241 @@
-"""``tether``: the command line. Parse, build a frozen config, run; nothing else."""
+"""``tether``: the command line. Parse, build a frozen config, run; nothing else.
+
+Every default lives in the config dataclasses (config.py, protocol/session.py): the
+help shows their values, and an option the user did not give leaves its field alone,
+so a config file could later be applied between the defaults and the options.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import gc
+import inspect
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import __version__
-from .config import ClientConfig, ServerConfig, parse_address
-from .protocol.session import (
-    DEFAULT_KEEPALIVE,
-    DEFAULT_TIMEOUT,
-    DEFAULT_WINDOW,
-    SessionConfig,
+from .config import (
+    Address,
+    ClientConfig,
+    ServerConfig,
+    format_duration,
+    format_size,
+    parse_address,
+    parse_duration,
+    parse_size,
+    replace_field,
 )
+from .demo import run_demo
 
-__all__ = ["main"]
+__all__ = ["build_config", "main", "parse_args"]
+
+_DEFAULTS: dict[str, ServerConfig | ClientConfig] = {
+    "server": ServerConfig(),
+    "client": ClientConfig(),
+}
+
+_VALUES = """\
+values:
+  HOST:PORT  [ADDRESS]:PORT for IPv6; HOST alone takes the port the help names,
+             PORT alone the default host
+  DURATION   seconds, or a number with ms, s, m or h: 0.5, 90s, 3m, 1h
+  SIZE       bytes, or a number with K, M or G (binary: 4M = 4MiB = 4194304)"""
 
 
-def _session_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+@dataclass(frozen=True, slots=True)
+class _Option:
+    """One command-line option: it sets one field (``path``, dotted into the config)."""
+
+    flag: str
+    path: str
+    kind: str  # "listen", "target" (an address to connect to), "duration" or "size"
+    help: str
+    required: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def metavar(self) -> str:
+        return {"duration": "DURATION", "size": "SIZE"}.get(self.kind, "HOST:PORT")
+
+    def parse(self, text: str, default: object) -> object:
+        if self.kind == "duration":
+            return parse_duration(text)
+        if self.kind == "size":
+            return parse_size(text)
+        if isinstance(default, Address):
+            return parse_address(
+                text, default.host, default_port=default.port, any_port=self.kind == "listen"
+            )
+        return parse_address(text, any_port=self.kind == "listen")
+
+    def describe(self, default: object) -> str:
+        """The help text, ending with the default (or the port taken when omitted)."""
+        if isinstance(default, Address):
+            shown = f"port {default.port}" if self.required else str(default)
+        elif default is None:
+            shown = "none"
+        elif self.kind == "size" and isinstance(default, int):
+            shown = format_size(default)
+        elif self.kind == "duration" and isinstance(default, int | float):
+            shown = format_duration(default)
+        else:
+            shown = str(default)
+        return f"{self.help} ({'required; default ' if self.required else 'default '}{shown})"
+
+
+_SESSION_OPTIONS = (
+    _Option(
         "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="session-reliability timeout: how long a session waits for its peer to "
-        "come back (default %(default)g, Citrix's default)",
-    )
-    parser.add_argument(
+        "session.timeout",
+        "duration",
+        "session-reliability timeout: how long a session waits for its peer to come back",
+    ),
+    _Option(
         "--keepalive",
-        type=float,
-        default=DEFAULT_KEEPALIVE,
-        metavar="SECONDS",
-        help="keepalive interval; a link silent for two intervals is dead (default %(default)g)",
-    )
-    parser.add_argument(
+        "session.keepalive",
+        "duration",
+        "keepalive interval; a link silent for two intervals is dead",
+    ),
+    _Option(
         "--buffer",
-        type=int,
-        default=DEFAULT_WINDOW,
-        metavar="BYTES",
-        help="replay buffer bound per direction and session (default %(default)d)",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+        "session.window",
+        "size",
+        "replay buffer bound per direction and session; when it is full, tether stops "
+        "reading the sender",
+    ),
+)
+_OPTIONS: dict[str, tuple[_Option, ...]] = {
+    "server": (
+        _Option("--listen", "listen", "listen", "where to accept tether links"),
+        _Option("--backend", "backend", "target", "the service every session is relayed to"),
+        *_SESSION_OPTIONS,
+    ),
+    "client": (
+        _Option("--listen", "listen", "listen", "where the application connects", required=True),
+        _Option("--server", "server", "target", "the tether server", required=True),
+        _Option(
+            "--fallback",
+            "fallback",
+            "target",
+            "connect the application straight here, without reliability, when no tether "
+            "server answers at session start",
+        ),
+        _Option(
+            "--connect-timeout",
+            "connect_timeout",
+            "duration",
+            "how long a new session tries to reach the tether server",
+        ),
+        *_SESSION_OPTIONS,
+    ),
+    "demo": (
+        _Option("--outage", "outage", "duration", "how long the network path is cut"),
+        _Option("--bytes", "total_bulk", "size", "bulk data the application sends"),
+    ),
+}
+
+
+def _default(command: str, path: str) -> object:
+    if command == "demo":
+        return inspect.signature(run_demo).parameters[path].default
+    return functools.reduce(getattr, path.split("."), _DEFAULTS[command])
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
         description="Session reliability for any TCP service: sessions that survive network loss.",
+        epilog=_VALUES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"tether {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"tether {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    server = sub.add_parser("server", help="relay tether sessions to a backend (the XTE role)")
-    server.add_argument("--listen", default="0.0.0.0:2598", metavar="HOST:PORT")
-    server.add_argument("--backend", default="127.0.0.1:1494", metavar="HOST:PORT")
-    _session_args(server)
-
-    client = sub.add_parser("client", help="carry local application connections over tether")
-    client.add_argument("--listen", required=True, metavar="HOST:PORT")
-    client.add_argument("--server", required=True, metavar="HOST:PORT")
-    client.add_argument(
-        "--fallback",
-        metavar="HOST:PORT",
-        help="connect straight here (no reliability) when no tether server answers",
-    )
-    client.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long a new session tries to reach the server (default %(default)g)",
-    )
-    _session_args(client)
-
-    demo = sub.add_parser("demo", help="run a whole session through an outage on loopback")
-    demo.add_argument("--outage", type=float, default=3.0, metavar="SECONDS")
-    demo.add_argument("--bytes", type=int, default=8 * 1024 * 1024, metavar="N")
-    demo.add_argument("-v", "--verbose", action="store_true", help="show tether's own logs")
+    commands = {
+        "server": "relay tether sessions to a backend (the XTE role)",
+        "client": "carry local application connections over tether",
+        "demo": "run a whole session through an outage on loopback",
+    }
+    for command, summary in commands.items():
+        cmd = sub.add_parser(
+            command,
+            help=summary,
+            description=summary,
+            epilog=_VALUES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for option in _OPTIONS[command]:
+            cmd.add_argument(
+                option.flag,
+                dest=option.dest,
+                required=option.required,
+                metavar=option.metavar,
+                help=option.describe(_default(command, option.path)),
+            )
+        if command == "demo":
+            cmd.add_argument("-v", "--verbose", action="store_true", help="show tether's own logs")
+            continue
+        verbosity = cmd.add_mutually_exclusive_group()
+        verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        verbosity.add_argument(
+            "-q", "--quiet", action="store_true", help="warnings and errors only"
+        )
     return parser
 
 
-def _session_config(args: argparse.Namespace) -> SessionConfig:
-    return SessionConfig(window=args.buffer, keepalive=args.keepalive, timeout=args.timeout)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; argparse's own errors exit (status 2)."""
+    return _parser().parse_args(argv)
+
+
+def _given(args: argparse.Namespace) -> Iterator[tuple[_Option, str]]:
+    """Each option the user gave, with its text."""
+    for option in _OPTIONS[args.command]:
+        text = getattr(args, option.dest)
+        if text is not None:
+            yield option, text
+
+
+@contextlib.contextmanager
+def _about(option: _Option, text: str) -> Iterator[None]:
+    """Name the option and its value in any ValueError: ``--timeout -3: must be positive``."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"{option.flag} {text}: {exc}") from None
+
+
+def build_config(
+    args: argparse.Namespace, base: ServerConfig | ClientConfig | None = None
+) -> ServerConfig | ClientConfig:
+    """``base`` (default: the dataclass defaults) with the fields the user gave replaced.
+
+    Raises ValueError naming the option: ``--listen 127.0.0.1:x: port must be a number``.
+    """
+    config = _DEFAULTS[args.command] if base is None else base
+    for option, text in _given(args):
+        with _about(option, text):
+            value = option.parse(text, _default(args.command, option.path))
+            config = replace_field(config, option.path, value)  # the dataclass checks it
+    return config
+
+
+def _demo_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for option, text in _given(args):
+        with _about(option, text):
+            kwargs[option.path] = option.parse(text, _default("demo", option.path))
+    return kwargs
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -122,7 +268,8 @@ def _tune_malloc() -> None:
 
     Each 64-256 KiB object the data path allocates is above glibc's default mmap
     threshold, so it costs an mmap, page faults and an munmap; raising the thresholds
-    lets freed chunks be reused (STYLE.md item 9; docs/benchmarks.md measures it).
+    lets freed chunks be reused (CONTRIBUTING.md, "Data path" D3; docs/benchmarks.md
+    measures it).
     Set TETHER_NO_MALLOC_TUNING=1 to leave malloc alone.
     """
     if os.environ.get("TETHER_NO_MALLOC_TUNING") or not sys.platform.startswith("linux"):
@@ -174,32 +321,21 @@ async def _serve_until_signal(service: ServerConfig | ClientConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     try:
         if args.command == "demo":
-            from .demo import run_demo
-
-            return _run(lambda: run_demo(args.outage, args.bytes, verbose=args.verbose))
-        _setup_logging(args)
-        session = _session_config(args)
-        config: ServerConfig | ClientConfig
-        if args.command == "server":
-            config = ServerConfig(
-                listen=parse_address(args.listen, "0.0.0.0"),
-                backend=parse_address(args.backend),
-                session=session,
-            )
+            kwargs = _demo_kwargs(args)
         else:
-            config = ClientConfig(
-                listen=parse_address(args.listen),
-                server=parse_address(args.server),
-                fallback=parse_address(args.fallback) if args.fallback else None,
-                session=session,
-                connect_timeout=args.connect_timeout,
-            )
+            config = build_config(args)
     except ValueError as exc:
         print(f"tether: error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "demo":
+        return _run(lambda: run_demo(**kwargs, verbose=args.verbose))
+    _setup_logging(args)
     _raise_file_limit()
     try:
         return _run(lambda: _serve_until_signal(config))

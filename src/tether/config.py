@@ -1,16 +1,34 @@
-"""Frozen configuration of the tether server and client.
+"""Frozen configuration of the tether server and client, and the parsers for its values.
 
-The command line (cli.py) builds these; library users build them directly.
+The dataclasses here (and :class:`~tether.protocol.session.SessionConfig`, which they
+wrap) are the one source of every default: the command line (cli.py) starts from them
+and replaces only the fields the user gave; library users build them directly.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .protocol.session import SessionConfig
 
-__all__ = ["Address", "ClientConfig", "ServerConfig", "parse_address"]
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = [
+    "Address",
+    "ClientConfig",
+    "ServerConfig",
+    "format_duration",
+    "format_size",
+    "parse_address",
+    "parse_duration",
+    "parse_size",
+    "replace_field",
+]
 
 DEFAULT_SERVER_PORT = 2598  # the port Citrix session reliability (CGP) uses
 DEFAULT_BACKEND = ("127.0.0.1", 1494)  # the port ICA listens on behind it
@@ -25,23 +43,151 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_address(text: str, default_host: str = "127.0.0.1") -> Address:
-    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``PORT``. Raises ValueError with a clear message."""
+_NOT_IN_HOST = frozenset(" \t/@?#[]")
+
+
+def parse_address(
+    text: str,
+    default_host: str = "127.0.0.1",
+    *,
+    default_port: int | None = None,
+    any_port: bool = True,
+) -> Address:
+    """Parse ``HOST:PORT``, ``[V6]:PORT``, ``PORT``, or ``HOST`` / ``[V6]`` when there is
+    a ``default_port``. ``any_port=False`` refuses port 0 (an address to connect to).
+
+    Raises ValueError with a message that says what is wrong, not which text: the
+    caller knows what it passed (cli.py prefixes the option and its value).
+    """
     text = text.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = default_host, text
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        host = default_host
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"bad address {text!r}: port must be a number") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"bad address {text!r}: port out of range")
+    if not text:
+        raise ValueError("empty: give HOST:PORT")
+    if "://" in text:
+        raise ValueError("give HOST:PORT, not a URL")
+    port_text: str | None
+    if text.startswith("["):  # [V6]:PORT or [V6]
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("write an IPv6 address as [ADDRESS]:PORT")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise ValueError("an IPv6 address needs brackets: [ADDRESS]:PORT")
+    elif ":" in text:
+        host, _, port_text = text.partition(":")
+    elif text.isascii() and text.isdigit():
+        host, port_text = "", text
+    else:
+        host, port_text = text, None
+    host = host or default_host
+    if _NOT_IN_HOST.intersection(host):
+        raise ValueError(f"{host!r} is not a host name or address")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError("port missing: give HOST:PORT")
+        port_text = str(default_port)
+    if not port_text:
+        raise ValueError("port missing: give HOST:PORT")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError("port must be a number")
+    port = int(port_text)
+    lowest = 0 if any_port else 1
+    if not lowest <= port <= 65535:
+        raise ValueError(f"port must be within {lowest}-65535")
     return Address(host, port)
+
+
+_NUMBER_UNIT = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([A-Za-z]*)")
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+}
+_DURATION_UNITS: dict[str, int | Fraction] = {
+    "": 1,
+    "s": 1,
+    "ms": Fraction(1, 1000),
+    "m": 60,
+    "min": 60,
+    "h": 3600,
+}
+
+
+def _number_unit(text: str, what: str) -> tuple[Fraction, str]:
+    match = _NUMBER_UNIT.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a {what}")
+    return Fraction(match[1]), match[2].lower()
+
+
+def parse_size(text: str) -> int:
+    """Bytes: ``4194304``, ``64K``, ``4M``, ``1G``, ``4MiB``, ``1.5M``.
+
+    K, M and G are binary multiples (1024, 1024², 1024³), like KiB, MiB and GiB;
+    ``MB`` and the like are refused as ambiguous.
+    """
+    hint = "give bytes, or a number with K, M or G (binary: 4M is 4 MiB)"
+    try:
+        number, unit = _number_unit(text, "size")
+    except ValueError as exc:
+        raise ValueError(f"{exc}: {hint}") from None
+    factor = _SIZE_UNITS.get(unit)
+    if factor is None:
+        if unit in ("kb", "mb", "gb"):
+            letter = unit[0].upper()
+            raise ValueError(f"{unit.upper()} is ambiguous: write {letter} or {letter}iB (binary)")
+        raise ValueError(f"unknown unit {unit!r}: {hint}")
+    size = number * factor
+    if size <= 0:
+        raise ValueError("must be positive")
+    if size.denominator != 1:
+        raise ValueError("not a whole number of bytes")
+    return int(size)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds: ``90``, ``0.3``, ``90s``, ``500ms``, ``3m``, ``1h``."""
+    hint = "give seconds, or a number with ms, s, m or h (90s, 3m, 1h)"
+    try:
+        number, unit = _number_unit(text, "duration")
+    except ValueError as exc:
+        raise ValueError(f"{exc}: {hint}") from None
+    factor = _DURATION_UNITS.get(unit)
+    if factor is None:
+        raise ValueError(f"unknown unit {unit!r}: {hint}")
+    seconds = number * factor
+    if seconds <= 0:
+        raise ValueError("must be positive")
+    return float(seconds)
+
+
+def format_size(size: int) -> str:
+    """The shortest exact form ``parse_size`` reads back: ``4MiB``, ``1536KiB``, ``1000``."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def format_duration(seconds: float) -> str:
+    """``180s``, ``0.3s``: what ``parse_duration`` reads back."""
+    return f"{seconds:g}s"
+
+
+_Config = TypeVar("_Config", bound="DataclassInstance")
+
+
+def replace_field(config: _Config, path: str, value: Any) -> _Config:
+    """``config`` with one field replaced, ``path`` dotted into nested configs
+    (``"session.window"``). The dataclasses check the new value and raise ValueError."""
+    name, _, rest = path.partition(".")
+    if rest:
+        value = replace_field(getattr(config, name), rest, value)
+    return replace(config, **{name: value})
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +198,12 @@ class ServerConfig:
     backend_connect_timeout: float = 10.0
     max_sessions: int = 100_000
     ssl: ssl.SSLContext | None = None
+
+    def __post_init__(self) -> None:
+        if not self.backend_connect_timeout > 0:
+            raise ValueError("backend_connect_timeout must be positive")
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +218,11 @@ class ClientConfig:
     max_attempts_in_flight: int = 4
     ssl: ssl.SSLContext | None = None
     server_hostname: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.connect_timeout > 0:
+            raise ValueError("connect_timeout must be positive")
+        if not 0 < self.backoff_initial <= self.backoff_cap:
+            raise ValueError("backoff_initial must be positive and at most backoff_cap")
+        if self.max_attempts_in_flight < 1:
+            raise ValueError("max_attempts_in_flight must be at least 1")

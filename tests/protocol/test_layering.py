@@ -1,6 +1,6 @@
 """The core is sans-I/O: nothing under src/tether/protocol/ may import I/O, clocks or threads.
 
-STYLE.md item 1. The walk is syntactic (ast), so an import hidden inside a function,
+CONTRIBUTING.md, "Layers" L1. The walk is syntactic (ast), so an import hidden inside a function,
 a ``try`` or an ``if TYPE_CHECKING`` block is caught too.
 """
 
