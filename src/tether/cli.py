@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -56,9 +57,11 @@ class _Option:
 
     flag: str
     path: str
-    kind: str  # "listen", "target" (an address to connect to), "duration" or "size"
+    kind: str  # "listen", "target" (an address to connect to), "duration", "size",
+    #            "file", "text" or "switch" (a flag that sets True)
     help: str
     required: bool = False
+    shown: str | None = None  # the default as the help shows it, when not the field's value
 
     @property
     def dest(self) -> str:
@@ -66,9 +69,16 @@ class _Option:
 
     @property
     def metavar(self) -> str:
-        return {"duration": "DURATION", "size": "SIZE"}.get(self.kind, "HOST:PORT")
+        names = {"duration": "DURATION", "size": "SIZE", "file": "FILE", "text": "TEXT"}
+        return names.get(self.kind, "HOST:PORT")
 
     def parse(self, text: str, default: object) -> object:
+        if self.kind == "switch":
+            return True
+        if self.kind == "file":
+            return Path(text).expanduser()
+        if self.kind == "text":
+            return text
         if self.kind == "duration":
             return parse_duration(text)
         if self.kind == "size":
@@ -81,7 +91,11 @@ class _Option:
 
     def describe(self, default: object) -> str:
         """The help text, ending with the default (or the port taken when omitted)."""
-        if isinstance(default, Address):
+        if self.kind == "switch":
+            return f"{self.help} (default off)"
+        if self.shown is not None:
+            shown = self.shown
+        elif isinstance(default, Address):
             shown = f"port {default.port}" if self.required else str(default)
         elif default is None:
             shown = "none"
@@ -115,11 +129,42 @@ _SESSION_OPTIONS = (
         "reading the sender",
     ),
 )
+_PLAINTEXT = _Option(
+    "--plaintext",
+    "plaintext",
+    "switch",
+    "links in clear text, no TLS: only inside a VPN or a trusted internal network, and only "
+    "when the other end runs in clear text too",
+)
 _OPTIONS: dict[str, tuple[_Option, ...]] = {
     "server": (
         _Option("--listen", "listen", "listen", "where to accept tether links"),
         _Option("--backend", "backend", "target", "the service every session is relayed to"),
         *_SESSION_OPTIONS,
+        _Option("--tls-cert", "tls_cert", "file", "this server's TLS certificate (PEM chain)"),
+        _Option("--tls-key", "tls_key", "file", "its private key (PEM; mode 600)"),
+        _Option(
+            "--state-dir",
+            "state_dir",
+            "file",
+            "where the server keeps the key and self-signed certificate it makes on first "
+            "start, when it is given no certificate",
+            shown="$XDG_STATE_HOME/tether, ~/.local/state/tether, or /var/lib/tether for root",
+        ),
+        _Option(
+            "--tls-client-ca",
+            "tls_client_ca",
+            "file",
+            "accept only clients with a certificate this CA signed (mutual TLS)",
+        ),
+        _Option(
+            "--clients",
+            "clients",
+            "file",
+            "accept only clients presenting a token listed here (see 'tether token new'); "
+            "re-read when it changes",
+        ),
+        _PLAINTEXT,
     ),
     "client": (
         _Option("--listen", "listen", "listen", "where the application connects", required=True),
@@ -138,6 +183,49 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "how long a new session tries to reach the tether server",
         ),
         *_SESSION_OPTIONS,
+        _Option(
+            "--tls-ca",
+            "tls_ca",
+            "file",
+            "trust the server if a CA in this bundle signed its certificate for its host name",
+        ),
+        _Option(
+            "--server-fingerprint",
+            "server_fingerprint",
+            "text",
+            "trust the server only with this certificate (sha256:HEX, as the server logs it "
+            "and 'tether fingerprint' prints it)",
+        ),
+        _Option(
+            "--known-servers",
+            "known_servers",
+            "file",
+            "with neither a CA nor a pinned fingerprint, trust a server on first use and "
+            "remember its certificate here, as OpenSSH does",
+            shown="$XDG_CONFIG_HOME/tether/known_servers or ~/.config/tether/known_servers",
+        ),
+        _Option(
+            "--strict",
+            "strict",
+            "switch",
+            "no trust on first use: refuse a server that is neither pinned nor CA-signed nor "
+            "already known",
+        ),
+        _Option("--tls-cert", "tls_cert", "file", "this client's certificate, for mutual TLS"),
+        _Option("--tls-key", "tls_key", "file", "its private key (PEM; mode 600)"),
+        _Option(
+            "--token-file",
+            "token_file",
+            "file",
+            "present the token in this file (mode 600) to a server that asks for one",
+        ),
+        _Option(
+            "--require-reliability",
+            "require_reliability",
+            "switch",
+            "never fall back to a direct connection",
+        ),
+        _PLAINTEXT,
     ),
     "demo": (
         _Option("--outage", "outage", "duration", "how long the network path is cut"),
@@ -175,6 +263,15 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         for option in _OPTIONS[command]:
+            if option.kind == "switch":
+                cmd.add_argument(
+                    option.flag,
+                    dest=option.dest,
+                    action="store_const",
+                    const="",
+                    help=option.describe(False),
+                )
+                continue
             cmd.add_argument(
                 option.flag,
                 dest=option.dest,

@@ -8,9 +8,9 @@ and replaces only the fields the user gave; library users build them directly.
 from __future__ import annotations
 
 import re
-import ssl
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .protocol.session import SessionConfig
@@ -192,18 +192,29 @@ def replace_field(config: _Config, path: str, value: Any) -> _Config:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
+    """A tether server. Links are TLS 1.3 unless ``plaintext`` (docs/security.md)."""
+
     listen: Address = Address("0.0.0.0", DEFAULT_SERVER_PORT)
     backend: Address = Address(*DEFAULT_BACKEND)
     session: SessionConfig = field(default_factory=SessionConfig)
     backend_connect_timeout: float = 10.0
     max_sessions: int = 100_000
-    ssl: ssl.SSLContext | None = None
+    plaintext: bool = False  # links in clear text: only inside a trusted network
+    tls_cert: Path | None = None  # with tls_key; without, an identity in state_dir
+    tls_key: Path | None = None
+    state_dir: Path | None = None  # None: tls.default_state_dir()
+    tls_client_ca: Path | None = None  # clients must present a certificate it signed
+    clients: Path | None = None  # hashes of the tokens that may create sessions
 
     def __post_init__(self) -> None:
         if not self.backend_connect_timeout > 0:
             raise ValueError("backend_connect_timeout must be positive")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.plaintext and (self.tls_cert or self.tls_client_ca):
+            raise ValueError("plaintext takes no TLS certificate or client CA")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,10 +227,26 @@ class ClientConfig:
     backoff_initial: float = 0.05
     backoff_cap: float = 0.5
     max_attempts_in_flight: int = 4
-    ssl: ssl.SSLContext | None = None
-    server_hostname: str | None = None
+    plaintext: bool = False  # links in clear text: only inside a trusted network
+    tls_ca: Path | None = None  # verify the server against this CA bundle (and its name)
+    server_fingerprint: str | None = None  # or pin its certificate: "sha256:HEX"
+    known_servers: Path | None = None  # or trust on first use; None: tls.default_known_servers()
+    strict: bool = False  # no trust on first use: a server must be pinned or CA-signed
+    server_hostname: str | None = None  # the name the CA-signed certificate must carry
+    tls_cert: Path | None = None  # the client's own certificate, for mutual TLS
+    tls_key: Path | None = None
+    token_file: Path | None = None  # the client's token, for a server with a clients file
+    require_reliability: bool = False  # never fall back to a direct connection
 
     def __post_init__(self) -> None:
+        if self.plaintext and (self.tls_ca or self.server_fingerprint or self.tls_cert):
+            raise ValueError("plaintext takes no TLS CA, fingerprint or certificate")
+        if self.tls_ca is not None and self.server_fingerprint is not None:
+            raise ValueError("choose one of tls_ca and server_fingerprint")
+        if self.require_reliability and self.fallback is not None:
+            raise ValueError("require_reliability and a fallback contradict each other")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls_key needs tls_cert")
         if not self.connect_timeout > 0:
             raise ValueError("connect_timeout must be positive")
         if not 0 < self.backoff_initial <= self.backoff_cap:

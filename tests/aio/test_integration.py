@@ -243,13 +243,16 @@ def test_resume_with_a_wrong_proof_is_rejected_and_the_session_keeps_flowing(
     size = 8 * 1024 * 1024
 
     async def main() -> None:
+        # In clear text, so that the observer learns the session id: the resume proof is
+        # the defence in depth that still holds when TLS is off.
         async with (
             Backend(seed=12, size=size, eof=False) as backend,
-            tether_pair(backend.address, str(tmp_path), client_args=FAST) as (
-                server,
-                client,
-                relay,
-            ),
+            tether_pair(
+                backend.address,
+                str(tmp_path),
+                server_args=("--plaintext",),
+                client_args=(*FAST, "--plaintext"),
+            ) as (server, client, relay),
         ):
             app = await connect_app(client.address, seed=13, size=size, eof=False)
             await wait_for(backend.connected, 10, "the backend connection")

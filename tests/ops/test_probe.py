@@ -341,6 +341,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, s
             serialization.NoEncryption(),
         )
     )
+    key_path.chmod(0o600)  # a tether server refuses a key others can read
     der = cert.public_bytes(serialization.Encoding.DER)
     return cert_path, key_path, "sha256:" + hashlib.sha256(der).hexdigest()
 
@@ -476,7 +477,15 @@ def test_real_tether_server_in_clear_is_identified_without_touching_the_backend(
         log = tmp_path / "server.log"
         with log.open("wb") as err:
             proc = subprocess.Popen(
-                [*TETHER, "server", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}"],
+                [
+                    *TETHER,
+                    "server",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--backend",
+                    f"127.0.0.1:{port}",
+                    "--plaintext",
+                ],  # fmt: skip
                 stdout=subprocess.PIPE,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
@@ -512,7 +521,8 @@ def test_real_tether_server_inside_tls(certificate: tuple[Path, Path, str]) -> N
         config = ServerConfig(
             listen=Address("127.0.0.1", 0),
             backend=Address("127.0.0.1", backend.getsockname()[1]),
-            ssl=server_tls(certificate),
+            tls_cert=certificate[0],
+            tls_key=certificate[1],
         )
 
         async def main() -> None:

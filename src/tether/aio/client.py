@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
+import socket
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
+from pathlib import Path
 
+from .. import tls
 from ..config import Address, ClientConfig, parse_address
 from ..errors import SessionClosed
 from ..protocol.codes import CloseCode
@@ -33,9 +37,10 @@ from ..protocol.events import (
     SessionEstablished,
     SessionResumed,
 )
+from ..protocol.frames import MAX_TOKEN_BYTES
 from ..protocol.handshake import ClientHandshake
 from ..protocol.session import Session, SessionState
-from .dial import Dialer
+from .dial import Dialer, TLSPolicy, Untrusted, describe_link_failure, not_tls
 from .link import LinkProtocol, LocalProtocol, SessionRelay
 from .service import Service
 from .splice import Splice, splice_to
@@ -56,7 +61,9 @@ class _ClientSession(SessionRelay):
         self.client = client
         self.app = app
         self.name = f"#{number}"
-        self.dialer = Dialer(client.config, lambda: LinkProtocol(self), self._note_failure)
+        self.dialer = Dialer(
+            client.config, lambda: LinkProtocol(self), self._note_failure, client.tls_policy
+        )
         self.ready: asyncio.Future[bool] = loop.create_future()  # established, or not
         self._detached = asyncio.Event()  # the link was lost: time to reconnect
         self._trying: LinkProtocol | None = None  # the link whose handshake runs now
@@ -106,8 +113,9 @@ class _ClientSession(SessionRelay):
         reason = event.reason
         if event.code is CloseCode.EXPIRED and self._last_error:
             reason = f"{reason}; reconnect attempts failed: {self._last_error}"
+        level = logging.INFO if event.code is CloseCode.NORMAL else logging.WARNING
         self.log.log(
-            logging.INFO if event.code is CloseCode.NORMAL else logging.WARNING,
+            logging.ERROR if event.code is CloseCode.UNTRUSTED_SERVER else level,
             "session %s: ended %s (%s)%s; application connection closed",
             self.name,
             event.code.name,
@@ -183,50 +191,73 @@ class _ClientSession(SessionRelay):
             return False
         self._outcome = self.loop.create_future()
         self._trying = link
-        link.start(ClientHandshake(self.core, self.loop.time()))
+        link.start(ClientHandshake(self.core, self.loop.time(), token=self.client.token))
         try:
             return await self._outcome
         finally:
             self._outcome = self._trying = None
 
     async def _setup(self) -> bool:
-        """Reach a tether server for a new session, or fall back. True when established."""
+        """Reach a tether server for a new session, or fall back. True when established.
+
+        The fallback is taken only when no tether server is there: the connection is
+        refused or times out, or the answer is not tether (docs/security.md, "No silent
+        downgrade"); never when the server's identity does not verify, never when a
+        tether server answered (busy, or refusing this client).
+        """
         config = self.client.config
         deadline = self.loop.time() + config.connect_timeout
         backoff = self.dialer.backoff()
+        tether_answered = False
         while not self.core.closed:
             remaining = deadline - self.loop.time()
             if remaining <= 0:
-                await self._give_up(self._last_error or "timed out")
+                await self._give_up(self._last_error or "timed out", not tether_answered)
                 return False
             try:
                 if await self._use(*await self.dialer.connect(remaining)):
                     return True
                 failure = self._failure
                 why = failure.reason if failure else "connection closed"
-                tether = failure is not None and failure.peer_is_tether
+                no_tether = failure is None or not failure.peer_is_tether
+            except Untrusted as exc:
+                self._untrusted(exc)
+                return False
             except (OSError, TimeoutError) as exc:
-                why, tether = describe(exc), False
+                why, no_tether = describe_link_failure(exc), _no_tether_there(exc)
             if self.core.closed:
                 return False  # refused by the server; on_ended said why
+            tether_answered |= not no_tether
             self._last_error = why
-            if not tether and self._can_fall_back():
+            if no_tether and self._can_fall_back():
                 await self._fall_back(why)
                 return False
             await asyncio.sleep(min(backoff.next(), max(deadline - self.loop.time(), 0)))
         return False
 
-    async def _give_up(self, why: str) -> None:
-        if self._can_fall_back():
+    async def _give_up(self, why: str, may_fall_back: bool) -> None:
+        if may_fall_back and self._can_fall_back():
             await self._fall_back(why)
         else:
             server = self.client.config.server
             self.abort(CloseCode.RESUME_FAILED, f"no tether server at {server}: {why}")
 
+    def _untrusted(self, exc: BaseException) -> None:
+        """The server is not who it must be: an attack signal. Fail closed, no fallback."""
+        self.abort(
+            CloseCode.UNTRUSTED_SERVER,
+            f"{describe_link_failure(exc) if not isinstance(exc, tls.TrustError) else exc}; "
+            "the application's connection is closed, not sent anywhere else",
+        )
+
     async def _reconnect(self) -> None:
         """Race connection attempts until one carries the session again, or it ends."""
         while self.core.state is SessionState.DETACHED:
-            won = await self.dialer.race()
+            try:
+                won = await self.dialer.race()
+            except Untrusted as exc:
+                self._untrusted(exc)
+                return
             if won is None:
                 return  # the session ended (expired) while we were trying
             if await self._use(*won):
@@ -299,6 +330,9 @@ class TetherClient(Service):
         self._listen = listen
         self._live: set[_ClientSession] = set()
         self._numbers = itertools.count(1)
+        # Read once, here: a missing file or a key readable by others fails at start.
+        self.tls_policy = None if config.plaintext else TLSPolicy(config)
+        self.token = read_token(config.token_file) if config.token_file is not None else b""
 
     def relays(self) -> Iterable[SessionRelay]:
         return [session for session in self._live if session._fallback is None]
@@ -307,12 +341,30 @@ class TetherClient(Service):
         if not self._listen:
             return
         await self.listen(lambda: _AppProtocol(self), self.config.listen)
+        config = self.config
         logger.info(
-            "listening on %s for applications; server %s%s",
+            "listening on %s for applications; server %s (%s)%s",
             ", ".join(map(str, self.addresses)),
-            self.config.server,
-            f", fallback {self.config.fallback}" if self.config.fallback else "",
+            config.server,
+            self._trust(),
+            f", fallback {config.fallback}" if config.fallback else "",
         )
+        if config.plaintext:
+            logger.warning(
+                "links to %s are in clear text (--plaintext): use it only inside a trusted network",
+                config.server,
+            )
+
+    def _trust(self) -> str:
+        config, policy = self.config, self.tls_policy
+        if policy is None:
+            return "clear text"
+        if config.tls_ca is not None:
+            return f"TLS 1.3, certificate signed by {config.tls_ca} for {config.server.host}"
+        if config.server_fingerprint is not None:
+            return f"TLS 1.3, certificate pinned to {config.server_fingerprint}"
+        first_use = "known servers only" if config.strict else "trust on first use"
+        return f"TLS 1.3, {first_use}: {policy.known_servers}"
 
     def shutdown(self) -> None:
         for session in list(self._live):
@@ -357,3 +409,26 @@ async def connect(
     settings = replace(config or ClientConfig(), server=address, fallback=None)
     async with TetherClient(settings, listen=False) as client, client.open_stream() as stream:
         yield stream
+
+
+def read_token(path: Path) -> bytes:
+    """The client's token from ``path``: a secret, so a file others can read is refused."""
+    tls.check_private_file(path)
+    token = path.read_bytes().strip()
+    if not token or len(token) > MAX_TOKEN_BYTES:
+        raise ValueError(f"token file {path}: expected one token of 1 to {MAX_TOKEN_BYTES} bytes")
+    return token
+
+
+_UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED})
+
+
+def _no_tether_there(exc: BaseException) -> bool:
+    """Does this failed connection show there is no tether server (refused, timed out,
+    unreachable, or not TLS at all), rather than a tether server that could not talk now
+    (a reset or an EOF in the TLS handshake: busy, or running with --plaintext)?"""
+    if isinstance(exc, TimeoutError | socket.gaierror):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE:
+        return True
+    return not_tls(exc)

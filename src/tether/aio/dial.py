@@ -1,5 +1,6 @@
 """How a client reaches its server: capped exponential backoff with jitter, one
-connection within a time limit, and races of attempts for a reconnect.
+connection within a time limit, and races of attempts for a reconnect; TLS with the
+server's identity checked before a byte of tether is written.
 
 A reconnect starts a fresh attempt every backoff step, even while older ones still
 wait: an attempt whose SYNs were lost is stuck in TCP's own backoff (1, 3, 7 s), so
@@ -10,17 +11,23 @@ oldest attempt gives way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
 from collections.abc import Callable
 
+from .. import tls
 from ..config import ClientConfig
 from .link import LinkProtocol
 from .util import describe
 
-__all__ = ["Backoff", "Dialer"]
+__all__ = ["Backoff", "Dialer", "TLSPolicy", "Untrusted"]
+
+logger = logging.getLogger("tether.client")
 
 Connection = tuple[asyncio.Transport, LinkProtocol]
+# The server is not who it should be: fail closed, never fall back (an attack signal).
+Untrusted = (tls.TrustError, ssl.SSLCertVerificationError)
 
 
 class Backoff:
@@ -36,6 +43,48 @@ class Backoff:
         return delay
 
 
+class TLSPolicy:
+    """The client's TLS: its context, how it trusts the server, and its session tickets.
+    Built once per client (the context reads files)."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.context = tls.client_context(
+            ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key
+        )
+        self.sessions = tls.SessionCache()
+        self.known_servers = config.known_servers or tls.default_known_servers()
+        if config.server_fingerprint is not None:
+            tls.parse_fingerprint(config.server_fingerprint)  # a bad pin fails at start
+
+    @property
+    def verify(self) -> Callable[[bytes], object] | None:
+        """The check of the server's certificate, unless the CA does it in the handshake."""
+        return None if self.config.tls_ca is not None else self._verify
+
+    def _verify(self, der: bytes) -> object:
+        server = self.config.server
+        result = tls.verify_server(
+            der,
+            server.host,
+            server.port,
+            pin=self.config.server_fingerprint,
+            known_servers=self.known_servers,
+            strict=self.config.strict,
+        )
+        if result.learned:
+            logger.warning(
+                "server %s is new: trusting its certificate %s from now on, recorded in %s:%s "
+                "(check it against the fingerprint the server logs, or pin it with "
+                "--server-fingerprint)",
+                server,
+                result.fingerprint,
+                result.known_servers,
+                result.line,
+            )
+        return result
+
+
 class Dialer:
     """Connections from a client to its server; ``link`` makes each link's protocol."""
 
@@ -44,35 +93,43 @@ class Dialer:
         config: ClientConfig,
         link: Callable[[], LinkProtocol],
         on_failure: Callable[[str], None],
-        *,
-        ssl_context: ssl.SSLContext | None = None,
+        tls_policy: TLSPolicy | None,
     ) -> None:
         self.config = config
         self._link = link
         self._on_failure = on_failure
-        self._ssl = ssl_context if ssl_context is not None else config.ssl
+        self._tls = tls_policy
         self._winner: asyncio.Future[Connection | None] | None = None
 
     def backoff(self) -> Backoff:
         return Backoff(self.config.backoff_initial, self.config.backoff_cap)
 
     async def connect(self, limit: float) -> Connection:
-        """One TCP (or TLS) connection to the server, within ``limit`` seconds."""
+        """One connection to the server, within ``limit`` seconds: TCP, then TLS with the
+        server's identity verified (raising one of ``Untrusted`` when it is not)."""
         server = self.config.server
-        loop = asyncio.get_running_loop()
+        policy = self._tls
+        if policy is None:
+            loop = asyncio.get_running_loop()
+            return await asyncio.wait_for(
+                loop.create_connection(self._link, server.host, server.port), limit
+            )
         return await asyncio.wait_for(
-            loop.create_connection(
+            tls.create_tls_connection(
                 self._link,
                 server.host,
                 server.port,
-                ssl=self._ssl,
-                server_hostname=self.config.server_hostname if self._ssl else None,
+                context=policy.context,
+                server_hostname=self.config.server_hostname or server.host,
+                sessions=policy.sessions,
+                verify=policy.verify,
             ),
             limit,
         )
 
     async def race(self) -> Connection | None:
-        """Race attempts until one connects; None when :meth:`cancel` was called."""
+        """Race attempts until one connects; None when :meth:`cancel` was called. Raises
+        one of ``Untrusted`` when an attempt reached a server that must not be trusted."""
         loop = asyncio.get_running_loop()
         winner: asyncio.Future[Connection | None] = loop.create_future()
         self._winner = winner
@@ -100,10 +157,41 @@ class Dialer:
     async def _attempt(self, winner: asyncio.Future[Connection | None]) -> None:
         try:
             transport, link = await self.connect(self.config.session.handshake_timeout)
+        except Untrusted as exc:
+            if not winner.done():
+                winner.set_exception(exc)
+            return
         except (OSError, TimeoutError) as exc:
-            self._on_failure(describe(exc))
+            self._on_failure(describe_link_failure(exc))
             return
         if winner.done():
             transport.close()
         else:
             winner.set_result((transport, link))
+
+
+def describe_link_failure(exc: BaseException) -> str:
+    """A failed connection in a few words, TLS failures included."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return "TLS: " + exc.reason.lower().replace("_", " ")
+    return describe(exc)
+
+
+# OpenSSL's reasons for bytes that are not TLS at all: whatever answered, it is not a
+# tether server with TLS (it may be the service itself, or another protocol).
+_NOT_TLS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",
+        "UNKNOWN_PROTOCOL",
+        "HTTP_REQUEST",
+        "HTTPS_PROXY_REQUEST",
+        "PACKET_LENGTH_TOO_LONG",
+        "RECORD_LAYER_FAILURE",
+        "UNSUPPORTED_PROTOCOL",
+    }
+)
+
+
+def not_tls(exc: BaseException) -> bool:
+    """Did the peer answer our TLS handshake with something that is not TLS?"""
+    return isinstance(exc, ssl.SSLError) and (exc.reason or "") in _NOT_TLS

@@ -10,13 +10,17 @@ session's replay buffer up to its bound, then the backend is no longer read.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 
+from .. import tls
 from ..config import ServerConfig
+from ..credentials import ClientsFileError, ClientTokens
 from ..protocol.codes import CloseCode
 from ..protocol.events import Event, HandshakeFailed, ResumeRequested, SessionEnded, SetupRequested
-from ..protocol.frames import Resume
+from ..protocol.frames import Resume, Setup
 from ..protocol.handshake import ServerHandshake
 from ..protocol.router import Router
 from ..protocol.session import Session
@@ -60,6 +64,10 @@ class TetherServer(Service):
         self.handler = handler
         self._router = Router(config.session, max_sessions=config.max_sessions)
         self._relays: dict[bytes, _ServerSession] = {}
+        self._tokens = ClientTokens(config.clients) if config.clients is not None else None
+        if self._tokens is not None:
+            self._router.authorize = self._authorize
+        self.fingerprint: str | None = None  # of the TLS certificate, once started
         self._links: LinkListener | None = None
         self._accepting: asyncio.Task[None] | None = None
 
@@ -71,7 +79,7 @@ class TetherServer(Service):
         router = self._router
         listener = LinkListener(
             lambda: LinkProtocol(self, router.open_link(loop.time())),
-            self.config.ssl,
+            self._tls_context(),
             handshake_timeout=self.config.session.handshake_timeout,
             refused=self._link_refused,
             spawn=self.spawn,
@@ -81,12 +89,56 @@ class TetherServer(Service):
         self._links = listener
         self._accepting = self.spawn(listener.serve())
         logger.info(
-            "listening on %s, backend %s, timeout %gs, keepalive %gs",
+            "listening on %s, backend %s, timeout %gs, keepalive %gs; %s; %s",
             ", ".join(map(str, self.addresses)),
             "the handler" if self.handler else self.config.backend,
             self.config.session.timeout,
             self.config.session.keepalive,
+            f"TLS 1.3, certificate {self.fingerprint}" if self.fingerprint else "clear text",
+            self._who_may_connect(),
         )
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The links' TLS: the configured identity, or one made (once) in the state
+        directory. None with ``plaintext``, which warns unless only loopback listens."""
+        config = self.config
+        if config.plaintext:
+            if not _loopback(config.listen.host):
+                logger.warning(
+                    "links to %s are in clear text (--plaintext): anyone on the path can read "
+                    "and change every session; use it only inside a trusted network",
+                    config.listen,
+                )
+            return None
+        if config.tls_cert is not None and config.tls_key is not None:
+            identity = tls.load_identity(config.tls_cert, config.tls_key)
+        else:
+            state = config.state_dir or tls.default_state_dir()
+            identity, created = tls.load_or_create_identity(state)
+            if created:
+                logger.info("created this server's TLS key and certificate in %s", state)
+        self.fingerprint = identity.fingerprint
+        return tls.server_context(identity, client_ca=config.tls_client_ca)
+
+    def _who_may_connect(self) -> str:
+        config = self.config
+        if config.clients is not None:
+            return f"clients: those with a token listed in {config.clients}"
+        if config.tls_client_ca is not None:
+            return f"clients: those with a certificate signed by {config.tls_client_ca}"
+        if config.plaintext:
+            return "clients: anyone who can connect (the backend authenticates its users)"
+        return "clients: anyone who completes TLS (the backend authenticates its users)"
+
+    def _authorize(self, token: bytes) -> bool:
+        tokens = self._tokens
+        assert tokens is not None
+        try:
+            if tokens.reload_if_changed():
+                logger.info("clients file %s re-read: %d clients", self.config.clients, len(tokens))
+        except ClientsFileError as exc:
+            logger.warning("%s; keeping the clients read before", exc)
+        return tokens.check(token)
 
     def stop_listening(self) -> None:
         if self._accepting is not None:
@@ -109,6 +161,10 @@ class TetherServer(Service):
         if isinstance(event, SetupRequested):
             refusal = self._router.admit_setup(handshake)
             if refusal is not None:
+                if refusal.code is CloseCode.UNAUTHORIZED:
+                    setup = handshake.request
+                    token = setup.token if isinstance(setup, Setup) else b""
+                    link.why = "token not accepted" if token else "no token"
                 handshake.reject(refusal.code, refusal.reason)
             else:
                 self.spawn(self._setup(link, handshake))
@@ -247,3 +303,10 @@ class TetherServer(Service):
             stats.bytes_sent,
             stats.resumes,
         )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
