@@ -485,7 +485,7 @@ def test_real_tether_server_in_clear_is_identified_without_touching_the_backend(
                     "--backend",
                     f"127.0.0.1:{port}",
                     "--plaintext",
-                ],  # fmt: skip
+                ],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
