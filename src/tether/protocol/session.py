@@ -160,6 +160,7 @@ class Session:
         "_links",
         "_misses",
         "_out",
+        "_paused_in_interval",
         "_peer_acked",
         "_peer_eof",
         "_peer_timeout",
@@ -210,6 +211,7 @@ class Session:
         self._heard = False
         self._ping_credit = 0  # ticks that count as heard after the peer's PING
         self._receive_paused = False  # the driver stopped reading the link on purpose
+        self._paused_in_interval = False  # ... at any time since the last tick
         self._misses = 0
         self._ping_token = 0
         self._tick_at: float | None = None
@@ -330,9 +332,12 @@ class Session:
 
     def pause_receiving(self, paused: bool) -> None:
         """The driver stopped (or resumed) reading the link because the local side is
-        slow. While paused, keepalive silence does not count against the link: the
-        peer's bytes wait in the kernel, unread, and the link is not dead."""
+        slow. Silence over a keepalive interval in which receiving was paused at any
+        time does not count against the link: the peer's bytes wait in the kernel,
+        unread, and the link is not dead."""
         self._receive_paused = paused
+        if paused:
+            self._paused_in_interval = True
 
     # -- application inputs ------------------------------------------------------
 
@@ -537,6 +542,7 @@ class Session:
         self._out = list(preamble) if preamble else []
         self._reader = FrameReader()
         self._links += 1
+        self._paused_in_interval = self._receive_paused
         self._expire_at = None
         self._detached_since = None
         self._heard = False
@@ -559,14 +565,20 @@ class Session:
 
     def _tick(self, now: float) -> None:
         interval = self.config.keepalive
-        if self._heard or self._receive_paused or self._ping_credit:
-            # Silence we caused by not reading (the local side is slow) is not a dead link.
-            # A PING's credit covers the ticks it vouches for in one go: the next tick
-            # comes after all of them (an idle server wakes once per client PING).
+        if self._heard or self._paused_in_interval or self._ping_credit:
+            # Silence we caused by not reading (the local side is slow) is not a dead link,
+            # even if reading resumed just before this tick: paused at any time since the
+            # last one counts. A PING's credit covers the ticks it vouches for in one go:
+            # the next tick comes after all of them (an idle server wakes once per PING).
             interval *= max(1, self._ping_credit)
+            if self._paused_in_interval:
+                # The peer, whose PINGs we do not read, must hear that we are alive.
+                self._ping_token += 1
+                self._out.append(Ping(self._ping_token).serialize())
             self._heard = False
             self._ping_credit = 0
             self._misses = 0
+            self._paused_in_interval = self._receive_paused
         else:
             self._misses += 1
             if self._misses >= KEEPALIVE_MISSES:
