@@ -5,6 +5,7 @@ through the core alone (tests/protocol/pair.py; no event loop, no clock).
   the link (not the session) with a stated reason (docs/protocol.md, "Keepalive").
 - A link that is not writable (``link_writable(False)``, the driver's
   ``pause_writing``): nothing new is framed for it; everything goes out when it drains.
+- Tiny DATA frames: one read costs one event, whatever the number of frames in it.
 - Keepalive: silence in an interval during which receiving was paused at any time is
   not death, and the peer of a side that does not read keeps hearing from it.
 """
@@ -12,11 +13,15 @@ through the core alone (tests/protocol/pair.py; no event loop, no clock).
 from __future__ import annotations
 
 from tether.protocol.codes import CloseCode
-from tether.protocol.events import LinkLost
+from tether.protocol.events import DataReceived, LinkLost
 from tether.protocol.frames import (
+    MAX_DATA_CHUNK,
     Ack,
+    Data,
+    Eof,
     Ping,
     Pong,
+    data_header,
 )
 from tether.protocol.reader import FrameReader
 from tether.protocol.session import (
@@ -217,6 +222,64 @@ def test_the_final_ack_and_close_go_out_whatever_the_link() -> None:
     q.pump()
     q.transfer()
     assert q.app.ended is not None and q.app.ended.code is CloseCode.BACKEND_RESET
+
+
+# -- tiny frames -------------------------------------------------------------------------------
+
+
+def tiny_frames(offset: int, count: int) -> bytes:
+    return b"".join(data_header(offset + i, 1) + bytes([(offset + i) % 251]) for i in range(count))
+
+
+def test_a_read_of_tiny_frames_costs_one_event_and_at_most_one_ack() -> None:
+    p = established()
+    server = p.server
+    count = READ // 13  # a whole read of one-byte DATA frames
+    received: list[DataReceived] = []
+    out: list[bytes | memoryview] = []
+    for n in range(4):
+        server.receive_data(tiny_frames(n * count, count), p.now)
+        got = events(server)
+        assert len(got) == 1, f"{len(got)} events for one read"
+        received += [e for e in got if isinstance(e, DataReceived)]
+        sent = server.data_to_send()
+        assert len(frames(sent)) <= 1  # an ACK, at most
+        out += sent
+    assert b"".join(bytes(e.data) for e in received) == bytes(i % 251 for i in range(4 * count))
+    assert server.statistics().bytes_received == 4 * count
+
+
+def test_large_frames_are_still_delivered_as_views_of_the_read() -> None:
+    p = established()
+    server = p.server
+    payload = bytes(range(256)) * (MAX_DATA_CHUNK // 256)
+    read = b"".join(data_header(i * MAX_DATA_CHUNK, MAX_DATA_CHUNK) + payload for i in range(4))
+    server.receive_data(read, p.now)
+    got = events(server)
+    assert len(got) == 4
+    for event in got:
+        assert isinstance(event, DataReceived) and isinstance(event.data, memoryview)
+        assert event.data.obj is read and bytes(event.data) == payload  # no copy
+
+
+def test_small_frames_between_control_frames_keep_their_order() -> None:
+    p = established()
+    server = p.server
+    read = tiny_frames(0, 10) + PING + tiny_frames(10, 10) + Eof(20).serialize()
+    server.receive_data(read, p.now)
+    got = events(server)
+    kinds = [type(e).__name__ for e in got]
+    assert kinds == ["DataReceived", "DataReceived", "EofReceived"]
+    assert b"".join(bytes(e.data) for e in got if isinstance(e, DataReceived)) == bytes(range(20))
+
+
+def test_a_protocol_error_after_data_delivers_the_data_first() -> None:
+    p = established()
+    server = p.server
+    server.receive_data(tiny_frames(0, 5) + Data(99, b"x").serialize(), p.now)
+    got = events(server)
+    assert isinstance(got[0], DataReceived) and bytes(got[0].data) == bytes(range(5))
+    assert server.closed and server.close_code is CloseCode.PROTOCOL_ERROR
 
 
 # -- keepalive while receiving is paused now and then ---------------------------------------

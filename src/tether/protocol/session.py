@@ -69,6 +69,7 @@ MAX_ACK_THRESHOLD = 1024 * 1024
 CONTROL_RATE = 64.0  # frames per second
 CONTROL_BURST = 128.0  # frames at once
 CONTROL_FLOOD = "peer sends control frames without reading"  # LinkLost reason
+JOIN_BELOW = 4096  # DATA pieces of one read averaging fewer bytes are delivered joined
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,22 +416,43 @@ class Session:
 
     def receive_data(self, data: bytes | bytearray | memoryview, now: float | None = None) -> None:
         """Bytes from the current link, read at ``now`` (without it: the latest time the
-        core was given). Never raises on peer input."""
+        core was given). Never raises on peer input.
+
+        The work is linear in the frames and bounded by the bytes fed in: consecutive
+        DATA pieces become one ``DataReceived`` each, or a single one joining them when
+        they are small (so a read of tiny frames costs one event, not one per frame).
+        """
         if self.state is not SessionState.ATTACHED or not data:
             return
         if now is not None:
             self._now = now
         self._heard = True
+        run: list[bytes | memoryview] = []  # DATA pieces of this read not yet delivered
         try:
             for frame in self._reader.feed(data):
+                if type(frame) is Data:
+                    if frame.offset != self._received or self._peer_eof:
+                        self._bad_data(frame.offset)
+                    self._received += len(frame.payload)
+                    run.append(frame.payload)
+                    continue
+                if run:
+                    self._deliver(run)
+                    run = []
                 self._handle_frame(frame)
                 if self.state is not SessionState.ATTACHED:
                     return
+            if run:
+                self._deliver(run)
             if self._writable and self._received - self._acked >= self._ack_threshold():
                 self._send_ack()
         except _ControlFlood:
+            if run:
+                self._deliver(run)
             self._drop_link(CONTROL_FLOOD, self._now)
         except ProtocolError as exc:
+            if run:
+                self._deliver(run)
             # An authenticated peer that breaks the stream cannot be trusted with it.
             self._end(exc.code, str(exc), by_peer=False)
 
@@ -504,20 +526,28 @@ class Session:
 
     # -- internals: the established link ----------------------------------------------
 
+    def _bad_data(self, offset: int) -> None:
+        if self._peer_eof:
+            raise ProtocolError("DATA after EOF")
+        raise ProtocolError(f"DATA at offset {offset}, expected {self._received}")
+
+    def _deliver(self, run: list[bytes | memoryview]) -> None:
+        """Report the DATA pieces of one read: views as they are, or, when they are
+        small, one bytes object joining them (one copy, at most the read's size)."""
+        if len(run) == 1:
+            self._events.append(events.DataReceived(run[0]))
+        elif sum(map(len, run)) < JOIN_BELOW * len(run):
+            self._events.append(events.DataReceived(b"".join(run)))
+        else:
+            self._events.extend(map(events.DataReceived, run))
+
     def _control_frame(self) -> None:
         """The peer sent a frame that carries no progress: it costs a token."""
         if not self._control.take(self._now):
             raise _ControlFlood
 
     def _handle_frame(self, frame: object) -> None:
-        if isinstance(frame, Data):
-            if self._peer_eof:
-                raise ProtocolError("DATA after EOF")
-            if frame.offset != self._received:
-                raise ProtocolError(f"DATA at offset {frame.offset}, expected {self._received}")
-            self._received += len(frame.payload)
-            self._events.append(events.DataReceived(frame.payload))
-        elif isinstance(frame, Ack):
+        if isinstance(frame, Ack):
             self._handle_ack(frame.offset)
         elif isinstance(frame, Ping):
             self._control_frame()
