@@ -455,13 +455,13 @@ class Pair:
         if hs is not None and not hs.done:
             hs.receive_data(chunk)  # it hands what follows its last frame to the session
         elif hs is None or not hs.failed:
-            self.client.receive_data(chunk)
+            self.client.receive_data(chunk, self.now)
 
     def _server_receive(self, link: FakeLink, chunk: bytes) -> None:
         if link.handshake is not None:
             link.handshake.receive_data(chunk)
         elif link.session_id is not None:
-            self.sessions[link.session_id].receive_data(chunk)
+            self.sessions[link.session_id].receive_data(chunk, self.now)
 
     def _close_client_end(self, link: FakeLink, *, notify: bool) -> None:
         """The client's end of ``link`` closes; ``notify``: the client learns it from the link."""

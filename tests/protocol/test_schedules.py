@@ -6,7 +6,8 @@ and past the replay window, so backpressure bites), EOFs, partial transfers (a n
 bytes or of whole writes, so links break between any two frames of a handshake: before the
 server hello, after it, after SETUP, after ACCEPT was sent but not received, mid RESUME),
 losses of in-flight bytes with a cut, silent path death (blackhole: keepalive notices),
-reconnects, clock advances (keepalive, handshake timeout, expiry) and rare aborts. Then the
+reconnects, clock advances (keepalive, handshake timeout, expiry), links whose write buffer
+is full for a while (``link_writable``) and rare aborts. Then the
 path is healed and the pair is given time to settle, and each side must have received a
 prefix of what the other sent: the whole of it, EOF included, unless the session ended
 with a code other than NORMAL, and such a code must have a cause in the schedule.
@@ -57,6 +58,7 @@ WEIGHTS = {
     "expire": 1.5,
     "client_abort": 0.2,
     "server_abort": 0.2,
+    "writable": 3,
 }
 ARGUMENTS: dict[str, list[st.SearchStrategy[Any]]] = {
     "client_write": [sizes],
@@ -64,6 +66,7 @@ ARGUMENTS: dict[str, list[st.SearchStrategy[Any]]] = {
     "deliver": [partial, partial],
     "deliver_writes": [st.integers(0, 3), st.integers(0, 3)],
     "advance": [st.sampled_from([0.3, KEEPALIVE, 2 * KEEPALIVE, HANDSHAKE])],
+    "writable": [st.sampled_from(["client", "server"]), st.booleans()],
 }
 # Repeating a branch of one_of weights it; each op is a plain tuple, so a falsifying
 # schedule prints as a readable list.
@@ -123,9 +126,19 @@ def run(p: Pair, op: tuple[Any, ...], causes: set[CloseCode]) -> None:
         p.client.close(CloseCode.APPLICATION_RESET, "test")
         causes.add(CloseCode.APPLICATION_RESET)
         p.pump()
+    elif kind == "writable":
+        set_writable(p, op[1], op[2])
     elif kind == "server_abort" and server_open and backend is not None:
         backend.session.close(CloseCode.BACKEND_RESET, "test")
         causes.add(CloseCode.BACKEND_RESET)
+        p.pump()
+
+
+def set_writable(p: Pair, side: str, writable: bool) -> None:
+    """The driver's word on one end's link: its write buffer is full, or drained."""
+    end = p.app if side == "client" else p.backends.get(p.client.session_id)
+    if end is not None and not end.session.closed:
+        end.session.link_writable(writable)
         p.pump()
 
 
@@ -144,6 +157,8 @@ def settled(p: Pair) -> bool:
 
 def heal(p: Pair) -> None:
     """The network comes back for good: reconnect, move everything, let timers settle."""
+    set_writable(p, "client", True)
+    set_writable(p, "server", True)
     for _ in range(12):
         p.reconnect()
         p.transfer()

@@ -726,7 +726,11 @@ def test_silence_while_the_driver_holds_the_link_unread_is_not_death(pair: Pair)
     assert pair.client.state is SessionState.ATTACHED
     assert not pair.app.link_losses
     pair.client.pause_receiving(False)
-    pair.advance(KEEPALIVE * 2, transfer=False)  # reading again, and still silence: dead
+    # Reading again, and still silence: dead after two whole silent intervals (the one
+    # in which reading resumed was paused for part of it and counts as heard).
+    pair.advance(KEEPALIVE * 2, transfer=False)
+    assert pair.client.state is SessionState.ATTACHED
+    pair.advance(KEEPALIVE, transfer=False)
     assert pair.app.link_losses and pair.client.state is SessionState.DETACHED
 
 

@@ -13,6 +13,9 @@ feed the core, write what it returns, dispatch its events, re-arm its timer).
 Flow control, end to end:
 - local -> session: ``send()`` into the replay buffer; at ``send_capacity() <= 0``
   the local transport stops being read until acknowledgements free room;
+- session -> link: when the link's write buffer is full (``pause_writing``), the core
+  is told (``link_writable(False)``) and frames nothing new for it; the bytes wait in
+  the replay buffer, which then fills and pauses the local side as above;
 - session -> local: when the local transport's write buffer is full
   (``pause_writing``), the link stops being read, so TCP pushes back on the peer.
 """
@@ -132,18 +135,29 @@ class SessionRelay:
 
     # -- link side ---------------------------------------------------------------
 
-    def set_link(self, transport: asyncio.Transport) -> None:
-        """Make ``transport`` the session's link, closing the one it replaces."""
+    def set_link(self, transport: asyncio.Transport, *, writable: bool = True) -> None:
+        """Make ``transport`` the session's link, closing the one it replaces.
+        ``writable``: its write buffer is below its high-water mark."""
         old, self.link = self.link, transport
         if old is not None and old is not transport:
             old.abort()  # superseded by a newer resume of the same session
         if self._local_writing_paused:
             transport.pause_reading()
+        if not writable:
+            self.core.link_writable(False)
 
     def link_data(self, transport: asyncio.Transport, data: bytes) -> None:
         if transport is self.link:
-            self.core.receive_data(data)
+            self.core.receive_data(data, self.loop.time())
             self.pump()
+
+    def link_writable(self, transport: asyncio.Transport, writable: bool) -> None:
+        """The link's write buffer went above its high-water mark, or drained below the
+        low one: the core stops, or resumes, producing for it."""
+        if transport is self.link and not self.core.closed:
+            self.core.link_writable(writable)
+            if writable:
+                self.pump()
 
     def link_closed(self, transport: asyncio.Transport) -> None:
         if transport is self.link:
@@ -362,6 +376,7 @@ class LinkProtocol(asyncio.Protocol):
         self.lost = False
         self._early = bytearray()  # bytes before start(): a server that speaks first
         self._timer: asyncio.TimerHandle | None = None
+        self._writing_paused = False  # the transport's write buffer is above its limit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -409,6 +424,16 @@ class LinkProtocol(asyncio.Protocol):
         elif self.handshake is None or not self.handshake.failed:
             self.owner.link_lost(self, exc)
 
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self.relay is not None and self.transport is not None:
+            self.relay.link_writable(self.transport, False)
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.relay is not None and self.transport is not None:
+            self.relay.link_writable(self.transport, True)
+
     def hand_over(self, relay: SessionRelay) -> None:
         """The handshake gave the link to ``relay``'s session (its answer is first in
         the session's output): from now on the relay pumps it."""
@@ -416,7 +441,7 @@ class LinkProtocol(asyncio.Protocol):
         assert self.handshake.stage is HandshakeStage.DONE
         self._cancel_timer()
         self.relay = relay
-        relay.set_link(self.transport)
+        relay.set_link(self.transport, writable=not self._writing_paused)
         relay.pump()
 
     def close(self) -> None:

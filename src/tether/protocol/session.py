@@ -14,8 +14,9 @@ everything the session sends on it.
 
 The API is sans-I/O (CONTRIBUTING.md, "Layers" L2):
 
-- inputs: ``receive_data(data)``, ``link_lost(now)``, ``send(data)``, ``send_eof()``,
-  ``close(code)``, ``handle_timer(now)``;
+- inputs: ``receive_data(data, now)``, ``link_lost(now)``, ``send(data)``, ``send_eof()``,
+  ``close(code)``, ``handle_timer(now)``, and the driver's word on the link's flow in
+  each direction: ``pause_receiving(paused)`` and ``link_writable(writable)``;
 - outputs: ``data_to_send()``, ``next_event()``, ``next_timer()``, ``send_capacity()``
   and ``statistics()``.
 """
@@ -41,6 +42,7 @@ from .frames import (
     Pong,
     data_header,
 )
+from .ratelimit import TokenBucket
 from .reader import FrameReader
 
 __all__ = [
@@ -61,6 +63,13 @@ PING_CREDIT = 2  # intervals a received PING counts as heard: one side pings, no
 SERVER_TICK_LAG = 1.5  # the server's first keepalive tick, in intervals after establishment
 ACK_FRACTION = 4  # acknowledge once a quarter of the peer's window is unacknowledged
 MAX_ACK_THRESHOLD = 1024 * 1024
+# docs/protocol.md, "Limits": control frames that carry no progress (PING, PONG, an ACK
+# of nothing new) a peer may send on one link. A tether peer sends at most one PING per
+# keepalive tick of its own (>= 0.05 s) and one PONG per PING of ours: under 40 a second.
+CONTROL_RATE = 64.0  # frames per second
+CONTROL_BURST = 128.0  # frames at once
+CONTROL_FLOOD = "peer sends control frames without reading"  # LinkLost reason
+JOIN_BELOW = 4096  # DATA pieces of one read averaging fewer bytes are delivered joined
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +159,7 @@ class Session:
     __slots__ = (
         "_acked",
         "_buffer",
+        "_control",
         "_detached_since",
         "_end_code",
         "_eof",
@@ -159,13 +169,16 @@ class Session:
         "_heard",
         "_links",
         "_misses",
+        "_now",
         "_out",
+        "_paused_in_interval",
         "_peer_acked",
         "_peer_eof",
         "_peer_timeout",
         "_peer_window",
         "_ping_credit",
         "_ping_token",
+        "_pong_token",
         "_reader",
         "_receive_paused",
         "_received",
@@ -175,6 +188,7 @@ class Session:
         "_send_next",
         "_sent_high",
         "_tick_at",
+        "_writable",
         "config",
         "role",
         "session_id",
@@ -206,10 +220,16 @@ class Session:
         self._received = 0  # stream offset received, EOF included
         self._acked = 0  # what we last acknowledged
         self._peer_eof = False
+        # The current link: its flow and what the peer may make us do on it.
+        self._now = now  # the latest time the driver gave
+        self._writable = True  # the link's write buffer is below its high-water mark
+        self._pong_token: int | None = None  # the one PING owed an answer
+        self._control = TokenBucket(CONTROL_RATE, CONTROL_BURST)
         # Link liveness and deadlines.
         self._heard = False
         self._ping_credit = 0  # ticks that count as heard after the peer's PING
         self._receive_paused = False  # the driver stopped reading the link on purpose
+        self._paused_in_interval = False  # ... at any time since the last tick
         self._misses = 0
         self._ping_token = 0
         self._tick_at: float | None = None
@@ -295,10 +315,16 @@ class Session:
     def data_to_send(self) -> list[bytes | memoryview]:
         """Bytes for the current link, as a list of buffers to write in order, with one
         gathering write (``transport.writelines``); payloads are views, not copies."""
-        if self._out and self._received > self._acked and self.state is SessionState.ATTACHED:
-            self._out.append(Ack(self._received).serialize())  # piggyback
-            self._acked = self._received
-        out, self._out = self._out, []
+        out = self._out
+        if self._writable and self.state is SessionState.ATTACHED:
+            if self._pong_token is not None:
+                # The answer to the newest PING: at most one is ever pending.
+                out.append(Pong(self._pong_token).serialize())
+                self._pong_token = None
+            if out and self._received > self._acked:
+                out.append(Ack(self._received).serialize())  # piggyback
+                self._acked = self._received
+        self._out = []
         return out
 
     def next_event(self) -> events.Event | None:
@@ -330,9 +356,30 @@ class Session:
 
     def pause_receiving(self, paused: bool) -> None:
         """The driver stopped (or resumed) reading the link because the local side is
-        slow. While paused, keepalive silence does not count against the link: the
-        peer's bytes wait in the kernel, unread, and the link is not dead."""
+        slow. Silence over a keepalive interval in which receiving was paused at any
+        time does not count against the link: the peer's bytes wait in the kernel,
+        unread, and the link is not dead."""
         self._receive_paused = paused
+        if paused:
+            self._paused_in_interval = True
+
+    def link_writable(self, writable: bool) -> None:
+        """The driver's word on the current link's write buffer: False once it is above
+        its high-water mark (``pause_writing``), True when it has drained again
+        (``resume_writing``). A new link starts writable.
+
+        While the link is not writable the session produces nothing for it but its own
+        keepalive PING and a CLOSE: new stream bytes wait in the replay buffer (and the
+        local side is paused by :meth:`send_capacity`), acknowledgements wait, and of
+        the peer's PINGs only the newest is owed an answer. All of it goes out when the
+        link is writable again.
+        """
+        if writable == self._writable:
+            return
+        self._writable = writable
+        if writable and self.state is SessionState.ATTACHED:
+            self._flush()
+            self._send_ack()
 
     # -- application inputs ------------------------------------------------------
 
@@ -346,7 +393,7 @@ class Session:
             return
         start = self._buffer.end
         self._buffer.append(data)
-        if self._send_next == start and self.state is SessionState.ATTACHED:
+        if self._send_next == start and self._writable and self.state is SessionState.ATTACHED:
             self._frame(start, memoryview(data))
             self._send_next = self._sent_high = self._buffer.end
 
@@ -357,7 +404,7 @@ class Session:
         if self._eof:
             return
         self._eof = True
-        if self.state is SessionState.ATTACHED:
+        if self._writable and self.state is SessionState.ATTACHED:
             self._flush()
 
     def close(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
@@ -367,19 +414,45 @@ class Session:
 
     # -- link inputs (from the driver) -----------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Bytes from the current link. Never raises on peer input."""
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float | None = None) -> None:
+        """Bytes from the current link, read at ``now`` (without it: the latest time the
+        core was given). Never raises on peer input.
+
+        The work is linear in the frames and bounded by the bytes fed in: consecutive
+        DATA pieces become one ``DataReceived`` each, or a single one joining them when
+        they are small (so a read of tiny frames costs one event, not one per frame).
+        """
         if self.state is not SessionState.ATTACHED or not data:
             return
+        if now is not None:
+            self._now = now
         self._heard = True
+        run: list[bytes | memoryview] = []  # DATA pieces of this read not yet delivered
         try:
             for frame in self._reader.feed(data):
+                if type(frame) is Data:
+                    if frame.offset != self._received or self._peer_eof:
+                        self._bad_data(frame.offset)
+                    self._received += len(frame.payload)
+                    run.append(frame.payload)
+                    continue
+                if run:
+                    self._deliver(run)
+                    run = []
                 self._handle_frame(frame)
                 if self.state is not SessionState.ATTACHED:
                     return
-            if self._received - self._acked >= self._ack_threshold():
+            if run:
+                self._deliver(run)
+            if self._writable and self._received - self._acked >= self._ack_threshold():
                 self._send_ack()
+        except _ControlFlood:
+            if run:
+                self._deliver(run)
+            self._drop_link(CONTROL_FLOOD, self._now)
         except ProtocolError as exc:
+            if run:
+                self._deliver(run)
             # An authenticated peer that breaks the stream cannot be trusted with it.
             self._end(exc.code, str(exc), by_peer=False)
 
@@ -391,6 +464,7 @@ class Session:
     def handle_timer(self, now: float) -> None:
         if self.state is SessionState.CLOSED:
             return
+        self._now = now
         if self._expire_at is not None and now >= self._expire_at:
             if self.state is SessionState.NEW:
                 self._end(CloseCode.RESUME_FAILED, "no tether server reached in time", False)
@@ -452,30 +526,47 @@ class Session:
 
     # -- internals: the established link ----------------------------------------------
 
+    def _bad_data(self, offset: int) -> None:
+        if self._peer_eof:
+            raise ProtocolError("DATA after EOF")
+        raise ProtocolError(f"DATA at offset {offset}, expected {self._received}")
+
+    def _deliver(self, run: list[bytes | memoryview]) -> None:
+        """Report the DATA pieces of one read: views as they are, or, when they are
+        small, one bytes object joining them (one copy, at most the read's size)."""
+        if len(run) == 1:
+            self._events.append(events.DataReceived(run[0]))
+        elif sum(map(len, run)) < JOIN_BELOW * len(run):
+            self._events.append(events.DataReceived(b"".join(run)))
+        else:
+            self._events.extend(map(events.DataReceived, run))
+
+    def _control_frame(self) -> None:
+        """The peer sent a frame that carries no progress: it costs a token."""
+        if not self._control.take(self._now):
+            raise _ControlFlood
+
     def _handle_frame(self, frame: object) -> None:
-        if isinstance(frame, Data):
-            if self._peer_eof:
-                raise ProtocolError("DATA after EOF")
-            if frame.offset != self._received:
-                raise ProtocolError(f"DATA at offset {frame.offset}, expected {self._received}")
-            self._received += len(frame.payload)
-            self._events.append(events.DataReceived(frame.payload))
-        elif isinstance(frame, Ack):
+        if isinstance(frame, Ack):
             self._handle_ack(frame.offset)
         elif isinstance(frame, Ping):
-            self._out.append(Pong(frame.token).serialize())
+            self._control_frame()
+            # One answer pending at most, sent when the link is writable: a peer that
+            # pings without reading our answers cannot make us queue more of them.
+            self._pong_token = frame.token
             # The peer pings only after a silent interval of its own, so it will be heard
             # from again within two of ours: no need to ping it back meanwhile.
             self._ping_credit = PING_CREDIT
         elif isinstance(frame, Pong):
-            pass  # hearing it is the point
+            self._control_frame()  # hearing it is the point
         elif isinstance(frame, Eof):
             if self._peer_eof or frame.offset != self._received:
                 raise ProtocolError(f"EOF at offset {frame.offset}, expected {self._received}")
             self._received += 1
             self._peer_eof = True
             self._events.append(events.EofReceived())
-            self._send_ack()
+            if self._writable:
+                self._send_ack()
             self._check_finished()
         elif isinstance(frame, Close):
             self._end(frame.code, frame.reason or "closed by the peer", True)
@@ -486,6 +577,7 @@ class Session:
         if offset > self._send_next:
             raise ProtocolError(f"ACK of offset {offset} beyond what was sent ({self._send_next})")
         if offset <= self._peer_acked:
+            self._control_frame()  # acknowledges nothing new
             return
         self._peer_acked = offset
         self._buffer.discard_until(min(offset, self._buffer.end))
@@ -537,6 +629,11 @@ class Session:
         self._out = list(preamble) if preamble else []
         self._reader = FrameReader()
         self._links += 1
+        self._now = now
+        self._writable = True
+        self._pong_token = None
+        self._control = TokenBucket(CONTROL_RATE, CONTROL_BURST)
+        self._paused_in_interval = self._receive_paused
         self._expire_at = None
         self._detached_since = None
         self._heard = False
@@ -559,29 +656,41 @@ class Session:
 
     def _tick(self, now: float) -> None:
         interval = self.config.keepalive
-        if self._heard or self._receive_paused or self._ping_credit:
-            # Silence we caused by not reading (the local side is slow) is not a dead link.
-            # A PING's credit covers the ticks it vouches for in one go: the next tick
-            # comes after all of them (an idle server wakes once per client PING).
+        if self._heard or self._paused_in_interval or self._ping_credit:
+            # Silence we caused by not reading (the local side is slow) is not a dead link,
+            # even if reading resumed just before this tick: paused at any time since the
+            # last one counts. A PING's credit covers the ticks it vouches for in one go:
+            # the next tick comes after all of them (an idle server wakes once per PING).
             interval *= max(1, self._ping_credit)
+            if self._paused_in_interval:
+                # The peer, whose PINGs we do not read, must hear that we are alive.
+                self._ping_token += 1
+                self._out.append(Ping(self._ping_token).serialize())
             self._heard = False
             self._ping_credit = 0
             self._misses = 0
+            self._paused_in_interval = self._receive_paused
         else:
             self._misses += 1
             if self._misses >= KEEPALIVE_MISSES:
-                self._detach(now)
-                self._events.append(events.LinkLost("keepalive timed out", CloseCode.LINK_LOST))
+                self._drop_link("keepalive timed out", now)
                 return
             self._ping_token += 1
             self._out.append(Ping(self._ping_token).serialize())
-        self._send_ack()  # a delayed acknowledgement waits one tick at most
+        if self._writable:
+            self._send_ack()  # a delayed acknowledgement waits one tick at most
         self._tick_at = now + interval
+
+    def _drop_link(self, reason: str, now: float) -> None:
+        """The core gives up on the current link: the driver closes it."""
+        self._detach(now)
+        self._events.append(events.LinkLost(reason, CloseCode.LINK_LOST))
 
     def _detach(self, now: float) -> None:
         """The link is gone: wait for a resume until the timeout."""
         self._transition(_Input.DETACH)
         self._out.clear()
+        self._pong_token = None
         self._tick_at = None
         self._detached_since = now
         self._expire_at = now + min(self.config.timeout, self._peer_timeout)
@@ -605,3 +714,7 @@ class Session:
             self.state = TRANSITIONS[self.state, event]
         except KeyError:
             raise InvalidState(f"no transition from {self.state.value} on {event.value}") from None
+
+
+class _ControlFlood(Exception):
+    """The peer overdrew its control-frame budget on this link (internal)."""

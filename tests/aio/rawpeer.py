@@ -1,0 +1,233 @@
+"""A raw tether peer for abuse tests: it completes a real handshake with the core's own
+handshake objects over a blocking socket, then writes whatever bytes the test chooses
+and reads nothing unless asked. Every wait has a deadline.
+
+Run as a script it measures what tiny DATA frames cost a real ``tether server``::
+
+    PYTHONPATH=src python -m tests.aio.rawpeer tiny [MIB]
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from tether.protocol.events import DataReceived
+from tether.protocol.frames import Ping, data_header
+from tether.protocol.handshake import ClientHandshake
+from tether.protocol.router import Router
+from tether.protocol.session import Session, SessionConfig, SessionState
+
+__all__ = [
+    "RawClient",
+    "RawServer",
+    "cpu_seconds",
+    "ping_block",
+    "read_stream",
+    "rss_bytes",
+    "tiny_data_block",
+]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of process ``pid`` (/proc/PID/status, VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ping_block(size: int = 256 * 1024) -> bytes:
+    """About ``size`` bytes of PING frames."""
+    ping = Ping(7).serialize()
+    return ping * (size // len(ping))
+
+
+def tiny_data_block(offset: int, count: int) -> bytes:
+    """``count`` DATA frames of one byte each, from stream offset ``offset``."""
+    return b"".join(data_header(offset + i, 1) + b"x" for i in range(count))
+
+
+def _drive(sock: socket.socket, session: Session, hs: ClientHandshake, deadline: float) -> None:
+    """Exchange handshake bytes until ``session`` is attached."""
+    while session.state is not SessionState.ATTACHED:
+        if time.monotonic() > deadline:
+            raise TimeoutError("handshake")
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed during the handshake")
+        hs.receive_data(data)
+        out: list[bytes | memoryview] = [*hs.data_to_send(), *session.data_to_send()]
+        if out:
+            sock.sendall(b"".join(out))
+        if hs.failed:
+            raise ConnectionError(f"handshake failed: {hs.next_event()}")
+
+
+def read_stream(sock: socket.socket, session: Session, size: int, timeout: float) -> bytes:
+    """Read the link through ``session`` (a real core: offsets checked, ACKs sent back)
+    until ``size`` stream bytes have arrived; return them."""
+    got = bytearray()
+    deadline = time.monotonic() + timeout
+    while len(got) < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{len(got)} of {size} bytes")
+        sock.settimeout(left)
+        data = sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError(f"closed after {len(got)} of {size} bytes")
+        session.receive_data(data, time.monotonic())
+        while (event := session.next_event()) is not None:
+            if isinstance(event, DataReceived):
+                got += event.data
+        out = session.data_to_send()
+        if out:
+            sock.sendall(b"".join(out))
+    return bytes(got)
+
+
+class RawClient:
+    """A tether client link to ``address`` with a real setup; then raw bytes."""
+
+    def __init__(self, address: tuple[str, int], *, timeout: float = 10.0) -> None:
+        now = time.monotonic()
+        self.session = Session.client(SessionConfig(keepalive=3600), now)
+        hs = ClientHandshake(self.session, now)
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.sendall(b"".join(hs.data_to_send()))
+        _drive(self.sock, self.session, hs, now + timeout)
+
+    def flood(self, block: bytes, seconds: float) -> int:
+        """Write ``block`` over and over for ``seconds`` (or until the peer drops the
+        link); never read. Returns the bytes written."""
+        sent = 0
+        end = time.monotonic() + seconds
+        sock = self.sock
+        try:
+            while (left := end - time.monotonic()) > 0:
+                sock.settimeout(left)
+                sent += sock.send(block)
+        except (TimeoutError, BlockingIOError):
+            pass  # the peer stopped reading: its kernel buffers are full
+        except OSError:
+            pass  # the peer dropped the link
+        return sent
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawServer:
+    """A listener that plays a tether server for one link with a real setup."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.sock: socket.socket | None = None
+        self.session: Session | None = None
+
+    def accept(self, timeout: float = 10.0) -> None:
+        self.listener.settimeout(timeout)
+        sock, _ = self.listener.accept()
+        now = time.monotonic()
+        router = Router(SessionConfig(keepalive=3600), max_sessions=1)
+        hs = router.open_link(now)
+        deadline = now + timeout
+        while hs.request is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("client request")
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            hs.receive_data(data)
+        session = router.accept_setup(hs, now)
+        out: list[bytes | memoryview] = [*hs.data_to_send(), *session.data_to_send()]
+        sock.sendall(b"".join(out))
+        self.sock, self.session = sock, session
+
+    def flood(self, block: bytes, seconds: float) -> int:
+        assert self.sock is not None
+        sent = 0
+        end = time.monotonic() + seconds
+        try:
+            while (left := end - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                sent += self.sock.send(block)
+        except OSError:
+            pass
+        return sent
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.listener.close()
+
+
+def _tiny(mib: float) -> None:
+    """CPU a tether server spends per MiB of 1-byte DATA frames (13 bytes each)."""
+    backend = socket.create_server(("127.0.0.1", 0))
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tether",
+            "server",
+            "-q",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            f"127.0.0.1:{backend.getsockname()[1]}",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline().split()[1].rsplit(b":", 1)[1])
+        raw = RawClient(("127.0.0.1", port))
+        back, _ = backend.accept()
+        back.settimeout(30)
+        frames = 20_000
+        total = int(mib * 1024 * 1024) // 13 // frames * frames
+        cpu0 = cpu_seconds(server.pid)
+        t0 = time.perf_counter()
+        got = 0
+        offset = 0
+        while offset < total:
+            raw.sock.sendall(tiny_data_block(offset, frames))
+            offset += frames
+            while got < offset - 4 * frames:  # keep the backend drained
+                got += len(back.recv(1 << 20))
+        while got < total:
+            got += len(back.recv(1 << 20))
+        cpu = cpu_seconds(server.pid) - cpu0
+        wall = time.perf_counter() - t0
+        wire = total * 13 / 1024 / 1024
+        print(
+            f"{total} one-byte DATA frames ({wire:.1f} MiB on the wire): server CPU "
+            f"{cpu:.2f} s = {cpu / wire:.3f} s per MiB, {wall:.1f} s wall"
+        )
+        raw.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["tiny"]:
+        _tiny(float(sys.argv[2]) if len(sys.argv) > 2 else 8.0)
+    else:
+        print(__doc__)

@@ -1,0 +1,265 @@
+"""Abuse and flow control through the asyncio drivers, on loopback.
+
+- A peer that floods PINGs and never reads, against a real ``tether server`` and a
+  real ``tether client`` process: their memory (VmRSS, read from /proc) stays bounded
+  and the link is dropped with a stated reason.
+- A link whose peer does not read: the session frames nothing more for it once its
+  write buffer is above the high-water mark (in-process server and client, so the
+  transport's buffer can be inspected), and every byte arrives once the peer reads.
+- A backend that reads slowly while the client uploads: neither end may mistake the
+  pauses for a dead link.
+
+Every loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import socket
+from collections.abc import Coroutine
+from typing import Any, cast
+
+from tether.aio.client import TetherClient
+from tether.aio.server import TetherServer
+from tether.config import Address, ClientConfig, ServerConfig
+from tether.protocol.session import CONTROL_FLOOD, SessionConfig
+
+from .endpoints import Backend, close_all, connect_app, stream_digest
+from .faultnet import start_tether, stop, tether_pair
+from .rawpeer import RawClient, RawServer, ping_block, read_stream, rss_bytes
+
+FLOOD_SECONDS = 4.0  # unfixed, a server kept ~6 bytes per byte of PINGs: 100+ MiB by then
+RSS_BOUND = 32 * 1024 * 1024
+LINK_BUFFER_BOUND = 1024 * 1024  # high-water mark (64 KiB) + one read, with room to spare
+
+
+def run(coro: Coroutine[Any, Any, None], limit: float = 120) -> None:
+    async def main() -> None:
+        try:
+            await asyncio.wait_for(coro, limit)
+        finally:
+            close_all()
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+
+
+async def log_shows(proc_log: Any, text: str, limit: float = 5.0) -> bool:
+    """Whether ``text`` appears in the log within ``limit`` seconds."""
+    for _ in range(int(limit / 0.05)):
+        if text in proc_log():
+            return True
+        await asyncio.sleep(0.05)
+    return text in proc_log()
+
+
+# -- PING floods against real processes ---------------------------------------------------
+
+
+def test_a_ping_flood_that_never_reads_costs_the_server_no_memory(tmp_path: Any) -> None:
+    async def main() -> None:
+        backend = socket.create_server(("127.0.0.1", 0))  # connections wait in its backlog
+        port = backend.getsockname()[1]
+        server = await start_tether(
+            "server", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}", tmp=str(tmp_path)
+        )
+        try:
+            raw = await asyncio.to_thread(RawClient, server.address)
+            pid = server.popen.pid
+            before = rss_bytes(pid)
+            sent = await asyncio.to_thread(raw.flood, ping_block(), FLOOD_SECONDS)
+            growth = rss_bytes(pid) - before
+            raw.close()
+            assert growth < RSS_BOUND, f"{growth >> 20} MiB kept for {sent >> 20} MiB of PINGs"
+            assert await log_shows(server.log, CONTROL_FLOOD), server.log()
+        finally:
+            assert stop(server) == 0, server.log()
+            backend.close()
+
+    run(main())
+
+
+def test_a_ping_flood_from_a_server_that_never_reads_costs_the_client_no_memory(
+    tmp_path: Any,
+) -> None:
+    async def main() -> None:
+        raw = RawServer()
+        host, port = raw.address
+        client = await start_tether(
+            "client", "--listen", "127.0.0.1:0", "--server", f"{host}:{port}", tmp=str(tmp_path)
+        )
+        app = socket.create_connection(client.address)
+        try:
+            await asyncio.to_thread(raw.accept)
+            pid = client.popen.pid
+            before = rss_bytes(pid)
+            sent = await asyncio.to_thread(raw.flood, ping_block(), FLOOD_SECONDS)
+            growth = rss_bytes(pid) - before
+            assert growth < RSS_BOUND, f"{growth >> 20} MiB kept for {sent >> 20} MiB of PINGs"
+            assert await log_shows(client.log, CONTROL_FLOOD), client.log()
+        finally:
+            app.close()
+            raw.close()
+            assert stop(client) == 0, client.log()
+
+    run(main())
+
+
+# -- a link whose peer does not read --------------------------------------------------------
+
+
+SIZE = 24 * 1024 * 1024  # more than the kernel's socket buffers hold on loopback
+WINDOW = 32 * 1024 * 1024  # all of it fits the replay buffer: only where it waits differs
+
+
+def link_buffer(service: TetherServer | TetherClient) -> int:
+    (relay,) = service.relays()
+    assert relay.link is not None
+    return relay.link.get_write_buffer_size()
+
+
+def test_the_server_frames_nothing_more_for_a_link_that_is_not_read() -> None:
+    async def main() -> None:
+        async with Backend(seed=21, size=SIZE, eof=False) as backend:
+            config = ServerConfig(
+                listen=Address("127.0.0.1", 0),
+                backend=Address(*backend.address),
+                session=SessionConfig(window=WINDOW),
+            )
+            async with TetherServer(config) as server:
+                address = server.addresses[0]
+                raw = await asyncio.to_thread(RawClient, (address.host, address.port))
+                try:
+                    (relay,) = server.relays()
+                    for _ in range(400):  # until the backend's bytes are all in the session
+                        if relay.core.statistics().bytes_sent == SIZE:
+                            break
+                        await asyncio.sleep(0.025)
+                    assert relay.core.statistics().bytes_sent == SIZE
+                    held = link_buffer(server)
+                    assert held < LINK_BUFFER_BOUND, f"{held >> 20} MiB framed onto the link"
+                    got = await asyncio.to_thread(read_stream, raw.sock, raw.session, SIZE, 60)
+                    assert len(got) == SIZE
+                    assert backend.connections[0].received == 0
+                finally:
+                    raw.close()
+        assert hashlib.sha256(got).hexdigest() == stream_digest(21, SIZE)
+
+    run(main())
+
+
+def test_the_client_frames_nothing_more_for_a_link_that_is_not_read() -> None:
+    async def main() -> None:
+        raw = RawServer()
+        config = ClientConfig(
+            server=Address(*raw.address), session=SessionConfig(window=WINDOW), fallback=None
+        )
+        payload = random.Random(22).randbytes(SIZE)
+        try:
+            async with TetherClient(config, listen=False) as client:
+                accepting = asyncio.ensure_future(asyncio.to_thread(raw.accept))
+                async with client.open_stream() as stream:
+                    await accepting
+                    view = memoryview(payload)
+                    for lo in range(0, SIZE, 256 * 1024):
+                        stream.write(bytes(view[lo : lo + 256 * 1024]))
+                    held = link_buffer(client)
+                    assert held < LINK_BUFFER_BOUND, f"{held >> 20} MiB framed onto the link"
+                    assert raw.session is not None and raw.sock is not None
+                    got = await asyncio.to_thread(read_stream, raw.sock, raw.session, SIZE, 60)
+                    assert got == payload
+        finally:
+            raw.close()
+
+    run(main())
+
+
+# -- a slow backend under a sustained upload -----------------------------------------------
+
+
+class SlowReader(asyncio.Protocol):
+    """A backend that reads about ``chunk`` bytes every ``period`` seconds, then at full
+    speed once ``slow_for`` seconds have passed."""
+
+    def __init__(self, chunk: int, period: float, slow_for: float) -> None:
+        self.chunk, self.period = chunk, period
+        self.loop = asyncio.get_running_loop()
+        self.slow_until = self.loop.time() + slow_for
+        self.transport: asyncio.Transport | None = None
+        self.received = 0
+        self.in_period = 0
+        self.pauses = 0
+        self.digest = hashlib.sha256()
+        self.done = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.chunk)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        self.digest.update(data)
+        self.in_period += len(data)
+        if self.in_period >= self.chunk and self.loop.time() < self.slow_until:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.pauses += 1
+            self.loop.call_later(self.period, self._resume)
+
+    def _resume(self) -> None:
+        self.in_period = 0
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.done.set()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done.set()
+
+
+def test_a_slow_backend_under_a_sustained_upload_is_not_a_dead_link(tmp_path: Any) -> None:
+    size = 48 * 1024 * 1024
+    keepalive = ("--keepalive", "0.3")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        readers: list[SlowReader] = []
+
+        def make() -> SlowReader:
+            readers.append(SlowReader(64 * 1024, 0.5, slow_for=6.0))
+            return readers[-1]
+
+        listener = await loop.create_server(make, "127.0.0.1", 0)
+        backend = cast(tuple[str, int], listener.sockets[0].getsockname()[:2])
+        try:
+            async with tether_pair(
+                backend, str(tmp_path), server_args=keepalive, client_args=keepalive
+            ) as (server, client, _):
+                app = await connect_app(client.address, seed=23, size=size, eof=True)
+                for _ in range(100):
+                    if readers:
+                        break
+                    await asyncio.sleep(0.05)
+                (reader,) = readers
+                await asyncio.wait_for(reader.done.wait(), 90)
+                assert reader.received == size
+                assert reader.digest.hexdigest() == stream_digest(23, size)
+                assert reader.pauses >= 6  # the backend really was slow, for seconds
+                assert "link lost" not in server.log(), server.log()
+                assert "link lost" not in client.log(), client.log()
+                assert app.transport is not None
+        finally:
+            listener.close()
+            for reader in readers:
+                if reader.transport is not None:
+                    reader.transport.abort()
+            await asyncio.sleep(0)
+
+    run(main())
