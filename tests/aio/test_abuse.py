@@ -9,7 +9,9 @@
 - A backend that reads slowly while the client uploads: neither end may mistake the
   pauses for a dead link.
 
-Every loop is bounded in count and in time.
+The raw peers (rawpeer.py) speak the tether protocol in clear text, so the flood and
+the unread-link cases run with --plaintext on the tether end; the slow-backend case runs
+with TLS (the default). Every loop is bounded in count and in time.
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ def test_a_ping_flood_that_never_reads_costs_the_server_no_memory(tmp_path: Any)
         backend = socket.create_server(("127.0.0.1", 0))  # connections wait in its backlog
         port = backend.getsockname()[1]
         server = await start_tether(
-            "server", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}", tmp=str(tmp_path)
-        )
+            "server", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}", "--plaintext",
+            tmp=str(tmp_path),
+        )  # fmt: skip
         try:
             raw = await asyncio.to_thread(RawClient, server.address)
             pid = server.popen.pid
@@ -89,8 +92,9 @@ def test_a_ping_flood_from_a_server_that_never_reads_costs_the_client_no_memory(
         raw = RawServer()
         host, port = raw.address
         client = await start_tether(
-            "client", "--listen", "127.0.0.1:0", "--server", f"{host}:{port}", tmp=str(tmp_path)
-        )
+            "client", "--listen", "127.0.0.1:0", "--server", f"{host}:{port}", "--plaintext",
+            tmp=str(tmp_path),
+        )  # fmt: skip
         app = socket.create_connection(client.address)
         try:
             await asyncio.to_thread(raw.accept)
@@ -128,6 +132,7 @@ def test_the_server_frames_nothing_more_for_a_link_that_is_not_read() -> None:
                 listen=Address("127.0.0.1", 0),
                 backend=Address(*backend.address),
                 session=SessionConfig(window=WINDOW),
+                plaintext=True,
             )
             async with TetherServer(config) as server:
                 address = server.addresses[0]
@@ -155,7 +160,10 @@ def test_the_client_frames_nothing_more_for_a_link_that_is_not_read() -> None:
     async def main() -> None:
         raw = RawServer()
         config = ClientConfig(
-            server=Address(*raw.address), session=SessionConfig(window=WINDOW), fallback=None
+            server=Address(*raw.address),
+            session=SessionConfig(window=WINDOW),
+            fallback=None,
+            plaintext=True,
         )
         payload = random.Random(22).randbytes(SIZE)
         try:
