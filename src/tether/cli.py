@@ -35,6 +35,7 @@ from .config import (
     replace_field,
 )
 from .demo import run_demo
+from .errors import TetherError
 
 __all__ = ["build_config", "main", "parse_args"]
 
@@ -287,7 +288,82 @@ def _parser() -> argparse.ArgumentParser:
         verbosity.add_argument(
             "-q", "--quiet", action="store_true", help="warnings and errors only"
         )
+    _tool_parsers(sub)
     return parser
+
+
+def _tool_parsers(sub: Any) -> None:
+    """The commands that run once and print: fingerprint, token, probe, ports."""
+    fingerprint = sub.add_parser(
+        "fingerprint",
+        help="print a tether server's TLS certificate fingerprint (what clients pin)",
+        description="Print the SHA-256 fingerprint of a server's TLS certificate, as "
+        "'tether client --server-fingerprint' takes it. Without options: the identity the "
+        "server keeps in its default state directory (made there if it does not exist yet).",
+    )
+    which = fingerprint.add_mutually_exclusive_group()
+    which.add_argument(
+        "--state-dir", metavar="DIR", help="the server's state directory (default as for server)"
+    )
+    which.add_argument("--tls-cert", metavar="FILE", help="a certificate file (PEM) (default none)")
+    token = sub.add_parser("token", help="make client tokens for 'tether server --clients'")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    new = token_sub.add_parser(
+        "new",
+        help="print a new token once and add its hash to the clients file",
+        description="Print a new random token (give it to one client, in a file of mode 600, "
+        "for --token-file) and append its hash, never the token, to the clients file.",
+    )
+    new.add_argument(
+        "--clients",
+        metavar="FILE",
+        required=True,
+        help="the server's clients file (created, mode 600) (required; default none)",
+    )
+    new.add_argument("--comment", default="", help="who the token is for (default none)")
+    probe = sub.add_parser(
+        "probe",
+        help="identify what answers on HOST:PORT (tether, TLS, SSH, HTTP, Citrix ICA or CGP)",
+        description="Identify what answers on each target, within a bounded time. It never "
+        "makes a tether server open a backend connection.",
+    )
+    probe.add_argument("targets", nargs="+", metavar="HOST:PORT", help="port 2598 when omitted")
+    probe.add_argument("--timeout", type=float, default=3.0, help="seconds per target (default 3)")
+    probe.add_argument("--json", action="store_true", help="one JSON array (default off)")
+    ports = sub.add_parser(
+        "ports",
+        help="list this machine's listeners on 1494, 2598, 443, 80 and owning processes",
+    )
+    ports.add_argument("ports", nargs="*", type=int, metavar="PORT", help="more ports to list")
+    ports.add_argument("--json", action="store_true", help="JSON (default off)")
+
+
+def _tool(args: argparse.Namespace) -> int:
+    """Run a one-shot command; ValueError and TetherError become one error line (exit 2)."""
+    from . import credentials, tls
+
+    if args.command == "fingerprint":
+        if args.tls_cert:
+            print(tls.fingerprint_of_file(Path(args.tls_cert).expanduser()))
+        else:
+            state = Path(args.state_dir).expanduser() if args.state_dir else None
+            identity, _ = tls.load_or_create_identity(state or tls.default_state_dir())
+            print(identity.fingerprint)
+        return 0
+    if args.command == "token":
+        token = credentials.new_token()
+        path = Path(args.clients).expanduser()
+        credentials.append_client(path, credentials.token_hash(token), args.comment)
+        print(token)
+        print(f"(its hash was added to {path}; this token is not stored anywhere)", file=sys.stderr)
+        return 0
+    if args.command == "probe":
+        from .probe import run_probe
+
+        return _run(lambda: run_probe(args.targets, timeout=args.timeout, json=args.json))
+    from .ports import run_ports
+
+    return run_ports(args.ports, json=args.json)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -422,6 +498,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if args.command in ("fingerprint", "token", "probe", "ports"):
+        try:
+            return _tool(args)
+        except (ValueError, OSError, TetherError) as exc:
+            print(f"tether: error: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.command == "demo":
             kwargs = _demo_kwargs(args)
@@ -436,6 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _raise_file_limit()
     try:
         return _run(lambda: _serve_until_signal(config))
+    except (ValueError, TetherError) as exc:  # a file the configuration names is unusable
+        print(f"tether: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"tether: error: {exc}", file=sys.stderr)
         return 1

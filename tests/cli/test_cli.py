@@ -368,3 +368,52 @@ def test_server_and_client_start_with_friendly_values_and_stop_on_sigterm() -> N
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+
+
+# -- one-shot commands: fingerprint and token ------------------------------------------------
+
+
+def test_fingerprint_of_a_state_dir_is_the_identity_a_server_there_uses(tmp_path: Path) -> None:
+    from tether import tls
+
+    state = tmp_path / "state"
+    out = subprocess.run(
+        [sys.executable, "-m", "tether", "fingerprint", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    printed = out.stdout.strip()
+    identity, created = tls.load_or_create_identity(state)
+    assert not created and printed == identity.fingerprint
+    cert = subprocess.run(
+        [sys.executable, "-m", "tether", "fingerprint", "--tls-cert", str(identity.cert_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cert.stdout.strip() == printed
+
+
+def test_token_new_prints_the_token_once_and_stores_only_its_hash(tmp_path: Path) -> None:
+    from tether.credentials import ClientTokens
+
+    clients = tmp_path / "clients"
+    tokens = []
+    for who in ("ana", "bo"):
+        out = subprocess.run(
+            [sys.executable, "-m", "tether", "token", "new", "--clients", str(clients),
+             "--comment", who],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        tokens.append(out.stdout.strip())
+    text = clients.read_text()
+    assert all(token not in text for token in tokens)
+    assert "ana" in text and "bo" in text and oct(clients.stat().st_mode & 0o777) == "0o600"
+    accepted = ClientTokens(clients)
+    assert all(accepted.check(token.encode()) for token in tokens)
+    assert not accepted.check(b"tether_not-a-token")
