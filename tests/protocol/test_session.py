@@ -859,3 +859,16 @@ def test_only_a_client_with_an_accepted_token_gets_a_session(token: bytes) -> No
     assert not p.backends  # refused before anything was created
     assert p.app.ended == SessionEnded(CloseCode.UNAUTHORIZED, "not authorized", True)
     assert p.handshake_failures[-1].code is CloseCode.UNAUTHORIZED
+
+
+@pytest.mark.parametrize("code", [CloseCode.OVERLOADED, CloseCode.GOING_AWAY])
+def test_a_transient_reject_of_a_setup_leaves_the_session_new(code: CloseCode) -> None:
+    """A busy server is no reason to end a new session (nor to fall back): retry."""
+    client = Session.client(CONFIG, 0.0)
+    hs = ClientHandshake(client, 0.0)
+    hs.receive_data(server_hello(PROTOCOL_VERSION, os.urandom(NONCE_SIZE)))
+    hs.receive_data(Reject(code, "busy").serialize())
+    assert client.state is SessionState.NEW and not list(iter(client.next_event, None))
+    (failure,) = list(iter(hs.next_event, None))
+    assert isinstance(failure, HandshakeFailed) and failure.code is code
+    assert failure.peer_is_tether  # so the driver does not fall back

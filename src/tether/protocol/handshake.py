@@ -65,8 +65,9 @@ Random = Callable[[int], bytes]
 
 MAX_EARLY_BYTES = 64 * 1024  # bytes a client may send past its request before the answer
 
-# docs/protocol.md, "Reason codes": a REJECT of a resume with one of these leaves the
-# session detached (the client tries again until its timeout); any other ends it.
+# docs/protocol.md, "Reason codes": a REJECT with one of these fails only the link (the
+# client tries again until its connect timeout or its session timeout); any other ends
+# the session.
 TRANSIENT_REJECTS = frozenset(
     {CloseCode.HANDSHAKE_TIMEOUT, CloseCode.OVERLOADED, CloseCode.GOING_AWAY}
 )
@@ -420,9 +421,10 @@ class ClientHandshake(_Handshake):
 
     def _rejected(self, frame: Reject) -> None:
         session = self.session
-        if session.state is SessionState.DETACHED and frame.code in TRANSIENT_REJECTS:
-            # The server is busy or going away: a later link may still resume.
-            raise ProtocolError(f"resume refused for now: {frame.code.name}", frame.code)
+        if frame.code in TRANSIENT_REJECTS:
+            # The server is busy or going away: a later link may still set up or resume.
+            what = "resume" if session.state is SessionState.DETACHED else "setup"
+            raise ProtocolError(f"{what} refused for now: {frame.code.name}", frame.code)
         reason = frame.reason or "rejected by the server"
         session.rejected(frame.code, reason)
         self._fail(frame.code, reason)
