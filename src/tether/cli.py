@@ -70,7 +70,13 @@ class _Option:
 
     @property
     def metavar(self) -> str:
-        names = {"duration": "DURATION", "size": "SIZE", "file": "FILE", "text": "TEXT"}
+        names = {
+            "duration": "DURATION",
+            "size": "SIZE",
+            "file": "FILE",
+            "text": "TEXT",
+            "count": "N",
+        }
         return names.get(self.kind, "HOST:PORT")
 
     def parse(self, text: str, default: object) -> object:
@@ -80,6 +86,11 @@ class _Option:
             return Path(text).expanduser()
         if self.kind == "text":
             return text
+        if self.kind == "count":
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError("expected a whole number") from None
         if self.kind == "duration":
             return parse_duration(text)
         if self.kind == "size":
@@ -123,6 +134,12 @@ _SESSION_OPTIONS = (
         "keepalive interval; a link silent for two intervals is dead",
     ),
     _Option(
+        "--handshake-timeout",
+        "session.handshake_timeout",
+        "duration",
+        "how long one link may take to reach its session (TLS and tether handshakes)",
+    ),
+    _Option(
         "--buffer",
         "session.window",
         "size",
@@ -142,6 +159,27 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
         _Option("--listen", "listen", "listen", "where to accept tether links"),
         _Option("--backend", "backend", "target", "the service every session is relayed to"),
         *_SESSION_OPTIONS,
+        _Option("--max-sessions", "max_sessions", "count", "sessions held at once"),
+        _Option(
+            "--max-sessions-per-source",
+            "max_sessions_per_source",
+            "count",
+            "sessions held at once for one source (an IPv4 address or an IPv6 /64); past "
+            "either limit a setup is refused for now (OVERLOADED) and the client retries",
+        ),
+        _Option(
+            "--max-handshakes",
+            "max_handshakes",
+            "count",
+            "links accepted but not yet in a session; past half of it new ones are dropped "
+            "at random, 30 %% rising to 100 %% at the limit (as OpenSSH's MaxStartups)",
+        ),
+        _Option(
+            "--max-handshakes-per-source",
+            "max_handshakes_per_source",
+            "count",
+            "of those, from one source",
+        ),
         _Option("--tls-cert", "tls_cert", "file", "this server's TLS certificate (PEM chain)"),
         _Option("--tls-key", "tls_key", "file", "its private key (PEM; mode 600)"),
         _Option(

@@ -199,6 +199,12 @@ class ServerConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     backend_connect_timeout: float = 10.0
     max_sessions: int = 100_000
+    # An office behind one NAT address is one source: room for its users, not for a flood.
+    max_sessions_per_source: int = 4096
+    # Links accepted whose handshake has not finished (OpenSSH's MaxStartups): past half of
+    # the limit new ones are dropped at random, 30 % rising to 100 % at the limit.
+    max_handshakes: int = 1024
+    max_handshakes_per_source: int = 256  # a client's resume storm after an outage fits
     plaintext: bool = False  # links in clear text: only inside a trusted network
     tls_cert: Path | None = None  # with tls_key; without, an identity in state_dir
     tls_key: Path | None = None
@@ -209,8 +215,14 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.backend_connect_timeout > 0:
             raise ValueError("backend_connect_timeout must be positive")
-        if self.max_sessions < 1:
-            raise ValueError("max_sessions must be at least 1")
+        for name in (
+            "max_sessions",
+            "max_sessions_per_source",
+            "max_handshakes",
+            "max_handshakes_per_source",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.plaintext and (self.tls_cert or self.tls_client_ca):

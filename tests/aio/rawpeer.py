@@ -102,13 +102,21 @@ def read_stream(sock: socket.socket, session: Session, size: int, timeout: float
 class RawClient:
     """A tether client link to ``address`` with a real setup; then raw bytes."""
 
-    def __init__(self, address: tuple[str, int], *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, address: tuple[str, int], *, timeout: float = 10.0, source: str | None = None
+    ) -> None:
+        """``source``: the local address to connect from (127.0.0.0/8 has plenty)."""
         now = time.monotonic()
         self.session = Session.client(SessionConfig(keepalive=3600), now)
         hs = ClientHandshake(self.session, now)
-        self.sock = socket.create_connection(address, timeout=timeout)
-        self.sock.sendall(b"".join(hs.data_to_send()))
-        _drive(self.sock, self.session, hs, now + timeout)
+        bind = (source, 0) if source is not None else None
+        self.sock = socket.create_connection(address, timeout=timeout, source_address=bind)
+        try:
+            self.sock.sendall(b"".join(hs.data_to_send()))
+            _drive(self.sock, self.session, hs, now + timeout)
+        except BaseException:
+            self.sock.close()
+            raise
 
     def flood(self, block: bytes, seconds: float) -> int:
         """Write ``block`` over and over for ``seconds`` (or until the peer drops the

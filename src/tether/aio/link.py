@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from typing import Protocol, cast
 
 from ..protocol.codes import CloseCode
@@ -372,7 +373,11 @@ class LinkProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.relay: SessionRelay | None = None
         self.peer = "?"
+        self.source = "?"  # the peer's address, without the port (admission counts by it)
         self.why = ""  # for the log, when it says more than the peer is told
+        # Called once when the link stops being a handshake (joined a session, failed, or
+        # died): the server's handshake admission frees its place then.
+        self.settled: Callable[[], None] | None = None
         self.lost = False
         self._early = bytearray()  # bytes before start(): a server that speaks first
         self._timer: asyncio.TimerHandle | None = None
@@ -382,7 +387,7 @@ class LinkProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer:
-            host = peer[0]
+            host = self.source = peer[0]
             self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
         # Cap TCP's retransmission backoff on links at 1 s (default 120 s): after a
         # short outage the link's own retransmission, not a resume, carries on at once.
@@ -419,6 +424,7 @@ class LinkProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._cancel_timer()
+        self._settle()
         if self.relay is not None and self.transport is not None:
             self.relay.link_closed(self.transport)
         elif self.handshake is None or not self.handshake.failed:
@@ -440,6 +446,7 @@ class LinkProtocol(asyncio.Protocol):
         assert self.transport is not None and self.handshake is not None
         assert self.handshake.stage is HandshakeStage.DONE
         self._cancel_timer()
+        self._settle()
         self.relay = relay
         relay.set_link(self.transport, writable=not self._writing_paused)
         relay.pump()
@@ -475,8 +482,15 @@ class LinkProtocol(asyncio.Protocol):
             return
         if handshake.stage is HandshakeStage.DONE:
             self.owner.link_ready(self)
-        elif not handshake.done:
+        elif handshake.failed:
+            self._settle()
+        else:
             self._arm()
+
+    def _settle(self) -> None:
+        settled, self.settled = self.settled, None
+        if settled is not None:
+            settled()
 
     def _arm(self) -> None:
         when = self.handshake.next_timer() if self.handshake is not None else None

@@ -13,12 +13,19 @@ a mismatched client what is wrong instead of failing silently:
 
 The first byte is read with ``MSG_PEEK``, so it is still there for the TLS handshake.
 A connection that sends nothing within the handshake timeout is closed.
+
+Admission comes first (docs/security.md, "Abuse"): every accepted connection takes a
+place in the :class:`~tether.protocol.admission.HandshakeAdmission` until its link joins
+a session, fails or dies; past the limits (global, per source, or by OpenSSH-style
+random early drop) a new connection is closed at once. A clear-text server tells the
+client ``REJECT(OVERLOADED)`` first, so that it retries rather than falls back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -26,10 +33,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ..config import Address
+from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
 from ..protocol.frames import MAGIC, NONCE_SIZE, PROTOCOL_VERSION, Reject, server_hello
 from .link import LinkProtocol
-from .util import describe, format_peer
+from .util import describe
 
 __all__ = ["TLS_RECORD", "LinkListener"]
 
@@ -47,14 +55,16 @@ class LinkListener:
         tls: ssl.SSLContext | None,
         *,
         handshake_timeout: float,
+        admission: HandshakeAdmission,
         refused: Callable[[str, str], None],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
     ) -> None:
-        """``link`` makes each link's protocol; ``refused(peer, why)`` hears of every
+        """``link`` makes each link's protocol; ``refused(source, why)`` hears of every
         connection that never became a link; ``spawn`` runs a task in the service's group."""
         self._link = link
         self._tls = tls
         self._timeout = handshake_timeout
+        self.admission = admission
         self._refused = refused
         self._spawn = spawn
         self._sockets: list[socket.socket] = []
@@ -106,9 +116,22 @@ class LinkListener:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
-            self._sniff(conn, format_peer(peer))
+            source = str(peer[0]) if isinstance(peer, tuple) else "?"
+            verdict = self.admission.admit(source)
+            if not verdict.admitted:
+                self._overloaded(conn)
+                self._refused(source, f"too many handshakes ({verdict.value})")
+                continue
+            self._sniff(conn, source, _Once(functools.partial(self.admission.release, source)))
 
-    def _sniff(self, conn: socket.socket, peer: str) -> None:
+    def _overloaded(self, conn: socket.socket) -> None:
+        if self._tls is None:  # cheap in clear text; a TLS client just sees a reset
+            busy = Reject(CloseCode.OVERLOADED, "server busy")
+            with contextlib.suppress(OSError):
+                conn.send(server_hello(PROTOCOL_VERSION, bytes(NONCE_SIZE)) + busy.serialize())
+        conn.close()
+
+    def _sniff(self, conn: socket.socket, source: str, release: _Once) -> None:
         """Wait for the first byte (bounded by the handshake timeout), then start."""
         loop = asyncio.get_running_loop()
         fd = conn.fileno()
@@ -129,54 +152,82 @@ class LinkListener:
                 timer.cancel()
             if not first:
                 conn.close()
-                self._refused(peer, why)
+                release()
+                self._refused(source, why)
             else:
-                self._start(conn, peer, first[0])
+                self._start(conn, source, first[0], release)
 
         def silent() -> None:
             loop.remove_reader(fd)
             conn.close()
-            self._refused(peer, "sent nothing before the handshake timeout")
+            release()
+            self._refused(source, "sent nothing before the handshake timeout")
 
         loop.add_reader(fd, readable)
         timer = loop.call_later(self._timeout, silent)
 
-    def _start(self, conn: socket.socket, peer: str, first: int) -> None:
+    def _start(self, conn: socket.socket, source: str, first: int, release: _Once) -> None:
         tls = self._tls
         if first == TLS_RECORD and tls is not None:
-            self._spawn(self._start_link(conn, peer, tls))
-        elif first == MAGIC[0] and tls is None:
-            self._spawn(self._start_link(conn, peer, None))
-        elif first == MAGIC[0]:
+            self._spawn(self._start_link(conn, source, tls, release))
+            return
+        if first == MAGIC[0] and tls is None:
+            self._spawn(self._start_link(conn, source, None, release))
+            return
+        release()
+        if first == MAGIC[0]:
             # A clear-text client: tell it, in its own terms, why it cannot go on.
             refusal = Reject(CloseCode.TLS_REQUIRED, "this server takes TLS links only")
             with contextlib.suppress(OSError):
                 conn.send(server_hello(PROTOCOL_VERSION, bytes(NONCE_SIZE)) + refusal.serialize())
             conn.close()
-            self._refused(peer, "the client speaks clear text; this server requires TLS")
+            self._refused(source, "the client speaks clear text; this server requires TLS")
         elif first == TLS_RECORD:
             conn.close()
-            self._refused(peer, "the client speaks TLS; this server runs with --plaintext")
+            self._refused(source, "the client speaks TLS; this server runs with --plaintext")
         else:
             conn.close()
-            self._refused(peer, "not a tether client")
+            self._refused(source, "not a tether client")
 
-    async def _start_link(self, conn: socket.socket, peer: str, tls: ssl.SSLContext | None) -> None:
+    async def _start_link(
+        self, conn: socket.socket, source: str, tls: ssl.SSLContext | None, release: _Once
+    ) -> None:
+        def made() -> LinkProtocol:
+            link = self._link()
+            link.settled = release  # the link frees its place when its handshake ends
+            return link
+
         loop = asyncio.get_running_loop()
         try:
             if tls is None:
-                await loop.connect_accepted_socket(self._link, conn)
+                await loop.connect_accepted_socket(made, conn)
             else:
                 await loop.connect_accepted_socket(
-                    self._link, conn, ssl=tls, ssl_handshake_timeout=self._timeout
+                    made, conn, ssl=tls, ssl_handshake_timeout=self._timeout
                 )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             conn.close()
+            release()
             what = "TLS handshake failed: " if tls is not None else ""
-            self._refused(peer, what + describe_tls(exc))
+            self._refused(source, what + describe_tls(exc))
         except Exception:  # a bug must cost this connection only, never the server
             conn.close()
-            logger.exception("link from %s failed to start", peer)
+            release()
+            logger.exception("link from %s failed to start", source)
+
+
+class _Once:
+    """A callback that runs the first time it is called, and never again."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback: Callable[[], None] | None = callback
+
+    def __call__(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 def describe_tls(exc: BaseException) -> str:

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from .. import tls
 from ..config import ServerConfig
 from ..credentials import ClientsFileError, ClientTokens
+from ..logs import RateLimitedLog
+from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
 from ..protocol.events import Event, HandshakeFailed, ResumeRequested, SessionEnded, SetupRequested
 from ..protocol.frames import Resume, Setup
@@ -62,7 +64,14 @@ class TetherServer(Service):
         super().__init__()
         self.config = config
         self.handler = handler
-        self._router = Router(config.session, max_sessions=config.max_sessions)
+        self._router = Router(
+            config.session,
+            max_sessions=config.max_sessions,
+            max_sessions_per_source=config.max_sessions_per_source,
+        )
+        # Refused links and setups are logged once per source, then summarised every 10 s.
+        self._refused_links = RateLimitedLog(logger, level=logging.INFO)
+        self._refused_setups = RateLimitedLog(logger, level=logging.WARNING)
         self._relays: dict[bytes, _ServerSession] = {}
         self._tokens = ClientTokens(config.clients) if config.clients is not None else None
         if self._tokens is not None:
@@ -70,6 +79,7 @@ class TetherServer(Service):
         self.fingerprint: str | None = None  # of the TLS certificate, once started
         self._links: LinkListener | None = None
         self._accepting: asyncio.Task[None] | None = None
+        self._summaries: asyncio.Task[None] | None = None
 
     def relays(self) -> Iterable[SessionRelay]:
         return self._relays.values()
@@ -81,6 +91,11 @@ class TetherServer(Service):
             lambda: LinkProtocol(self, router.open_link(loop.time())),
             self._tls_context(),
             handshake_timeout=self.config.session.handshake_timeout,
+            admission=HandshakeAdmission(
+                self.config.max_handshakes,
+                self.config.max_handshakes_per_source,
+                start=self.config.max_handshakes // 2,
+            ),
             refused=self._link_refused,
             spawn=self.spawn,
         )
@@ -88,6 +103,7 @@ class TetherServer(Service):
         self.addresses = listener.addresses
         self._links = listener
         self._accepting = self.spawn(listener.serve())
+        self._summaries = self.spawn(self._summarise())
         logger.info(
             "listening on %s, backend %s, timeout %gs, keepalive %gs; %s; %s",
             ", ".join(map(str, self.addresses)),
@@ -141,9 +157,12 @@ class TetherServer(Service):
         return tokens.check(token)
 
     def stop_listening(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            self._accepting = None
+        for task in (self._accepting, self._summaries):
+            if task is not None:
+                task.cancel()
+        self._accepting = self._summaries = None
+        self._refused_links.flush()
+        self._refused_setups.flush()
         if self._links is not None:
             self._links.close()
             self._links = None
@@ -159,7 +178,7 @@ class TetherServer(Service):
         handshake = link.handshake
         assert isinstance(handshake, ServerHandshake)
         if isinstance(event, SetupRequested):
-            refusal = self._router.admit_setup(handshake)
+            refusal = self._router.admit_setup(handshake, link.source)
             if refusal is not None:
                 if refusal.code is CloseCode.UNAUTHORIZED:
                     setup = handshake.request
@@ -189,52 +208,64 @@ class TetherServer(Service):
     def link_lost(self, link: LinkProtocol, exc: Exception | None) -> None:
         """Nothing to do: the handshake is dropped with its link."""
 
-    def _link_refused(self, peer: str, why: str) -> None:
+    def _link_refused(self, source: str, why: str) -> None:
         """A connection that never became a link (see listener.py)."""
         self.counters.handshakes_failed += 1
-        logger.info("link from %s refused: %s", peer, why)
+        self._refused_links.hit(f"link from {_show(source)} refused", why)
+
+    async def _summarise(self) -> None:
+        """Write the refusal summaries whose window has passed (one task, all sources)."""
+        while True:
+            await asyncio.sleep(self._refused_links.window)
+            self._refused_links.handle_timer()
+            self._refused_setups.handle_timer()
 
     def _refused(self, link: LinkProtocol, hs: ServerHandshake, event: HandshakeFailed) -> None:
         counters = self.counters
         counters.handshakes_failed += 1
         why = link.why or event.reason
         code = event.code.name.lower().replace("_", " ")
+        source = _show(link.source)
         if isinstance(hs.request, Resume):
             counters.rejected_total += 1
-            logger.warning(
-                "resume of session %s from %s refused: %s (%s); the live session is untouched",
-                hs.request.session_id.hex()[:12],
-                link.peer,
-                code,
-                why,
+            self._refused_setups.hit(
+                f"resume from {source} refused",
+                f"{code} ({why}) for session {hs.request.session_id.hex()[:12]}; "
+                "the live session is untouched",
             )
         elif hs.request is not None:
             counters.rejected_total += 1
-            logger.warning("setup from %s refused: %s (%s)", link.peer, code, why)
+            self._refused_setups.hit(f"setup from {source} refused", f"{code} ({why})")
         else:
-            logger.info("link from %s refused: %s", link.peer, why)
+            self._refused_links.hit(f"link from {source} refused", why)
         link.close()  # after the REJECT, if the client is owed one
 
     # -- sessions ------------------------------------------------------------------------
 
     async def _setup(self, link: LinkProtocol, hs: ServerHandshake) -> None:
-        """Get what the new session needs, then accept it (one task per setup)."""
+        """Get what the new session needs, then accept it (one task per setup). The
+        router holds a place for it (admitted) until it is accepted or given up."""
+        accepted = False
         try:
             if self.handler is not None:
                 stream = TetherStream()
                 relay = self._accept(link, hs, stream.local_end)
                 if relay is not None:
+                    accepted = True
                     stream.bind(relay)
                     self.spawn(self._serve_stream(self.handler, stream, relay))
                 return
-            await self._setup_backend(link, hs)
+            accepted = await self._setup_backend(link, hs)
         except Exception:  # a bug must cost this link only, never the server
             logger.exception("setup from %s failed", link.peer)
             link.why = "internal error"
             hs.reject(CloseCode.INTERNAL_ERROR, "internal error")
             link.pump_handshake()
+        finally:
+            if not accepted:
+                self._router.cancel_setup(link.source)
 
-    async def _setup_backend(self, link: LinkProtocol, hs: ServerHandshake) -> None:
+    async def _setup_backend(self, link: LinkProtocol, hs: ServerHandshake) -> bool:
         loop = asyncio.get_running_loop()
         backend = LocalProtocol(CloseCode.BACKEND_RESET)
         target = self.config.backend
@@ -248,13 +279,14 @@ class TetherServer(Service):
             link.why = f"backend {target} unreachable: {describe(exc)}"
             hs.reject(CloseCode.BACKEND_UNAVAILABLE, "backend unavailable")
             link.pump_handshake()
-            return
+            return False
         relay = self._accept(link, hs, transport)
         if relay is None:
             transport.close()  # the link died while we reached the backend
-            return
+            return False
         backend.bind(relay)  # what the backend already said follows the ACCEPT
         relay.log.info("session %s: new from %s, backend %s", relay.sid, link.peer, target)
+        return True
 
     def _accept(
         self, link: LinkProtocol, hs: ServerHandshake, local: LocalTransport
@@ -262,7 +294,7 @@ class TetherServer(Service):
         """Create the session and give it the link; None if the link died meanwhile."""
         if link.lost or hs.done:
             return None
-        core = self._router.accept_setup(hs, asyncio.get_running_loop().time())
+        core = self._router.accept_setup(hs, asyncio.get_running_loop().time(), link.source)
         relay = _ServerSession(self, core, link.peer)
         relay.local = local  # before the first pump: the client's first bytes go there
         self._relays[core.session_id] = relay
@@ -310,3 +342,7 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _show(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .admission import SessionAdmission
 from .codes import CloseCode
 from .frames import Resume, Setup
 from .handshake import Random, ServerHandshake
@@ -47,15 +48,18 @@ class Router:
         config: SessionConfig,
         *,
         max_sessions: int,
+        max_sessions_per_source: int | None = None,
         authorize: Callable[[bytes], bool] | None = None,
         random: Random = os.urandom,
     ) -> None:
         """``authorize(token)``: may a client presenting ``token`` create a session? None:
-        any client that reached the handshake may (docs/security.md, "Client credentials")."""
+        any client that reached the handshake may (docs/security.md, "Client credentials").
+        Sessions are counted per source (an IPv4 address or an IPv6 /64; admission.py)."""
         self.config = config
-        self.max_sessions = max_sessions
         self.authorize = authorize
+        self.admission = SessionAdmission(max_sessions, max_sessions_per_source or max_sessions)
         self.sessions: dict[bytes, Session] = {}
+        self._sources: dict[bytes, str] = {}  # session id -> the source that set it up
         self._ended: OrderedDict[bytes, CloseCode] = OrderedDict()
         self._random = random
 
@@ -63,22 +67,29 @@ class Router:
         """The handshake that owns a newly accepted link."""
         return ServerHandshake(self.config, now, random=self._random)
 
-    def admit_setup(self, handshake: ServerHandshake) -> Refusal | None:
-        """May the session ``handshake`` asks for be created now? None, or why not (the
-        client is told no more than the code and a generic text)."""
+    def admit_setup(self, handshake: ServerHandshake, source: str = "?") -> Refusal | None:
+        """May the session ``handshake`` asks for be created now, for ``source``? None, and
+        a place is held for it until :meth:`accept_setup` or :meth:`cancel_setup`; or why
+        not (the client is told no more than the code and a generic text)."""
         setup = handshake.request
         if handshake.done or not isinstance(setup, Setup):
             return Refusal(CloseCode.PROTOCOL_ERROR, "no pending SETUP")
         if self.authorize is not None and not self.authorize(setup.token):
             return Refusal(CloseCode.UNAUTHORIZED, "not authorized")
-        if len(self.sessions) >= self.max_sessions:
-            return Refusal(CloseCode.OVERLOADED, "server holds its maximum of sessions")
+        if not self.admission.admit(source).admitted:
+            # OVERLOADED is transient: the client retries later and does not fall back.
+            return Refusal(CloseCode.OVERLOADED, "server busy")
         return None
 
-    def accept_setup(self, handshake: ServerHandshake, now: float) -> Session:
-        """Create and register the session ``handshake`` asked for."""
+    def cancel_setup(self, source: str = "?") -> None:
+        """An admitted setup did not happen (the backend was down, the link died)."""
+        self.admission.release(source)
+
+    def accept_setup(self, handshake: ServerHandshake, now: float, source: str = "?") -> Session:
+        """Create and register the session ``handshake`` asked for (admitted for ``source``)."""
         session = handshake.accept_setup(now)
         self.sessions[session.session_id] = session
+        self._sources[session.session_id] = source
         return session
 
     def resume(self, handshake: ServerHandshake, now: float) -> Session | None:
@@ -99,6 +110,7 @@ class Router:
         sid = session.session_id
         if self.sessions.pop(sid, None) is None:
             return
+        self.admission.release(self._sources.pop(sid))
         self._ended[sid] = session.close_code or CloseCode.INTERNAL_ERROR
         while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
