@@ -142,8 +142,11 @@ class _ClientSession(SessionRelay):
         if link is not self._trying:
             return  # an attempt that lost the race, closed by us
         handshake = link.handshake
-        reason = describe(exc) if exc is not None else "connection closed"
-        tether = handshake.peer_is_tether if handshake is not None else False
+        reason = describe_link_failure(exc) if exc is not None else "connection closed"
+        # Over TLS the server's identity was verified before the link started: whatever
+        # ends it now (a refused client certificate, a busy server) is our tether server.
+        verified = self.client.tls_policy is not None
+        tether = verified or (handshake.peer_is_tether if handshake is not None else False)
         self._failure = HandshakeFailed(CloseCode.LINK_LOST, reason, tether)
         self._settle(False)
 
