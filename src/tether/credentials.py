@@ -43,7 +43,7 @@ TOKEN_PREFIX = "tether_"
 TOKEN_RANDOM_BYTES = 32  # 256 bits
 # The longest token a server accepts (UTF-8 bytes). Ours are 50; the bound leaves room
 # for other generators and keeps a hostile client from making the server hash megabytes.
-MAX_TOKEN_BYTES = 256
+MAX_TOKEN_BYTES = 255  # the SETUP frame carries its length in one byte (docs/protocol.md)
 HASH_PREFIX = "sha256:"
 _SHA256_HEX_LEN = 64
 

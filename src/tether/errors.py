@@ -5,6 +5,9 @@
     TetherError
     ├── ProtocolError          the peer broke docs/protocol.md; carries the wire close code
     ├── SessionClosed          the session ended; carries the close code and the reason
+    ├── TLSConfigError         a certificate, key or CA file cannot be used (tls.py)
+    ├── TrustError             the client must not trust this server (tls.py)
+    ├── ClientsFileError       the server's clients file is unreadable or malformed (credentials.py)
     └── InvalidState           the caller used an object in a way its state forbids
 
 Peer misbehaviour (``ProtocolError``) is kept apart from caller misuse (``InvalidState``).

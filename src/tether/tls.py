@@ -5,13 +5,13 @@ configured one: on first start it creates an EC P-256 key and a self-signed cert
 in its state directory and reuses them afterwards. A client trusts a server in one of
 three ways, strongest first:
 
-* ``--ca FILE``: ordinary X.509 verification with that bundle, host name checked;
+* ``--tls-ca FILE``: ordinary X.509 verification with that bundle, host name checked;
 * ``--server-fingerprint sha256:HEX``: the certificate must be exactly the pinned one;
 * trust on first use, like OpenSSH: the first certificate a ``HOST:PORT`` presents is
   recorded in the known servers file, and a later different one is refused
   (``--strict`` refuses servers not already recorded).
 
-Without ``--ca`` the handshake verifies nothing (``CERT_NONE``): the pin or the known
+Without ``--tls-ca`` the handshake verifies nothing (``CERT_NONE``): the pin or the known
 servers file is checked on the DER certificate once the handshake is done and before the
 first byte of tether's own handshake is written (:func:`create_tls_connection`). That
 check also holds for resumed TLS sessions: OpenSSL keeps the peer's certificate in the
@@ -81,7 +81,7 @@ __all__ = [
 CERT_FILE = "server.crt"  # in the state directory
 KEY_FILE = "server.key"
 KNOWN_SERVERS_FILE = "known_servers"
-CERT_VALIDITY = datetime.timedelta(days=3653)  # about ten years; only --ca mode checks dates
+CERT_VALIDITY = datetime.timedelta(days=3653)  # about ten years; only --tls-ca mode checks dates
 FINGERPRINT_PREFIX = "sha256:"
 _SHA256_HEX_LEN = 64
 
@@ -248,7 +248,7 @@ def _publish(path: Path, data: bytes, mode: int, *, replace: bool) -> bool:
 
 def _self_signed(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
     """A certificate for ``key`` naming this host, ``localhost`` and the loopback addresses,
-    usable as its own CA file by a client (``--ca server.crt``)."""
+    usable as its own CA file by a client (``--tls-ca server.crt``)."""
     host = socket.gethostname()
     names: list[x509.GeneralName] = [x509.DNSName("localhost")]
     if host and host.isascii() and host.lower() != "localhost":
