@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, sdnotify
 from .config import (
     Address,
     ClientConfig,
@@ -36,6 +36,7 @@ from .config import (
 )
 from .demo import run_demo
 from .errors import TetherError
+from .logs import setup_logging
 
 __all__ = ["build_config", "main", "parse_args"]
 
@@ -326,6 +327,12 @@ def _parser() -> argparse.ArgumentParser:
         verbosity.add_argument(
             "-q", "--quiet", action="store_true", help="warnings and errors only"
         )
+        cmd.add_argument(
+            "--log-format",
+            choices=("text", "json"),
+            default="text",
+            help="log lines as text or as one JSON object each (default text)",
+        )
     _tool_parsers(sub)
     return parser
 
@@ -455,11 +462,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         level = logging.DEBUG
     elif getattr(args, "quiet", False):
         level = logging.WARNING
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(level, args.log_format)
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
@@ -526,7 +529,9 @@ async def _serve_until_signal(service: ServerConfig | ClientConfig) -> int:
         gc.freeze()
         for address in runner.addresses:
             print(f"READY {address}", flush=True)
+        sdnotify.ready(f"listening on {', '.join(map(str, runner.addresses))}")
         await stop.wait()
+        sdnotify.stopping()
         logging.getLogger("tether").info("shutting down")
     return 0
 

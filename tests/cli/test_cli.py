@@ -417,3 +417,40 @@ def test_token_new_prints_the_token_once_and_stores_only_its_hash(tmp_path: Path
     accepted = ClientTokens(clients)
     assert all(accepted.check(token.encode()) for token in tokens)
     assert not accepted.check(b"tether_not-a-token")
+
+
+def test_json_logs_and_systemd_notifications(tmp_path: Path) -> None:
+    """--log-format json writes one JSON object a line; READY=1 and STOPPING=1 reach
+    $NOTIFY_SOCKET (as systemd's Type=notify expects)."""
+    import json
+    import socket as socket_module
+
+    notify_path = tmp_path / "notify"
+    notify = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(20)
+    err = tmp_path / "server.log"
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+    with err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether", "server", "--listen", "127.0.0.1:0",
+             "--plaintext", "--log-format", "json"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"READY ")
+        assert b"READY=1" in notify.recv(4096)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert b"STOPPING=1" in notify.recv(4096)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close() if proc.stdout else None
+        notify.close()
+    records = [json.loads(line) for line in err.read_text().splitlines()]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any("listening on 127.0.0.1:" in r["message"] for r in records)
