@@ -148,6 +148,13 @@ _SESSION_OPTIONS = (
         "reading the sender",
     ),
 )
+def _certificate(what: str) -> tuple[_Option, _Option]:
+    return (
+        _Option("--tls-cert", "tls_cert", "file", what),
+        _Option("--tls-key", "tls_key", "file", "its private key (PEM; mode 600)"),
+    )
+
+
 _PLAINTEXT = _Option(
     "--plaintext",
     "plaintext",
@@ -181,8 +188,7 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "count",
             "of those, from one source",
         ),
-        _Option("--tls-cert", "tls_cert", "file", "this server's TLS certificate (PEM chain)"),
-        _Option("--tls-key", "tls_key", "file", "its private key (PEM; mode 600)"),
+        *_certificate("this server's TLS certificate (PEM chain)"),
         _Option(
             "--state-dir",
             "state_dir",
@@ -251,8 +257,7 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "no trust on first use: refuse a server that is neither pinned nor CA-signed nor "
             "already known",
         ),
-        _Option("--tls-cert", "tls_cert", "file", "this client's certificate, for mutual TLS"),
-        _Option("--tls-key", "tls_key", "file", "its private key (PEM; mode 600)"),
+        *_certificate("this client's certificate, for mutual TLS"),
         _Option(
             "--token-file",
             "token_file",

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TetherError
+from .files import append_line
 
 __all__ = [
     "MAX_TOKEN_BYTES",
@@ -76,21 +77,7 @@ def append_client(clients_file: Path, token_hash: str, comment: str = "") -> Non
     if any(c in comment for c in "\r\n\x00"):
         raise ValueError("the comment must fit on one line")
     line = f"{HASH_PREFIX}{digest.hex()} {comment.strip()}".rstrip() + "\n"
-    try:
-        clients_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(clients_file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size:
-                os.lseek(fd, -1, os.SEEK_END)
-                if os.read(fd, 1) != b"\n":
-                    line = "\n" + line  # the last line was written without its newline
-            data = line.encode("utf-8")
-            if os.write(fd, data) != len(data):
-                raise OSError(f"short write to {clients_file}")
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise ClientsFileError(f"cannot write {clients_file}: {exc.strerror or exc}") from None
+    append_line(clients_file, line, ClientsFileError)
 
 
 @dataclass(frozen=True, slots=True)

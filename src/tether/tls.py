@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import TetherError
+from .files import append_line
 
 __all__ = [
     "CERT_FILE",
@@ -606,8 +607,7 @@ def verify_server(
             f" printed at start, then pass --server-fingerprint with it or add the line"
             f" '{where} {presented}' to {known_servers}"
         )
-    separator = "\n" if text and not text.endswith("\n") else ""
-    _append_line(known_servers, f"{separator}{where} {presented}\n", TrustError)
+    append_line(known_servers, f"{where} {presented}\n", TrustError)
     number = len(text.splitlines()) + 1  # unless another client appended meanwhile
     return TrustResult(presented, learned=True, known_servers=known_servers, line=number)
 
@@ -638,19 +638,3 @@ def _parse_known_line(line: str, path: Path, number: int) -> tuple[str, str] | N
         except ValueError as exc:
             problem = str(exc)
     raise TrustError(f"{path}:{number}: {problem}; fix or delete that line")
-
-
-def _append_line(path: Path, line: str, error: type[Exception]) -> None:
-    """Append ``line`` in one ``O_APPEND`` write (whole lines from concurrent writers do
-    not interleave), creating the directory (0700) and the file (0600) if needed."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            data = line.encode("utf-8")
-            if os.write(fd, data) != len(data):
-                raise OSError(f"short write to {path}")
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise error(f"cannot write {path}: {exc.strerror or exc}") from None
