@@ -1,9 +1,11 @@
 """The worked examples of docs/protocol.md are test vectors, and this file keeps them true.
 
 :func:`run_examples` plays the examples' story through the real sans-I/O core
-(``ClientHandshake``, ``ServerHandshake``, ``Session``) with scripted randomness and the
-RFC 7748 section 6.1 X25519 keys, and records every buffer each side writes. The tests
-then check three things agree, value by value:
+(``Session``, ``ClientHandshake``, ``Router`` and its ``ServerHandshake``) with scripted
+randomness and the RFC 7748 section 6.1 X25519 keys, and records every buffer each side
+writes; the clear-text ``REJECT(TLS_REQUIRED)`` comes from the server's listener
+(aio/listener.py) over a socket pair. The tests then check three things agree, value by
+value:
 
 1. what the core wrote (and what ``tether.protocol.resume`` computes);
 2. the same values built independently from the formulas and layouts in the document:
@@ -22,6 +24,8 @@ import base64
 import hashlib
 import hmac
 import re
+import socket
+import ssl
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,19 +37,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from tether.aio.listener import LinkListener, _Once
 from tether.protocol import resume
+from tether.protocol.admission import HandshakeAdmission
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import SessionEnded, SetupRequested
-from tether.protocol.frames import (
-    NONCE_SIZE,
-    PROTOCOL_VERSION,
-    Close,
-    Ping,
-    Pong,
-    Reject,
-    client_hello,
-    server_hello,
-)
+from tether.protocol.frames import MAGIC, Close, Ping, Pong, client_hello
 from tether.protocol.handshake import ClientHandshake, ServerHandshake
 from tether.protocol.router import Router
 from tether.protocol.session import Session, SessionConfig
@@ -91,7 +88,7 @@ class Wire:
 
 
 class _Script:
-    """A ``random`` callable that hands out the given values, in order, by size."""
+    """A ``random`` callable that hands out the given values in order, checking each size."""
 
     def __init__(self, *values: bytes) -> None:
         self._values = list(values)
@@ -226,12 +223,29 @@ def run_examples() -> Wire:
         assert refusal is not None and refusal.code is CloseCode.UNAUTHORIZED
         hs.reject(refusal.code, refusal.reason)
         wire.server["unauthorized"] = _take(hs)[41:]  # after its hello
-    # What aio/listener.py answers a clear-text client when it takes TLS links only.
-    tls_required = Reject(CloseCode.TLS_REQUIRED, "this server takes TLS links only")
-    wire.server["tls required"] = (
-        server_hello(PROTOCOL_VERSION, bytes(NONCE_SIZE)) + tls_required.serialize()
-    )
+    wire.server["tls required"] = listener_answer(MAGIC[0])  # a clear-text client
     return wire
+
+
+def listener_answer(first: int) -> bytes:
+    """What aio/listener.py of a TLS server writes, before any TLS, to a connection whose
+    first byte is ``first`` (over a socket pair: no network, no event loop)."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        listener = LinkListener(
+            lambda: pytest.fail("no link may start"),
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
+            handshake_timeout=10.0,
+            admission=HandshakeAdmission(1, 1),
+            refused=lambda source, why: None,
+            spawn=lambda coroutine: pytest.fail("no task may start"),
+        )
+        listener._start(ours, "?", first, _Once(lambda: None))  # closes ``ours``
+        theirs.settimeout(5)
+        answer = b""
+        while chunk := theirs.recv(4096):
+            answer += chunk
+    return answer
 
 
 # -- the same values from the document's formulas -----------------------------------------
@@ -247,7 +261,7 @@ def hexdump(data: bytes) -> str:
     return "\n".join(lines)
 
 
-MAGIC = bytes.fromhex("89544554484552 0a")
+DOC_MAGIC = bytes.fromhex("89 54 45 54 48 45 52 0a")  # as the document writes it
 
 
 def _u16(n: int) -> bytes:
@@ -299,10 +313,10 @@ def expected() -> Expected:
     shared = X25519PrivateKey.from_private_bytes(SERVER_PRIVATE).exchange(
         X25519PublicKey.from_public_bytes(client_public)
     )
-    hello = MAGIC + bytes((2, 2))  # min_version, max_version
+    hello = DOC_MAGIC + bytes((2, 2))  # min_version, max_version
     setup_payload = client_public + _u32(WINDOW) + _u32(KEEPALIVE_MS)
     setup = _frame(0x01, setup_payload + bytes((len(TOKEN),)) + TOKEN)
-    hello1 = MAGIC + bytes((2,)) + SERVER_NONCE_1
+    hello1 = DOC_MAGIC + bytes((2,)) + SERVER_NONCE_1
     accept_fields = (
         SESSION_ID + server_public + _u32(WINDOW) + _u32(TIMEOUT_MS) + _u32(KEEPALIVE_MS)
     )
@@ -348,17 +362,17 @@ def expected() -> Expected:
         "hello1": hello1,
         "accept": _frame(0x02, accept_fields + confirm),
         "data hi+ack": _frame(0x10, _u64(0) + b"hi!\n") + _frame(0x11, _u64(6)),
-        "hello2": MAGIC + bytes((2,)) + SERVER_NONCE_2,
+        "hello2": DOC_MAGIC + bytes((2,)) + SERVER_NONCE_2,
         "resumed": _frame(0x04, _u64(6) + server_proof),
         "ack 13": _frame(0x11, _u64(13)),
         "eof 4": _frame(0x12, _u64(4)),
         "pong": _frame(0x14, _u64(1)),
-        "version": MAGIC
+        "version": DOC_MAGIC
         + bytes((0,))
         + no_nonce
         + _frame(0x05, _u16(2) + b"client speaks versions 1..1, server 2"),
         "unauthorized": _frame(0x05, _u16(16) + b"not authorized"),
-        "tls required": MAGIC
+        "tls required": DOC_MAGIC
         + bytes((2,))
         + no_nonce
         + _frame(0x05, _u16(17) + b"this server takes TLS links only"),
