@@ -17,6 +17,8 @@ import random
 import socket
 import struct
 import sys
+import tempfile
+from pathlib import Path
 from typing import cast
 
 from .aio.client import TetherClient
@@ -134,21 +136,34 @@ async def run_demo(
     backend_addr = Address(*backend.sockets[0].getsockname()[:2])
     tl.say(f"backend (echo) listening on {backend_addr}")
     session = SessionConfig(keepalive=1.0, timeout=60.0)
-    async with TetherServer(
-        ServerConfig(listen=Address("127.0.0.1", 0), backend=backend_addr, session=session)
-    ) as server:
-        path = _Path(server.addresses[0], tl)
-        net = await asyncio.start_server(path.handle, "127.0.0.1", 0)
-        net_addr = Address(*net.sockets[0].getsockname()[:2])
-        async with TetherClient(
-            ClientConfig(listen=Address("127.0.0.1", 0), server=net_addr, session=session)
-        ) as client:
-            tl.say(
-                f"tether server on {server.addresses[0]}, network path on {net_addr}, "
-                f"tether client on {client.addresses[0]}"
+    # TLS on, as by default; the demo's server identity lives in a temporary directory and
+    # the client pins it, so nothing is written to the user's own tether directories.
+    with tempfile.TemporaryDirectory(prefix="tether-demo-") as state:
+        async with TetherServer(
+            ServerConfig(
+                listen=Address("127.0.0.1", 0),
+                backend=backend_addr,
+                session=session,
+                state_dir=Path(state),
             )
-            code = await _application(tl, client, server, path, outage, total_bulk, stats)
-        net.close()
+        ) as server:
+            path = _Path(server.addresses[0], tl)
+            net = await asyncio.start_server(path.handle, "127.0.0.1", 0)
+            net_addr = Address(*net.sockets[0].getsockname()[:2])
+            client_config = ClientConfig(
+                listen=Address("127.0.0.1", 0),
+                server=net_addr,
+                session=session,
+                server_fingerprint=server.fingerprint,
+            )
+            async with TetherClient(client_config) as client:
+                tl.say(
+                    f"tether server on {server.addresses[0]} (TLS 1.3, certificate "
+                    f"{(server.fingerprint or '')[:19]}...), network path on {net_addr}, "
+                    f"tether client on {client.addresses[0]} (certificate pinned)"
+                )
+                code = await _application(tl, client, server, path, outage, total_bulk, stats)
+            net.close()
     backend.close()
     return code
 
