@@ -19,7 +19,7 @@ import struct
 import sys
 import tempfile
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from .aio.client import TetherClient
 from .aio.server import TetherServer
@@ -76,8 +76,13 @@ class _Path:
         self.timeline = timeline
         self.up = True
         self.pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.handlers: set[asyncio.Task[Any]] = set()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:  # so that close() can wait for it
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
         if not self.up:
             _reset(writer)
             return
@@ -93,6 +98,13 @@ class _Path:
             tg.create_task(_pipe(up_reader, writer))
         if pair in self.pairs:
             self.pairs.remove(pair)
+
+    async def close(self) -> None:
+        """Cut every connection and wait for their handlers to end (none is left for the
+        event loop to cancel at exit, which Python 3.11's asyncio reports as an error)."""
+        self.cut()
+        if self.handlers:
+            await asyncio.wait(self.handlers, timeout=5)
 
     def cut(self) -> None:
         self.up = False
@@ -164,6 +176,7 @@ async def run_demo(
                 )
                 code = await _application(tl, client, server, path, outage, total_bulk, stats)
             net.close()
+            await path.close()
     backend.close()
     return code
 
