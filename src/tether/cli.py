@@ -148,6 +148,8 @@ _SESSION_OPTIONS = (
         "reading the sender",
     ),
 )
+
+
 def _certificate(what: str) -> tuple[_Option, _Option]:
     return (
         _Option("--tls-cert", "tls_cert", "file", what),

@@ -17,7 +17,9 @@ import random
 import socket
 import struct
 import sys
-from typing import cast
+import tempfile
+from pathlib import Path
+from typing import Any, cast
 
 from .aio.client import TetherClient
 from .aio.server import TetherServer
@@ -74,8 +76,13 @@ class _Path:
         self.timeline = timeline
         self.up = True
         self.pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.handlers: set[asyncio.Task[Any]] = set()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:  # so that close() can wait for it
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
         if not self.up:
             _reset(writer)
             return
@@ -91,6 +98,13 @@ class _Path:
             tg.create_task(_pipe(up_reader, writer))
         if pair in self.pairs:
             self.pairs.remove(pair)
+
+    async def close(self) -> None:
+        """Cut every connection and wait for their handlers to end (none is left for the
+        event loop to cancel at exit, which Python 3.11's asyncio reports as an error)."""
+        self.cut()
+        if self.handlers:
+            await asyncio.wait(self.handlers, timeout=5)
 
     def cut(self) -> None:
         self.up = False
@@ -134,21 +148,35 @@ async def run_demo(
     backend_addr = Address(*backend.sockets[0].getsockname()[:2])
     tl.say(f"backend (echo) listening on {backend_addr}")
     session = SessionConfig(keepalive=1.0, timeout=60.0)
-    async with TetherServer(
-        ServerConfig(listen=Address("127.0.0.1", 0), backend=backend_addr, session=session)
-    ) as server:
-        path = _Path(server.addresses[0], tl)
-        net = await asyncio.start_server(path.handle, "127.0.0.1", 0)
-        net_addr = Address(*net.sockets[0].getsockname()[:2])
-        async with TetherClient(
-            ClientConfig(listen=Address("127.0.0.1", 0), server=net_addr, session=session)
-        ) as client:
-            tl.say(
-                f"tether server on {server.addresses[0]}, network path on {net_addr}, "
-                f"tether client on {client.addresses[0]}"
+    # TLS on, as by default; the demo's server identity lives in a temporary directory and
+    # the client pins it, so nothing is written to the user's own tether directories.
+    with tempfile.TemporaryDirectory(prefix="tether-demo-") as state:
+        async with TetherServer(
+            ServerConfig(
+                listen=Address("127.0.0.1", 0),
+                backend=backend_addr,
+                session=session,
+                state_dir=Path(state),
             )
-            code = await _application(tl, client, server, path, outage, total_bulk, stats)
-        net.close()
+        ) as server:
+            path = _Path(server.addresses[0], tl)
+            net = await asyncio.start_server(path.handle, "127.0.0.1", 0)
+            net_addr = Address(*net.sockets[0].getsockname()[:2])
+            client_config = ClientConfig(
+                listen=Address("127.0.0.1", 0),
+                server=net_addr,
+                session=session,
+                server_fingerprint=server.fingerprint,
+            )
+            async with TetherClient(client_config) as client:
+                tl.say(
+                    f"tether server on {server.addresses[0]} (TLS 1.3, certificate "
+                    f"{(server.fingerprint or '')[:19]}...), network path on {net_addr}, "
+                    f"tether client on {client.addresses[0]} (certificate pinned)"
+                )
+                code = await _application(tl, client, server, path, outage, total_bulk, stats)
+            net.close()
+            await path.close()
     backend.close()
     return code
 

@@ -454,3 +454,20 @@ def test_json_logs_and_systemd_notifications(tmp_path: Path) -> None:
     records = [json.loads(line) for line in err.read_text().splitlines()]
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert any("listening on 127.0.0.1:" in r["message"] for r in records)
+
+
+@pytest.mark.parametrize("uvloop", ["uvloop", "asyncio"])
+def test_the_demo_runs_clean_with_and_without_uvloop(uvloop: str) -> None:
+    """The README's first command, shortened: every byte checked, no traceback, with the
+    event loop a plain `pip install .` gets (no uvloop) as well."""
+    env = {**os.environ, **({"TETHER_NO_UVLOOP": "1"} if uvloop == "asyncio" else {})}
+    out = subprocess.run(
+        [sys.executable, "-m", "tether", "demo", "--outage", "1", "--bytes", "1M"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "every byte arrived exactly once" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr
