@@ -872,3 +872,16 @@ def test_a_transient_reject_of_a_setup_leaves_the_session_new(code: CloseCode) -
     (failure,) = list(iter(hs.next_event, None))
     assert isinstance(failure, HandshakeFailed) and failure.code is code
     assert failure.peer_is_tether  # so the driver does not fall back
+
+
+def test_a_late_resume_of_a_session_that_ended_normally_is_told_normal() -> None:
+    """NORMAL is 0: the router must not read it as "no code" (it answered INTERNAL_ERROR)."""
+    p = Pair(CONFIG)
+    p.establish()
+    p.client_eof()
+    p.server_eof()
+    p.transfer()
+    assert p.backend.ended is not None and p.backend.ended.code is CloseCode.NORMAL
+    sid = p.client.session_id
+    assert sid not in p.sessions
+    assert p.router._ended[sid] is CloseCode.NORMAL

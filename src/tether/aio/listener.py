@@ -180,7 +180,7 @@ class LinkListener:
             refusal = Reject(CloseCode.TLS_REQUIRED, "this server takes TLS links only")
             with contextlib.suppress(OSError):
                 conn.send(server_hello(PROTOCOL_VERSION, bytes(NONCE_SIZE)) + refusal.serialize())
-            conn.close()
+            _close_gently(conn)
             self._refused(source, "the client speaks clear text; this server requires TLS")
         elif first == TLS_RECORD:
             conn.close()
@@ -214,6 +214,19 @@ class LinkListener:
             conn.close()
             release()
             logger.exception("link from %s failed to start", source)
+
+
+def _close_gently(conn: socket.socket) -> None:
+    """Close after an answer: read what the client already sent first, so the kernel
+    does not reset the connection (and maybe discard the answer) for unread bytes."""
+    conn.setblocking(False)
+    with contextlib.suppress(OSError):  # BlockingIOError once nothing is left
+        for _ in range(16):  # at most 1 MiB: a client owed an answer sent a few bytes
+            if not conn.recv(65536):
+                break
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+    conn.close()
 
 
 class _Once:

@@ -30,6 +30,16 @@ from .session import Session, SessionConfig
 __all__ = ["ENDED_MEMORY", "Refusal", "Router"]
 
 ENDED_MEMORY = 16384  # recently ended session ids remembered to answer a late resume
+TOLD_LATE_RESUMES = frozenset(
+    {
+        CloseCode.NORMAL,
+        CloseCode.PROTOCOL_ERROR,
+        CloseCode.EXPIRED,
+        CloseCode.BACKEND_RESET,
+        CloseCode.APPLICATION_RESET,
+        CloseCode.INTERNAL_ERROR,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +121,9 @@ class Router:
         if self.sessions.pop(sid, None) is None:
             return
         self.admission.release(self._sources.pop(sid))
-        self._ended[sid] = session.close_code or CloseCode.INTERNAL_ERROR
+        code = session.close_code
+        # What a late resume is told: the end code when it means something to a client,
+        # never a local-only or transient one (docs/protocol.md, "Reason codes").
+        self._ended[sid] = code if code in TOLD_LATE_RESUMES else CloseCode.UNKNOWN_SESSION
         while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
