@@ -37,6 +37,7 @@ from tether.aio.client import TetherClient
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
 
+from ..tls.pki import CA
 from .endpoints import Backend, Streamer, close_all, connect_app, stream_digest
 from .faultnet import FaultRelay, Proc, start_tether, stop
 
@@ -440,6 +441,52 @@ def test_strict_refuses_an_unknown_server_and_a_pin_decides(tmp_path: Path) -> N
     run(main())
 
 
+# -- 4. --tls-ca ----------------------------------------------------------------------------
+
+
+def test_a_ca_signed_certificate_must_carry_the_name_the_client_uses(tmp_path: Path) -> None:
+    ca = CA(tmp_path)
+    issued = ca.issue("localhost")  # a DNS name only: no IP address in the certificate
+    other_ca = CA(tmp_path, "another CA")
+    known = tmp_path / "known_servers"
+    tethers = Tethers(tmp_path)
+
+    async def main() -> None:
+        async with Listener() as backend, Listener() as fallback:
+            try:
+                server = await tethers.server(
+                    backend.address, "--tls-cert", str(issued.cert), "--tls-key", str(issued.key)
+                )
+                port = server.address[1]
+                to_fallback = ("--fallback", at(fallback.address))
+
+                good = await tethers.client(f"localhost:{port}", "--tls-ca", str(ca.cert))
+                await session_works(good, seed=4)
+                assert backend.accepted == 1
+
+                wrong_name = await tethers.client(
+                    f"127.0.0.1:{port}", "--tls-ca", str(ca.cert), *to_fallback
+                )
+                await session_refused(wrong_name)
+                line = await log_line(wrong_name, "ended UNTRUSTED_SERVER")
+                assert "certificate verify failed" in line, line
+
+                wrong_ca = await tethers.client(
+                    f"localhost:{port}", "--tls-ca", str(other_ca.cert), *to_fallback
+                )
+                await session_refused(wrong_ca)
+                line = await log_line(wrong_ca, "ended UNTRUSTED_SERVER")
+                assert "certificate verify failed" in line, line
+
+                assert fallback.accepted == 0
+                assert backend.accepted == 1
+                assert not known.exists() and not (tmp_path / "xdg-config").exists()
+            finally:
+                tethers.stop_all()
+
+    run(main())
+
+
 # -- 5. tokens ------------------------------------------------------------------------------
 
 
@@ -576,6 +623,27 @@ def test_a_client_is_not_told_the_backend_address_or_the_error(tmp_path: Path) -
             tethers.stop_all()
 
     run(main())
+
+
+# -- 9. key file permissions ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_server_key_others_may_read_stops_the_server_at_start(tmp_path: Path) -> None:
+    issued = CA(tmp_path).issue("localhost")
+    issued.key.chmod(0o644)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "tether", "server", "--listen", "127.0.0.1:0",
+            "--tls-cert", str(issued.cert), "--tls-key", str(issued.key),
+        ],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "READY" not in done.stdout
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("tether: error:")]
+    assert str(issued.key) in error and f"chmod 600 {issued.key}" in error, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # -- 10. a cut TLS link resumes the session, and the TLS session ----------------------------
