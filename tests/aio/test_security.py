@@ -549,6 +549,49 @@ def test_tokens_decide_who_gets_a_session_and_the_clients_file_is_reread(
     run(main())
 
 
+# -- 6. mutual TLS --------------------------------------------------------------------------
+
+
+def test_mutual_tls_admits_only_clients_with_a_certificate_the_ca_signed(tmp_path: Path) -> None:
+    ca = CA(tmp_path)
+    alice = ca.issue("alice", client=True)
+    mallory = CA(tmp_path, "mallory CA").issue("mallory", client=True)
+    tethers = Tethers(tmp_path)
+
+    async def main() -> None:
+        async with Listener() as backend, Listener() as fallback:
+            try:
+                server = await tethers.server(backend.address, "--tls-client-ca", str(ca.cert))
+                where = at(server.address)
+                to_fallback = ("--fallback", at(fallback.address))
+
+                without = await tethers.client(where, *to_fallback, *FAIL_FAST)
+                await session_refused(without)
+                await log_line(without, r"ended \w+ .*application connection closed")
+
+                forged = await tethers.client(
+                    where, "--tls-cert", str(mallory.cert), "--tls-key", str(mallory.key),
+                    *to_fallback, *FAIL_FAST,
+                )  # fmt: skip
+                await session_refused(forged)
+                await log_line(forged, r"ended \w+ .*application connection closed")
+                assert backend.accepted == 0, server.log()
+
+                signed = await tethers.client(
+                    where, "--tls-cert", str(alice.cert), "--tls-key", str(alice.key)
+                )
+                await session_works(signed, seed=7)
+                assert backend.accepted == 1
+                assert fallback.accepted == 0, without.log() + forged.log()
+                tethers.stop(server)  # writes the summary of refusals from this source
+                assert lines(server, "TLS handshake failed: peer did not return a certificate")
+                assert lines(server, "TLS handshake failed: certificate verify failed")
+            finally:
+                tethers.stop_all()
+
+    run(main())
+
+
 # -- 7. clear text on one side only ---------------------------------------------------------
 
 
