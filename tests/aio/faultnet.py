@@ -204,12 +204,20 @@ async def start_tether(role: str, *args: str, tmp: str, ready_timeout: float = 2
     err.close()
     assert popen.stdout is not None
     loop = asyncio.get_running_loop()
-    line = await asyncio.wait_for(loop.run_in_executor(None, popen.stdout.readline), ready_timeout)
-    text = line.decode().strip()
-    if not text.startswith("READY "):
+    try:
+        line = await asyncio.wait_for(
+            loop.run_in_executor(None, popen.stdout.readline), ready_timeout
+        )
+        text = line.decode().strip()
+        if not text.startswith("READY "):
+            popen.wait(ready_timeout)  # it exits: its error is complete in the log
+            with open(stderr_path) as f:
+                raise RuntimeError(f"tether {role} did not start: {text!r}\n{f.read()}")
+    except BaseException:  # no process or pipe outlives a failed start
         popen.kill()
-        with open(stderr_path) as f:
-            raise RuntimeError(f"tether {role} did not start: {text!r}\n{f.read()}")
+        popen.wait()
+        popen.stdout.close()
+        raise
     host, _, port = text.split()[1].rpartition(":")
     return Proc(popen, (host.strip("[]"), int(port)), stderr_path)
 
