@@ -12,7 +12,8 @@ own identities, known servers and clients files in ``tmp_path``: nothing is shar
 5. tokens: none or a wrong one gets no session and no backend connection; a client
    added to the clients file while the server runs is admitted
 6. mutual TLS: no client certificate, no session
-7. clear text on one side only: a clear line on both sides, no silent fallback
+7. clear text on one side only: the server logs why in one line, the client's session
+   ends, no silent fallback (both sides in clear text: test 1)
 8. a peer is told "backend unavailable", never the backend's address
 9. a private key that others may read stops the server at start
 10. a cut TLS link resumes the session, and the TLS session too
@@ -631,6 +632,8 @@ def test_a_tls_client_of_a_plaintext_server_fails_and_does_not_fall_back(tmp_pat
                     "--fallback", at(fallback.address), *FAIL_FAST,
                 )  # fmt: skip
                 await session_refused(client)
+                # Only the server can tell why: to the client it is a reset in the TLS
+                # handshake, as from a busy server (RESUME_FAILED, "Connection reset").
                 line = await log_line(client, r"ended \w+ .*application connection closed")
                 assert "WARNING" in line and at(server.address) in line, line
                 said = "refused: the client speaks TLS; this server runs with --plaintext"
