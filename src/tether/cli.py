@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import inspect
@@ -448,9 +449,22 @@ def build_config(
     Raises ValueError naming the option: ``--listen 127.0.0.1:x: port must be a number``.
     """
     config = _DEFAULTS[args.command] if base is None else base
+    given = []
     for option, text in _given(args):
         with _about(option, text):
-            value = option.parse(text, _default(args.command, option.path))
+            given.append((option, text, option.parse(text, _default(args.command, option.path))))
+    # All fields at once: some are checked together (--tls-cert with --tls-key).
+    changes: dict[str, Any] = {}
+    try:
+        for option, _, value in given:
+            name, _, rest = option.path.partition(".")
+            inner = changes.get(name, getattr(config, name))
+            changes[name] = replace_field(inner, rest, value) if rest else value
+        return dataclasses.replace(config, **changes)
+    except ValueError:
+        pass
+    for option, text, value in given:  # one at a time, to name the option that fails
+        with _about(option, text):
             config = replace_field(config, option.path, value)  # the dataclass checks it
     return config
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -187,10 +188,13 @@ class Proc:
             return f.read()
 
 
+_LOGS = itertools.count(1)  # one log file per process (id() of a dead tuple is reused)
+
+
 async def start_tether(role: str, *args: str, tmp: str, ready_timeout: float = 20.0) -> Proc:
     """Start ``tether ROLE ARGS`` and wait for its READY line (never a sleep)."""
-    stderr_path = os.path.join(tmp, f"{role}-{os.getpid()}-{id(args)}.log")
-    err = open(stderr_path, "wb")  # noqa: SIM115 - owned by the process
+    stderr_path = os.path.join(tmp, f"{role}-{os.getpid()}-{next(_LOGS)}.log")
+    err = open(stderr_path, "xb")  # noqa: SIM115 - owned by the process
     popen = subprocess.Popen(
         [sys.executable, "-m", "tether", role, *args],
         stdout=subprocess.PIPE,
@@ -200,12 +204,20 @@ async def start_tether(role: str, *args: str, tmp: str, ready_timeout: float = 2
     err.close()
     assert popen.stdout is not None
     loop = asyncio.get_running_loop()
-    line = await asyncio.wait_for(loop.run_in_executor(None, popen.stdout.readline), ready_timeout)
-    text = line.decode().strip()
-    if not text.startswith("READY "):
+    try:
+        line = await asyncio.wait_for(
+            loop.run_in_executor(None, popen.stdout.readline), ready_timeout
+        )
+        text = line.decode().strip()
+        if not text.startswith("READY "):
+            popen.wait(ready_timeout)  # it exits: its error is complete in the log
+            with open(stderr_path) as f:
+                raise RuntimeError(f"tether {role} did not start: {text!r}\n{f.read()}")
+    except BaseException:  # no process or pipe outlives a failed start
         popen.kill()
-        with open(stderr_path) as f:
-            raise RuntimeError(f"tether {role} did not start: {text!r}\n{f.read()}")
+        popen.wait()
+        popen.stdout.close()
+        raise
     host, _, port = text.split()[1].rpartition(":")
     return Proc(popen, (host.strip("[]"), int(port)), stderr_path)
 

@@ -190,7 +190,8 @@ class _ClientSession(SessionRelay):
         """Run the handshake on a connected link. True once the session is on it."""
         self._failure = None
         if link.lost or transport.is_closing():
-            self._failure = HandshakeFailed(CloseCode.LINK_LOST, "connection lost at once", False)
+            tether = self.client.tls_policy is not None  # verified, as in link_lost
+            self._failure = HandshakeFailed(CloseCode.LINK_LOST, "connection lost at once", tether)
             return False
         self._outcome = self.loop.create_future()
         self._trying = link

@@ -172,6 +172,8 @@ class Dialer:
 
 def describe_link_failure(exc: BaseException) -> str:
     """A failed connection in a few words, TLS failures included."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"TLS: certificate verify failed: {exc.verify_message.rstrip('.')}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return "TLS: " + exc.reason.lower().replace("_", " ")
     return describe(exc)
