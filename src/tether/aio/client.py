@@ -239,12 +239,18 @@ class _ClientSession(SessionRelay):
             await asyncio.sleep(min(backoff.next(), max(deadline - self.loop.time(), 0)))
         return False
 
-    async def _give_up(self, why: str, may_fall_back: bool) -> None:
-        if may_fall_back and self._can_fall_back():
+    async def _give_up(self, why: str, no_tether: bool) -> None:
+        if no_tether and self._can_fall_back():
             await self._fall_back(why)
-        else:
-            server = self.client.config.server
+            return
+        server = self.client.config.server
+        if no_tether:
             self.abort(CloseCode.RESUME_FAILED, f"no tether server at {server}: {why}")
+        else:  # it answered, then refused or dropped the link: it says why in its log
+            self.abort(
+                CloseCode.RESUME_FAILED,
+                f"the tether server at {server} did not take the session: {why}",
+            )
 
     def _untrusted(self, exc: BaseException) -> None:
         """The server is not who it must be: an attack signal. Fail closed, no fallback."""
