@@ -3,13 +3,24 @@
 A chain sits in front of a backend address and returns the address the application
 connects to. With namespaces (B3), the server-side hop runs in ``server_ns`` listening on
 ``server_host`` and the client-side hop in ``client_ns`` on its loopback.
+
+The tether peers are compared with socat, so their links are in clear text
+(``--plaintext`` on both ends) when the CLI has TLS at all (issue 8).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from benchmarks.procs import PYTHON, Procs, free_port, socat_command, tether_command, wait_listening
+from benchmarks.procs import (
+    PYTHON,
+    Procs,
+    free_port,
+    plaintext_args,
+    socat_command,
+    tether_command,
+    wait_listening,
+)
 
 SOCAT_BIG = 262144
 
@@ -128,14 +139,15 @@ def start_chain(
         assert cmd is not None
         if peer.variant:
             cmd = [PYTHON, "-m", "benchmarks.variant"]
+        extra = [*tether_args, *plaintext_args()]
         _, server = procs.start_ready(
-            [*cmd, "server", "--listen", f"{server_host}:0", "--backend", backend, *tether_args],
+            [*cmd, "server", "--listen", f"{server_host}:0", "--backend", backend, *extra],
             "tether-server",
             env=peer.env,
             netns=server_ns,
         )
         _, client = procs.start_ready(
-            [*cmd, "client", "--listen", "127.0.0.1:0", "--server", server, *tether_args],
+            [*cmd, "client", "--listen", "127.0.0.1:0", "--server", server, *extra],
             "tether-client",
             env=peer.env,
             netns=client_ns,
