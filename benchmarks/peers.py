@@ -101,6 +101,15 @@ PEERS: dict[str, Peer] = {
             "(an experiment)",
             variant=True,
         ),
+        Peer(
+            "tether-tls-trace",
+            "tether",
+            2,
+            env={"TBENCH_TLS_TRACE": "1"},
+            label="tether-tls logging each TLS link's session_reused (an observation)",
+            variant=True,
+            tls=True,
+        ),
     )
 }
 DEFAULT_PEERS = [

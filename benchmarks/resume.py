@@ -32,6 +32,7 @@ B3_PEERS = [
     "direct",
     "tether-attempt1s",
     "tether-rtomax",
+    "tether-tls-trace",
 ]
 RESUME_WAIT = 60.0  # a trial that has not resumed this long after restore counts as failed
 SETTLE = 2.0
