@@ -106,7 +106,8 @@ def b1(page: Page, b: dict[str, Any], img: Path | None) -> None:
             med, lo, hi = smm(v)
             row = [label(p), med, lo, hi]
             for ref in ("socat2-b256k", "socat2", "direct"):
-                rr = ratios(cr, "gbps", p, ref, "repeat") if p.startswith("tether") else []
+                clear = p.startswith("tether") and not (p in PEERS and PEERS[p].tls)
+                rr = ratios(cr, "gbps", p, ref, "repeat") if clear else []  # TLS: own section
                 row.append(
                     f"{fmt(percentile(rr, 50))} ({fmt(min(rr))}-{fmt(max(rr))})" if rr else ""
                 )
