@@ -7,6 +7,7 @@ Examples::
     python -m benchmarks --only B1,B2 --peers direct,socat2,tether
     python -m benchmarks --smoke --only B1,B2 --out /tmp/x --no-docs   # the test's run
     python -m benchmarks report               # docs/benchmarks.md from results/latest.json
+    python -m benchmarks report --tls --out results/issue8   # only its "With TLS" section
     python -m benchmarks profile              # py-spy of the bulk data path
 """
 
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--merge", action="store_true", help="keep earlier results of peers not in this run"
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="report: (re)write only the 'With TLS' section of docs/benchmarks.md from --out, "
+        "and the analysis after it; every other section is left as it is",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="profile: seconds sampled")
     parser.add_argument(
         "--workload", default="bulk", choices=["bulk", "rtt", "idle"], help="profile"
@@ -157,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10000, help="profile idle: sessions")
     args = parser.parse_args(argv)
     if args.what == "report":
-        from benchmarks.report import write_docs
+        from benchmarks.report import splice_tls, write_docs
 
-        write_docs(Path(args.out) / "latest.json", REPO / "docs")
+        if args.tls:
+            splice_tls(Path(args.out) / "latest.json", REPO / "docs")
+        else:
+            write_docs(Path(args.out) / "latest.json", REPO / "docs")
         return 0
     if args.what == "profile":
         from benchmarks.profile import run_profile

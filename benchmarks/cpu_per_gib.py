@@ -4,8 +4,14 @@ A quieter figure than throughput on a shared machine: it counts what tether itse
 spends (user + system time of its two processes, from /proc), not how fast the
 machine happened to be. Used to measure data-path changes before and after::
 
-    python -m benchmarks.cpu_per_gib [--bytes N] [--runs 3]
+    python -m benchmarks.cpu_per_gib [--bytes N] [--runs 3] [--tls]
     PYTHONPATH=/path/to/other/checkout/src python -m benchmarks.cpu_per_gib   # A/B
+
+The links are in clear text (``--plaintext`` on both ends) whenever the tether under test
+has TLS, so that figures stay comparable with checkouts from before TLS (issue 8);
+``--tls`` measures the default TLS 1.3 links instead (trust on first use). The tether
+processes get a scratch ``XDG_STATE_HOME`` and ``XDG_CONFIG_HOME`` (the server's identity,
+the client's known servers), removed afterwards.
 
 Loopback only; every transfer is bounded in size and the processes are stopped after.
 """
@@ -14,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -35,11 +44,25 @@ def _write_calls(pid: int) -> int:
     return 0
 
 
-def _start(args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+def has_plaintext() -> bool:
+    """Does the tether on the path take ``--plaintext`` (i.e. does it have TLS)?"""
+    out = subprocess.run(
+        [sys.executable, "-m", "tether", "server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return "--plaintext" in out.stdout
+
+
+def _start(args: list[str], home: Path) -> tuple[subprocess.Popen[bytes], int]:
+    env = dict(os.environ, XDG_STATE_HOME=str(home / "state"))
+    env["XDG_CONFIG_HOME"] = str(home / "config")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tether", *args, "-q"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     assert proc.stdout is not None
     ready = proc.stdout.readline().decode().split()
@@ -49,16 +72,25 @@ def _start(args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     return proc, int(ready[1].rsplit(":", 1)[1])
 
 
-def run_once(direction: str, size: int) -> tuple[float, float, float]:
-    """(CPU s/GiB, GB/s, write syscalls/GiB) for one transfer of ``size`` bytes."""
+def run_once(direction: str, size: int, home: Path, extra: list[str]) -> tuple[float, float, float]:
+    """(CPU s/GiB, GB/s, write syscalls/GiB) for one transfer of ``size`` bytes; ``extra``
+    goes to both tether ends (``--plaintext`` or nothing)."""
     listener = socket.create_server(("127.0.0.1", 0))
     backend_port = listener.getsockname()[1]
     server, server_port = _start(
-        ["server", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend_port}"]
+        ["server", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend_port}", *extra],
+        home,
     )
-    client, client_port = _start(
-        ["client", "--listen", "127.0.0.1:0", "--server", f"127.0.0.1:{server_port}"]
-    )
+    try:
+        client, client_port = _start(
+            ["client", "--listen", "127.0.0.1:0", "--server", f"127.0.0.1:{server_port}", *extra],
+            home,
+        )
+    except BaseException:
+        server.terminate()
+        server.wait(10)
+        listener.close()
+        raise
     pids = (server.pid, client.pid)
     try:
         app = socket.create_connection(("127.0.0.1", client_port))
@@ -102,13 +134,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bytes", type=int, default=512 << 20)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS links (tether's default); without it the links are clear text when the "
+        "tether under test has TLS at all",
+    )
     args = parser.parse_args()
-    for direction in ("up", "down"):
-        runs = [run_once(direction, args.bytes) for _ in range(args.runs)]
-        cpu = sorted(round(r[0], 2) for r in runs)
-        speed = sorted(round(r[1], 2) for r in runs)
-        calls = sorted(int(r[2]) for r in runs)
-        print(f"{direction}: CPU s/GiB {cpu}  GB/s {speed}  write syscalls/GiB {calls}")
+    plaintext = has_plaintext()
+    if args.tls and not plaintext:
+        print("this tether has no TLS (no --plaintext in `tether server --help`)", file=sys.stderr)
+        return 2
+    extra = [] if args.tls or not plaintext else ["--plaintext"]
+    links = "TLS 1.3" if args.tls else "clear text" + (" (--plaintext)" if extra else "")
+    print(f"links: {links}")
+    home = Path(tempfile.mkdtemp(prefix="tbench-cpu-"))
+    try:
+        for direction in ("up", "down"):
+            runs = [run_once(direction, args.bytes, home, extra) for _ in range(args.runs)]
+            cpu = sorted(round(r[0], 2) for r in runs)
+            speed = sorted(round(r[1], 2) for r in runs)
+            calls = sorted(int(r[2]) for r in runs)
+            print(f"{direction}: CPU s/GiB {cpu}  GB/s {speed}  write syscalls/GiB {calls}")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     return 0
 
 

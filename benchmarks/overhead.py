@@ -31,6 +31,7 @@ from benchmarks.procs import (
     HarnessError,
     Procs,
     endpoint,
+    plaintext_args,
     read_line,
     run_tool,
     tether_command,
@@ -80,17 +81,20 @@ def run_b5(scale: Scale, logdir: Path) -> Result:
 def _app_level(scale: Scale, logdir: Path, result: Result) -> None:
     cmd = tether_command()
     assert cmd is not None
+    clear = plaintext_args()  # framing overhead in clear text, as before TLS (issue 8)
     n = scale.overhead_bytes
     with Procs(logdir) as procs:
         _, backend = procs.start_ready(endpoint("backend"), "backend")
         _, server = procs.start_ready(
-            [*cmd, "server", "--listen", "127.0.0.1:0", "--backend", backend], "tether-server"
+            [*cmd, "server", "--listen", "127.0.0.1:0", "--backend", backend, *clear],
+            "tether-server",
         )
         relay, link = procs.start_ready(
             [PYTHON, "-m", "benchmarks.relay", "--target", server], "count-relay", stdin=True
         )
         _, entry = procs.start_ready(
-            [*cmd, "client", "--listen", "127.0.0.1:0", "--server", link], "tether-client"
+            [*cmd, "client", "--listen", "127.0.0.1:0", "--server", link, *clear],
+            "tether-client",
         )
         for case, up, down in (("up", n, 0), ("down", 0, n)):
             before = _count(relay)
@@ -119,13 +123,15 @@ def _app_level(scale: Scale, logdir: Path, result: Result) -> None:
             )
         _, backend2 = procs.start_ready(swarm("backend", "--mode", "echo"), "echo-backend")
         _, server2 = procs.start_ready(
-            [*cmd, "server", "--listen", "127.0.0.1:0", "--backend", backend2], "tether-server"
+            [*cmd, "server", "--listen", "127.0.0.1:0", "--backend", backend2, *clear],
+            "tether-server",
         )
         relay2, link2 = procs.start_ready(
             [PYTHON, "-m", "benchmarks.relay", "--target", server2], "count-relay", stdin=True
         )
         _, entry2 = procs.start_ready(
-            [*cmd, "client", "--listen", "127.0.0.1:0", "--server", link2], "tether-client"
+            [*cmd, "client", "--listen", "127.0.0.1:0", "--server", link2, *clear],
+            "tether-client",
         )
         load, _ = procs.start_ready(swarm("load", "--connect", entry2), "load", stdin=True)
         command(load, f"open {scale.keepalive_sessions}", 120)
@@ -153,6 +159,7 @@ def _app_level(scale: Scale, logdir: Path, result: Result) -> None:
 def _ip_level(scale: Scale, logdir: Path, result: Result) -> None:
     cmd = tether_command()
     assert cmd is not None
+    clear = plaintext_args()  # framing overhead in clear text, as before TLS (issue 8)
     n = scale.overhead_bytes
     with Topology(tag=f"b5{id(result) % 10000}") as topo, Procs(logdir) as procs:
         _, backend = procs.start_ready(
@@ -166,14 +173,14 @@ def _ip_level(scale: Scale, logdir: Path, result: Result) -> None:
         servers = {}
         for name, be in (("echo", backend), ("bulk", bulk_backend)):
             _, servers[name] = procs.start_ready(
-                [*cmd, "server", "--listen", f"{SERVER_IP}:0", "--backend", be],
+                [*cmd, "server", "--listen", f"{SERVER_IP}:0", "--backend", be, *clear],
                 "tether-server",
                 netns=topo.server_ns,
             )
         entries = {}
         for name, srv in servers.items():
             _, entries[name] = procs.start_ready(
-                [*cmd, "client", "--listen", "127.0.0.1:0", "--server", srv],
+                [*cmd, "client", "--listen", "127.0.0.1:0", "--server", srv, *clear],
                 "tether-client",
                 netns=topo.client_ns,
             )

@@ -6,8 +6,10 @@ their own pid, newest first) when the ``with`` block ends, whatever happened ins
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import selectors
@@ -16,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,26 +52,76 @@ def raise_nofile(limit: int = NOFILE) -> None:
             continue
 
 
+def scratch_home() -> Path:
+    """A private directory, removed when the harness exits, that stands in for the user's
+    home in every child: a tether server keeps its TLS identity under its ``state``
+    (``XDG_STATE_HOME``) and a tether client its known servers under its ``config``
+    (``XDG_CONFIG_HOME``), so nothing is written in the real home and trust on first use
+    starts from an empty file. All servers of one harness run share one identity."""
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = Path(tempfile.mkdtemp(prefix="tbench-home-"))
+        atexit.register(shutil.rmtree, _SCRATCH, True)
+    return _SCRATCH
+
+
+_SCRATCH: Path | None = None
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.pop("PYTHONSTARTUP", None)
+    home = scratch_home()
+    env["XDG_STATE_HOME"] = str(home / "state")
+    env["XDG_CONFIG_HOME"] = str(home / "config")
     if extra:
         env.update(extra)
     return env
 
 
-def tether_command() -> list[str] | None:
-    """The ``tether`` command, or None when the CLI is not installed or not working."""
+@functools.cache
+def _tether_help() -> tuple[tuple[str, ...], str] | None:
+    """(command, ``tether server --help`` text), or None when the CLI does not work."""
     exe = Path(PYTHON).parent / "tether"
     cmd = [str(exe)] if exe.exists() else [PYTHON, "-m", "tether"]
     try:
-        out = subprocess.run([*cmd, "server", "--help"], capture_output=True, timeout=20, text=True)
+        out = subprocess.run(
+            [*cmd, "server", "--help"],
+            capture_output=True,
+            timeout=20,
+            text=True,
+            env=child_env(),
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0 or "--backend" not in out.stdout + out.stderr:
+    text = out.stdout + out.stderr
+    if out.returncode != 0 or "--backend" not in text:
         return None
-    return cmd
+    return tuple(cmd), text
+
+
+def tether_command() -> list[str] | None:
+    """The ``tether`` command, or None when the CLI is not installed or not working."""
+    found = _tether_help()
+    return list(found[0]) if found else None
+
+
+def tether_has_tls() -> bool:
+    """Does this tether speak TLS (and so take ``--plaintext``)? Older ones (before issue 8,
+    e.g. e89db48) are clear text only and refuse the option."""
+    found = _tether_help()
+    return found is not None and "--plaintext" in found[1]
+
+
+def plaintext_args() -> list[str]:
+    """``["--plaintext"]`` where the CLI has it, else nothing: the argument for both ends
+    of a tether chain compared with clear-text relays (socat)."""
+    return ["--plaintext"] if tether_has_tls() else []
+
+
+def stunnel_command() -> str | None:
+    return shutil.which("stunnel4") or shutil.which("stunnel")
 
 
 def socat_command() -> str | None:

@@ -106,7 +106,8 @@ def b1(page: Page, b: dict[str, Any], img: Path | None) -> None:
             med, lo, hi = smm(v)
             row = [label(p), med, lo, hi]
             for ref in ("socat2-b256k", "socat2", "direct"):
-                rr = ratios(cr, "gbps", p, ref, "repeat") if p.startswith("tether") else []
+                clear = p.startswith("tether") and not (p in PEERS and PEERS[p].tls)
+                rr = ratios(cr, "gbps", p, ref, "repeat") if clear else []  # TLS: own section
                 row.append(
                     f"{fmt(percentile(rr, 50))} ({fmt(min(rr))}-{fmt(max(rr))})" if rr else ""
                 )
@@ -600,6 +601,10 @@ def write_docs(results: Path, docs: Path, plots: bool = True) -> Path:
         page.table(["target", "measured (medians)", "verdict", "margin"],
                    [list(t) for t in page.targets])  # fmt: skip
     page.lines.extend(body.lines)
+    if has_tls_runs(benches):
+        page.add(TLS_BEGIN, "")
+        tls_section(page, benches, img if plots else None)
+        page.add(TLS_END, "")
     for prof_path in (
         results.parent / "profile.json",
         results.parent / "profile-rtt.json",
@@ -612,4 +617,224 @@ def write_docs(results: Path, docs: Path, plots: bool = True) -> Path:
     docs.mkdir(parents=True, exist_ok=True)
     out = docs / "benchmarks.md"
     out.write_text("\n".join(page.lines).rstrip() + "\n")
+    return out
+
+
+# -- TLS (issue 8) ------------------------------------------------------------------------
+
+# Each measured peer and the one it is held against: TLS with TLS, clear text with clear text.
+BASELINES = {"tether-tls": "stunnel2", "tether": "socat2-b256k"}
+TLS_BEGIN = "<!-- section: tls, `python -m benchmarks report --tls --out DIR` -->"
+TLS_END = "<!-- end of section: tls -->"
+
+
+def has_tls_runs(benches: dict[str, Any]) -> bool:
+    return any(
+        r.get("peer") in ("tether-tls", "stunnel2")
+        for bid in ("B1", "B2", "B3")
+        for r in benches.get(bid, {}).get("runs", [])
+    )
+
+
+def _ratio_text(rr: list[float]) -> str:
+    return f"{fmt(percentile(rr, 50))} ({fmt(min(rr))}-{fmt(max(rr))})" if rr else ""
+
+
+def tls_section(page: Page, benches: dict[str, Any], img: Path | None) -> None:
+    """ "With TLS (issue 8)": tether-tls against stunnel2, and tether (clear text) against
+    socat -b 262144 from the same interleaved run, with the targets of issues 8 and 4."""
+    page.add(
+        "## With TLS (issue 8)",
+        "",
+        "`tether-tls`: tether client + server with their default TLS 1.3 links, the client "
+        "trusting the server on first use (a scratch `XDG_CONFIG_HOME`; the server makes its "
+        "identity in a scratch `XDG_STATE_HOME`). `stunnel2`: a client-mode stunnel in front "
+        "of a server-mode stunnel (two hops, like `socat2`), `sslVersionMin = TLSv1.3`, a "
+        "self-signed EC P-256 certificate made per run that the client side verifies "
+        "(`verifyPeer`). Both negotiate TLS_AES_256_GCM_SHA384 (OpenSSL 3.0's first choice). "
+        "`tether` and the socat peers are clear text (`--plaintext` on both tether ends). "
+        "Ratios are per repeat (the peers of one repeat ran back to back), then the median "
+        "(min-max) over repeats; B2's *added* is the peer's latency minus direct TCP's in the "
+        "same repeat.",
+        "",
+    )
+    targets = Page()
+    body = Page()
+    b1 = benches.get("B1")
+    if b1 and b1.get("runs"):
+        runs, cfg = b1["runs"], b1["config"]
+        body.add(
+            f"### B1 bulk, {cfg['bytes'] / 2**30:g} GiB per run, {cfg['repeats']} repeats",
+            "",
+            meta_line(b1),
+            "",
+        )
+        skipped_lines(page, b1)
+        peers = list(dict.fromkeys(r["peer"] for r in runs))
+        for case in cfg["cases"]:
+            cr = [r for r in runs if r["case"] == case]
+            rows = []
+            for p in peers:
+                med, lo, hi = smm([r["gbps"] for r in cr if r["peer"] == p])
+                base = BASELINES.get(p)
+                rr = ratios(cr, "gbps", p, base, "repeat") if base else []
+                rows.append([label(p), med, lo, hi, f"/ {base}: {_ratio_text(rr)}" if rr else ""])
+                if rr:
+                    want = "stunnel two hops" if base == "stunnel2" else "socat -b 262144 two hops"
+                    m = percentile(rr, 50)
+                    targets.target(
+                        f"B1 {case}: {p} >= 0.8x {want}",
+                        f"{m:.2f}x (per-repeat {fmt(min(rr))}-{fmt(max(rr))}); medians "
+                        f"{percentile([r['gbps'] for r in cr if r['peer'] == p], 50):.2f} vs "
+                        f"{percentile([r['gbps'] for r in cr if r['peer'] == base], 50):.2f} GB/s",
+                        m >= 0.8,
+                        f"{(m - 0.8) / 0.8:+.0%} against 0.8x",
+                    )
+            body.add(f"#### {case}", "")
+            body.table(["peer", "median GB/s", "min", "max", "ratio to its baseline"], rows)
+        if img is not None:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(9, 4.5))
+            width = 0.8 / max(1, len(peers))
+            for i, p in enumerate(peers):
+                meds, lo_err, hi_err = [], [], []
+                for case in cfg["cases"]:
+                    s = summary([r["gbps"] for r in runs if r["case"] == case and r["peer"] == p])
+                    meds.append(s["median"])
+                    lo_err.append(s["median"] - s["min"])
+                    hi_err.append(s["max"] - s["median"])
+                xs = [j + i * width for j in range(len(cfg["cases"]))]
+                ax.bar(xs, meds, width, yerr=[lo_err, hi_err], capsize=3, label=p)
+            ax.set_xticks([j + width * (len(peers) - 1) / 2 for j in range(len(cfg["cases"]))])
+            ax.set_xticklabels(cfg["cases"])
+            ax.set_ylabel("GB/s (median, whiskers min-max)")
+            ax.set_title(f"B1 with TLS and clear text, {cfg['bytes'] / 2**30:g} GiB per run")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(img / "tls_b1_throughput.png", dpi=100)
+            plt.close(fig)
+            body.add("![B1 with TLS](img/tls_b1_throughput.png)", "")
+    b2 = benches.get("B2")
+    if b2 and b2.get("runs"):
+        runs, cfg = b2["runs"], b2["config"]
+        body.add(
+            f"### B2 64-byte round trips, {cfg['count']} per run, {cfg['repeats']} repeats",
+            "",
+            meta_line(b2),
+            "",
+        )
+        skipped_lines(page, b2)
+        peers = list(dict.fromkeys(r["peer"] for r in runs))
+        added: dict[str, dict[str, dict[int, float]]] = {}
+        for r in runs:
+            d = next(
+                (x for x in runs if x["repeat"] == r["repeat"] and x["peer"] == "direct"), None
+            )
+            if d is not None:
+                for q in ("p50_us", "p99_us"):
+                    added.setdefault(r["peer"], {}).setdefault(q, {})[r["repeat"]] = r[q] - d[q]
+        rows = []
+        for p in peers:
+            row = [label(p)]
+            for q in ("p50_us", "p99_us"):
+                row += list(smm([r[q] for r in runs if r["peer"] == p], 1))
+                mine = added.get(p, {}).get(q, {})
+                row.append(fmt(percentile(list(mine.values()), 50), 1) if mine else "-")
+            base = BASELINES.get(p)
+            cells = []
+            if p == "tether":
+                base = "socat2"  # issue 4's latency target is against socat's default
+            for q in ("p50_us", "p99_us"):
+                mine = added.get(p, {}).get(q, {})
+                theirs = added.get(base or "", {}).get(q, {})
+                rr = [mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0]
+                cells.append(_ratio_text(rr))
+                if rr:
+                    m = percentile(rr, 50)
+                    am, bm = (
+                        percentile(list(mine.values()), 50),
+                        percentile(list(theirs.values()), 50),
+                    )
+                    targets.target(
+                        f"B2 {q[:3]}: {p} added latency <= 1.5x {base}'s",
+                        f"+{am:.1f} vs +{bm:.1f} us; per-repeat ratio {m:.2f}x "
+                        f"({fmt(min(rr))}-{fmt(max(rr))})",
+                        m <= 1.5,
+                        f"{(1.5 - m) / 1.5:+.0%} headroom",
+                    )
+            row.append(f"/ {base}: {cells[0]}; {cells[1]}" if base and any(cells) else "")
+            rows.append(row)
+        body.table(
+            ["peer", "p50 median", "min", "max", "added p50", "p99 median", "min", "max",
+             "added p99", "added p50; p99 to its baseline's"],
+            rows,
+        )  # fmt: skip
+    b3 = benches.get("B3")
+    pct = (b3 or {}).get("extra", {}).get("percentiles", {})
+    if b3 and pct:
+        cfg = b3["config"]
+        body.add(
+            "### B3 resume after an outage",
+            "",
+            f"As in B3 above: namespaces, {cfg['method']}; cuts over "
+            f"{min(cfg['cut_seconds']):g}-{max(cfg['cut_seconds']):g} s; {cfg['tether_settings']}.",
+            "",
+            meta_line(b3),
+            "",
+        )
+        skipped_lines(page, b3)
+        body.table(
+            ["peer", "trials", "not resumed", "p50 s", "p99 s", "max s"],
+            [
+                [label(p), str(v["n"]), str(v["failed"]), fmt(v["p50_s"], 3),
+                 fmt(v["p99_s"], 3), fmt(v["max_s"], 3)]
+                for p, v in pct.items()
+            ],
+        )  # fmt: skip
+        for p in ("tether-tls", "tether"):
+            if p in pct:
+                v = pct[p]
+                targets.target(
+                    f"B3: {p} p99 resume < 1 s after restore",
+                    f"p99 {v['p99_s']:.3f} s, p50 {v['p50_s']:.3f} s over {v['n']} trials "
+                    f"({v['failed']} not resumed)",
+                    v["p99_s"] < 1.0 and v["failed"] == 0,
+                    f"{1.0 - v['p99_s']:+.3f} s",
+                )
+    if targets.targets:
+        page.add("### Targets: TLS (issue 8) and clear text again (issue 4)", "")
+        page.table(["target", "measured", "verdict", "margin"], [list(t) for t in targets.targets])
+    page.lines.extend(body.lines)
+
+
+def splice_tls(results: Path, docs: Path, plots: bool = True) -> Path:
+    """Put the TLS section rendered from ``results`` into docs/benchmarks.md in place of
+    the previous one (before the profiles), and the analysis again after it: every other
+    section keeps its figures and its "Made with" line."""
+    data = json.loads(results.read_text())
+    img = docs / "img"
+    if plots:
+        img.mkdir(parents=True, exist_ok=True)
+    section = Page()
+    tls_section(section, data.get("benchmarks", {}), img if plots else None)
+    out = docs / "benchmarks.md"
+    text = out.read_text()
+    if TLS_BEGIN in text:
+        before, _, rest = text.partition(TLS_BEGIN)
+        text = before.rstrip() + "\n\n" + rest.partition(TLS_END)[2].lstrip()
+    text = text.partition("\n## Analysis\n")[0].rstrip() + "\n"
+    block = "\n".join([TLS_BEGIN, "", *section.lines, TLS_END, ""])
+    marker = "\n## Profile: "
+    if marker in text:
+        head, _, tail = text.partition(marker)
+        text = head.rstrip() + "\n\n" + block + marker + tail
+    else:
+        text = text.rstrip() + "\n\n" + block
+    if ANALYSIS.exists():
+        text = text.rstrip() + "\n\n" + ANALYSIS.read_text().rstrip() + "\n"
+    out.write_text(text)
     return out

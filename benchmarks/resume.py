@@ -24,7 +24,16 @@ from benchmarks.netns import SERVER_IP, Topology, unavailable
 from benchmarks.peers import PEERS, Peer, available, start_chain
 from benchmarks.procs import HarnessError, Procs, endpoint, read_line
 
-B3_PEERS = ["tether", "socat2", "direct", "tether-attempt1s", "tether-rtomax"]
+B3_PEERS = [
+    "tether",
+    "tether-tls",
+    "socat2",
+    "stunnel2",
+    "direct",
+    "tether-attempt1s",
+    "tether-rtomax",
+    "tether-tls-trace",
+]
 RESUME_WAIT = 60.0  # a trial that has not resumed this long after restore counts as failed
 SETTLE = 2.0
 GOLDEN = 0.6180339887498949
@@ -46,7 +55,8 @@ def run_b3(scale: Scale, peers: list[Peer], logdir: Path) -> Result:
             "cut_seconds": cut_durations(scale, scale.resume_trials),
             "pinger_interval_s": 0.01,
             "method": "nft drop of all packets on the client-side veth (blackhole)",
-            "tether_settings": "defaults (keepalive 3 s, backoff cap 0.5 s)",
+            "tether_settings": "defaults (keepalive 3 s, backoff cap 0.5 s); `tether` and the "
+            "experiments with --plaintext, `tether-tls` with TLS 1.3 (trust on first use)",
         },
     )
     reason = unavailable()

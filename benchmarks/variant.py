@@ -14,6 +14,12 @@ on every link socket, both ends, so that TCP's exponential retransmission backof
 silently dead path is capped at N ms: once the path is back, the old link's next
 retransmission comes within N ms instead of up to several seconds later.
 
+``TBENCH_TLS_TRACE=1`` changes nothing in what tether does: it writes one line to stderr
+for each TLS link the client makes (``TBENCH_TLS reused=True|False offered=True|False
+version=... cipher=...``), read from the connection's ``ssl_object`` once the handshake
+and the certificate check are done, so a log shows whether reconnects resume their TLS
+session (``SessionCache`` in src/tether/tls.py).
+
 Each measures a suggested change to src/tether without editing it.
 """
 
@@ -60,9 +66,35 @@ def patch_rto_max() -> None:
     mod.LinkProtocol.connection_made = connection_made  # type: ignore[method-assign]
 
 
+def patch_tls_trace() -> None:
+    if not os.environ.get("TBENCH_TLS_TRACE"):
+        return
+    from tether import tls
+
+    original = tls.create_tls_connection
+
+    async def create_tls_connection(*args: Any, **kwargs: Any) -> Any:
+        sessions = kwargs.get("sessions")
+        host, port, context = args[1], args[2], kwargs.get("context")
+        offered = sessions is not None and sessions.session(host, port, context) is not None
+        transport, protocol = await original(*args, **kwargs)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            print(
+                f"TBENCH_TLS reused={ssl_object.session_reused} offered={offered} "
+                f"version={ssl_object.version()} cipher={ssl_object.cipher()[0]}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return transport, protocol
+
+    tls.create_tls_connection = create_tls_connection  # type: ignore[assignment]
+
+
 def main() -> int:
     patch()
     patch_rto_max()
+    patch_tls_trace()
     from tether.cli import main as tether_main
 
     return int(tether_main(sys.argv[1:]) or 0)

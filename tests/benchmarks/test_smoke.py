@@ -1,8 +1,9 @@
 """The benchmark harness in its smallest mode, so that it cannot rot.
 
 Runs ``python -m benchmarks --smoke`` for B1 and B2 with the direct and socat peers, and
-tether when its CLI is installed, and checks only that the results are well formed: no
-timing is asserted (issue 4).
+tether (clear text and TLS) when its CLI is installed, then again with the stunnel peer
+when stunnel4 is installed, and checks only that the results are well formed: no timing
+is asserted (issues 4 and 8).
 """
 
 from __future__ import annotations
@@ -36,23 +37,26 @@ def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
-def _tether_available() -> bool:
+def _tether_help() -> str | None:
     exe = Path(sys.executable).parent / "tether"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tether"]
     try:
-        out = subprocess.run([*cmd, "server", "--help"], capture_output=True, timeout=20)
+        out = subprocess.run([*cmd, "server", "--help"], capture_output=True, timeout=20, text=True)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0
+        return None
+    return out.stdout if out.returncode == 0 else None
 
 
-@pytest.mark.timeout(120)
-def test_smoke_run_writes_well_formed_results(tmp_path: Path) -> None:
-    peers = ["direct"]
-    if shutil.which("socat"):
-        peers += ["socat1", "socat2", "socat2-b256k"]
-    if _tether_available():
-        peers += ["tether"]
+def _tether_available() -> bool:
+    return _tether_help() is not None
+
+
+def _tether_has_tls() -> bool:
+    return "--plaintext" in (_tether_help() or "")
+
+
+def _smoke_b1_b2(tmp_path: Path, peers: list[str]) -> None:
+    """Run B1 and B2 at smoke size with ``peers``; assert every peer's results are sane."""
     out = _run(
         [
             sys.executable, "-m", "benchmarks", "--smoke", "--only", "B1,B2",
@@ -68,7 +72,7 @@ def test_smoke_run_writes_well_formed_results(tmp_path: Path) -> None:
     assert b1["notes"] == [] and b2["notes"] == [], (b1["notes"], b2["notes"], out.stderr)
     for peer in peers:
         runs = [r for r in b1["runs"] if r["peer"] == peer]
-        assert {r["case"] for r in runs} == {"up", "down", "both"}
+        assert {r["case"] for r in runs} == {"up", "down", "both"}, peer
         for r in runs:
             assert r["intact"] is True
             assert r["bytes"] > 0 and r["seconds"] > 0 and math.isfinite(r["gbps"])
@@ -77,6 +81,29 @@ def test_smoke_run_writes_well_formed_results(tmp_path: Path) -> None:
         (lat,) = [r for r in b2["runs"] if r["peer"] == peer]
         assert lat["n"] > 0 and 0 < lat["p50_us"] <= lat["p99_us"]
         assert len(b2["extra"]["cdf_us"][peer]) == 200
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_writes_well_formed_results(tmp_path: Path) -> None:
+    peers = ["direct"]
+    if shutil.which("socat"):
+        peers += ["socat1", "socat2", "socat2-b256k"]
+    if _tether_available():
+        peers += ["tether"]
+        if _tether_has_tls():
+            peers += ["tether-tls"]
+    _smoke_b1_b2(tmp_path, peers)
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_with_stunnel(tmp_path: Path) -> None:
+    """The TLS baseline: two stunnel processes (client and server mode), TLS 1.3."""
+    if not (shutil.which("stunnel4") or shutil.which("stunnel")):
+        pytest.skip("stunnel4 is not installed (apt-get install stunnel4)")
+    peers = ["direct", "stunnel2"]
+    if _tether_has_tls():
+        peers += ["tether-tls"]
+    _smoke_b1_b2(tmp_path, peers)
 
 
 def test_report_renders_from_smoke_results(tmp_path: Path) -> None:
