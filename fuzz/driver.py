@@ -1876,6 +1876,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     logging.getLogger("tether").setLevel(logging.ERROR)  # the fuzzer's own tether.connect
+    # "SSL connection is closed": the fuzzer writes on after its TLS peer hung up, on purpose.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     phases = tuple(p for p in args.phases.split(",") if p)
     if any(p not in PHASES for p in phases):
         parser.error(f"--phases: choose from {', '.join(PHASES)}")
