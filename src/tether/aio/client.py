@@ -189,6 +189,9 @@ class _ClientSession(SessionRelay):
     async def _use(self, transport: asyncio.Transport, link: LinkProtocol) -> bool:
         """Run the handshake on a connected link. True once the session is on it."""
         self._failure = None
+        if self.core.closed:  # the session ended while this link was being made
+            transport.close()
+            return False
         if link.lost or transport.is_closing():
             tether = self.client.tls_policy is not None  # verified, as in link_lost
             self._failure = HandshakeFailed(CloseCode.LINK_LOST, "connection lost at once", tether)
