@@ -270,6 +270,10 @@ async def tether_pair(
     )
     try:
         yield server, client, relay
+    except BaseException:
+        # What each side logged is the first thing to read when a test here fails.
+        print(f"--- client log ---\n{client.log()}\n--- server log ---\n{server.log()}")
+        raise
     finally:
         await relay.close()
         codes = (stop(client), stop(server))
