@@ -72,18 +72,24 @@ class _ClientSession(SessionRelay):
         self._last_error = ""
         self._detached_at: float | None = None
         self._fallback: tuple[Splice, Splice] | None = None
+        self.local_address = str(client.config.server)
+        if app is not None and app.transport is not None:
+            peer = app.transport.get_extra_info("peername")
+            if peer:
+                self.peer = str(Address(*peer[:2]))
 
     # -- the relay's hooks -------------------------------------------------------------
 
     def on_established(self, event: SessionEstablished) -> None:
         self.name = f"{self.name}/{event.session_id.hex()[:12]}"
         self.log.info("session %s: established via %s", self.name, self.client.config.server)
+        self.client.note_new(self)
         if not self.ready.done():
             self.ready.set_result(True)
         self._settle(True)
 
     def on_resumed(self, event: SessionResumed) -> None:
-        self.client.counters.resumes_total += 1
+        self.client.note_resumed(self, event)
         away = self.loop.time() - self._detached_at if self._detached_at else 0.0
         self._detached_at = None
         self._last_error = ""
@@ -99,6 +105,7 @@ class _ClientSession(SessionRelay):
         if self._detached_at is None:
             self._detached_at = self.loop.time()
             self.log.info("session %s: link lost (%s); reconnecting", self.name, reason)
+        self.client.note_detached(self, reason)
         self._detached.set()
 
     def on_ended(self, event: SessionEnded) -> None:
@@ -110,6 +117,7 @@ class _ClientSession(SessionRelay):
         if self._fallback is not None:
             return  # the application carries on over the fallback connection
         self.client.counters.ended_total += 1
+        self.client.note_ended(self, event.code, event.reason)
         reason = event.reason
         if event.code is CloseCode.EXPIRED and self._last_error:
             reason = f"{reason}; reconnect attempts failed: {self._last_error}"
@@ -131,7 +139,7 @@ class _ClientSession(SessionRelay):
             self.client.counters.handshakes_failed += 1
             link.close()
             if self.core.closed:  # the server refused the session for good (a REJECT)
-                self.client.counters.rejected_total += 1
+                self.client.note_rejected(self.core.close_code or event.code)
                 self.pump()  # its SessionEnded
             self._settle(False)
 
@@ -349,6 +357,9 @@ class TetherClient(Service):
 
     def relays(self) -> Iterable[SessionRelay]:
         return [session for session in self._live if session._fallback is None]
+
+    def handshakes_in_flight(self) -> int:
+        return sum(session._trying is not None for session in self._live)
 
     async def start(self) -> None:
         if not self._listen:

@@ -78,6 +78,11 @@ class SessionRelay:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self.ended = asyncio.Event()
+        # For operators (the admin endpoint): set by the roles, read by aio/service.py.
+        self.started_at = self.loop.time()
+        self.detached_at: float | None = None  # when the current outage began
+        self.peer = "?"  # the server's client, or the client's application
+        self.local_address = "?"  # the server's backend, or the client's tether server
 
     @property
     def close_code(self) -> CloseCode | None:
@@ -379,6 +384,8 @@ class LinkProtocol(asyncio.Protocol):
         # died): the server's handshake admission frees its place then.
         self.settled: Callable[[], None] | None = None
         self.lost = False
+        # Made once TCP is connected, before TLS: a resume's duration is counted from here.
+        self.opened_at = asyncio.get_running_loop().time()
         self._early = bytearray()  # bytes before start(): a server that speaks first
         self._timer: asyncio.TimerHandle | None = None
         self._writing_paused = False  # the transport's write buffer is above its limit

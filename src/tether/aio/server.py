@@ -21,7 +21,14 @@ from ..credentials import ClientsFileError, ClientTokens
 from ..logs import RateLimitedLog
 from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
-from ..protocol.events import Event, HandshakeFailed, ResumeRequested, SessionEnded, SetupRequested
+from ..protocol.events import (
+    Event,
+    HandshakeFailed,
+    ResumeRequested,
+    SessionEnded,
+    SessionResumed,
+    SetupRequested,
+)
 from ..protocol.frames import Resume, Setup
 from ..protocol.handshake import ServerHandshake
 from ..protocol.router import Router
@@ -45,9 +52,14 @@ class _ServerSession(SessionRelay):
         self.server = server
         self.sid = core.session_id.hex()[:12]
         self.peer = peer
+        self.local_address = "the handler" if server.handler else str(server.config.backend)
 
     def on_link_lost(self, reason: str) -> None:
         self.log.info("session %s: link lost (%s); holding the backend", self.sid, reason)
+        self.server.note_detached(self, reason)
+
+    def on_resumed(self, event: SessionResumed) -> None:
+        self.server.note_resumed(self, event)
 
     def on_ended(self, event: SessionEnded) -> None:
         self.server._session_ended(self, event)
@@ -83,6 +95,12 @@ class TetherServer(Service):
 
     def relays(self) -> Iterable[SessionRelay]:
         return self._relays.values()
+
+    def handshakes_in_flight(self) -> int:
+        return self._links.admission.in_flight if self._links is not None else 0
+
+    def accepting(self) -> bool:
+        return self._links is not None and len(self._relays) < self.config.max_sessions
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -191,6 +209,7 @@ class TetherServer(Service):
             core = self._router.resume(handshake, asyncio.get_running_loop().time())
             if core is not None:
                 relay = self._relays[core.session_id]
+                relay.peer = link.peer
                 link.hand_over(relay)
                 relay.log.info(
                     "session %s: resumed from %s (resume %d), replaying %d bytes",
@@ -227,14 +246,14 @@ class TetherServer(Service):
         code = event.code.name.lower().replace("_", " ")
         source = _show(link.source)
         if isinstance(hs.request, Resume):
-            counters.rejected_total += 1
+            self.note_rejected(event.code)
             self._refused_setups.hit(
                 f"resume from {source} refused",
                 f"{code} ({why}) for session {hs.request.session_id.hex()[:12]}; "
                 "the live session is untouched",
             )
         elif hs.request is not None:
-            counters.rejected_total += 1
+            self.note_rejected(event.code)
             self._refused_setups.hit(f"setup from {source} refused", f"{code} ({why})")
         else:
             self._refused_links.hit(f"link from {source} refused", why)
@@ -286,6 +305,7 @@ class TetherServer(Service):
             return False
         backend.bind(relay)  # what the backend already said follows the ACCEPT
         relay.log.info("session %s: new from %s, backend %s", relay.sid, link.peer, target)
+        self.note_new(relay)
         return True
 
     def _accept(
@@ -306,6 +326,7 @@ class TetherServer(Service):
         self, handler: Handler, stream: TetherStream, relay: _ServerSession
     ) -> None:
         relay.log.info("session %s: new from %s, to the handler", relay.sid, relay.peer)
+        self.note_new(relay)
         try:
             await handler(stream)
         except Exception as exc:  # the handler's bug costs its session only
@@ -323,6 +344,7 @@ class TetherServer(Service):
         self.counters.ended_total += 1
         if event.code is CloseCode.EXPIRED:
             self.counters.expired_total += 1
+        self.note_ended(relay, event.code, event.reason)
         stats = core.statistics()
         relay.log.log(
             logging.INFO if event.code is CloseCode.NORMAL else logging.WARNING,

@@ -1,20 +1,78 @@
 """What the server and the client share as running services: the TaskGroup of their
 sessions, their listening sockets, their counters and their statistics
 (CONTRIBUTING.md, "Concurrency" C1: every task lives in a group as long as its resource).
+
+The roles report each session's life here (``note_new``, ``note_detached``,
+``note_resumed``, ``note_ended``, ``note_rejected``): the counters, the outage and resume
+histograms and a short ring of recent events, which the admin endpoint (tether.admin)
+reads through :meth:`Service.statistics` and :meth:`Service.recent_events`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import asdict, dataclass
+import bisect
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Self
 
 from ..config import Address
+from ..protocol.codes import CloseCode
+from ..protocol.events import SessionResumed
 from ..protocol.session import SessionState, SessionStatistics
 from .link import SessionRelay
 
-__all__ = ["Counters", "Service", "ServiceStatistics"]
+__all__ = [
+    "Counters",
+    "Histogram",
+    "HistogramSnapshot",
+    "Service",
+    "ServiceStatistics",
+    "SessionEvent",
+]
+
+# Upper bounds (seconds) of the histogram buckets, for the admin endpoint's /metrics:
+# outages from link lost to resumed, resumes from the new link's TCP connection to resumed.
+OUTAGE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+RESUME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+EVENTS_KEPT = 64  # recent session events a status page shows
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    bounds: tuple[float, ...]  # the buckets' upper bounds; one more bucket (+Inf) follows
+    counts: tuple[int, ...]  # observations per bucket (not cumulative), len(bounds) + 1
+    total: float  # the sum of the observations
+
+
+class Histogram:
+    """Observations counted into fixed buckets (Prometheus' histogram, kept by us)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(self.bounds, tuple(self.counts), self.total)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """One line of a service's recent history, for the status page."""
+
+    at: float  # wall clock (time.time())
+    session_id: str  # shortened, as the log names it (CONTRIBUTING.md S4)
+    kind: str  # "new", "link lost", "resumed", "ended"
+    detail: str
 
 
 @dataclass(slots=True)
@@ -28,6 +86,10 @@ class Counters:
     rejected_total: int = 0  # setups and resumes refused (server) or refused to us (client)
     handshakes_failed: int = 0  # links that never reached a session
     fallbacks_total: int = 0  # client: sessions that went straight to the fallback
+    bytes_sent_ended: int = 0  # application bytes sent by sessions that have ended
+    bytes_received_ended: int = 0
+    ends_by_code: Counter[str] = field(default_factory=Counter)  # CloseCode names
+    rejects_by_reason: Counter[str] = field(default_factory=Counter)  # CloseCode names
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +107,15 @@ class ServiceStatistics:
     rejected_total: int
     handshakes_failed: int
     fallbacks_total: int
+    bytes_sent: int  # application bytes, all sessions ever (this end sent to its peer)
+    bytes_received: int
+    replay_buffered: int  # held now for possible retransmission, all sessions
+    handshakes_in_flight: int
+    ends_by_code: Mapping[str, int]
+    rejects_by_reason: Mapping[str, int]  # setups and resumes refused, by REJECT code
+    outage_seconds: HistogramSnapshot  # outages that ended in a resume, as this end saw them
+    resume_seconds: HistogramSnapshot  # from a resuming link's TCP connection to resumed
+    accepting: bool  # new sessions are accepted now (listening, below the limits)
 
 
 class Service:
@@ -58,6 +129,9 @@ class Service:
         self.addresses: list[Address] = []
         self._listener: asyncio.Server | None = None
         self._tasks: asyncio.TaskGroup | None = None
+        self._outages = Histogram(OUTAGE_BUCKETS)
+        self._resume_times = Histogram(RESUME_BUCKETS)
+        self._events: deque[SessionEvent] = deque(maxlen=EVENTS_KEPT)
 
     # -- for the roles -----------------------------------------------------------------
 
@@ -70,6 +144,58 @@ class Service:
     def relays(self) -> Iterable[SessionRelay]:
         """The live sessions' relays."""
         return ()
+
+    def handshakes_in_flight(self) -> int:
+        """Links connected whose handshake has not finished."""
+        return 0
+
+    def accepting(self) -> bool:
+        """Would a new session be taken now?"""
+        return self._listener is not None
+
+    # -- session events, reported by the roles -------------------------------------------
+
+    def note_new(self, relay: SessionRelay) -> None:
+        self._event(relay, "new", f"{relay.peer} to {relay.local_address}")
+
+    def note_detached(self, relay: SessionRelay, reason: str) -> None:
+        if relay.detached_at is None:
+            relay.detached_at = relay.loop.time()
+            self._event(relay, "link lost", reason)
+
+    def note_resumed(self, relay: SessionRelay, event: SessionResumed) -> None:
+        self.counters.resumes_total += 1
+        now = relay.loop.time()
+        link = relay.link.get_protocol() if relay.link is not None else None
+        opened_at: float | None = getattr(link, "opened_at", None)
+        if opened_at is not None:
+            self._resume_times.observe(now - opened_at)
+        away = ""
+        if relay.detached_at is not None:  # None: the old link was not yet seen to die
+            self._outages.observe(now - relay.detached_at)
+            away = f" after {now - relay.detached_at:.1f}s away"
+            relay.detached_at = None
+        self._event(relay, "resumed", f"from {relay.peer}{away}, {event.replayed} bytes replayed")
+
+    def note_ended(self, relay: SessionRelay, code: CloseCode, reason: str) -> None:
+        stats = relay.core.statistics()
+        counters = self.counters
+        counters.bytes_sent_ended += stats.bytes_sent
+        counters.bytes_received_ended += stats.bytes_received
+        counters.ends_by_code[code.name] += 1
+        self._event(relay, "ended", f"{code.name} ({reason})")
+
+    def note_rejected(self, code: CloseCode) -> None:
+        self.counters.rejected_total += 1
+        self.counters.rejects_by_reason[code.name] += 1
+
+    def _event(self, relay: SessionRelay, kind: str, detail: str) -> None:
+        sid = relay.core.session_id.hex()[:12] or "-"
+        self._events.append(SessionEvent(time.time(), sid, kind, detail))
+
+    def recent_events(self) -> list[SessionEvent]:
+        """The last session events, oldest first."""
+        return list(self._events)
 
     async def listen(
         self, factory: Callable[[], asyncio.BaseProtocol], address: Address, **kwargs: Any
@@ -87,13 +213,26 @@ class Service:
     # -- the public face ----------------------------------------------------------------
 
     def statistics(self) -> ServiceStatistics:
-        states = [relay.core.state for relay in self.relays()]
+        sessions = [relay.core.statistics() for relay in self.relays()]
+        states = [session.state for session in sessions]
+        counters = asdict(self.counters)
+        sent = counters.pop("bytes_sent_ended") + sum(s.bytes_sent for s in sessions)
+        received = counters.pop("bytes_received_ended") + sum(s.bytes_received for s in sessions)
+        counters["ends_by_code"] = dict(self.counters.ends_by_code)
+        counters["rejects_by_reason"] = dict(self.counters.rejects_by_reason)
         return ServiceStatistics(
             self.role,
             len(states),
-            states.count(SessionState.ATTACHED),
-            states.count(SessionState.DETACHED),
-            **asdict(self.counters),
+            states.count(SessionState.ATTACHED.value),
+            states.count(SessionState.DETACHED.value),
+            **counters,
+            bytes_sent=sent,
+            bytes_received=received,
+            replay_buffered=sum(s.replay_buffered for s in sessions),
+            handshakes_in_flight=self.handshakes_in_flight(),
+            outage_seconds=self._outages.snapshot(),
+            resume_seconds=self._resume_times.snapshot(),
+            accepting=self.accepting(),
         )
 
     def sessions(self) -> list[SessionStatistics]:

@@ -150,6 +150,7 @@ class SessionStatistics:
     eof_sent: bool
     eof_received: bool
     detached_since: float | None
+    expires_at: float | None  # when a detached session (or a client's setup) gives up
 
 
 class Session:
@@ -308,6 +309,7 @@ class Session:
             eof_sent=self._eof,
             eof_received=self._peer_eof,
             detached_since=self._detached_since,
+            expires_at=self._expire_at,
         )
 
     # -- outputs -------------------------------------------------------------------
