@@ -25,6 +25,7 @@ from typing import Any
 
 from . import __version__, sdnotify
 from .config import (
+    ADMIN_PORTS,
     Address,
     ClientConfig,
     ServerConfig,
@@ -65,6 +66,7 @@ class _Option:
     help: str
     required: bool = False
     shown: str | None = None  # the default as the help shows it, when not the field's value
+    port: int | None = None  # the port of an address option given only a host, default none
 
     @property
     def dest(self) -> str:
@@ -97,6 +99,8 @@ class _Option:
             return parse_duration(text)
         if self.kind == "size":
             return parse_size(text)
+        if default is None and self.port is not None:
+            return parse_address(text, default_port=self.port, any_port=self.kind == "listen")
         if isinstance(default, Address):
             return parse_address(
                 text, default.host, default_port=default.port, any_port=self.kind == "listen"
@@ -165,6 +169,29 @@ _PLAINTEXT = _Option(
     "links in clear text, no TLS: only inside a VPN or a trusted internal network, and only "
     "when the other end runs in clear text too",
 )
+
+
+def _admin(role: str) -> tuple[_Option, _Option]:
+    port = ADMIN_PORTS[role]
+    return (
+        _Option(
+            "--admin",
+            "admin",
+            "listen",
+            "serve the admin endpoint here (HTTP: /metrics, /api/sessions, a status page at /); "
+            "an address beyond loopback needs the admin token file too",
+            shown=f"off; HOST alone takes port {port}",
+            port=port,
+        ),
+        _Option(
+            "--admin-token-file",
+            "admin_token_file",
+            "file",
+            "require this bearer token (a file of mode 600) on the admin endpoint",
+        ),
+    )
+
+
 _OPTIONS: dict[str, tuple[_Option, ...]] = {
     "server": (
         _Option("--listen", "listen", "listen", "where to accept tether links"),
@@ -214,6 +241,7 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "re-read when it changes",
         ),
         _PLAINTEXT,
+        *_admin("server"),
     ),
     "client": (
         _Option("--listen", "listen", "listen", "where the application connects", required=True),
@@ -274,6 +302,7 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "never fall back to a direct connection",
         ),
         _PLAINTEXT,
+        *_admin("client"),
     ),
     "demo": (
         _Option("--outage", "outage", "duration", "how long the network path is cut"),
@@ -389,6 +418,39 @@ def _tool_parsers(sub: Any) -> None:
     )
     ports.add_argument("ports", nargs="*", type=int, metavar="PORT", help="more ports to list")
     ports.add_argument("--json", action="store_true", help="JSON (default off)")
+    _admin_tool_parsers(sub)
+
+
+def _admin_tool_parsers(sub: Any) -> None:
+    """``status`` and ``kill``: clients of a running tether's admin endpoint."""
+    where = f"http://127.0.0.1:{ADMIN_PORTS['server']}/, a server's; a client's is port " + str(
+        ADMIN_PORTS["client"]
+    )
+    status = sub.add_parser(
+        "status",
+        help="show the sessions of a running tether server or client (its --admin endpoint)",
+        description="Show the sessions of a running tether (state, peer, bytes, and for a "
+        "detached one 'interrupted 12 s, expires in 168 s'), refreshed every second until "
+        "interrupted.",
+    )
+    kill = sub.add_parser(
+        "kill",
+        help="end one session of a running tether server or client (its --admin endpoint)",
+        description="End one session: its backend (server) or application (client) "
+        "connection is closed and the other tether is told GOING_AWAY.",
+    )
+    kill.add_argument("session_id", metavar="SESSION_ID", help="a unique prefix is enough")
+    for cmd in (status, kill):
+        cmd.add_argument("--admin", metavar="URL", help=f"the admin endpoint (default {where})")
+        cmd.add_argument(
+            "--admin-token-file",
+            metavar="FILE",
+            help="the endpoint's bearer token, when it requires one (default none)",
+        )
+    status.add_argument("--once", action="store_true", help="show it once (default off)")
+    status.add_argument(
+        "--json", action="store_true", help="print /api/sessions once as JSON (default off)"
+    )
 
 
 def _tool(args: argparse.Namespace) -> int:
@@ -410,6 +472,14 @@ def _tool(args: argparse.Namespace) -> int:
         print(token)
         print(f"(its hash was added to {path}; this token is not stored anywhere)", file=sys.stderr)
         return 0
+    if args.command in ("status", "kill"):
+        from .admin.status import DEFAULT_ADMIN_URL, run_kill, run_status
+
+        url = args.admin or DEFAULT_ADMIN_URL
+        secret = Path(args.admin_token_file).expanduser() if args.admin_token_file else None
+        if args.command == "kill":
+            return _run(lambda: run_kill(args.session_id, url, secret))
+        return _run(lambda: run_status(url, secret, once=args.once, as_json=args.json))
     if args.command == "probe":
         from .probe import run_probe
 
@@ -544,12 +614,19 @@ async def _serve_until_signal(service: ServerConfig | ClientConfig) -> int:
     runner: TetherServer | TetherClient = (
         TetherServer(service) if isinstance(service, ServerConfig) else TetherClient(service)
     )
-    async with runner:
+    admin: contextlib.AbstractAsyncContextManager[str | None] = contextlib.nullcontext()
+    if service.admin is not None:
+        from .admin import serve_admin  # aiohttp is imported only when it is used
+
+        admin = serve_admin(runner, service)
+    async with runner, admin as admin_url:
         # Everything built so far lives as long as the process: keep the collector from
         # walking it again and again (idle CPU with many sessions).
         gc.freeze()
         for address in runner.addresses:
             print(f"READY {address}", flush=True)
+        if admin_url is not None:
+            print(f"ADMIN {admin_url}", flush=True)
         sdnotify.ready(f"listening on {', '.join(map(str, runner.addresses))}")
         await stop.wait()
         sdnotify.stopping()
@@ -562,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-    if args.command in ("fingerprint", "token", "probe", "ports"):
+    if args.command in ("fingerprint", "token", "probe", "ports", "status", "kill"):
         try:
             return _tool(args)
         except (ValueError, OSError, TetherError) as exc:

@@ -7,6 +7,7 @@ and replaces only the fields the user gave; library users build them directly.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 __all__ = [
+    "ADMIN_PORTS",
     "Address",
     "ClientConfig",
     "ServerConfig",
@@ -32,6 +34,8 @@ __all__ = [
 
 DEFAULT_SERVER_PORT = 2598  # the port Citrix session reliability (CGP) uses
 DEFAULT_BACKEND = ("127.0.0.1", 1494)  # the port ICA listens on behind it
+# The admin endpoint's port when --admin names only a host, and where 'tether status' looks.
+ADMIN_PORTS = {"server": 2599, "client": 2597}
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +185,24 @@ def format_duration(seconds: float) -> str:
 _Config = TypeVar("_Config", bound="DataclassInstance")
 
 
+def is_loopback(host: str) -> bool:
+    """Is ``host`` a loopback address (or ``localhost``)? Names are not resolved."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _check_admin(admin: Address | None, token_file: Path | None) -> None:
+    """The admin endpoint listens beyond loopback only behind a token (docs/security.md)."""
+    if token_file is not None and admin is None:
+        raise ValueError("admin_token_file needs admin")
+    if admin is not None and token_file is None and not is_loopback(admin.host):
+        raise ValueError(
+            "not loopback: the admin endpoint needs admin_token_file (--admin-token-file) there"
+        )
+
+
 def replace_field(config: _Config, path: str, value: Any) -> _Config:
     """``config`` with one field replaced, ``path`` dotted into nested configs
     (``"session.window"``). The dataclasses check the new value and raise ValueError."""
@@ -211,6 +233,8 @@ class ServerConfig:
     state_dir: Path | None = None  # None: tls.default_state_dir()
     tls_client_ca: Path | None = None  # clients must present a certificate it signed
     clients: Path | None = None  # hashes of the tokens that may create sessions
+    admin: Address | None = None  # the admin endpoint (tether.admin); off when None
+    admin_token_file: Path | None = None  # its bearer token; required beyond loopback
 
     def __post_init__(self) -> None:
         if not self.backend_connect_timeout > 0:
@@ -227,6 +251,7 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.plaintext and (self.tls_cert or self.tls_client_ca):
             raise ValueError("plaintext takes no TLS certificate or client CA")
+        _check_admin(self.admin, self.admin_token_file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +274,8 @@ class ClientConfig:
     tls_key: Path | None = None
     token_file: Path | None = None  # the client's token, for a server with a clients file
     require_reliability: bool = False  # never fall back to a direct connection
+    admin: Address | None = None  # the admin endpoint (tether.admin); off when None
+    admin_token_file: Path | None = None  # its bearer token; required beyond loopback
 
     def __post_init__(self) -> None:
         if self.plaintext and (self.tls_ca or self.server_fingerprint or self.tls_cert):
@@ -265,3 +292,4 @@ class ClientConfig:
             raise ValueError("backoff_initial must be positive and at most backoff_cap")
         if self.max_attempts_in_flight < 1:
             raise ValueError("max_attempts_in_flight must be at least 1")
+        _check_admin(self.admin, self.admin_token_file)

@@ -72,11 +72,11 @@ class _ClientSession(SessionRelay):
         self._last_error = ""
         self._detached_at: float | None = None
         self._fallback: tuple[Splice, Splice] | None = None
-        self.local_address = str(client.config.server)
+        self.peer = str(client.config.server)
         if app is not None and app.transport is not None:
-            peer = app.transport.get_extra_info("peername")
-            if peer:
-                self.peer = str(Address(*peer[:2]))
+            application = app.transport.get_extra_info("peername")
+            if application:
+                self.local_address = str(Address(*application[:2]))
 
     # -- the relay's hooks -------------------------------------------------------------
 
@@ -344,6 +344,7 @@ class TetherClient(Service):
     """Accept application connections and carry each over a tether session."""
 
     role = "client"
+    local_name = "application"
 
     def __init__(self, config: ClientConfig, *, listen: bool = True) -> None:
         super().__init__()

@@ -81,8 +81,8 @@ class SessionRelay:
         # For operators (the admin endpoint): set by the roles, read by aio/service.py.
         self.started_at = self.loop.time()
         self.detached_at: float | None = None  # when the current outage began
-        self.peer = "?"  # the server's client, or the client's application
-        self.local_address = "?"  # the server's backend, or the client's tether server
+        self.peer = "?"  # the other tether: the server's client, the client's server
+        self.local_address = "?"  # the server's backend, or the client's application
 
     @property
     def close_code(self) -> CloseCode | None:

@@ -69,6 +69,7 @@ class TetherServer(Service):
     """Serve tether sessions. Use ``async with TetherServer(config) as server``."""
 
     role = "server"
+    local_name = "backend"
 
     def __init__(self, config: ServerConfig, *, handler: Handler | None = None) -> None:
         """Relay each session to ``config.backend``, or, with ``handler``, call

@@ -123,6 +123,7 @@ class Service:
     sessions and its listening sockets."""
 
     role = "service"
+    local_name = "local"  # what a session's local connection is: "backend", "application"
 
     def __init__(self) -> None:
         self.counters = Counters()
@@ -156,7 +157,7 @@ class Service:
     # -- session events, reported by the roles -------------------------------------------
 
     def note_new(self, relay: SessionRelay) -> None:
-        self._event(relay, "new", f"{relay.peer} to {relay.local_address}")
+        self._event(relay, "new", f"peer {relay.peer}, {self.local_name} {relay.local_address}")
 
     def note_detached(self, relay: SessionRelay, reason: str) -> None:
         if relay.detached_at is None:
@@ -175,7 +176,7 @@ class Service:
             self._outages.observe(now - relay.detached_at)
             away = f" after {now - relay.detached_at:.1f}s away"
             relay.detached_at = None
-        self._event(relay, "resumed", f"from {relay.peer}{away}, {event.replayed} bytes replayed")
+        self._event(relay, "resumed", f"peer {relay.peer}{away}, {event.replayed} bytes replayed")
 
     def note_ended(self, relay: SessionRelay, code: CloseCode, reason: str) -> None:
         stats = relay.core.statistics()

@@ -1,0 +1,142 @@
+"""The admin endpoint's ``/metrics``: a Prometheus collector that reads a running server's
+or client's live statistics (``Service.statistics()``) each time it is scraped.
+
+Nothing is counted twice: the service keeps its own counters (aio/service.py) and this
+module only renders them in the exposition format, through ``prometheus-client``. The
+names are listed in docs/operations.md ("Admin endpoint"); changing one changes both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .. import __version__
+from ..aio.service import HistogramSnapshot, Service
+
+__all__ = ["ServiceCollector", "registry_for"]
+
+
+class ServiceCollector(Collector):
+    """Every ``tether_*`` metric of one service, read at scrape time."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.service.statistics()
+        info = GaugeMetricFamily(
+            "tether_info", "This tether process: its role and version", labels=["role", "version"]
+        )
+        info.add_metric([stats.role, __version__], 1)
+        yield info
+        sessions = GaugeMetricFamily(
+            "tether_sessions",
+            "Sessions open now, by state (setup: a client session not yet established)",
+            labels=["state"],
+        )
+        sessions.add_metric(["attached"], stats.attached)
+        sessions.add_metric(["detached"], stats.detached)
+        sessions.add_metric(["setup"], stats.sessions - stats.attached - stats.detached)
+        yield sessions
+        yield CounterMetricFamily(
+            "tether_session_starts", "Sessions started", value=stats.sessions_total
+        )
+        ends = CounterMetricFamily(
+            "tether_session_ends", "Sessions ended, by close code", labels=["code"]
+        )
+        for code, count in sorted(stats.ends_by_code.items()):
+            ends.add_metric([code], count)
+        yield ends
+        yield CounterMetricFamily(
+            "tether_resumes", "Sessions resumed on a new link", value=stats.resumes_total
+        )
+        yield _histogram(
+            "tether_outage_seconds",
+            "Outages that ended in a resume: from the link seen lost to the session resumed",
+            stats.outage_seconds,
+        )
+        yield _histogram(
+            "tether_resume_seconds",
+            "Resumes: from the new link's TCP connection (before TLS) to the session resumed",
+            stats.resume_seconds,
+        )
+        yield CounterMetricFamily(
+            "tether_bytes_sent",
+            "Application bytes this end took from its local side and sent to its peer",
+            value=stats.bytes_sent,
+        )
+        yield CounterMetricFamily(
+            "tether_bytes_received",
+            "Application bytes this end received from its peer and delivered",
+            value=stats.bytes_received,
+        )
+        yield GaugeMetricFamily(
+            "tether_replay_buffered_bytes",
+            "Bytes held now in replay buffers until the peer acknowledges them",
+            value=stats.replay_buffered,
+        )
+        yield GaugeMetricFamily(
+            "tether_handshakes_in_flight",
+            "Links connected whose handshake has not finished",
+            value=stats.handshakes_in_flight,
+        )
+        rejects = CounterMetricFamily(
+            "tether_rejects",
+            "Setups and resumes refused (server) or refused to us (client), by reason code",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.rejects_by_reason.items()):
+            rejects.add_metric([reason], count)
+        yield rejects
+        yield CounterMetricFamily(
+            "tether_handshakes_failed",
+            "Links that never reached a session",
+            value=stats.handshakes_failed,
+        )
+        yield CounterMetricFamily(
+            "tether_fallbacks",
+            "Client sessions that went straight to the fallback, without reliability",
+            value=stats.fallbacks_total,
+        )
+        yield GaugeMetricFamily(
+            "tether_accepting", "1 while new sessions are accepted", value=int(stats.accepting)
+        )
+        # The memory budget of replay buffers, once the service's statistics carry it.
+        used = getattr(stats, "memory_budget_used", None)
+        if isinstance(used, int):
+            yield GaugeMetricFamily(
+                "tether_memory_budget_used_bytes",
+                "Replay-buffer memory budget in use",
+                value=used,
+            )
+        limit = getattr(stats, "memory_budget", None)
+        if isinstance(limit, int):
+            yield GaugeMetricFamily(
+                "tether_memory_budget_bytes", "Replay-buffer memory budget", value=limit
+            )
+
+
+def _histogram(name: str, documentation: str, snapshot: HistogramSnapshot) -> Metric:
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for bound, count in zip((*snapshot.bounds, float("inf")), snapshot.counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=snapshot.total)
+
+
+def registry_for(service: Service) -> CollectorRegistry:
+    """A registry of the service's metrics and this process's (CPU, memory, files)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(service))
+    ProcessCollector(registry=registry)
+    return registry
