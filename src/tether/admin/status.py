@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from ..aio.util import describe
 from ..config import ADMIN_PORTS
 from .endpoint import read_admin_token
 
@@ -58,9 +59,8 @@ async def _request(
                 raise AdminError(f"{url}: not a tether admin endpoint") from None
             return response.status, body if isinstance(body, dict) else {}
     except aiohttp.ClientConnectorError as exc:
-        raise AdminError(
-            f"cannot reach the admin endpoint at {url}: {exc.os_error.strerror}"
-        ) from None
+        why = describe(exc.os_error)
+        raise AdminError(f"cannot reach the admin endpoint at {url}: {why}") from None
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise AdminError(f"{url}: {exc or 'timed out'}") from None
 
