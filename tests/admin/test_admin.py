@@ -117,7 +117,7 @@ def test_sessions_metrics_and_an_outage_through_the_admin_endpoints(tmp_path: An
             )
             assert text.returncode == 0, text.stderr
             assert sid[:12] in text.stdout and "attached" in text.stdout
-            assert "1 resumes" in text.stdout
+            assert "1 session (1 attached, 0 detached); 1 started, 1 resume, 0 ended" in text.stdout
             as_json = await loop.run_in_executor(
                 None, lambda: tether_cli("status", "--json", "--admin", t.client_admin)
             )

@@ -307,6 +307,12 @@ async def serve_admin(
             url,
             "; it requires the admin token" if token is not None else "",
         )
+        if not is_loopback(config.admin.host):
+            logger.warning(
+                "the admin endpoint on %s is plain HTTP: its token and what it shows cross the "
+                "network in clear; reach it through an SSH tunnel or a TLS proxy",
+                url,
+            )
         yield url
     finally:
         await runner.cleanup()

@@ -113,14 +113,20 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
 def format_status(body: dict[str, Any], url: str) -> str:
     """The terminal view of one ``/api/sessions`` answer."""
     totals = body.get("totals", {})
     local = str(body.get("local_name", "local"))
+    sessions = _count(totals.get("sessions", 0), "session")
+    resumes = _count(totals.get("resumes_total", 0), "resume")
     lines = [
-        f"tether {body.get('role', '?')} at {url}: {totals.get('sessions', 0)} sessions "
+        f"tether {body.get('role', '?')} at {url}: {sessions} "
         f"({totals.get('attached', 0)} attached, {totals.get('detached', 0)} detached); "
-        f"{totals.get('sessions_total', 0)} started, {totals.get('resumes_total', 0)} resumes, "
+        f"{totals.get('sessions_total', 0)} started, {resumes}, "
         f"{totals.get('ended_total', 0)} ended"
         + ("" if totals.get("accepting", True) else "; NOT accepting new sessions"),
         "",
