@@ -150,3 +150,55 @@ def test_status_page_shows_live_sessions_and_a_countdown_after_an_outage(
         run(main())
     finally:
         browser.quit()
+
+
+def test_status_page_takes_the_token_from_the_url_fragment(tmp_path: Path) -> None:
+    from ..aio.faultnet import start_tether, stop
+    from .helpers import admin_url
+
+    browser = _browser()
+    token = tmp_path / "admin.token"
+    token.write_text("fragment-token-7\n")
+    token.chmod(0o600)
+
+    def text(element_id: str) -> str:
+        script = f"return document.getElementById('{element_id}').textContent"
+        return str(browser.execute_script(script))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await start_tether(
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "127.0.0.1:9",
+            "--admin",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            str(token),
+            tmp=str(tmp_path),
+        )
+        try:
+            base = await admin_url(server)
+
+            async def shows(what: str, wanted: str) -> None:
+                async def once() -> bool:
+                    return wanted in await loop.run_in_executor(None, text, "connection")
+
+                await poll(what, once, limit=100, interval=0.2)
+
+            await loop.run_in_executor(None, browser.get, base)
+            await shows("the page to ask for the token", "the admin token is missing or wrong")
+            await loop.run_in_executor(None, browser.get, base + "#token=fragment-token-7")
+            await shows("the page to read the endpoint with the token", "listening on 127.0.0.1:")
+            assert await loop.run_in_executor(None, text, "role") == "server"
+            url = await loop.run_in_executor(None, lambda: browser.current_url)
+            assert "fragment-token-7" not in url  # taken out of the address bar
+        finally:
+            assert stop(server) == 0
+
+    try:
+        run(main())
+    finally:
+        browser.quit()

@@ -7,12 +7,18 @@
   const POLL_MS = 1000;
   const TICK_MS = 250;
   let token = sessionStorage.getItem("tether-admin-token");
-  const match = /(?:^#|&)token=([^&]*)/.exec(location.hash);
-  if (match) {
-    token = decodeURIComponent(match[1]);
-    sessionStorage.setItem("tether-admin-token", token);
-    history.replaceState(null, "", location.pathname + location.search);
+
+  function takeToken() {
+    const match = /(?:^#|&)token=([^&]*)/.exec(location.hash);
+    if (match) {
+      token = decodeURIComponent(match[1]);
+      sessionStorage.setItem("tether-admin-token", token);
+      history.replaceState(null, "", location.pathname + location.search);
+    }
   }
+
+  takeToken();
+  window.addEventListener("hashchange", takeToken);
 
   let last = null; // the last answer
   let fetchedAt = 0; // performance.now() when it arrived
