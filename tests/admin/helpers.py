@@ -8,7 +8,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,24 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..aio.endpoints import close_all
 from ..aio.faultnet import FaultRelay, Proc, tether_pair
 
 FAST = ("--keepalive", "0.3", "--timeout", "60")
+
+
+def run(coro: Coroutine[Any, Any, None], limit: float = 120) -> None:
+    """Run one test's coroutine, bounded; the application ends it opened are closed in
+    its loop."""
+
+    async def main() -> None:
+        try:
+            await asyncio.wait_for(coro, limit)
+        finally:
+            close_all()
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
 
 
 @dataclass

@@ -6,24 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine
 from typing import Any
 
-from ..aio.endpoints import Backend, close_all, connect_app
-from .helpers import get_json, metrics, poll, request, tether_cli, tethers
+from ..aio.endpoints import Backend, connect_app
+from .helpers import get_json, metrics, poll, request, run, tether_cli, tethers
 
 SIZE = 64 * 1024
-
-
-def run(coro: Coroutine[Any, Any, None], limit: float = 120) -> None:
-    async def main() -> None:
-        try:
-            await asyncio.wait_for(coro, limit)
-        finally:
-            close_all()
-            await asyncio.sleep(0)
-
-    asyncio.run(main())
 
 
 def test_sessions_metrics_and_an_outage_through_the_admin_endpoints(tmp_path: Any) -> None:

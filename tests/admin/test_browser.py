@@ -13,14 +13,13 @@ import asyncio
 import os
 import re
 import shutil
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ..aio.endpoints import Backend, close_all, connect_app
-from .helpers import get_json, poll, tethers
+from ..aio.endpoints import Backend, connect_app
+from .helpers import get_json, poll, run, tethers
 
 SIZE = 256 * 1024
 COUNTDOWN = re.compile(r"^detached (\d+) s, expires in (\d+) s$")
@@ -56,17 +55,6 @@ def _browser() -> Any:
     ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
-
-
-def run(coro: Coroutine[Any, Any, None], limit: float = 120) -> None:
-    async def main() -> None:
-        try:
-            await asyncio.wait_for(coro, limit)
-        finally:
-            close_all()
-            await asyncio.sleep(0)
-
-    asyncio.run(main())
 
 
 def test_status_page_shows_live_sessions_and_a_countdown_after_an_outage(

@@ -252,16 +252,18 @@ class AdminEndpoint:
 def _session_json(relay: SessionRelay, service: Service, now: float) -> dict[str, Any]:
     stats = relay.core.statistics()
     wall = time.time()
-    detached = stats.state == "detached" and stats.detached_since is not None
+    since = stats.detached_since if stats.state == "detached" else None
     return {
         "id": stats.session_id,
         "state": stats.state,
         "peer": relay.peer,
         service.local_name: relay.local_address,
         "since": _iso(wall - (now - relay.started_at)),
-        "detached_for": now - stats.detached_since if detached and stats.detached_since else None,
+        "detached_for": now - since if since is not None else None,
         "expires_in": (
-            max(stats.expires_at - now, 0.0) if detached and stats.expires_at is not None else None
+            max(stats.expires_at - now, 0.0)
+            if since is not None and stats.expires_at is not None
+            else None
         ),
         "bytes_sent": stats.bytes_sent,
         "bytes_received": stats.bytes_received,

@@ -15,7 +15,7 @@ import bisect
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Self
 
 from ..config import Address
@@ -216,10 +216,10 @@ class Service:
     def statistics(self) -> ServiceStatistics:
         sessions = [relay.core.statistics() for relay in self.relays()]
         states = [session.state for session in sessions]
-        counters = asdict(self.counters)
+        counters = {f.name: getattr(self.counters, f.name) for f in fields(Counters)}
         sent = counters.pop("bytes_sent_ended") + sum(s.bytes_sent for s in sessions)
         received = counters.pop("bytes_received_ended") + sum(s.bytes_received for s in sessions)
-        counters["ends_by_code"] = dict(self.counters.ends_by_code)
+        counters["ends_by_code"] = dict(self.counters.ends_by_code)  # copies: a snapshot
         counters["rejects_by_reason"] = dict(self.counters.rejects_by_reason)
         return ServiceStatistics(
             self.role,

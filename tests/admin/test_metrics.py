@@ -1,0 +1,69 @@
+"""Metrics that need a particular situation: a refused setup counted by its reason on both
+ends, and a link that is still in its handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+from tether import credentials
+
+from ..aio.endpoints import Backend, connect_app
+from .helpers import metrics, poll, run, tethers
+
+
+def test_a_refused_setup_is_counted_by_its_reason_on_both_ends(tmp_path: Path) -> None:
+    clients = tmp_path / "clients"
+    credentials.append_client(clients, credentials.token_hash(credentials.new_token()), "other")
+
+    async def main() -> None:
+        async with (
+            Backend(seed=1, size=0, eof=False) as backend,
+            tethers(backend.address, str(tmp_path), server_args=("--clients", str(clients))) as t,
+        ):
+            app = await connect_app(t.client.address, seed=2, size=0, eof=False)
+            await asyncio.wait_for(app.peer_eof.wait(), 20)  # refused: no token
+
+            async def counted() -> Any:
+                m = await metrics(t.server_admin)
+                return m if m.get('tether_rejects_total{reason="UNAUTHORIZED"}') == 1 else None
+
+            server = await poll("the server to count the refusal", counted)
+            assert server["tether_session_starts_total"] == 0
+            client = await metrics(t.client_admin)
+            assert client['tether_rejects_total{reason="UNAUTHORIZED"}'] == 1
+            assert client['tether_session_ends_total{code="UNAUTHORIZED"}'] == 1
+            assert client['tether_sessions{state="setup"}'] == 0
+
+    run(main())
+
+
+def test_a_link_in_its_handshake_is_in_flight(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            Backend(seed=1, size=0, eof=False) as backend,
+            tethers(backend.address, str(tmp_path)) as t,
+        ):
+            loop = asyncio.get_running_loop()
+            silent = socket.socket()
+            silent.setblocking(False)
+            try:
+                await loop.sock_connect(silent, t.server.address)
+
+                async def in_flight() -> Any:
+                    m = await metrics(t.server_admin)
+                    return m["tether_handshakes_in_flight"] == 1
+
+                await poll("the silent link to be in its handshake", in_flight)
+            finally:
+                silent.close()
+
+            async def none() -> Any:
+                m = await metrics(t.server_admin)
+                return m["tether_handshakes_in_flight"] == 0
+
+            await poll("the closed link to leave the handshakes", none)
+
+    run(main())
