@@ -479,7 +479,10 @@ def _tool(args: argparse.Namespace) -> int:
         secret = Path(args.admin_token_file).expanduser() if args.admin_token_file else None
         if args.command == "kill":
             return _run(lambda: run_kill(args.session_id, url, secret))
-        return _run(lambda: run_status(url, secret, once=args.once, as_json=args.json))
+        try:
+            return _run(lambda: run_status(url, secret, once=args.once, as_json=args.json))
+        except KeyboardInterrupt:  # Ctrl-C ends the live view: that is how it is left
+            return 0
     if args.command == "probe":
         from .probe import run_probe
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 from typing import Any
 
 from ..aio.endpoints import Backend, connect_app
-from .helpers import get_json, metrics, poll, request, run, tether_cli, tethers
+from .helpers import SRC, get_json, metrics, poll, request, run, tether_cli, tethers
 
 SIZE = 64 * 1024
 
@@ -175,5 +179,40 @@ def test_delete_and_tether_kill_end_the_session_at_the_application(tmp_path: Any
             )
             assert again.returncode == 1
             assert "no such session" in again.stderr
+
+    run(main())
+
+
+def test_the_live_status_view_redraws_until_interrupted(tmp_path: Any) -> None:
+    async def main() -> None:
+        async with (
+            Backend(seed=1, size=0, eof=False) as backend,
+            tethers(backend.address, str(tmp_path)) as t,
+        ):
+            loop = asyncio.get_running_loop()
+            view = subprocess.Popen(
+                [sys.executable, "-m", "tether", "status", "--admin", t.server_admin],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": str(SRC)},
+            )
+            try:
+                assert view.stdout is not None
+                seen = b""
+                for _ in range(100):  # two views drawn: it refreshes by itself
+                    seen += await loop.run_in_executor(None, view.stdout.read1, 4096)
+                    if seen.count(b"tether server at ") >= 2:
+                        break
+                assert seen.count(b"tether server at ") >= 2
+                assert b"\x1b[2J" in seen  # each view replaces the last
+                view.send_signal(signal.SIGINT)
+                _, err = await loop.run_in_executor(None, lambda: view.communicate(timeout=10))
+                assert view.returncode == 0
+                assert b"Traceback" not in err
+            finally:
+                if view.poll() is None:
+                    view.kill()
+                    view.wait()
 
     run(main())
