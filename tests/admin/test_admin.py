@@ -216,3 +216,45 @@ def test_the_live_status_view_redraws_until_interrupted(tmp_path: Any) -> None:
                     view.wait()
 
     run(main())
+
+
+def test_a_detached_session_ended_on_the_server_ends_at_the_client_when_it_returns(
+    tmp_path: Any,
+) -> None:
+    async def main() -> None:
+        async with (
+            Backend(seed=1, size=SIZE, eof=False) as backend,
+            tethers(backend.address, str(tmp_path)) as t,
+        ):
+            app = await connect_app(t.client.address, seed=2, size=SIZE, eof=False)
+
+            async def one() -> Any:
+                found = (await get_json(t.server_admin + "api/sessions"))["sessions"]
+                return found[0] if found else None
+
+            sid = (await poll("the session on the server", one))["id"]
+            t.relay.reset_new = True
+            t.relay.kill_all()
+
+            async def detached() -> Any:
+                found = await one()
+                return found if found and found["state"] == "detached" else None
+
+            await poll("the server to see it detached", detached)
+            status, _, _ = await request("DELETE", t.server_admin + "api/sessions/" + sid)
+            assert status == 200
+            assert backend.connections[0].peer_eof.is_set() or await poll(
+                "the backend connection to close",
+                lambda: asyncio.sleep(0, backend.connections[0].peer_eof.is_set()),
+            )
+            assert not app.peer_eof.is_set()  # the client cannot know yet
+            t.relay.reset_new = False  # it comes back, and is told
+
+            async def ended() -> bool:
+                return app.peer_eof.is_set()
+
+            await poll("the application connection to close", ended, limit=400)
+            left = await get_json(t.client_admin + "api/sessions")
+            assert left["sessions"] == []
+
+    run(main())
