@@ -29,6 +29,7 @@ from pathlib import Path
 from .. import tls
 from ..config import Address, ClientConfig, parse_address
 from ..errors import SessionClosed
+from ..hooks import HookRunner
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
     Event,
@@ -93,12 +94,16 @@ class _ClientSession(SessionRelay):
             away,
             event.replayed,
         )
+        self._hook("resume", "resumed", outage_seconds=f"{away:.1f}", replayed_bytes=event.replayed)
         self._settle(True)
 
     def on_link_lost(self, reason: str) -> None:
         if self._detached_at is None:
             self._detached_at = self.loop.time()
             self.log.info("session %s: link lost (%s); reconnecting", self.name, reason)
+            expires = self.core.expires_at
+            left = max(expires - self._detached_at, 0.0) if expires is not None else 0.0
+            self._hook("detach", reason, outage_seconds="0.0", expires_seconds=f"{left:.1f}")
         self._detached.set()
 
     def on_ended(self, event: SessionEnded) -> None:
@@ -122,6 +127,15 @@ class _ClientSession(SessionRelay):
             reason,
             " by the server" if event.by_peer else "",
         )
+        away = self.loop.time() - self._detached_at if self._detached_at is not None else 0.0
+        self._hook("end", reason, close_code=event.code.name, outage_seconds=f"{away:.1f}")
+
+    def _hook(self, event: str, reason: str, **variables: object) -> None:
+        """Run the user's hook for ``event`` (hooks.py); never waits for it."""
+        hooks = self.client.hooks
+        if hooks.command(event) is not None:
+            server = self.client.config.server
+            hooks.fire(event, self.name, {"server": server, "reason": reason, **variables})
 
     # -- its links, while their handshake runs (LinkOwner) -------------------------------
 
@@ -346,6 +360,7 @@ class TetherClient(Service):
         # Read once, here: a missing file or a key readable by others fails at start.
         self.tls_policy = None if config.plaintext else TLSPolicy(config)
         self.token = read_token(config.token_file) if config.token_file is not None else b""
+        self.hooks = HookRunner(config.hooks, self.spawn)
 
     def relays(self) -> Iterable[SessionRelay]:
         return [session for session in self._live if session._fallback is None]
