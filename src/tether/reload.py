@@ -131,15 +131,22 @@ class Reloader:
             get = functools.partial(_field, path=option.path)
             was, now = get(old.config), get(new.config)
             if was != now:
-                before, after = (format_value(option.kind, v) or "none" for v in (was, now))
+                before, after = (_plain(format_value(option.kind, v)) for v in (was, now))
                 out.append((key_of(option), before, after))
         for key, was, now in (
             ("log-level", old.log_level, new.log_level),
             ("log-format", old.log_format, new.log_format),
         ):
             if was != now:
-                out.append((key, f'"{was}"', f'"{now}"'))
+                out.append((key, was, now))
         return out
+
+
+def _plain(text: str | None) -> str:
+    """A value as the log shows it: a TOML string without its quotes, none for unset."""
+    if text is None:
+        return "none"
+    return text[1:-1] if text.startswith('"') else text
 
 
 def _field(config: object, path: str) -> object:
