@@ -655,13 +655,18 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None:  # never the default (exit): a reload before we listen is moot
+        loop.add_signal_handler(
+            hangup, lambda: logging.getLogger("tether").info("SIGHUP while starting: ignored")
+        )
     runner: TetherServer | TetherClient = (
         TetherServer(service) if isinstance(service, ServerConfig) else TetherClient(service)
     )
     async with runner:
-        if hasattr(signal, "SIGHUP"):  # not on Windows
+        if hangup is not None:
             reloader = Reloader(runner, settings, reread, _OPTIONS[runner.role], _setup_logging)
-            loop.add_signal_handler(signal.SIGHUP, reloader)
+            loop.add_signal_handler(hangup, reloader)
         # Everything built so far lives as long as the process: keep the collector from
         # walking it again and again (idle CPU with many sessions).
         gc.freeze()

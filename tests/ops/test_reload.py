@@ -198,3 +198,21 @@ def test_client_reload_points_new_sessions_at_the_new_server(tmp_path: Path) -> 
             assert codes == [0, 0, 0]
 
     asyncio.run(main())
+
+
+def test_sighup_without_a_config_file_is_logged_not_fatal(tmp_path: Path) -> None:
+    """It used to kill the server (exit 129, no log line)."""
+
+    async def main() -> None:
+        server = await start_tether(
+            "server", "--listen", "127.0.0.1:0", "--plaintext", tmp=str(tmp_path)
+        )
+        try:
+            server.popen.send_signal(signal.SIGHUP)
+            line = await logged(server, "SIGHUP")
+            assert "no --config file to re-read; settings unchanged" in line
+        finally:
+            code = stop(server)
+        assert code == 0, server.log()
+
+    asyncio.run(main())
