@@ -133,6 +133,7 @@ def test_server_reload_applies_the_new_backend_to_new_sessions_only(
 
                 second = await App.open(client)
                 assert await second.ask(b"two", b"B:") == b"B:two"  # a new session: B
+                assert "DEBUG" in await logged(server, "SETUP received", mark)  # log-level
                 assert await first.ask(b"three", b"A:") == b"A:three"  # the live one: A
                 # ...and it still survives an outage, resumed under the new settings.
                 relay.kill_all()
