@@ -347,7 +347,7 @@ def _parser() -> argparse.ArgumentParser:
                 option.flag,
                 dest=option.dest,
                 metavar=option.metavar,
-                # required: checked once the config file is read (_missing), which may set it
+                # required: checked in _settings, once the config file (which may set it) is read
                 help=option.describe(_default(command, option.path)),
             )
         if command == "demo":
@@ -378,8 +378,20 @@ def _parser() -> argparse.ArgumentParser:
         "(exit 2). Without --server or --client the role is the one whose keys the file uses.",
     )
     role = check.add_mutually_exclusive_group()
-    role.add_argument("--server", dest="role", action="store_const", const="server")
-    role.add_argument("--client", dest="role", action="store_const", const="client")
+    role.add_argument(
+        "--server",
+        dest="role",
+        action="store_const",
+        const="server",
+        help="read it as a server's (default: guessed from its keys)",
+    )
+    role.add_argument(
+        "--client",
+        dest="role",
+        action="store_const",
+        const="client",
+        help="read it as a client's (default: guessed from its keys)",
+    )
     check.add_argument("file", metavar="FILE", help="the TOML config file")
     return parser
 

@@ -8,6 +8,7 @@ and replaces only the fields the user gave; library users build them directly.
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -246,8 +247,6 @@ class HookConfig:
     max_running: int = DEFAULT_MAX_HOOKS
 
     def __post_init__(self) -> None:
-        import shlex
-
         for name in ("on_detach", "on_resume", "on_end"):
             command = getattr(self, name)
             if command is None:
