@@ -101,3 +101,32 @@ def test_an_expiry_is_a_warning_on_both_sides_with_json_fields(tmp_path: Path) -
         assert ended[0]["reason"].startswith("session-reliability timeout passed")
         # -q: the INFO lines of the session (new, link lost) are not there.
         assert all(r["level"] != "INFO" for r in records)
+
+
+def test_verbose_shows_the_keepalive_verdict_with_the_session_counters(tmp_path: Path) -> None:
+    async def main() -> tuple[str, str]:
+        args = ("--keepalive", "200ms", "-v")
+        async with (
+            echo(b"") as backend,
+            tether_pair(backend, str(tmp_path), server_args=args, client_args=args) as (
+                server,
+                client,
+                relay,
+            ),
+        ):
+            app = await App.open(client)
+            assert await app.ask(b"hello", b"") == b"hello"
+            relay.blackhole_current()  # silence, no reset: only the keepalive notices
+            await logged(client, "link lost (keepalive timed out)")
+            await logged(client, "resumed after")
+            assert await app.ask(b"again", b"") == b"again"
+            app.close()
+            return server.log(), client.log()
+
+    _, client_log = asyncio.run(main())
+    verdict = _line(client_log, "core gave up the link")
+    assert re.search(
+        r"DEBUG tether.client: session [0-9a-f]{12}: core gave up the link \(keepalive timed "
+        r"out\): 5 bytes sent, \d+ acked, \d+ held for replay, 5 received",
+        verdict,
+    ), verdict
