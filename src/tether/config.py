@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "ADMIN_PORTS",
     "Address",
     "ClientConfig",
+    "HookConfig",
     "ServerConfig",
     "format_duration",
     "format_size",
@@ -254,6 +256,38 @@ class ServerConfig:
         _check_admin(self.admin, self.admin_token_file)
 
 
+DEFAULT_HOOK_TIMEOUT = 30.0  # a hook still running then is killed
+DEFAULT_MAX_HOOKS = 4  # hooks running at once; further events run none (hooks.py)
+
+
+@dataclass(frozen=True, slots=True)
+class HookConfig:
+    """Commands the client runs when a session detaches, resumes or ends (hooks.py): a
+    command line split as a shell would (shlex), run without a shell."""
+
+    on_detach: str | None = None
+    on_resume: str | None = None
+    on_end: str | None = None
+    timeout: float = DEFAULT_HOOK_TIMEOUT
+    max_running: int = DEFAULT_MAX_HOOKS
+
+    def __post_init__(self) -> None:
+        for name in ("on_detach", "on_resume", "on_end"):
+            command = getattr(self, name)
+            if command is None:
+                continue
+            try:
+                words = shlex.split(command)
+            except ValueError as exc:
+                raise ValueError(f"{name}: not a command line ({exc})") from None
+            if not words:
+                raise ValueError(f"{name}: empty command")
+        if not self.timeout > 0:
+            raise ValueError("hook timeout must be positive")
+        if self.max_running < 1:
+            raise ValueError("max_running hooks must be at least 1")
+
+
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     listen: Address = Address("127.0.0.1", 1494)
@@ -274,6 +308,7 @@ class ClientConfig:
     tls_key: Path | None = None
     token_file: Path | None = None  # the client's token, for a server with a clients file
     require_reliability: bool = False  # never fall back to a direct connection
+    hooks: HookConfig = field(default_factory=HookConfig)  # run on outage events
     admin: Address | None = None  # the admin endpoint (tether.admin); off when None
     admin_token_file: Path | None = None  # its bearer token; required beyond loopback
 

@@ -69,6 +69,11 @@ class LinkListener:
         self._spawn = spawn
         self._sockets: list[socket.socket] = []
 
+    def reconfigure(self, tls: ssl.SSLContext | None, handshake_timeout: float) -> None:
+        """Use ``tls`` and ``handshake_timeout`` for links accepted from now on (a reload)."""
+        self._tls = tls
+        self._timeout = handshake_timeout
+
     @property
     def addresses(self) -> list[Address]:
         return [Address(*sock.getsockname()[:2]) for sock in self._sockets]

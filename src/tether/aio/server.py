@@ -51,15 +51,27 @@ class _ServerSession(SessionRelay):
         super().__init__(core, logger)
         self.server = server
         self.sid = core.session_id.hex()[:12]
-        self.peer = peer
+        self.peer = peer  # the address of its current (or last) link
         self.local_address = "the handler" if server.handler else str(server.config.backend)
 
+    def fields(self, event: str, **more: object) -> dict[str, object]:
+        """The structured fields of a session event (``--log-format json``)."""
+        return {"tether": {"session": self.sid, "peer": self.peer, "event": event, **more}}
+
     def on_link_lost(self, reason: str) -> None:
-        self.log.info("session %s: link lost (%s); holding the backend", self.sid, reason)
-        self.server.note_detached(self, reason)
+        self.server.note_detached(self, reason)  # sets detached_at (aio/service.py)
+        timeout = self.server.config.session.timeout
+        self.log.info(
+            "session %s: link lost (%s), peer %s; holding the backend for up to %gs",
+            self.sid,
+            reason,
+            self.peer,
+            timeout,
+            extra=self.fields("link_lost", reason=reason),
+        )
 
     def on_resumed(self, event: SessionResumed) -> None:
-        self.server.note_resumed(self, event)
+        self.server.note_resumed(self, event)  # clears detached_at
 
     def on_ended(self, event: SessionEnded) -> None:
         self.server._session_ended(self, event)
@@ -197,6 +209,7 @@ class TetherServer(Service):
         handshake = link.handshake
         assert isinstance(handshake, ServerHandshake)
         if isinstance(event, SetupRequested):
+            logger.debug("link %s: SETUP received", link.peer)
             refusal = self._router.admit_setup(handshake, link.source)
             if refusal is not None:
                 if refusal.code is CloseCode.UNAUTHORIZED:
@@ -207,17 +220,29 @@ class TetherServer(Service):
             else:
                 self.spawn(self._setup(link, handshake))
         elif isinstance(event, ResumeRequested):
+            logger.debug(
+                "link %s: RESUME received for session %s",
+                link.peer,
+                event.session_id.hex()[:12],
+            )
             core = self._router.resume(handshake, asyncio.get_running_loop().time())
             if core is not None:
                 relay = self._relays[core.session_id]
+                now = asyncio.get_running_loop().time()
+                away = now - relay.detached_at if relay.detached_at is not None else 0.0
+                moved = "" if link.peer == relay.peer else f" (was {relay.peer})"
                 relay.peer = link.peer
-                link.hand_over(relay)
+                link.hand_over(relay)  # its SessionResumed: note_resumed counts the outage
                 relay.log.info(
-                    "session %s: resumed from %s (resume %d), replaying %d bytes",
+                    "session %s: resumed from %s%s after %.2fs away (resume %d), "
+                    "replaying %d bytes",
                     relay.sid,
                     link.peer,
+                    moved,
+                    away,
                     core.statistics().resumes,
                     core.replay_buffered,
+                    extra=relay.fields("resumed", outage_seconds=round(away, 3)),
                 )
         elif isinstance(event, HandshakeFailed):
             self._refused(link, handshake, event)
@@ -305,7 +330,13 @@ class TetherServer(Service):
             transport.close()  # the link died while we reached the backend
             return False
         backend.bind(relay)  # what the backend already said follows the ACCEPT
-        relay.log.info("session %s: new from %s, backend %s", relay.sid, link.peer, target)
+        relay.log.info(
+            "session %s: new from %s, backend %s",
+            relay.sid,
+            link.peer,
+            target,
+            extra=relay.fields("new", backend=str(target)),
+        )
         self.note_new(relay)
         return True
 
@@ -349,14 +380,16 @@ class TetherServer(Service):
         stats = core.statistics()
         relay.log.log(
             logging.INFO if event.code is CloseCode.NORMAL else logging.WARNING,
-            "session %s: ended %s (%s)%s; %d bytes up, %d bytes down, %d resumes",
+            "session %s: ended %s (%s)%s; peer %s, %d bytes up, %d bytes down, %d resumes",
             relay.sid,
             event.code.name,
             event.reason,
             " by the client" if event.by_peer else "",
+            relay.peer,
             stats.bytes_received,
             stats.bytes_sent,
             stats.resumes,
+            extra=relay.fields("ended", code=event.code.name, reason=event.reason),
         )
 
 

@@ -285,6 +285,12 @@ class Session:
     def detached_since(self) -> float | None:
         return self._detached_since
 
+    @property
+    def expires_at(self) -> float | None:
+        """When (the driver's clock) the session ends EXPIRED unless a link carries it
+        again; None while one does."""
+        return self._expire_at
+
     def send_capacity(self) -> int:
         """Bytes the replay buffer can still take; the driver stops reading at <= 0."""
         return self.config.window - len(self._buffer)
