@@ -33,9 +33,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..aio.link import SessionRelay
-from ..aio.service import Service
+from ..aio.service import Service, TrafficStatistics
 from ..config import Address, ClientConfig, ServerConfig, is_loopback
 from ..protocol.codes import CloseCode
+from ..protocol.session import SessionState
 from .metrics import registry_for
 
 __all__ = ["AdminEndpoint", "read_admin_token", "serve_admin"]
@@ -43,6 +44,11 @@ __all__ = ["AdminEndpoint", "read_admin_token", "serve_admin"]
 logger = logging.getLogger("tether.admin")
 
 MAX_TOKEN_BYTES = 4096  # an admin token file holds one line, not a document
+# Bytes are summed over every session (about 0.5 us each): at most once per this many
+# seconds, however many pages and scrapers ask.
+TRAFFIC_MAX_AGE = 1.0
+SESSIONS_SHOWN = 500  # /api/sessions lists this many unless ?limit= says otherwise
+MAX_SESSIONS_SHOWN = 100_000
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 STATIC_FILES = {  # path -> (file in static/, content type)
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -89,7 +95,8 @@ class AdminEndpoint:
         self.service = service
         self.address = address
         self.token = token
-        self.registry = registry_for(service)
+        self._traffic: tuple[float, TrafficStatistics] | None = None
+        self.registry = registry_for(service, self.traffic)
         self.app = web.Application(middlewares=[self._guard])
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/api/sessions", self.list_sessions)
@@ -100,6 +107,14 @@ class AdminEndpoint:
         for path in STATIC_FILES:
             self.app.router.add_get(path, self.static)
         self._hosts = self._allowed_hosts(address.host)
+
+    def traffic(self) -> TrafficStatistics:
+        """The service's traffic, summed at most once per TRAFFIC_MAX_AGE."""
+        now = asyncio.get_running_loop().time()
+        cached = self._traffic
+        if cached is None or now - cached[0] >= TRAFFIC_MAX_AGE:
+            cached = self._traffic = (now, self.service.traffic())
+        return cached[1]
 
     # -- who may ask -----------------------------------------------------------------
 
@@ -168,8 +183,15 @@ class AdminEndpoint:
 
     async def list_sessions(self, request: web.Request) -> web.Response:
         service = self.service
+        try:
+            limit = int(request.query.get("limit", SESSIONS_SHOWN))
+        except ValueError:
+            return web.json_response({"error": "limit: not a whole number"}, status=400)
+        limit = max(0, min(limit, MAX_SESSIONS_SHOWN))
         stats = service.statistics()
+        traffic = self.traffic()
         now = asyncio.get_running_loop().time()
+        shown = self._relays(limit)
         return web.json_response(
             {
                 "role": stats.role,
@@ -185,13 +207,14 @@ class AdminEndpoint:
                     "ended_total": stats.ended_total,
                     "expired_total": stats.expired_total,
                     "rejected_total": stats.rejected_total,
-                    "bytes_sent": stats.bytes_sent,
-                    "bytes_received": stats.bytes_received,
-                    "replay_buffered": stats.replay_buffered,
+                    "bytes_sent": traffic.bytes_sent,
+                    "bytes_received": traffic.bytes_received,
+                    "replay_buffered": traffic.replay_buffered,
                     "handshakes_in_flight": stats.handshakes_in_flight,
                     "accepting": stats.accepting,
                 },
-                "sessions": [_session_json(r, service, now) for r in self._relays()],
+                "sessions": [_session_json(r, service, now) for r in shown],
+                "sessions_shown": len(shown),
                 "events": [
                     {"at": e.at, "session": e.session_id, "kind": e.kind, "detail": e.detail}
                     for e in reversed(service.recent_events())
@@ -199,9 +222,14 @@ class AdminEndpoint:
             }
         )
 
-    def _relays(self) -> list[SessionRelay]:
-        """The live sessions that have an id (a client's session gets one at setup)."""
-        return [r for r in self.service.relays() if r.core.session_id and not r.core.closed]
+    def _relays(self, limit: int | None = None) -> list[SessionRelay]:
+        """The live sessions that have an id (a client's session gets one at setup); with
+        ``limit``, at most that many, detached ones (the ones to watch) first."""
+        live = [r for r in self.service.relays() if r.core.session_id and not r.core.closed]
+        if limit is None or len(live) <= limit:
+            return live
+        detached = [r for r in live if r.core.state is SessionState.DETACHED]
+        return (detached + [r for r in live if r.core.state is not SessionState.DETACHED])[:limit]
 
     def _find(self, request: web.Request) -> SessionRelay | web.Response:
         """The one live session whose id starts with the route's ID, or the error."""

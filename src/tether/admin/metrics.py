@@ -8,7 +8,7 @@ names are listed in docs/operations.md ("Admin endpoint"); changing one changes 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -20,7 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from ..aio.service import HistogramSnapshot, Service
+from ..aio.service import HistogramSnapshot, Service, TrafficStatistics
 
 __all__ = ["ServiceCollector", "registry_for"]
 
@@ -28,11 +28,15 @@ __all__ = ["ServiceCollector", "registry_for"]
 class ServiceCollector(Collector):
     """Every ``tether_*`` metric of one service, read at scrape time."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(
+        self, service: Service, traffic: Callable[[], TrafficStatistics] | None = None
+    ) -> None:
         self.service = service
+        self.traffic = traffic or service.traffic
 
     def collect(self) -> Iterator[Metric]:
         stats = self.service.statistics()
+        traffic = self.traffic()
         info = GaugeMetricFamily(
             "tether_info", "This tether process: its role and version", labels=["role", "version"]
         )
@@ -72,17 +76,17 @@ class ServiceCollector(Collector):
         yield CounterMetricFamily(
             "tether_bytes_sent",
             "Application bytes this end took from its local side and sent to its peer",
-            value=stats.bytes_sent,
+            value=traffic.bytes_sent,
         )
         yield CounterMetricFamily(
             "tether_bytes_received",
             "Application bytes this end received from its peer and delivered",
-            value=stats.bytes_received,
+            value=traffic.bytes_received,
         )
         yield GaugeMetricFamily(
             "tether_replay_buffered_bytes",
             "Bytes held now in replay buffers until the peer acknowledges them",
-            value=stats.replay_buffered,
+            value=traffic.replay_buffered,
         )
         yield GaugeMetricFamily(
             "tether_handshakes_in_flight",
@@ -134,9 +138,12 @@ def _histogram(name: str, documentation: str, snapshot: HistogramSnapshot) -> Me
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=snapshot.total)
 
 
-def registry_for(service: Service) -> CollectorRegistry:
-    """A registry of the service's metrics and this process's (CPU, memory, files)."""
+def registry_for(
+    service: Service, traffic: Callable[[], TrafficStatistics] | None = None
+) -> CollectorRegistry:
+    """A registry of the service's metrics and this process's (CPU, memory, files);
+    ``traffic`` replaces ``service.traffic`` (the endpoint's cached one)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(service))
+    registry.register(ServiceCollector(service, traffic))
     ProcessCollector(registry=registry)
     return registry

@@ -31,6 +31,7 @@ __all__ = [
     "Service",
     "ServiceStatistics",
     "SessionEvent",
+    "TrafficStatistics",
 ]
 
 # Upper bounds (seconds) of the histogram buckets, for the admin endpoint's /metrics:
@@ -107,15 +108,22 @@ class ServiceStatistics:
     rejected_total: int
     handshakes_failed: int
     fallbacks_total: int
-    bytes_sent: int  # application bytes, all sessions ever (this end sent to its peer)
-    bytes_received: int
-    replay_buffered: int  # held now for possible retransmission, all sessions
     handshakes_in_flight: int
     ends_by_code: Mapping[str, int]
     rejects_by_reason: Mapping[str, int]  # setups and resumes refused, by REJECT code
     outage_seconds: HistogramSnapshot  # outages that ended in a resume, as this end saw them
     resume_seconds: HistogramSnapshot  # from a resuming link's TCP connection to resumed
     accepting: bool  # new sessions are accepted now (listening, below the limits)
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficStatistics:
+    """Bytes of a server or a client, summed over every session: a pass over all of them,
+    so apart from :class:`ServiceStatistics` (about 0.5 us per session)."""
+
+    bytes_sent: int  # application bytes this end sent to its peer, ended sessions included
+    bytes_received: int
+    replay_buffered: int  # held now for possible retransmission
 
 
 class Service:
@@ -214,27 +222,34 @@ class Service:
     # -- the public face ----------------------------------------------------------------
 
     def statistics(self) -> ServiceStatistics:
-        sessions = [relay.core.statistics() for relay in self.relays()]
-        states = [session.state for session in sessions]
+        states = [relay.core.state for relay in self.relays()]
         counters = {f.name: getattr(self.counters, f.name) for f in fields(Counters)}
-        sent = counters.pop("bytes_sent_ended") + sum(s.bytes_sent for s in sessions)
-        received = counters.pop("bytes_received_ended") + sum(s.bytes_received for s in sessions)
+        del counters["bytes_sent_ended"], counters["bytes_received_ended"]  # in traffic()
         counters["ends_by_code"] = dict(self.counters.ends_by_code)  # copies: a snapshot
         counters["rejects_by_reason"] = dict(self.counters.rejects_by_reason)
         return ServiceStatistics(
             self.role,
             len(states),
-            states.count(SessionState.ATTACHED.value),
-            states.count(SessionState.DETACHED.value),
+            states.count(SessionState.ATTACHED),
+            states.count(SessionState.DETACHED),
             **counters,
-            bytes_sent=sent,
-            bytes_received=received,
-            replay_buffered=sum(s.replay_buffered for s in sessions),
             handshakes_in_flight=self.handshakes_in_flight(),
             outage_seconds=self._outages.snapshot(),
             resume_seconds=self._resume_times.snapshot(),
             accepting=self.accepting(),
         )
+
+    def traffic(self) -> TrafficStatistics:
+        """Bytes each way and held for replay, read from the cores in one pass (no
+        snapshot per session; nothing is counted per chunk, CONTRIBUTING.md D4)."""
+        counters = self.counters
+        sent, received, held = counters.bytes_sent_ended, counters.bytes_received_ended, 0
+        for relay in self.relays():
+            core = relay.core
+            sent += core.bytes_sent
+            received += core.bytes_received
+            held += core.replay_buffered
+        return TrafficStatistics(sent, received, held)
 
     def sessions(self) -> list[SessionStatistics]:
         """A frozen snapshot of every live session."""

@@ -282,6 +282,16 @@ class Session:
         return len(self._buffer)
 
     @property
+    def bytes_sent(self) -> int:
+        """Application bytes accepted by send() (statistics() without the snapshot)."""
+        return self._buffer.end
+
+    @property
+    def bytes_received(self) -> int:
+        """Application bytes delivered, the peer's EOF not counted."""
+        return self._received - (1 if self._peer_eof else 0)
+
+    @property
     def detached_since(self) -> float | None:
         return self._detached_since
 
@@ -305,8 +315,8 @@ class Session:
             role=self.role.value,
             state=self.state.value,
             session_id=self.session_id.hex(),
-            bytes_sent=self._buffer.end,
-            bytes_received=self._received - (1 if self._peer_eof else 0),
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
             bytes_acked=self._buffer.start,
             replay_buffered=len(self._buffer),
             bytes_replayed=self._replayed,

@@ -79,7 +79,11 @@
       rows.push(tr);
     }
     body.replaceChildren(...rows);
-    document.getElementById("empty").hidden = rows.length > 0;
+    const note = document.getElementById("empty");
+    const total = last.totals.sessions;
+    note.textContent = rows.length ? "showing " + rows.length + " of " + total +
+      " sessions, detached first" : "no sessions";
+    note.hidden = rows.length > 0 && rows.length >= total;
   }
 
   function show(data) {
