@@ -134,6 +134,10 @@ def test_delete_and_tether_kill_end_the_session_at_the_application(tmp_path: Any
                 return found if len(found) == 2 else None
 
             sessions = await poll("two sessions on the server", both_up)
+            shown = await get_json(t.server_admin + "api/sessions?limit=1")
+            assert (shown["sessions_shown"], shown["totals"]["sessions"]) == (1, 2)
+            status, _, _ = await request("GET", t.server_admin + "api/sessions?limit=x")
+            assert status == 400
             status, body, _ = await request("DELETE", t.server_admin + "api/sessions/ffff0000")
             assert (status, json.loads(body)) == (404, {"error": "no such session"})
 
