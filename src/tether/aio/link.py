@@ -287,8 +287,10 @@ class LocalProtocol(asyncio.BufferedProtocol):
         relay = self.relay
         if relay is not None:
             capacity = relay.core.send_capacity()
-            if 0 < capacity < size:
-                size = capacity
+            if capacity < size:
+                # A read already due when the replay buffer (or the server's memory
+                # budget) has no room: one byte, then the reader is paused.
+                size = capacity if capacity > 0 else 1
         return memoryview(_scratch)[:size]
 
     def buffer_updated(self, nbytes: int) -> None:

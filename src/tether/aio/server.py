@@ -19,7 +19,7 @@ from .. import tls
 from ..config import ServerConfig
 from ..credentials import ClientsFileError, ClientTokens
 from ..logs import RateLimitedLog
-from ..protocol.admission import HandshakeAdmission
+from ..protocol.admission import HandshakeAdmission, MemoryBudget
 from ..protocol.codes import CloseCode
 from ..protocol.events import Event, HandshakeFailed, ResumeRequested, SessionEnded, SetupRequested
 from ..protocol.frames import Resume, Setup
@@ -68,6 +68,7 @@ class TetherServer(Service):
             config.session,
             max_sessions=config.max_sessions,
             max_sessions_per_source=config.max_sessions_per_source,
+            memory=MemoryBudget(config.memory_budget),  # replay buffers, all sessions
         )
         # Refused links and setups are logged once per source, then summarised every 10 s.
         self._refused_links = RateLimitedLog(logger, level=logging.INFO)
@@ -263,7 +264,7 @@ class TetherServer(Service):
             link.pump_handshake()
         finally:
             if not accepted:
-                self._router.cancel_setup(link.source)
+                self._router.cancel_setup(link.source, hs)
 
     async def _setup_backend(self, link: LinkProtocol, hs: ServerHandshake) -> bool:
         loop = asyncio.get_running_loop()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidState, ProtocolError
 from . import events
+from .admission import Account
 from .buffer import ReplayBuffer
 from .codes import CloseCode
 from .frames import (
@@ -157,6 +158,7 @@ class Session:
     setup; a server's comes from ``ServerHandshake.accept_setup``."""
 
     __slots__ = (
+        "_account",
         "_acked",
         "_buffer",
         "_control",
@@ -241,6 +243,8 @@ class Session:
         self._links = 0
         self._resumes = 0
         self._end_code: CloseCode | None = None
+        # Replay-buffer memory (server): the budget's account the buffer is charged to.
+        self._account: Account | None = None
 
     @classmethod
     def client(cls, config: SessionConfig, now: float) -> Session:
@@ -285,8 +289,25 @@ class Session:
         return self._detached_since
 
     def send_capacity(self) -> int:
-        """Bytes the replay buffer can still take; the driver stops reading at <= 0."""
-        return self.config.window - len(self._buffer)
+        """Bytes the replay buffer can still take; the driver stops reading at <= 0.
+        With a memory account (:meth:`charge_to`), also no more than the server's budget
+        gives it now: above the budget's high-water mark a session past its fair share
+        gets 0 (backpressure on its sender until its own peer acknowledges)."""
+        room = self.config.window - len(self._buffer)
+        account = self._account
+        if account is None:
+            return room
+        capacity = account.capacity()
+        return capacity if capacity < room else room
+
+    def charge_to(self, account: Account) -> None:
+        """Charge this session's replay buffer to ``account`` (a server's
+        :class:`~tether.protocol.admission.MemoryBudget`) from now on; the account is
+        closed when the session ends."""
+        self._account = account
+        account.follow(len(self._buffer))
+        if self.state is SessionState.CLOSED:
+            account.close()
 
     def can_resume_from(self, offset: int) -> bool:
         """Can the peer truthfully have received up to ``offset``? Only what was ever put
@@ -393,6 +414,8 @@ class Session:
             return
         start = self._buffer.end
         self._buffer.append(data)
+        if self._account is not None:
+            self._account.follow(self._buffer.end - self._buffer.start)
         if self._send_next == start and self._writable and self.state is SessionState.ATTACHED:
             self._frame(start, memoryview(data))
             self._send_next = self._sent_high = self._buffer.end
@@ -581,6 +604,8 @@ class Session:
             return
         self._peer_acked = offset
         self._buffer.discard_until(min(offset, self._buffer.end))
+        if self._account is not None:
+            self._account.follow(len(self._buffer))
         self._check_finished()
 
     def _check_finished(self) -> None:
@@ -646,6 +671,8 @@ class Session:
         self._peer_acked = max(self._peer_acked, peer_received)
         start = min(peer_received, self._buffer.end)
         self._buffer.discard_until(max(start, self._buffer.start))
+        if self._account is not None:
+            self._account.follow(len(self._buffer))
         replayed = self._buffer.end - start
         self._replayed += replayed
         self._send_next = peer_received
@@ -707,6 +734,8 @@ class Session:
         self._end_code = code
         self._tick_at = self._expire_at = None
         self._buffer.discard_until(self._buffer.end)  # free the bytes, keep the offsets
+        if self._account is not None:
+            self._account.close()  # its reservation and bytes go back to the budget
         self._events.append(events.SessionEnded(code, reason, by_peer))
 
     def _transition(self, event: _Input) -> None:
