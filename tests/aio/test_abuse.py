@@ -27,7 +27,7 @@ from typing import Any, cast
 from tether.aio.client import TetherClient
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
-from tether.protocol.session import CONTROL_FLOOD, SessionConfig
+from tether.protocol.session import CONTROL_FLOOD, ORPHAN_GRACE, ORPHANED, SessionConfig
 
 from .endpoints import Backend, close_all, connect_app, stream_digest
 from .faultnet import start_tether, stop, tether_pair
@@ -335,5 +335,39 @@ def test_a_streaming_backend_flood_stays_within_the_memory_budget(tmp_path: Any)
                 for raw in attackers:
                     raw.close()
                 assert stop(server) == 0, server.log()
+
+    run(main())
+
+
+# -- orphaned setups ---------------------------------------------------------------------------
+
+
+def test_a_setup_whose_client_leaves_at_once_is_released_after_the_grace(tmp_path: Any) -> None:
+    """A peer that sets up a session and leaves without a further byte: the server
+    releases it (and its backend connection) after ORPHAN_GRACE, not the 180 s timeout;
+    a session whose client spoke keeps the full timeout."""
+
+    async def main() -> None:
+        backend = socket.create_server(("127.0.0.1", 0))
+        backend.listen(16)
+        server = await start_tether(
+            "server", "--listen", "127.0.0.1:0",
+            "--backend", f"127.0.0.1:{backend.getsockname()[1]}", "--plaintext",
+            tmp=str(tmp_path),
+        )  # fmt: skip
+        try:
+            heard = await asyncio.to_thread(RawClient, server.address)
+            heard.session.send(b"hello")
+            heard.sock.sendall(b"".join(heard.session.data_to_send()))
+            orphan = await asyncio.to_thread(RawClient, server.address)
+            orphan.close()
+            await asyncio.sleep(0.2)
+            heard.close()
+            assert await log_shows(server.log, f"ended EXPIRED ({ORPHANED})", ORPHAN_GRACE + 20)
+            assert server.log().count("ended EXPIRED") == 1, server.log()  # not the heard one
+            assert server.log().count("link lost") == 2, server.log()
+        finally:
+            assert stop(server) == 0, server.log()
+            backend.close()
 
     run(main())

@@ -1,4 +1,4 @@
-"""The server's memory budget, through the core alone
+"""The server's memory budget and orphaned setups, through the core alone
 (tests/protocol/pair.py: the router, the fake links and the fake clock; issue 9).
 
 - The router grants each new session its window from a :class:`MemoryBudget` (smaller as
@@ -7,6 +7,8 @@
 - A session charges its replay buffer to its account, reports the account's capacity as
   its own (a session past its fair share stops its sender until its peer acknowledges),
   and closes the account when it ends: nothing leaks.
+- A session never heard from after its ACCEPT is an orphan: when its setup link dies it is
+  released after ORPHAN_GRACE, not the session timeout (docs/protocol.md, "Limits").
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from __future__ import annotations
 from tether.protocol.admission import DEFAULT_FLOOR, MemoryBudget
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import HandshakeFailed
+from tether.protocol.frames import data_header
 from tether.protocol.handshake import ClientHandshake
 from tether.protocol.router import Router
-from tether.protocol.session import SessionConfig
+from tether.protocol.session import (
+    ORPHAN_GRACE,
+    ORPHANED,
+    Session,
+    SessionConfig,
+    SessionState,
+)
 
 from .pair import Pair
 
@@ -176,3 +185,65 @@ def test_a_cancelled_setup_returns_its_grant() -> None:
     router.cancel_setup("192.0.2.1", hs)  # the backend was down
     assert (budget.sessions, budget.committed) == (0, 0)
     assert router.admission.sessions == 0
+
+
+# -- orphaned setups -------------------------------------------------------------------------
+
+
+def test_a_setup_never_heard_from_after_its_accept_is_released_after_the_grace() -> None:
+    p = Pair(CONFIG)
+    p.establish()  # the client got its ACCEPT, and has said nothing since
+    p.cut()
+    assert p.server.state is SessionState.DETACHED
+    assert p.server.next_timer() == p.now + ORPHAN_GRACE
+    assert ORPHAN_GRACE < TIMEOUT
+    p.advance(ORPHAN_GRACE - 0.5, transfer=False)
+    assert not p.server.closed
+    p.advance(1, transfer=False)
+    assert p.backend.ended is not None
+    assert (p.backend.ended.code, p.backend.ended.reason) == (CloseCode.EXPIRED, ORPHANED)
+    assert p.client.session_id not in p.sessions
+    # A client that did get the ACCEPT and comes back late is told why.
+    p.reconnect()
+    p.transfer()
+    assert p.app.ended is not None and p.app.ended.code is CloseCode.EXPIRED
+
+
+def test_a_client_heard_after_the_accept_gets_the_full_timeout() -> None:
+    p = Pair(CONFIG)
+    p.establish()
+    p.client_send(b"x")
+    p.transfer()
+    p.cut()
+    assert p.server.next_timer() == p.now + TIMEOUT
+
+
+def test_a_resumed_session_is_no_orphan() -> None:
+    p = Pair(CONFIG)
+    p.establish()
+    p.cut()
+    p.advance(1, transfer=False)
+    p.reconnect()  # the resume proves the client knows the session
+    p.transfer()
+    assert p.server.state is SessionState.ATTACHED and p.server.statistics().resumes == 1
+    p.cut()
+    assert p.server.next_timer() == p.now + TIMEOUT
+
+
+def test_bytes_sent_with_the_setup_do_not_confirm_it() -> None:
+    """An attacker's SETUP with DATA pipelined behind it, in one write, proves nothing."""
+    router = Router(CONFIG, max_sessions=4)
+    hs = router.open_link(0.0)
+    client_hs = ClientHandshake(Session.client(CONFIG, 0.0), 0.0)
+    for chunk in client_hs.data_to_send():
+        hs.receive_data(chunk)
+    assert hs.request is not None
+    hs.receive_data(data_header(0, 5) + b"early")  # before any ACCEPT was sent
+    assert router.admit_setup(hs) is None
+    server = router.accept_setup(hs, 0.0)
+    assert [type(e).__name__ for e in iter(server.next_event, None)] == [
+        "SessionEstablished",
+        "DataReceived",
+    ]
+    server.link_lost(1.0)
+    assert server.next_timer() == 1.0 + ORPHAN_GRACE

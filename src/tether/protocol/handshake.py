@@ -293,6 +293,7 @@ class ServerHandshake(_Handshake):
             now, session_id=session_id, secret=secret, peer_window=setup.window, preamble=preamble
         )
         session.receive_data(leftover)
+        session.await_confirmation()  # bytes sent before the ACCEPT do not count
         return session
 
     def accept_resume(self, session: Session, now: float) -> bool:

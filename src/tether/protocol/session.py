@@ -71,6 +71,10 @@ CONTROL_RATE = 64.0  # frames per second
 CONTROL_BURST = 128.0  # frames at once
 CONTROL_FLOOD = "peer sends control frames without reading"  # LinkLost reason
 JOIN_BELOW = 4096  # DATA pieces of one read averaging fewer bytes are delivered joined
+# docs/protocol.md, "Limits": a server session whose client was never heard from after
+# the ACCEPT (its setup link died first) waits this long for a resume, not the timeout.
+ORPHAN_GRACE = 10.0  # seconds
+ORPHANED = "orphaned setup: the client was never heard from after ACCEPT"  # its end reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +165,7 @@ class Session:
         "_account",
         "_acked",
         "_buffer",
+        "_confirmed",
         "_control",
         "_detached_since",
         "_end_code",
@@ -245,6 +250,9 @@ class Session:
         self._end_code: CloseCode | None = None
         # Replay-buffer memory (server): the budget's account the buffer is charged to.
         self._account: Account | None = None
+        # The peer has shown it knows the session (server: it spoke after the ACCEPT, or
+        # resumed); until then a lost link is an orphaned setup (ORPHAN_GRACE).
+        self._confirmed = role is Role.CLIENT
 
     @classmethod
     def client(cls, config: SessionConfig, now: float) -> Session:
@@ -308,6 +316,13 @@ class Session:
         account.follow(len(self._buffer))
         if self.state is SessionState.CLOSED:
             account.close()
+
+    def await_confirmation(self) -> None:
+        """Server: the session was just set up; until its client is heard on a link (any
+        bytes after the ACCEPT) or resumes, a lost link makes it an orphan, released
+        after ORPHAN_GRACE rather than the full timeout (docs/protocol.md, "Limits")."""
+        if self.role is Role.SERVER:
+            self._confirmed = False
 
     def can_resume_from(self, offset: int) -> bool:
         """Can the peer truthfully have received up to ``offset``? Only what was ever put
@@ -449,7 +464,7 @@ class Session:
             return
         if now is not None:
             self._now = now
-        self._heard = True
+        self._heard = self._confirmed = True
         run: list[bytes | memoryview] = []  # DATA pieces of this read not yet delivered
         try:
             for frame in self._reader.feed(data):
@@ -491,6 +506,8 @@ class Session:
         if self._expire_at is not None and now >= self._expire_at:
             if self.state is SessionState.NEW:
                 self._end(CloseCode.RESUME_FAILED, "no tether server reached in time", False)
+            elif not self._confirmed:
+                self._end(CloseCode.EXPIRED, ORPHANED, False)
             else:
                 self._end(CloseCode.EXPIRED, "session-reliability timeout passed", False)
             return
@@ -538,6 +555,7 @@ class Session:
         if peer_window is not None:
             self._peer_window = peer_window
         self._resumes += 1
+        self._confirmed = True  # the client proved it knows the session
         replayed = self._start_link(now, peer_received, preamble)
         self._events.append(events.SessionResumed(replayed, peer_received))
         return replayed
@@ -720,7 +738,10 @@ class Session:
         self._pong_token = None
         self._tick_at = None
         self._detached_since = now
-        self._expire_at = now + min(self.config.timeout, self._peer_timeout)
+        wait = min(self.config.timeout, self._peer_timeout)
+        if not self._confirmed:
+            wait = min(wait, ORPHAN_GRACE)  # no client knows of this session: an orphan
+        self._expire_at = now + wait
 
     def _end(self, code: CloseCode, reason: str, by_peer: bool) -> None:
         if self.state is SessionState.ATTACHED and not by_peer:
