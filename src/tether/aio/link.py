@@ -380,6 +380,8 @@ class LinkProtocol(asyncio.Protocol):
         # Called once when the link stops being a handshake (joined a session, failed, or
         # died): the server's handshake admission frees its place then.
         self.settled: Callable[[], None] | None = None
+        # Called once when the transport is gone (the server's FdGuard counts it closed).
+        self.on_closed: Callable[[], None] | None = None
         self.lost = False
         self._early = bytearray()  # bytes before start(): a server that speaks first
         self._timer: asyncio.TimerHandle | None = None
@@ -427,6 +429,9 @@ class LinkProtocol(asyncio.Protocol):
         self.lost = True
         self._cancel_timer()
         self._settle()
+        closed, self.on_closed = self.on_closed, None
+        if closed is not None:
+            closed()
         if self.relay is not None and self.transport is not None:
             self.relay.link_closed(self.transport)
         elif self.handshake is None or not self.handshake.failed:
