@@ -395,10 +395,8 @@ def cpu_seconds(pid: int) -> float:
 # Log entries a peer can cause that are reported in docs/fuzzing.md ("Findings") and not
 # fixed yet: counted and reported, not failed. Each is (name, strings its entry contains).
 KNOWN_ERRORS = (
-    # F2: a server's REJECT or CLOSE may carry UNTRUSTED_SERVER, a local-only code that the
-    # client logs at ERROR (docs/protocol.md: "a receiver accepts any code").
-    ("F2-untrusted-code-from-server", ("ERROR tether.client: session ", "ended UNTRUSTED_SERVER (",
-                                       "by the server;")),
+    # (F2, a local-only code from the wire logged at ERROR, is fixed: it reads as
+    # PROTOCOL_ERROR; such an entry is now a new error.)
     # F4: uvloop's SSL protocol writes to its closed TCP transport after tether aborted a
     # TLS link from within data_received; uvloop logs it through the loop's handler.
     ("F4-uvloop-ssl-write-after-close", ("ERROR asyncio: Fatal error on SSL protocol",

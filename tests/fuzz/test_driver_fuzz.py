@@ -243,11 +243,6 @@ def test_a_server_stopped_while_clients_connect_exits_cleanly() -> None:
         assert status == 0 and "Traceback" not in log, log[-3000:]
 
 
-@pytest.mark.xfail(
-    reason="F2: a server's REJECT (or CLOSE) may carry UNTRUSTED_SERVER, a code only the client "
-    "itself should decide on; the client then logs at ERROR that the server is untrusted",
-    strict=False,
-)
 def test_a_server_cannot_make_the_client_log_an_untrusted_server(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
