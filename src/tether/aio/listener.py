@@ -115,10 +115,17 @@ class LinkListener:
 
     async def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while listening.fileno() != -1:  # close() closed it: stop, before the cancellation
             try:
                 conn, peer = await loop.sock_accept(listening)
-            except OSError as exc:  # out of file descriptors, most likely: breathe
+            except (OSError, ValueError) as exc:
+                # A socket closed under a pending accept (SIGTERM while connections arrive)
+                # raises OSError (EBADF), or ValueError under uvloop (fd -1): not an error.
+                if listening.fileno() == -1:
+                    return
+                if isinstance(exc, ValueError):
+                    raise
+                # Out of file descriptors, most likely: breathe.
                 logger.warning("accept on %s failed: %s", listening.getsockname(), describe(exc))
                 await asyncio.sleep(0.1)
                 continue
