@@ -220,6 +220,15 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "count",
             "of those, from one source",
         ),
+        _Option(
+            "--memory-budget",
+            "memory_budget",
+            "size",
+            "replay-buffer bytes all sessions may hold together; as it fills, new sessions "
+            "get smaller windows (down to 64K) and the largest stop reading their backend; "
+            "when not even 64K fits, a setup is refused for now (OVERLOADED)",
+            shown="a quarter of physical memory, or of the cgroup's limit if smaller",
+        ),
         *_certificate("this server's TLS certificate (PEM chain)"),
         _Option(
             "--state-dir",

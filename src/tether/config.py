@@ -15,7 +15,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .protocol.admission import DEFAULT_FLOOR
 from .protocol.session import SessionConfig
+from .resources import default_memory_budget
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -229,6 +231,10 @@ class ServerConfig:
     # the limit new ones are dropped at random, 30 % rising to 100 % at the limit.
     max_handshakes: int = 1024
     max_handshakes_per_source: int = 256  # a client's resume storm after an outage fits
+    # Bytes all sessions' replay buffers may hold together (docs/security.md, "Abuse"): a
+    # quarter of the memory this process may use. Windows shrink as it fills; past it new
+    # setups are refused OVERLOADED, established sessions only stop reading their backend.
+    memory_budget: int = field(default_factory=default_memory_budget)
     plaintext: bool = False  # links in clear text: only inside a trusted network
     tls_cert: Path | None = None  # with tls_key; without, an identity in state_dir
     tls_key: Path | None = None
@@ -249,6 +255,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.memory_budget < DEFAULT_FLOOR:
+            raise ValueError(f"memory_budget must be at least {DEFAULT_FLOOR} bytes (one floor)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.plaintext and (self.tls_cert or self.tls_client_ca):

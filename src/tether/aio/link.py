@@ -307,8 +307,10 @@ class LocalProtocol(asyncio.BufferedProtocol):
         relay = self.relay
         if relay is not None:
             capacity = relay.core.send_capacity()
-            if 0 < capacity < size:
-                size = capacity
+            if capacity < size:
+                # A read already due when the replay buffer (or the server's memory
+                # budget) has no room: one byte, then the reader is paused.
+                size = capacity if capacity > 0 else 1
         return memoryview(_scratch)[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -398,6 +400,8 @@ class LinkProtocol(asyncio.Protocol):
         # Called once when the link stops being a handshake (joined a session, failed, or
         # died): the server's handshake admission frees its place then.
         self.settled: Callable[[], None] | None = None
+        # Called once when the transport is gone (the server's FdGuard counts it closed).
+        self.on_closed: Callable[[], None] | None = None
         self.lost = False
         # Made once TCP is connected, before TLS: a resume's duration is counted from here.
         self.opened_at = asyncio.get_running_loop().time()
@@ -459,6 +463,9 @@ class LinkProtocol(asyncio.Protocol):
         self.lost = True
         self._cancel_timer()
         self._settle()
+        closed, self.on_closed = self.on_closed, None
+        if closed is not None:
+            closed()
         if self.relay is not None and self.transport is not None:
             self.relay.link_closed(self.transport, exc)
         elif self.handshake is None or not self.handshake.failed:

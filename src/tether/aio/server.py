@@ -19,7 +19,7 @@ from .. import tls
 from ..config import ServerConfig
 from ..credentials import ClientsFileError, ClientTokens
 from ..logs import RateLimitedLog
-from ..protocol.admission import HandshakeAdmission
+from ..protocol.admission import HandshakeAdmission, MemoryBudget
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
     Event,
@@ -33,6 +33,7 @@ from ..protocol.frames import Resume, Setup
 from ..protocol.handshake import ServerHandshake
 from ..protocol.router import Router
 from ..protocol.session import Session
+from ..resources import FdGuard
 from .link import LinkProtocol, LocalProtocol, LocalTransport, SessionRelay
 from .listener import LinkListener
 from .service import Service
@@ -93,6 +94,7 @@ class TetherServer(Service):
             config.session,
             max_sessions=config.max_sessions,
             max_sessions_per_source=config.max_sessions_per_source,
+            memory=MemoryBudget(config.memory_budget),  # replay buffers, all sessions
         )
         # Refused links and setups are logged once per source, then summarised every 10 s.
         self._refused_links = RateLimitedLog(logger, level=logging.INFO)
@@ -105,6 +107,7 @@ class TetherServer(Service):
         self._links: LinkListener | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._summaries: asyncio.Task[None] | None = None
+        self._fds: FdGuard | None = None  # read at start, once the CLI raised the limit
 
     def relays(self) -> Iterable[SessionRelay]:
         return self._relays.values()
@@ -118,6 +121,7 @@ class TetherServer(Service):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         router = self._router
+        self._fds = FdGuard.from_system()
         listener = LinkListener(
             lambda: LinkProtocol(self, router.open_link(loop.time())),
             self._tls_context(),
@@ -129,6 +133,7 @@ class TetherServer(Service):
             ),
             refused=self._link_refused,
             spawn=self.spawn,
+            fds=self._fds,
         )
         listener.open(self.config.listen)
         self.addresses = listener.addresses
@@ -308,18 +313,24 @@ class TetherServer(Service):
             link.pump_handshake()
         finally:
             if not accepted:
-                self._router.cancel_setup(link.source)
+                self._router.cancel_setup(link.source, hs)
 
     async def _setup_backend(self, link: LinkProtocol, hs: ServerHandshake) -> bool:
         loop = asyncio.get_running_loop()
-        backend = LocalProtocol(CloseCode.BACKEND_RESET)
         target = self.config.backend
+        if self._fds is not None and not self._fds.acquire():
+            link.why = "out of file descriptors for the backend connection (near RLIMIT_NOFILE)"
+            hs.reject(CloseCode.OVERLOADED, "server busy")  # transient: the client retries
+            link.pump_handshake()
+            return False
+        backend = _Backend(self._fds)
         try:
             transport, _ = await asyncio.wait_for(
                 loop.create_connection(lambda: backend, target.host, target.port),
                 self.config.backend_connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
+            backend.closed()
             # The reason and the address stay in our log; the client is told no more.
             link.why = f"backend {target} unreachable: {describe(exc)}"
             hs.reject(CloseCode.BACKEND_UNAVAILABLE, "backend unavailable")
@@ -391,6 +402,24 @@ class TetherServer(Service):
             stats.resumes,
             extra=relay.fields("ended", code=event.code.name, reason=event.reason),
         )
+
+
+class _Backend(LocalProtocol):
+    """A session's backend connection, whose descriptor the server's FdGuard counts."""
+
+    def __init__(self, fds: FdGuard | None) -> None:
+        super().__init__(CloseCode.BACKEND_RESET)
+        self._fds = fds
+
+    def closed(self) -> None:
+        """Its descriptor is gone (or never was): count it once."""
+        fds, self._fds = self._fds, None
+        if fds is not None:
+            fds.release()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed()
+        super().connection_lost(exc)
 
 
 def _loopback(host: str) -> bool:
