@@ -11,7 +11,7 @@ from typing import Any
 from tether import credentials
 
 from ..aio.endpoints import Backend, connect_app
-from .helpers import metrics, poll, run, tethers
+from .helpers import metrics, poll, request, run, tethers
 
 
 def test_a_refused_setup_is_counted_by_its_reason_on_both_ends(tmp_path: Path) -> None:
@@ -65,5 +65,32 @@ def test_a_link_in_its_handshake_is_in_flight(tmp_path: Path) -> None:
                 return m["tether_handshakes_in_flight"] == 0
 
             await poll("the closed link to leave the handshakes", none)
+
+    run(main())
+
+
+def test_a_full_memory_budget_shows_and_makes_the_server_not_ready(tmp_path: Path) -> None:
+    # One floor (64 KiB) of budget: the first session reserves all of it.
+    async def main() -> None:
+        async with (
+            Backend(seed=1, size=0, eof=False) as backend,
+            tethers(backend.address, str(tmp_path), server_args=("--memory-budget", "64K")) as t,
+        ):
+            before = await metrics(t.server_admin)
+            assert before["tether_memory_budget_bytes"] == 64 * 1024
+            assert before["tether_memory_budget_committed_bytes"] == 0
+            assert before["tether_accepting"] == 1
+            assert (await request("GET", t.server_admin + "readyz"))[0] == 200
+            assert "tether_memory_budget_bytes" not in await metrics(t.client_admin)
+            await connect_app(t.client.address, seed=2, size=4096, eof=False)
+
+            async def full() -> Any:
+                m = await metrics(t.server_admin)
+                return m if m["tether_memory_budget_committed_bytes"] == 64 * 1024 else None
+
+            during = await poll("the session to reserve the whole budget", full)
+            assert during["tether_accepting"] == 0
+            status, body, _ = await request("GET", t.server_admin + "readyz")
+            assert (status, body) == (503, b'{"ready": false}')
 
     run(main())

@@ -114,18 +114,22 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily(
             "tether_accepting", "1 while new sessions are accepted", value=int(stats.accepting)
         )
-        # The memory budget of replay buffers, once the service's statistics carry it.
-        used = getattr(stats, "memory_budget_used", None)
-        if isinstance(used, int):
+        memory = self.service.memory()
+        if memory is not None:
+            yield GaugeMetricFamily(
+                "tether_memory_budget_bytes",
+                "Bytes all sessions' replay buffers may hold together (--memory-budget)",
+                value=memory.total,
+            )
             yield GaugeMetricFamily(
                 "tether_memory_budget_used_bytes",
-                "Replay-buffer memory budget in use",
-                value=used,
+                "Bytes in replay buffers now, charged to the budget",
+                value=memory.used,
             )
-        limit = getattr(stats, "memory_budget", None)
-        if isinstance(limit, int):
             yield GaugeMetricFamily(
-                "tether_memory_budget_bytes", "Replay-buffer memory budget", value=limit
+                "tether_memory_budget_committed_bytes",
+                "Bytes no new session may take: per session, the larger of used and reserved",
+                value=memory.committed,
             )
 
 

@@ -19,7 +19,7 @@ from .. import tls
 from ..config import ServerConfig
 from ..credentials import ClientsFileError, ClientTokens
 from ..logs import RateLimitedLog
-from ..protocol.admission import HandshakeAdmission, MemoryBudget
+from ..protocol.admission import HandshakeAdmission, MemoryBudget, MemoryStatistics
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
     Event,
@@ -116,7 +116,16 @@ class TetherServer(Service):
         return self._links.admission.in_flight if self._links is not None else 0
 
     def accepting(self) -> bool:
-        return self._links is not None and len(self._relays) < self.config.max_sessions
+        budget = self._router.memory
+        return (
+            self._links is not None
+            and len(self._relays) < self.config.max_sessions
+            and (budget is None or budget.window_for(self.config.session.window) is not None)
+        )
+
+    def memory(self) -> MemoryStatistics | None:
+        budget = self._router.memory
+        return budget.statistics() if budget is not None else None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

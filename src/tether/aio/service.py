@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Self
 
 from ..config import Address
+from ..protocol.admission import MemoryStatistics
 from ..protocol.codes import CloseCode
 from ..protocol.events import SessionResumed
 from ..protocol.session import SessionState, SessionStatistics
@@ -161,6 +162,10 @@ class Service:
     def accepting(self) -> bool:
         """Would a new session be taken now?"""
         return self._listener is not None
+
+    def memory(self) -> MemoryStatistics | None:
+        """The replay buffers' memory budget, where there is one (the server)."""
+        return None
 
     # -- session events, reported by the roles -------------------------------------------
 
