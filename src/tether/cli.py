@@ -15,9 +15,11 @@ import dataclasses
 import functools
 import gc
 import inspect
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, configfile, sdnotify
+from .aio.listener import ListenError
 from .config import (
     ADMIN_PORTS,
     Address,
@@ -69,6 +72,7 @@ class _Option:
     required: bool = False
     shown: str | None = None  # the default as the help shows it, when not the field's value
     port: int | None = None  # the port of an address option given only a host, default none
+    many: bool = False  # may be given more than once (--listen): the field takes a tuple
 
     @property
     def dest(self) -> str:
@@ -196,7 +200,14 @@ def _admin(role: str) -> tuple[_Option, _Option]:
 
 _OPTIONS: dict[str, tuple[_Option, ...]] = {
     "server": (
-        _Option("--listen", "listen", "listen", "where to accept tether links"),
+        _Option(
+            "--listen",
+            "listen",
+            "listen",
+            "where to accept tether links; give it again to listen on several addresses; "
+            "[::] takes IPv4 too",
+            many=True,
+        ),
         _Option("--backend", "backend", "target", "the service every session is relayed to"),
         *_SESSION_OPTIONS,
         _Option("--max-sessions", "max_sessions", "count", "sessions held at once"),
@@ -255,7 +266,14 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
         *_admin("server"),
     ),
     "client": (
-        _Option("--listen", "listen", "listen", "where the application connects", required=True),
+        _Option(
+            "--listen",
+            "listen",
+            "listen",
+            "where the application connects; give it again to listen on several addresses",
+            required=True,
+            many=True,
+        ),
         _Option("--server", "server", "target", "the tether server", required=True),
         _Option(
             "--fallback",
@@ -385,6 +403,7 @@ def _parser() -> argparse.ArgumentParser:
                 option.flag,
                 dest=option.dest,
                 metavar=option.metavar,
+                action="append" if option.many else "store",
                 # required: checked in _settings, once the config file (which may set it) is read
                 help=option.describe(_default(command, option.path)),
             )
@@ -558,10 +577,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _given(args: argparse.Namespace) -> Iterator[tuple[_Option, str]]:
-    """Each option the user gave, with its text."""
+    """Each option the user gave, with its text (once per time it was given)."""
     for option in _OPTIONS[args.command]:
         text = getattr(args, option.dest)
-        if text is not None:
+        if isinstance(text, list):
+            for each in text:
+                yield option, each
+        elif text is not None:
             yield option, text
 
 
@@ -582,10 +604,18 @@ def build_config(
     Raises ValueError naming the option: ``--listen 127.0.0.1:x: port must be a number``.
     """
     config = _DEFAULTS[args.command] if base is None else base
-    given = []
+    given: list[tuple[_Option, str, object]] = []
     for option, text in _given(args):
         with _about(option, text):
-            given.append((option, text, option.parse(text, _default(args.command, option.path))))
+            value = option.parse(text, _default(args.command, option.path))
+        if option.many and given and given[-1][0] is option:  # --listen A --listen B
+            earlier = given.pop()
+            values = earlier[2] if isinstance(earlier[2], tuple) else (earlier[2],)
+            if value in values:
+                raise ValueError(f"{option.flag} {text}: given twice")
+            given.append((option, f"{earlier[1]} {option.flag} {text}", (*values, value)))
+        else:
+            given.append((option, text, value))
     # All fields at once: some are checked together (--tls-cert with --tls-key).
     changes: dict[str, Any] = {}
     try:
@@ -740,11 +770,67 @@ def _raise_file_limit() -> None:
         pass
 
 
+# How long the names of --server, --backend and --fallback may take to resolve at start.
+RESOLVE_TIMEOUT = 5.0
+
+
+async def _check_names(config: ServerConfig | ClientConfig, role: str) -> None:
+    """Resolve, at start and within :data:`RESOLVE_TIMEOUT`, every host name the service
+    connects to, so that a typo is refused now (exit 2) rather than once per session:
+    ``--server no-such-host.invalid: name does not resolve``.
+
+    A lookup that could not be answered (no network, no reachable name server: EAI_AGAIN,
+    or no answer in time) only warns: the name may be right, and each session looks it
+    up again, so a client started before the network is up still starts
+    (docs/operations.md, "Start-up errors").
+    """
+    from .aio.util import describe_lookup, lookup_is_final
+
+    loop = asyncio.get_running_loop()
+    names: list[tuple[str, Address]] = []
+    for option in _OPTIONS[role]:
+        value = functools.reduce(getattr, option.path.split("."), config)
+        if option.kind == "target" and isinstance(value, Address) and not _is_ip(value.host):
+            names.append((option.flag, value))
+
+    async def lookup(flag: str, address: Address) -> None:
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if lookup_is_final(exc):
+                raise ValueError(f"{flag} {address.host}: {describe_lookup(exc)}") from None
+            why = describe_lookup(exc)
+        except TimeoutError:
+            why = f"no answer from the name server within {RESOLVE_TIMEOUT:g}s"
+        else:
+            return
+        logging.getLogger("tether").warning(
+            "%s %s: %s; starting anyway, each session looks it up again", flag, address.host, why
+        )
+
+    async with asyncio.TaskGroup() as group:
+        for flag, address in names:
+            group.create_task(lookup(flag, address))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]) -> int:
     from .aio.client import TetherClient
     from .aio.server import TetherServer
 
     service = settings.config
+    try:
+        await _check_names(service, "server" if isinstance(service, ServerConfig) else "client")
+    except* ValueError as group:
+        raise group.exceptions[0] from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -819,6 +905,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TetherError) as exc:  # a file the configuration names is unusable
         print(f"tether: error: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:  # exit 1: the listening socket could not be opened (U3)
+        why = exc.strerror or str(exc)
+        print(
+            f"tether: error: --listen {exc.filename}: {why[:1].lower()}{why[1:]}", file=sys.stderr
+        )
+        return 1
     except OSError as exc:
         print(f"tether: error: {exc}", file=sys.stderr)
         return 1

@@ -30,6 +30,7 @@ __all__ = [
     "ServerConfig",
     "format_duration",
     "format_size",
+    "listen_addresses",
     "parse_address",
     "parse_duration",
     "parse_size",
@@ -207,6 +208,24 @@ def _check_admin(admin: Address | None, token_file: Path | None) -> None:
         )
 
 
+def _check_listen(listen: object) -> None:
+    """``listen`` is one address or a non-empty tuple of distinct ones."""
+    if isinstance(listen, Address):
+        return
+    if not isinstance(listen, tuple) or not listen:
+        raise ValueError("listen must be an address or a non-empty tuple of addresses")
+    for address in listen:
+        if not isinstance(address, Address):
+            raise ValueError(f"listen: {address!r} is not an Address")
+    if len(set(listen)) != len(listen):
+        raise ValueError("listen: an address given twice")
+
+
+def listen_addresses(listen: Address | tuple[Address, ...]) -> tuple[Address, ...]:
+    """Every address of a ``listen`` field, which holds one or several."""
+    return (listen,) if isinstance(listen, Address) else listen
+
+
 def replace_field(config: _Config, path: str, value: Any) -> _Config:
     """``config`` with one field replaced, ``path`` dotted into nested configs
     (``"session.window"``). The dataclasses check the new value and raise ValueError."""
@@ -220,7 +239,8 @@ def replace_field(config: _Config, path: str, value: Any) -> _Config:
 class ServerConfig:
     """A tether server. Links are TLS 1.3 unless ``plaintext`` (docs/security.md)."""
 
-    listen: Address = Address("0.0.0.0", DEFAULT_SERVER_PORT)
+    # One address, or several (--listen given more than once); [::] takes IPv4 too.
+    listen: Address | tuple[Address, ...] = Address("0.0.0.0", DEFAULT_SERVER_PORT)
     backend: Address = Address(*DEFAULT_BACKEND)
     session: SessionConfig = field(default_factory=SessionConfig)
     backend_connect_timeout: float = 10.0
@@ -245,6 +265,7 @@ class ServerConfig:
     admin_token_file: Path | None = None  # its bearer token; required beyond loopback
 
     def __post_init__(self) -> None:
+        _check_listen(self.listen)
         if not self.backend_connect_timeout > 0:
             raise ValueError("backend_connect_timeout must be positive")
         for name in (
@@ -298,7 +319,7 @@ class HookConfig:
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
-    listen: Address = Address("127.0.0.1", 1494)
+    listen: Address | tuple[Address, ...] = Address("127.0.0.1", 1494)  # or several
     server: Address = Address("127.0.0.1", DEFAULT_SERVER_PORT)
     fallback: Address | None = None
     session: SessionConfig = field(default_factory=SessionConfig)
@@ -321,6 +342,7 @@ class ClientConfig:
     admin_token_file: Path | None = None  # its bearer token; required beyond loopback
 
     def __post_init__(self) -> None:
+        _check_listen(self.listen)
         if self.plaintext and (self.tls_ca or self.server_fingerprint or self.tls_cert):
             raise ValueError("plaintext takes no TLS CA, fingerprint or certificate")
         if self.tls_ca is not None and self.server_fingerprint is not None:

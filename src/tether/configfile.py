@@ -5,7 +5,8 @@ The file is flat: one file per role, one key per command-line option, named as t
 without its dashes (``--max-sessions`` is ``max-sessions``), plus ``log-level`` and
 ``log-format``. The keys are derived from cli.py's option table, so a new option gets its
 key without a change here (CONTRIBUTING.md, "Command line and configuration" U1). Values
-are what the option takes, as TOML strings (``timeout = "3m"``, ``listen = "[::]:2598"``),
+are what the option takes, as TOML strings (``timeout = "3m"``, ``listen = "[::]:2598"``;
+a list for an option that may be given more than once, ``listen = ["[::]:2598", "[::1]:80"]``),
 or TOML numbers for counts, sizes and durations (``max-sessions = 5000``, ``timeout = 180``)
 and booleans for switches (``plaintext = true``). A relative file path is relative to the
 directory of the config file, so a unit file can name one file and keep the rest beside it.
@@ -67,6 +68,8 @@ class OptionLike(Protocol):
     def path(self) -> str: ...
     @property
     def kind(self) -> str: ...
+    @property
+    def many(self) -> bool: ...
     def parse(self, text: str, default: object) -> object: ...
 
 
@@ -166,8 +169,10 @@ def _parse(option: OptionLike, value: object, default: object, base_dir: Path) -
         if not isinstance(value, bool):
             raise ValueError(f"expected {expected}")
         return value
+    if isinstance(value, list) and option.many:  # listen = ["[::]:2598", "127.0.0.1:2598"]
+        return _parse_many(option, value, default, base_dir)
     if isinstance(value, bool | dict | list):
-        raise ValueError(f"expected {expected}")
+        raise ValueError(f"expected {expected}" + (", or a list of them" if option.many else ""))
     if kind == "count":
         if isinstance(value, int):
             return option.parse(str(value), default)
@@ -182,6 +187,23 @@ def _parse(option: OptionLike, value: object, default: object, base_dir: Path) -
         file = Path(value).expanduser()
         return file if file.is_absolute() else base_dir / file
     return option.parse(value, default)
+
+
+def _parse_many(option: OptionLike, values: list[Any], default: object, base_dir: Path) -> object:
+    """A list for an option given more than once: one value alone, or a tuple of them."""
+    if not values:
+        raise ValueError("an empty list: give at least one")
+    parsed = []
+    for value in values:
+        if isinstance(value, list):
+            raise ValueError("a list inside the list")
+        try:
+            parsed.append(_parse(option, value, default, base_dir))
+        except ValueError as exc:
+            raise ValueError(f"{_show(value)}: {exc}") from None
+    if len(set(parsed)) != len(parsed):
+        raise ValueError("an address given twice")
+    return parsed[0] if len(parsed) == 1 else tuple(parsed)
 
 
 def _unknown(key: str, known: Iterable[str], value: object) -> str:
@@ -199,6 +221,8 @@ def _show(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, dict):
         return "{...}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_show, value)) + "]"
     return str(value)
 
 
@@ -240,6 +264,8 @@ def format_value(kind: str, value: object) -> str | None:
         return "true" if value else "false"
     if isinstance(value, Address | Path):
         return _toml_string(str(value))
+    if isinstance(value, tuple):  # an option given more than once (listen)
+        return "[" + ", ".join(format_value(kind, each) or '""' for each in value) + "]"
     if kind == "duration" and isinstance(value, int | float):
         return _toml_string(format_duration(value))
     if kind == "size" and isinstance(value, int):

@@ -222,7 +222,8 @@ def test_memory_budget_takes_a_size_and_refuses_less_than_one_floor(
 @pytest.mark.parametrize(
     ("argv", "shown"),
     [
-        (["server"], ["--listen HOST:PORT where to accept tether links (default 0.0.0.0:2598)",
+        (["server"], ["--listen HOST:PORT where to accept tether links; give it again to listen "
+                      "on several addresses; [::] takes IPv4 too (default 0.0.0.0:2598)",
                       "(default 127.0.0.1:1494)", "(default 180s)", "(default 3s)",
                       "(default 4MiB)"]),
         (["client"], ["(required; default port 1494)", "(required; default port 2598)",

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -43,7 +44,7 @@ from ..resources import FdGuard
 from .link import LinkProtocol
 from .util import describe
 
-__all__ = ["TLS_RECORD", "LinkListener"]
+__all__ = ["TLS_RECORD", "LinkListener", "ListenError", "open_listening_socket"]
 
 logger = logging.getLogger("tether.server")
 
@@ -86,26 +87,8 @@ class LinkListener:
         return [Address(*sock.getsockname()[:2]) for sock in self._sockets]
 
     def open(self, address: Address) -> None:
-        """Bind and listen (``::`` listens on IPv4 too)."""
-        infos = socket.getaddrinfo(
-            address.host or None,
-            address.port,
-            type=socket.SOCK_STREAM,
-            flags=socket.AI_PASSIVE,
-        )
-        family, kind, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(sockaddr)
-            sock.listen(4096)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self._sockets.append(sock)
+        """Bind and listen (``[::]`` listens on IPv4 too). Raises :class:`ListenError`."""
+        self._sockets.append(open_listening_socket(address))
 
     async def serve(self) -> None:
         """Accept until cancelled, on every socket."""
@@ -259,6 +242,42 @@ class LinkListener:
             closed()
             release()
             logger.exception("link from %s failed to start", source)
+
+
+class ListenError(OSError):
+    """A listening socket could not be opened; ``filename`` is the address, so that the
+    command line can name the option and its value: ``--listen 127.0.0.1:2598: address
+    already in use`` (CONTRIBUTING.md U3, E5)."""
+
+
+def open_listening_socket(address: Address, backlog: int = 4096) -> socket.socket:
+    """A non-blocking socket listening on ``address``.
+
+    An IPv6 address listens on IPv4 too where the system allows it (``IPV6_V6ONLY`` off, so
+    ``[::]:2598`` is dual stack; asyncio's ``create_server`` would turn it on). A host name
+    takes its first address. Raises :class:`ListenError` in the OS's words.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenError(exc.errno, describe(exc), str(address)) from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":  # on Windows SO_REUSEADDR lets another socket take the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            with contextlib.suppress(OSError):  # a system without dual stack: IPv6 only
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(exc.errno, describe(exc), str(address)) from None
+    return sock
 
 
 def _close_gently(conn: socket.socket) -> None:

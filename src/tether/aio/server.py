@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable
 
 from .. import tls
-from ..config import ServerConfig
+from ..config import ServerConfig, listen_addresses
 from ..credentials import ClientsFileError, ClientTokens
 from ..logs import RateLimitedLog
 from ..protocol.admission import HandshakeAdmission, MemoryBudget, MemoryStatistics
@@ -144,7 +144,12 @@ class TetherServer(Service):
             spawn=self.spawn,
             fds=self._fds,
         )
-        listener.open(self.config.listen)
+        try:
+            for address in listen_addresses(self.config.listen):
+                listener.open(address)
+        except OSError:
+            listener.close()
+            raise
         self.addresses = listener.addresses
         self._links = listener
         self._accepting = self.spawn(listener.serve())
@@ -164,11 +169,12 @@ class TetherServer(Service):
         directory. None with ``plaintext``, which warns unless only loopback listens."""
         config = self.config
         if config.plaintext:
-            if not _loopback(config.listen.host):
+            listen = listen_addresses(config.listen)
+            if not all(_loopback(address.host) for address in listen):
                 logger.warning(
                     "links to %s are in clear text (--plaintext): anyone on the path can read "
                     "and change every session; use it only inside a trusted network",
-                    config.listen,
+                    ", ".join(map(str, listen)),
                 )
             return None
         if config.tls_cert is not None and config.tls_key is not None:

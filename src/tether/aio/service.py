@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Self
 
@@ -24,6 +25,7 @@ from ..protocol.codes import CloseCode
 from ..protocol.events import SessionResumed
 from ..protocol.session import SessionState, SessionStatistics
 from .link import SessionRelay
+from .listener import open_listening_socket
 
 __all__ = [
     "Counters",
@@ -137,7 +139,7 @@ class Service:
     def __init__(self) -> None:
         self.counters = Counters()
         self.addresses: list[Address] = []
-        self._listener: asyncio.Server | None = None
+        self._listeners: list[asyncio.Server] = []
         self._tasks: asyncio.TaskGroup | None = None
         self._outages = Histogram(OUTAGE_BUCKETS)
         self._resume_times = Histogram(RESUME_BUCKETS)
@@ -161,7 +163,7 @@ class Service:
 
     def accepting(self) -> bool:
         """Would a new session be taken now?"""
-        return self._listener is not None
+        return bool(self._listeners)
 
     def memory(self) -> MemoryStatistics | None:
         """The replay buffers' memory budget, where there is one (the server)."""
@@ -212,13 +214,28 @@ class Service:
         return list(self._events)
 
     async def listen(
-        self, factory: Callable[[], asyncio.BaseProtocol], address: Address, **kwargs: Any
+        self,
+        factory: Callable[[], asyncio.BaseProtocol],
+        addresses: Address | Sequence[Address],
+        **kwargs: Any,
     ) -> None:
+        """Listen on every address (an IPv6 one takes IPv4 too, see
+        :func:`~tether.aio.listener.open_listening_socket`); raises ``ListenError`` naming
+        the address that failed, with none of them left open."""
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(
-            factory, address.host, address.port, reuse_address=True, backlog=4096, **kwargs
-        )
-        self.addresses = [Address(*s.getsockname()[:2]) for s in self._listener.sockets]
+        sockets: list[socket.socket] = []
+        try:
+            for address in [addresses] if isinstance(addresses, Address) else addresses:
+                sockets.append(open_listening_socket(address))
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        for sock in sockets:
+            self._listeners.append(
+                await loop.create_server(factory, sock=sock, backlog=4096, **kwargs)
+            )
+        self.addresses = [Address(*s.getsockname()[:2]) for s in sockets]
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         assert self._tasks is not None, "use the service as an async context manager"
@@ -261,9 +278,9 @@ class Service:
         return [relay.core.statistics() for relay in self.relays()]
 
     def stop_listening(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
 
     async def close(self) -> None:
         """Stop listening and end every session."""
