@@ -758,16 +758,30 @@ def _tune_malloc() -> None:
     mallopt(m_trim_threshold, 32 * 1024 * 1024)
 
 
+MACOS_OPEN_MAX = 10240  # <sys/syslimits.h> OPEN_MAX: the most macOS allows a soft limit
+
+
 def _raise_file_limit() -> None:
     """Each session holds two sockets: let the process use as many as it is allowed."""
     try:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError):  # pragma: no cover - platform dependent
-        pass
+    except ImportError:  # Windows: no such limit to raise
+        return
+    # macOS reports an unlimited hard limit but refuses a soft one above OPEN_MAX (10240):
+    # try that when the hard limit itself is refused, rather than keep its default of 256.
+    infinite = resource.RLIM_INFINITY
+    if soft == hard:
+        return
+    for limit in (hard, MACOS_OPEN_MAX):
+        if soft == infinite or (limit != infinite and soft >= limit):
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        except (ValueError, OSError):  # pragma: no cover - platform dependent
+            continue
+        return
 
 
 # How long the names of --server, --backend and --fallback may take to resolve at start.
@@ -822,6 +836,20 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _on_signal(loop: asyncio.AbstractEventLoop, sig: int, callback: Callable[[], None]) -> None:
+    """Run ``callback`` in the loop when ``sig`` arrives.
+
+    ``loop.add_signal_handler`` where the loop has it (Unix); elsewhere (Windows' proactor
+    loop raises NotImplementedError) a plain ``signal.signal`` handler that hands the
+    callback to the loop, so that Ctrl-C stops the client cleanly there too. Windows never
+    delivers SIGTERM (TerminateProcess ends a process without a signal).
+    """
+    try:
+        loop.add_signal_handler(sig, callback)
+    except NotImplementedError:
+        signal.signal(sig, lambda _signum, _frame: loop.call_soon_threadsafe(callback))
+
+
 async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]) -> int:
     from .aio.client import TetherClient
     from .aio.server import TetherServer
@@ -834,11 +862,13 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        _on_signal(loop, sig, stop.set)
     hangup = getattr(signal, "SIGHUP", None)  # not on Windows
     if hangup is not None:  # never the default (exit): a reload before we listen is moot
-        loop.add_signal_handler(
-            hangup, lambda: logging.getLogger("tether").info("SIGHUP while starting: ignored")
+        _on_signal(
+            loop,
+            hangup,
+            lambda: logging.getLogger("tether").info("SIGHUP while starting: ignored"),
         )
     runner: TetherServer | TetherClient = (
         TetherServer(service) if isinstance(service, ServerConfig) else TetherClient(service)
@@ -851,7 +881,7 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
     async with runner, admin as admin_url:
         if hangup is not None:
             reloader = Reloader(runner, settings, reread, _OPTIONS[runner.role], _setup_logging)
-            loop.add_signal_handler(hangup, reloader)
+            _on_signal(loop, hangup, reloader)
         # Everything built so far lives as long as the process: keep the collector from
         # walking it again and again (idle CPU with many sessions).
         gc.freeze()

@@ -56,9 +56,11 @@ def notify(state: str) -> bool:
         logger.warning("NOTIFY_SOCKET=%r: only paths and @abstract names are supported", value)
         return False
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # SOCK_CLOEXEC is Linux's (systemd's only home); AF_UNIX is missing on some Windows.
+        kind = socket.SOCK_DGRAM | getattr(socket, "SOCK_CLOEXEC", 0)
+        with socket.socket(socket.AF_UNIX, kind) as sock:
             sock.sendto(state.encode("utf-8"), address)
-    except OSError as exc:
+    except (OSError, AttributeError) as exc:  # AttributeError: no socket.AF_UNIX
         logger.warning("could not notify systemd at %s: %s", value, exc)
         return False
     return True
@@ -75,7 +77,7 @@ def reloading() -> bool:
     ``Type=notify-reload`` requires MONOTONIC_USEC (CLOCK_MONOTONIC, microseconds) with
     RELOADING=1, so systemd can tell this reload from an older one.
     """
-    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    usec = time.monotonic_ns() // 1000  # CLOCK_MONOTONIC on Linux; portable elsewhere
     return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
 

@@ -380,3 +380,47 @@ def test_several_listen_addresses_and_ipv6_peers_in_brackets() -> None:
     for log in (client_log, server_log):
         unbracketed = [line for line in log.splitlines() if re.search(r"(?<!\[)::1\]?:\d", line)]
         assert not unbracketed, unbracketed
+
+
+# -- a client start without Unix-only calls -----------------------------------------------
+
+# As on Windows (and partly macOS): no loop.add_signal_handler (the proactor loop raises
+# NotImplementedError), no SIGHUP, no SOCK_CLOEXEC. Nothing else is changed: the real
+# loop, real sockets. (The resource module is imported by platform, not emulated here.)
+_LIKE_WINDOWS = """
+import asyncio.unix_events, signal, socket, sys
+del signal.SIGHUP, socket.SOCK_CLOEXEC
+def refuse(self, sig, callback, *args):
+    raise NotImplementedError
+asyncio.unix_events._UnixSelectorEventLoop.add_signal_handler = refuse
+from tether.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_client_starts_and_stops_without_unix_only_calls(tmp_path: Path) -> None:
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(notify))
+        systemd.settimeout(30)
+        argv = ["client", "--listen", "127.0.0.1:0", "--server", "127.0.0.1:9", "--plaintext"]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LIKE_WINDOWS, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**ENV, "TETHER_NO_UVLOOP": "1", "NOTIFY_SOCKET": str(notify)},
+        )
+        try:
+            (address,) = _ready(proc)
+            assert address.host == "127.0.0.1"
+            assert systemd.recv(4096).startswith(b"READY=1")
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: the signal.signal fallback stops it
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "INFO tether: shutting down" in err
