@@ -271,6 +271,7 @@ UNRESOLVABLE = {
 }  # fmt: skip
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("case", UNRESOLVABLE)
 def test_a_name_that_does_not_resolve_is_refused_at_start(case: str, tmp_path: Path) -> None:
     argv, line = UNRESOLVABLE[case]
@@ -281,6 +282,7 @@ def test_a_name_that_does_not_resolve_is_refused_at_start(case: str, tmp_path: P
     assert "Unknown error" not in err
 
 
+@pytest.mark.netns
 def test_with_the_network_down_a_name_only_warns_and_the_client_starts(tmp_path: Path) -> None:
     # No name server can be reached: the name may well be right, so the client starts
     # (it looks the name up again for each session) and says why it could not check.
