@@ -719,6 +719,19 @@ def _demo_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def _with_file_option(message: str, config: ServerConfig | ClientConfig) -> str:
+    """``message`` about an unusable file, prefixed with the option that names it when
+    exactly one does: ``--token-file: cannot read /x: no such file`` (U3)."""
+    role = "server" if isinstance(config, ServerConfig) else "client"
+    flags = []
+    for option in _OPTIONS[role]:
+        if option.kind == "file":
+            value = functools.reduce(getattr, option.path.split("."), config)
+            if value is not None and str(value) in message:
+                flags.append(option.flag)
+    return f"{flags[0]}: {message}" if len(flags) == 1 else message
+
+
 def _setup_logging(level: str, log_format: str) -> None:
     setup_logging(getattr(logging, level.upper()), "json" if log_format == "json" else "text")
 
@@ -933,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(lambda: _serve_until_signal(settings, lambda: _settings(args)))
     except (ValueError, TetherError) as exc:  # a file the configuration names is unusable
-        print(f"tether: error: {exc}", file=sys.stderr)
+        print(f"tether: error: {_with_file_option(str(exc), settings.config)}", file=sys.stderr)
         return 2
     except ListenError as exc:  # exit 1: the listening socket could not be opened (U3)
         why = exc.strerror or str(exc)

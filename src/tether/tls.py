@@ -176,7 +176,8 @@ def load_or_create_identity(state_dir: Path) -> tuple[ServerIdentity, bool]:
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
-        raise TLSConfigError(f"cannot create state directory {state_dir}: {exc}") from None
+        why = exc.strerror or str(exc)  # the OS's words, not "[Errno 2] ...: '/x'" (E5)
+        raise TLSConfigError(f"cannot create state directory {state_dir}: {why}") from None
     cert_path, key_path = state_dir / CERT_FILE, state_dir / KEY_FILE
     created = False
     if not key_path.exists():
@@ -203,15 +204,16 @@ def load_or_create_identity(state_dir: Path) -> tuple[ServerIdentity, bool]:
     return ServerIdentity(cert_path, key_path, fingerprint_of_file(cert_path)), created
 
 
-def check_private_file(path: Path) -> None:
-    """Refuse a private key that group or others can access (POSIX; not on Windows)."""
+def check_private_file(path: Path, what: str = "private key") -> None:
+    """Refuse a private key (or another secret, ``what``) that group or others can access
+    (POSIX; not on Windows)."""
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        raise TLSConfigError(f"cannot read private key {path}: {exc.strerror}") from None
+        raise TLSConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     if os.name == "posix" and mode & 0o077:
         raise TLSConfigError(
-            f"private key {path} is accessible by group or others"
+            f"{what} {path} is accessible by group or others"
             f" (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
         )
 

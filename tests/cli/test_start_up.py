@@ -178,6 +178,40 @@ def test_a_port_in_use_is_one_line_naming_the_option(role: str) -> None:
     )
 
 
+# -- a file an option names is unusable ---------------------------------------------------
+
+
+def test_an_unusable_file_is_one_line_naming_its_option(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    readable = tmp_path / "token"
+    readable.write_text("x" * 32)
+    readable.chmod(0o644)
+    client = ["client", "--listen", "127.0.0.1:0", "--server", "127.0.0.1"]
+    cases = {
+        (*client, "--token-file", str(missing)): (
+            f"tether: error: --token-file: cannot read token file {missing}: "
+            "No such file or directory"
+        ),
+        (*client, "--token-file", str(readable)): (
+            f"tether: error: --token-file: token file {readable} is accessible by group or "
+            f"others (mode 0644); run: chmod 600 {readable}"
+        ),
+        (*client, "--tls-ca", str(missing)): (
+            f"tether: error: --tls-ca: cannot read CA file {missing}: no such file"
+        ),
+        ("server", "--listen", "127.0.0.1:0", "--clients", str(missing)): (
+            f"tether: error: --clients: clients file {missing} does not exist; add a client "
+            "first (a token's hash, one line each)"
+        ),
+    }
+    procs = {argv: _tether(*argv) for argv in cases}  # at once: each costs an interpreter
+    for argv, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        assert out == ""
+        assert err.splitlines()[-1] == cases[argv]
+
+
 # -- names that do not resolve ----------------------------------------------------------
 
 

@@ -488,7 +488,7 @@ async def connect(
 
 def read_token(path: Path) -> bytes:
     """The client's token from ``path``: a secret, so a file others can read is refused."""
-    tls.check_private_file(path)
+    tls.check_private_file(path, "token file")
     token = path.read_bytes().strip()
     if not token or len(token) > MAX_TOKEN_BYTES:
         raise ValueError(f"token file {path}: expected one token of 1 to {MAX_TOKEN_BYTES} bytes")
