@@ -460,3 +460,23 @@ def test_the_client_starts_and_stops_without_unix_only_calls(tmp_path: Path) -> 
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert "INFO tether: shutting down" in err
+
+
+def test_check_config_prints_a_listen_list_and_a_reload_says_it_needs_a_restart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tether.cli import _OPTIONS, main
+    from tether.reload import RESTART_KEYS, Reloader, Settings
+
+    path = tmp_path / "server.toml"
+    path.write_text('listen = ["[::]:2598", "127.0.0.1:7000"]\n')
+    assert main(["check-config", str(path)]) == 0
+    assert '\nlisten = ["[::]:2598", "127.0.0.1:7000"]\n' in capsys.readouterr().out
+    old = Settings(ServerConfig(), file=path)
+    new = Settings(
+        ServerConfig(listen=(Address("::", 2598), Address("127.0.0.1", 7000))), file=path
+    )
+    reloader = Reloader(None, old, lambda: new, _OPTIONS["server"], lambda *_: None)  # type: ignore[arg-type]
+    changes = reloader.changes(old, new)
+    assert changes == [("listen", "0.0.0.0:2598", '["[::]:2598", "127.0.0.1:7000"]')]
+    assert "listen" in RESTART_KEYS
