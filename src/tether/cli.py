@@ -173,15 +173,20 @@ _PLAINTEXT = _Option(
 )
 
 
-def _admin(role: str) -> tuple[_Option, _Option]:
+def _admin(role: str) -> tuple[_Option, ...]:
     port = ADMIN_PORTS[role]
+    identity = (
+        "the server's own TLS identity (--tls-cert, or the one in --state-dir)"
+        if role == "server"
+        else "required there"
+    )
     return (
         _Option(
             "--admin",
             "admin",
             "listen",
-            "serve the admin endpoint here (HTTP: /metrics, /api/sessions, a status page at /); "
-            "an address beyond loopback needs the admin token file too",
+            "serve the admin endpoint here (/metrics, /api/sessions, a status page at /): "
+            "plain HTTP on loopback; beyond it HTTPS, and the admin token file is required",
             shown=f"off; HOST alone takes port {port}",
             port=port,
         ),
@@ -190,6 +195,21 @@ def _admin(role: str) -> tuple[_Option, _Option]:
             "admin_token_file",
             "file",
             "require this bearer token (a file of mode 600) on the admin endpoint",
+        ),
+        _Option(
+            "--admin-tls-cert",
+            "admin_tls_cert",
+            "file",
+            "the admin endpoint's TLS certificate (PEM chain); given, it is HTTPS even on loopback",
+            shown=f"none: beyond loopback, {identity}",
+        ),
+        _Option("--admin-tls-key", "admin_tls_key", "file", "its private key (PEM; mode 600)"),
+        _Option(
+            "--admin-plaintext",
+            "admin_plaintext",
+            "switch",
+            "serve the admin endpoint in clear text beyond loopback, no TLS: its token and "
+            "session list cross the network readable; only inside a trusted network",
         ),
     )
 
@@ -507,6 +527,19 @@ def _admin_tool_parsers(sub: Any) -> None:
             metavar="FILE",
             help="the endpoint's bearer token, when it requires one (default none)",
         )
+        trust = cmd.add_mutually_exclusive_group()
+        trust.add_argument(
+            "--admin-fingerprint",
+            metavar="sha256:HEX",
+            help="an https:// endpoint must present the certificate with this fingerprint "
+            "(its ADMIN line shows it) (default none: it must verify against the system's CAs)",
+        )
+        trust.add_argument(
+            "--tls-ca",
+            metavar="FILE",
+            help="an https:// endpoint's certificate must chain to this CA bundle and name "
+            "its host (default none)",
+        )
     status.add_argument("--once", action="store_true", help="show it once (default off)")
     status.add_argument(
         "--json", action="store_true", help="print /api/sessions once as JSON (default off)"
@@ -533,14 +566,18 @@ def _tool(args: argparse.Namespace) -> int:
         print(f"(its hash was added to {path}; this token is not stored anywhere)", file=sys.stderr)
         return 0
     if args.command in ("status", "kill"):
-        from .admin.status import DEFAULT_ADMIN_URL, run_kill, run_status
+        from .admin.status import DEFAULT_ADMIN_URL, AdminTrust, run_kill, run_status
 
         url = args.admin or DEFAULT_ADMIN_URL
         secret = Path(args.admin_token_file).expanduser() if args.admin_token_file else None
+        ca = Path(args.tls_ca).expanduser() if args.tls_ca else None
+        trust = AdminTrust(args.admin_fingerprint, ca)
         if args.command == "kill":
-            return _run(lambda: run_kill(args.session_id, url, secret))
+            return _run(lambda: run_kill(args.session_id, url, secret, trust))
         try:
-            return _run(lambda: run_status(url, secret, once=args.once, as_json=args.json))
+            return _run(
+                lambda: run_status(url, secret, once=args.once, as_json=args.json, trust=trust)
+            )
         except KeyboardInterrupt:  # Ctrl-C ends the live view: that is how it is left
             return 0
     if args.command == "probe":
@@ -757,7 +794,7 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
     runner: TetherServer | TetherClient = (
         TetherServer(service) if isinstance(service, ServerConfig) else TetherClient(service)
     )
-    admin: contextlib.AbstractAsyncContextManager[str | None] = contextlib.nullcontext()
+    admin: contextlib.AbstractAsyncContextManager[object | None] = contextlib.nullcontext()
     if service.admin is not None:
         from .admin import serve_admin  # aiohttp is imported only when it is used
 
@@ -771,7 +808,7 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
         gc.freeze()
         for address in runner.addresses:
             print(f"READY {address}", flush=True)
-        if admin_url is not None:
+        if admin_url is not None:  # the URL, and over HTTPS its certificate's fingerprint
             print(f"ADMIN {admin_url}", flush=True)
         sdnotify.ready(f"listening on {', '.join(map(str, runner.addresses))}")
         await stop.wait()

@@ -8,6 +8,7 @@ and replaces only the fields the user gave; library users build them directly.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shlex
 from dataclasses import dataclass, field, replace
@@ -197,11 +198,47 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _check_admin(admin: Address | None, token_file: Path | None) -> None:
-    """The admin endpoint listens beyond loopback only behind a token (docs/security.md)."""
-    if token_file is not None and admin is None:
+# Tests set it to treat a loopback admin address as any other (tests/admin/test_tls.py): it
+# can only make the endpoint stricter (a token and HTTPS required), never looser.
+ADMIN_NOT_LOOPBACK_ENV = "TETHER_TEST_ADMIN_NOT_LOOPBACK"
+
+
+def admin_is_local(host: str) -> bool:
+    """May the admin endpoint on ``host`` serve plain HTTP without a token (loopback)?"""
+    return is_loopback(host) and not os.environ.get(ADMIN_NOT_LOOPBACK_ENV)
+
+
+def _check_admin(
+    config: ServerConfig | ClientConfig,
+) -> None:
+    """The admin endpoint listens beyond loopback only behind a token, over HTTPS unless
+    ``admin_plaintext`` says clear text (docs/security.md, "Admin endpoint")."""
+    admin = config.admin
+    if config.admin_token_file is not None and admin is None:
         raise ValueError("admin_token_file needs admin")
-    if admin is not None and token_file is None and not is_loopback(admin.host):
+    if (config.admin_tls_cert is None) != (config.admin_tls_key is None):
+        raise ValueError("admin_tls_cert and admin_tls_key go together")
+    if config.admin_tls_cert is not None and admin is None:
+        raise ValueError("admin_tls_cert needs admin")
+    if config.admin_plaintext and admin is None:
+        raise ValueError("admin_plaintext needs admin")
+    if config.admin_plaintext and config.admin_tls_cert is not None:
+        raise ValueError("admin_plaintext takes no admin TLS certificate")
+    if admin is None or admin_is_local(admin.host):
+        return
+    if isinstance(config, ClientConfig) and (
+        config.admin_token_file is None
+        or (config.admin_tls_cert is None and not config.admin_plaintext)
+    ):
+        # Both requirements in one message: the command line is checked one option at a
+        # time to name the one that fails, so --admin may be checked before the others.
+        raise ValueError(
+            "not loopback: a client's admin endpoint needs admin_token_file "
+            "(--admin-token-file) there, and admin_tls_cert and admin_tls_key "
+            "(--admin-tls-cert, --admin-tls-key) for HTTPS, or admin_plaintext "
+            "(--admin-plaintext) for clear text"
+        )
+    if config.admin_token_file is None:
         raise ValueError(
             "not loopback: the admin endpoint needs admin_token_file (--admin-token-file) there"
         )
@@ -243,6 +280,11 @@ class ServerConfig:
     clients: Path | None = None  # hashes of the tokens that may create sessions
     admin: Address | None = None  # the admin endpoint (tether.admin); off when None
     admin_token_file: Path | None = None  # its bearer token; required beyond loopback
+    # Beyond loopback the admin endpoint is HTTPS, with this certificate and key (server:
+    # default its links' identity; client: required there) unless admin_plaintext.
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    admin_plaintext: bool = False  # the admin endpoint in clear text beyond loopback
 
     def __post_init__(self) -> None:
         if not self.backend_connect_timeout > 0:
@@ -261,7 +303,7 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.plaintext and (self.tls_cert or self.tls_client_ca):
             raise ValueError("plaintext takes no TLS certificate or client CA")
-        _check_admin(self.admin, self.admin_token_file)
+        _check_admin(self)
 
 
 DEFAULT_HOOK_TIMEOUT = 30.0  # a hook still running then is killed
@@ -319,6 +361,11 @@ class ClientConfig:
     hooks: HookConfig = field(default_factory=HookConfig)  # run on outage events
     admin: Address | None = None  # the admin endpoint (tether.admin); off when None
     admin_token_file: Path | None = None  # its bearer token; required beyond loopback
+    # Beyond loopback the admin endpoint is HTTPS, with this certificate and key (server:
+    # default its links' identity; client: required there) unless admin_plaintext.
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    admin_plaintext: bool = False  # the admin endpoint in clear text beyond loopback
 
     def __post_init__(self) -> None:
         if self.plaintext and (self.tls_ca or self.server_fingerprint or self.tls_cert):
@@ -335,4 +382,4 @@ class ClientConfig:
             raise ValueError("backoff_initial must be positive and at most backoff_cap")
         if self.max_attempts_in_flight < 1:
             raise ValueError("max_attempts_in_flight must be at least 1")
-        _check_admin(self.admin, self.admin_token_file)
+        _check_admin(self)
