@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 
 from tether import tls
+from tether.admin.status import admin_url
 from tether.cli import main
 from tether.config import ADMIN_NOT_LOOPBACK_ENV, Address, ServerConfig
 
@@ -199,6 +200,35 @@ def test_admin_plaintext_serves_clear_text_beyond_loopback_with_a_warning(
             assert stop(server) == 0
 
     run(main_())
+
+
+def test_a_server_with_plaintext_links_still_serves_https_beyond_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--plaintext is about links: the admin endpoint makes and uses the state-dir identity."""
+    monkeypatch.setenv(ADMIN_NOT_LOOPBACK_ENV, "1")
+
+    async def main_() -> None:
+        server = await _server(tmp_path, "--plaintext")
+        try:
+            url, pin = await admin_line(server)
+            assert url.startswith("https://")
+            assert pin == tls.fingerprint_of_file(tmp_path / "state" / tls.CERT_FILE)
+            good = {"Authorization": f"Bearer {TOKEN}"}
+            assert await _https("GET", url + "readyz", pin, **good) == (200, b'{"ready": true}')
+        finally:
+            assert stop(server) == 0
+
+    run(main_())
+
+
+def test_status_takes_https_for_a_host_beyond_loopback() -> None:
+    assert admin_url("127.0.0.1:2599") == "http://127.0.0.1:2599/"
+    assert admin_url("localhost:2597") == "http://localhost:2597/"
+    assert admin_url("[::1]:2599") == "http://[::1]:2599/"
+    assert admin_url("192.0.2.1:2599") == "https://192.0.2.1:2599/"
+    assert admin_url("tether1.example.net:2599") == "https://tether1.example.net:2599/"
+    assert admin_url("http://192.0.2.1:2599") == "http://192.0.2.1:2599/"  # as given
 
 
 def test_a_client_admin_certificate_makes_it_https_even_on_loopback(tmp_path: Path) -> None:
