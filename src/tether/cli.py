@@ -176,7 +176,7 @@ _PLAINTEXT = _Option(
 def _admin(role: str) -> tuple[_Option, ...]:
     port = ADMIN_PORTS[role]
     identity = (
-        "the server's own TLS identity (--tls-cert, or the one in --state-dir)"
+        "the server's own TLS identity: --tls-cert, or the one in --state-dir"
         if role == "server"
         else "required there"
     )
