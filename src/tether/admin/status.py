@@ -14,6 +14,7 @@ host. An unverified one is refused with the fingerprint it presented and how to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import sys
@@ -103,6 +104,8 @@ async def _presented(url: str) -> str:
         return tls.fingerprint(der) if der else "unknown (no certificate)"
     finally:
         writer.close()
+        with contextlib.suppress(OSError, TimeoutError):  # ssl.SSLError is an OSError
+            await asyncio.wait_for(writer.wait_closed(), REQUEST_TIMEOUT)
 
 
 def _headers(token_file: Path | None) -> dict[str, str]:
