@@ -27,11 +27,13 @@ from . import __version__, sdnotify
 from .config import (
     Address,
     ClientConfig,
+    GatewayConfig,
     ServerConfig,
     format_duration,
     format_size,
     parse_address,
     parse_duration,
+    parse_routed_server,
     parse_size,
     replace_field,
 )
@@ -41,9 +43,10 @@ from .logs import setup_logging
 
 __all__ = ["build_config", "main", "parse_args"]
 
-_DEFAULTS: dict[str, ServerConfig | ClientConfig] = {
+_DEFAULTS: dict[str, ServerConfig | ClientConfig | GatewayConfig] = {
     "server": ServerConfig(),
     "client": ClientConfig(),
+    "gateway": GatewayConfig(),
 }
 
 _VALUES = """\
@@ -61,7 +64,8 @@ class _Option:
     flag: str
     path: str
     kind: str  # "listen", "target" (an address to connect to), "duration", "size",
-    #            "file", "text" or "switch" (a flag that sets True)
+    #            "file", "text", "switch" (a flag that sets True) or "servers" (repeated
+    #            [ID=]HOST:PORT)
     help: str
     required: bool = False
     shown: str | None = None  # the default as the help shows it, when not the field's value
@@ -78,10 +82,13 @@ class _Option:
             "file": "FILE",
             "text": "TEXT",
             "count": "N",
+            "servers": "[ID=]HOST:PORT",
         }
         return names.get(self.kind, "HOST:PORT")
 
-    def parse(self, text: str, default: object) -> object:
+    def parse(self, text: str | list[str], default: object) -> object:
+        if isinstance(text, list):  # "servers": the option given once per server
+            return tuple(parse_routed_server(one, n) for n, one in enumerate(text, 1))
         if self.kind == "switch":
             return True
         if self.kind == "file":
@@ -111,7 +118,7 @@ class _Option:
             shown = self.shown
         elif isinstance(default, Address):
             shown = f"port {default.port}" if self.required else str(default)
-        elif default is None:
+        elif default is None or default == ():
             shown = "none"
         elif self.kind == "size" and isinstance(default, int):
             shown = format_size(default)
@@ -213,6 +220,20 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "accept only clients presenting a token listed here (see 'tether token new'); "
             "re-read when it changes",
         ),
+        _Option(
+            "--server-id",
+            "server_id",
+            "count",
+            "behind a gateway: this server's id (1-65535, unique in the site), written into "
+            "every session id so that resumes come back here; needs --routing-key-file",
+        ),
+        _Option(
+            "--routing-key-file",
+            "routing_key_file",
+            "file",
+            "the site's routing key (base64, mode 600; openssl rand -base64 32), shared by its "
+            "servers and gateways: it authenticates the server id in session ids",
+        ),
         _PLAINTEXT,
     ),
     "client": (
@@ -275,6 +296,71 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
         ),
         _PLAINTEXT,
     ),
+    "gateway": (
+        _Option("--listen", "listen", "listen", "where to accept clients' tether links"),
+        _Option(
+            "--server",
+            "servers",
+            "servers",
+            "a tether server behind this gateway, once per server; ID is its --server-id "
+            "(default: 1 for the first --server, 2 for the second, ...)",
+        ),
+        _Option(
+            "--routing-key-file",
+            "routing_key_file",
+            "file",
+            "the routing key the servers use (base64, mode 600): resumes are routed by the "
+            "server id it authenticates",
+        ),
+        _Option(
+            "--handshake-timeout",
+            "handshake_timeout",
+            "duration",
+            "how long a client may take for TLS and its first bytes",
+        ),
+        _Option("--connect-timeout", "connect_timeout", "duration", "to reach a server"),
+        _Option(
+            "--health-interval",
+            "health_interval",
+            "duration",
+            "between health checks (a tether hello) of each server; a server that fails gets "
+            "no new sessions until it passes",
+        ),
+        *_certificate("this gateway's TLS certificate (PEM chain), what clients check"),
+        _Option(
+            "--state-dir",
+            "state_dir",
+            "file",
+            "where the gateway keeps the key and self-signed certificate it makes on first "
+            "start, when it is given no certificate",
+            shown="$XDG_STATE_HOME/tether, ~/.local/state/tether, or /var/lib/tether for root",
+        ),
+        _Option(
+            "--server-ca",
+            "server_ca",
+            "file",
+            "trust a server if a CA in this bundle signed its certificate for its host name",
+        ),
+        _Option(
+            "--server-fingerprint",
+            "server_fingerprint",
+            "text",
+            "trust a server only with this certificate (sha256:HEX)",
+        ),
+        _Option(
+            "--server-plaintext",
+            "server_plaintext",
+            "switch",
+            "links to the servers in clear text: only on an internal network (the servers run "
+            "with --plaintext)",
+        ),
+        _Option(
+            "--plaintext",
+            "plaintext",
+            "switch",
+            "client links in clear text, no TLS: only inside a VPN or a trusted network",
+        ),
+    ),
     "demo": (
         _Option("--outage", "outage", "duration", "how long the network path is cut"),
         _Option("--bytes", "total_bulk", "size", "bulk data the application sends"),
@@ -300,6 +386,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = {
         "server": "relay tether sessions to a backend (the XTE role)",
         "client": "carry local application connections over tether",
+        "gateway": "route tether links to the servers behind it (one address for many)",
         "demo": "run a whole session through an outage on loopback",
     }
     for command, summary in commands.items():
@@ -323,6 +410,7 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 option.flag,
                 dest=option.dest,
+                action="append" if option.kind == "servers" else "store",
                 required=option.required,
                 metavar=option.metavar,
                 help=option.describe(_default(command, option.path)),
@@ -442,8 +530,8 @@ def _about(option: _Option, text: str) -> Iterator[None]:
 
 
 def build_config(
-    args: argparse.Namespace, base: ServerConfig | ClientConfig | None = None
-) -> ServerConfig | ClientConfig:
+    args: argparse.Namespace, base: ServerConfig | ClientConfig | GatewayConfig | None = None
+) -> ServerConfig | ClientConfig | GatewayConfig:
     """``base`` (default: the dataclass defaults) with the fields the user gave replaced.
 
     Raises ValueError naming the option: ``--listen 127.0.0.1:x: port must be a number``.
@@ -533,17 +621,22 @@ def _raise_file_limit() -> None:
         pass
 
 
-async def _serve_until_signal(service: ServerConfig | ClientConfig) -> int:
+async def _serve_until_signal(service: ServerConfig | ClientConfig | GatewayConfig) -> int:
     from .aio.client import TetherClient
+    from .aio.gateway import TetherGateway
     from .aio.server import TetherServer
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runner: TetherServer | TetherClient = (
-        TetherServer(service) if isinstance(service, ServerConfig) else TetherClient(service)
-    )
+    runner: TetherServer | TetherClient | TetherGateway
+    if isinstance(service, ServerConfig):
+        runner = TetherServer(service)
+    elif isinstance(service, GatewayConfig):
+        runner = TetherGateway(service)
+    else:
+        runner = TetherClient(service)
     async with runner:
         # Everything built so far lives as long as the process: keep the collector from
         # walking it again and again (idle CPU with many sessions).

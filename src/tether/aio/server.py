@@ -19,13 +19,15 @@ from .. import tls
 from ..config import ServerConfig
 from ..credentials import ClientsFileError, ClientTokens
 from ..logs import RateLimitedLog
+from ..protocol import routing
 from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
 from ..protocol.events import Event, HandshakeFailed, ResumeRequested, SessionEnded, SetupRequested
 from ..protocol.frames import Resume, Setup
-from ..protocol.handshake import ServerHandshake
+from ..protocol.handshake import ServerHandshake, SessionIds
 from ..protocol.router import Router
 from ..protocol.session import Session
+from .gateway import read_routing_key
 from .link import LinkProtocol, LocalProtocol, LocalTransport, SessionRelay
 from .listener import LinkListener
 from .service import Service
@@ -68,6 +70,7 @@ class TetherServer(Service):
             config.session,
             max_sessions=config.max_sessions,
             max_sessions_per_source=config.max_sessions_per_source,
+            session_ids=_session_ids(config),
         )
         # Refused links and setups are logged once per source, then summarised every 10 s.
         self._refused_links = RateLimitedLog(logger, level=logging.INFO)
@@ -335,6 +338,13 @@ class TetherServer(Service):
             stats.bytes_sent,
             stats.resumes,
         )
+
+
+def _session_ids(config: ServerConfig) -> SessionIds | None:
+    """Routed session ids with a routing key (docs/protocol.md, "Routing"); None: random."""
+    if config.routing_key_file is None:
+        return None
+    return routing.session_ids(config.server_id, read_routing_key(config.routing_key_file))
 
 
 def _loopback(host: str) -> bool:

@@ -1,0 +1,423 @@
+"""The tether gateway: one address (443) in front of several tether servers.
+
+It ends the client's TLS, reads the link's first bytes (the decisions are the core's:
+protocol/routing.py, :class:`~tether.protocol.routing.FirstBytes`), connects to the
+server they name (a resume) or to the healthy server with the fewest of its links (a
+setup), writes those bytes to it, and from then on passes both directions through
+untouched, with :class:`~tether.aio.splice.Splice` (no per-byte work, backpressure
+both ways). The server runs the whole tether handshake; the gateway keeps no session
+state, so any gateway routes any resume (docs/protocol.md, "Routing").
+
+Servers are health-checked every ``health_interval`` with a tether hello exchange (a
+client hello, and a server hello back), not only a TCP connect; a server that fails is
+given no new sessions until it passes again. Links to the servers are TLS, verified by
+a CA or a pinned fingerprint, or in clear text on an internal network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import ssl
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from .. import tls
+from ..config import GatewayConfig, RoutedServer
+from ..protocol.codes import CloseCode
+from ..protocol.frames import client_hello
+from ..protocol.routing import FirstBytes, Refuse, RouteTo, RoutingKey, health_answer
+from ..protocol.routing import parse_routing_key as _parse_key
+from .service import Service
+from .splice import Splice
+from .util import describe
+
+__all__ = ["TetherGateway", "read_routing_key"]
+
+logger = logging.getLogger("tether.gateway")
+
+REFUSAL_LINGER = 2.0  # seconds a refused client may still send before the gateway closes
+SETUP_ATTEMPTS = 3  # servers a setup tries before it is refused for now
+
+
+def read_routing_key(path: Path) -> RoutingKey:
+    """The site's routing key from its file (base64, private: mode 600)."""
+    tls.check_private_file(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read routing key file {path}: {exc.strerror}") from None
+    try:
+        return _parse_key(text)
+    except ValueError as exc:
+        raise ValueError(f"routing key file {path}: {exc}") from None
+
+
+class _Server:
+    """A server behind the gateway, as the gateway sees it."""
+
+    __slots__ = ("address", "healthy", "links", "server_id")
+
+    def __init__(self, server: RoutedServer) -> None:
+        self.server_id = server.server_id
+        self.address = server.address
+        self.healthy = False  # until its first health check passes
+        self.links = 0  # links of ours open to it now (in setup or spliced)
+
+    def __str__(self) -> str:
+        return f"server {self.server_id} ({self.address})"
+
+
+class _Counted(Splice):
+    """The server side's splice: counts its link on the server while it lives."""
+
+    def __init__(self, target: asyncio.Transport, server: _Server) -> None:
+        super().__init__(target)
+        self.server = server
+
+    def eof_received(self) -> bool:
+        return _finished(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.links -= 1
+        super().connection_lost(exc)
+
+
+class _ClientSide(Splice):
+    """The client side's splice, once routed: known to the gateway while it lives."""
+
+    def __init__(self, target: asyncio.Transport, links: set[asyncio.Transport]) -> None:
+        super().__init__(target)
+        self.links = links
+
+    def eof_received(self) -> bool:
+        return _finished(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.links.discard(self.transport)
+        super().connection_lost(exc)
+
+
+def _finished(splice: Splice) -> bool:
+    """A tether link half-closed by one side is over (tether's EOF is a frame, and TLS
+    cannot half-close): pass the EOF on, then let the link close."""
+    Splice.eof_received(splice)
+    return False
+
+
+class _HealthProbe(asyncio.Protocol):
+    """Reads a server's answer to a client hello."""
+
+    def __init__(self) -> None:
+        self.answer = bytearray()
+        self.result: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.answer += data
+        verdict = health_answer(bytes(self.answer))
+        if verdict is not None and not self.result.done():
+            self.result.set_result(verdict)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.result.done():
+            self.result.set_result(False)
+
+
+class _ClientLink(asyncio.Protocol):
+    """A client's link until it is routed: read its first bytes, then hand it over."""
+
+    def __init__(self, gateway: TetherGateway) -> None:
+        self.gateway = gateway
+        self.reader = FirstBytes(gateway.key, gateway.knows)
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+        self.refused = False
+        self.peer = "?"
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else "?"
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.gateway.config.handshake_timeout, self._too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # read and dropped: the refusal must not be lost to a reset
+        decided = self.reader.decision is not None
+        self.reader.receive_data(data)
+        decision = self.reader.decision
+        if decided or decision is None:
+            return
+        self._cancel_timer()
+        assert self.transport is not None
+        if isinstance(decision, Refuse):
+            self._refuse(decision)
+            return
+        self.transport.pause_reading()
+        self.gateway.spawn(self.gateway.forward(self, decision))
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        # Before a decision (or after a refusal) the link closes; while we connect it
+        # stays half-closed, and the EOF is passed on once the server is there.
+        return self.reader.decision is not None and not self.refused
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+
+    def refuse(self, code: CloseCode, reason: str) -> None:
+        self._refuse(self.reader.refusal(code, reason))
+
+    def _refuse(self, refusal: Refuse) -> None:
+        transport = self.transport
+        assert transport is not None
+        self.refused = True
+        self.gateway.log_refused(self.peer, refusal.reason)
+        if not refusal.answer:
+            transport.abort()
+            return
+        transport.write(refusal.answer)
+        transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(REFUSAL_LINGER, transport.close)
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.gateway.log_refused(self.peer, "no routable first bytes in time")
+            self.transport.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _same(protocol: asyncio.BaseProtocol) -> asyncio.BaseProtocol:
+    return protocol
+
+
+class TetherGateway(Service):
+    """Route tether links to servers. Use ``async with TetherGateway(config) as gw``."""
+
+    role = "gateway"
+
+    def __init__(self, config: GatewayConfig) -> None:
+        super().__init__()
+        if not config.servers:
+            raise ValueError("a gateway needs at least one --server")
+        if config.routing_key_file is None:
+            raise ValueError("a gateway needs the servers' --routing-key-file")
+        if not (config.server_plaintext or config.server_ca or config.server_fingerprint):
+            raise ValueError(
+                "say how to trust the servers: --server-ca, --server-fingerprint or "
+                "--server-plaintext"
+            )
+        self.config = config
+        self.key = read_routing_key(config.routing_key_file)
+        self.servers = [_Server(server) for server in config.servers]
+        self._by_id = {server.server_id: server for server in self.servers}
+        self.fingerprint: str | None = None  # of the gateway's own certificate
+        self._server_tls: ssl.SSLContext | None = None
+        self._server_sessions = tls.SessionCache(max_servers=max(64, len(self.servers)))
+        self._pin = (
+            tls.parse_fingerprint(config.server_fingerprint) if config.server_fingerprint else None
+        )
+        self._health: list[asyncio.Task[None]] = []
+        self._links: set[asyncio.Transport] = set()  # clients' links, once routed
+        self.forwarded_total = 0
+        self.refused_total = 0
+
+    def knows(self, server_id: int) -> bool:
+        return server_id in self._by_id
+
+    # -- the service ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        if not config.server_plaintext:
+            self._server_tls = tls.client_context(ca=config.server_ca)
+        client_tls = self._client_tls()
+        extra: dict[str, Any] = {}
+        if client_tls is not None:
+            extra = {"ssl": client_tls, "ssl_handshake_timeout": config.handshake_timeout}
+        # The first round of health checks before READY: new sessions find a server.
+        await asyncio.gather(*(self._check_once(server) for server in self.servers))
+        await self.listen(lambda: _ClientLink(self), config.listen, **extra)
+        self._health = [self.spawn(self._check_forever(server)) for server in self.servers]
+        logger.info(
+            "gateway listening on %s; %s; servers %s (%s)",
+            ", ".join(map(str, self.addresses)),
+            f"TLS 1.3, certificate {self.fingerprint}" if self.fingerprint else "clear text",
+            ", ".join(f"{s.server_id}={s.address}" for s in self.servers),
+            "clear text" if config.server_plaintext else "TLS",
+        )
+
+    def shutdown(self) -> None:
+        """Stop checking and drop every routed link: the sessions live on in their
+        servers, and their clients resume through any gateway."""
+        for task in self._health:
+            task.cancel()
+        for link in list(self._links):
+            link.abort()
+
+    @property
+    def client_links(self) -> list[asyncio.Transport]:
+        """The clients' links routed and open now."""
+        return list(self._links)
+
+    def relays(self) -> Iterable[Any]:
+        return ()
+
+    def _client_tls(self) -> ssl.SSLContext | None:
+        config = self.config
+        if config.plaintext:
+            logger.warning(
+                "client links to %s are in clear text (--plaintext): use it only inside a "
+                "trusted network",
+                config.listen,
+            )
+            return None
+        if config.tls_cert is not None and config.tls_key is not None:
+            identity = tls.load_identity(config.tls_cert, config.tls_key)
+        else:
+            state = config.state_dir or tls.default_state_dir()
+            identity, created = tls.load_or_create_identity(state)
+            if created:
+                logger.info("created this gateway's TLS key and certificate in %s", state)
+        self.fingerprint = identity.fingerprint
+        return tls.server_context(identity)
+
+    # -- routing --------------------------------------------------------------------------
+
+    def _candidates(self, decision: RouteTo) -> list[_Server]:
+        if decision.server_id is not None:
+            return [self._by_id[decision.server_id]]  # whatever its health: only it can
+        healthy = [server for server in self.servers if server.healthy]
+        healthy.sort(key=lambda server: server.links)
+        return healthy[:SETUP_ATTEMPTS]
+
+    async def forward(self, link: _ClientLink, decision: RouteTo) -> None:
+        """Connect ``link`` to its server and splice them (a task per routed link, until
+        it is spliced)."""
+        client = link.transport
+        assert client is not None
+        try:
+            for server in self._candidates(decision):
+                if client.is_closing():
+                    return
+                inbound = _Counted(client, server)  # server -> client
+                server.links += 1
+                try:
+                    remote = await asyncio.wait_for(
+                        self._connect(server, functools.partial(_same, inbound)),
+                        self.config.connect_timeout,
+                    )
+                except (OSError, TimeoutError, tls.TrustError) as exc:
+                    server.links -= 1
+                    logger.warning("%s: cannot connect: %s", server, describe(exc))
+                    if decision.server_id is None:
+                        self._set_health(server, False, describe(exc))
+                    continue
+                self._splice(link, client, remote)
+                self.forwarded_total += 1
+                return
+            if decision.server_id is None:
+                link.refuse(CloseCode.OVERLOADED, "server busy")  # transient: it retries
+            else:
+                client.abort()  # the client retries until its server is back or it expires
+        except Exception:  # a bug must cost this link only, never the gateway
+            logger.exception("link from %s failed to be routed", link.peer)
+            client.abort()
+
+    def _splice(self, link: _ClientLink, client: asyncio.Transport, remote: Any) -> None:
+        remote_transport: asyncio.Transport = remote
+        remote_transport.write(link.reader.first_bytes())
+        if link.eof and remote_transport.can_write_eof():
+            remote_transport.write_eof()
+        outbound = _ClientSide(remote_transport, self._links)  # client -> server
+        outbound.transport = client
+        self._links.add(client)
+        client.set_protocol(outbound)
+        if client.is_closing():
+            remote_transport.close()  # the client went away while we connected
+        else:
+            client.resume_reading()
+
+    async def _connect(
+        self, server: _Server, protocol: Callable[[], asyncio.BaseProtocol]
+    ) -> asyncio.Transport:
+        loop = asyncio.get_running_loop()
+        host, port = server.address.host, server.address.port
+        context = self._server_tls
+        if context is None:
+            transport, _ = await loop.create_connection(protocol, host, port)
+            return transport
+        transport, _ = await tls.create_tls_connection(
+            protocol,
+            host,
+            port,
+            context=context,
+            server_hostname=host,
+            sessions=self._server_sessions,
+            verify=self._verify if self._pin is not None else None,
+            ssl_handshake_timeout=self.config.connect_timeout,
+        )
+        return transport
+
+    def _verify(self, der: bytes) -> None:
+        if tls.fingerprint(der) != self._pin:
+            raise tls.TrustError(
+                f"server certificate {tls.fingerprint(der)} is not the pinned {self._pin}"
+            )
+
+    def log_refused(self, peer: str, why: str) -> None:
+        self.refused_total += 1
+        logger.info("link from %s refused: %s", peer, why)
+
+    # -- health ---------------------------------------------------------------------------
+
+    async def _check_forever(self, server: _Server) -> None:
+        """Until the gateway stops (cancelled by shutdown): one check per interval."""
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            await self._check_once(server)
+
+    async def _check_once(self, server: _Server) -> None:
+        why = "no tether server hello"
+        ok = False
+        try:
+            ok = await asyncio.wait_for(self._hello(server), self.config.connect_timeout)
+        except (OSError, TimeoutError, tls.TrustError) as exc:
+            why = describe(exc)
+        except Exception as exc:  # a bug must cost this check only, never the gateway
+            logger.exception("health check of %s failed", server)
+            why = describe(exc)
+        self._set_health(server, ok, why)
+
+    async def _hello(self, server: _Server) -> bool:
+        probe = _HealthProbe()
+        transport = await self._connect(server, lambda: probe)
+        try:
+            transport.write(client_hello())
+            return await probe.result
+        finally:
+            transport.close()
+
+    def _set_health(self, server: _Server, ok: bool, why: str) -> None:
+        if ok and not server.healthy:
+            logger.info("%s: healthy", server)
+        elif not ok and server.healthy:
+            logger.warning("%s: unhealthy (%s); no new sessions go there", server, why)
+        elif not ok:
+            logger.debug("%s: still unhealthy (%s)", server, why)
+        server.healthy = ok
+
+    def snapshot(self) -> dict[int, tuple[bool, int]]:
+        """Each server's health and open links: for tests and status pages."""
+        return {s.server_id: (s.healthy, s.links) for s in self.servers}

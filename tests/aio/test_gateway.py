@@ -1,0 +1,283 @@
+"""The gateway on loopback (aio/gateway.py): two routed servers behind it, real TLS on
+both sides, sessions spread, resumes land on their own server, through another gateway
+too, and a stopped server gets no new sessions (docs/protocol.md, "Routing")."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import ssl
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tether import tls
+from tether.aio.client import TetherClient
+from tether.aio.gateway import TetherGateway
+from tether.aio.server import TetherServer
+from tether.config import Address, ClientConfig, GatewayConfig, RoutedServer, ServerConfig
+from tether.protocol.codes import CloseCode
+from tether.protocol.frames import Reject, Route, client_hello, parse_control
+from tether.protocol.routing import parse_routing_key
+from tether.protocol.session import SessionConfig
+
+from .endpoints import Backend, Streamer, close_all, connect_app, stream_digest
+
+SIZE = 4 * 1024 * 1024
+FAST = SessionConfig(keepalive=0.3, timeout=60.0)
+
+
+def run(coro: Coroutine[Any, Any, None], limit: float = 120) -> None:
+    async def main() -> None:
+        try:
+            await asyncio.wait_for(coro, limit)
+        finally:
+            close_all()
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+
+
+async def until(check: Any, limit: float, what: str) -> None:
+    for _ in range(int(limit / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> dict[str, Any]:
+    """A routing key file (mode 600) and the servers' shared TLS identity."""
+    key_file = tmp_path / "routing.key"
+    key_file.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
+    key_file.chmod(0o600)
+    identity, _ = tls.load_or_create_identity(tmp_path / "servers")
+    return {"key": key_file, "servers": tmp_path / "servers", "gw": tmp_path / "gw",
+            "fingerprint": identity.fingerprint}  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def server(
+    site: dict[str, Any], server_id: int, backend: Backend
+) -> AsyncIterator[TetherServer]:
+    config = ServerConfig(
+        listen=Address("127.0.0.1", 0),
+        backend=Address(*backend.address),
+        session=FAST,
+        state_dir=site["servers"],
+        server_id=server_id,
+        routing_key_file=site["key"],
+    )
+    async with TetherServer(config) as running:
+        yield running
+
+
+def gateway_config(
+    site: dict[str, Any], servers: list[TetherServer], port: int = 0
+) -> GatewayConfig:
+    return GatewayConfig(
+        listen=Address("127.0.0.1", port),
+        servers=tuple(RoutedServer(s.config.server_id, s.addresses[0]) for s in servers),
+        routing_key_file=site["key"],
+        health_interval=0.2,
+        state_dir=site["gw"],
+        server_fingerprint=site["fingerprint"],
+    )
+
+
+def client_config(gateway: TetherGateway, tmp: Path) -> ClientConfig:
+    return ClientConfig(
+        listen=Address("127.0.0.1", 0),
+        server=gateway.addresses[0],
+        server_fingerprint=gateway.fingerprint,
+        session=FAST,
+        require_reliability=True,
+        known_servers=tmp / "known",
+    )
+
+
+def app_address(client: TetherClient) -> tuple[str, int]:
+    address = client.addresses[0]
+    return address.host, address.port
+
+
+def where(session_id: str, key_file: Path) -> int | None:
+    return parse_routing_key(key_file.read_bytes()).server_of(bytes.fromhex(session_id))
+
+
+def resumed(s1: TetherServer, s2: TetherServer, times: int) -> bool:
+    """Every session of both servers has resumed ``times`` times, and is attached."""
+    held = [*s1.sessions(), *s2.sessions()]
+    return len(held) == 6 and all(s.resumes == times and s.state == "attached" for s in held)
+
+
+def more(apps: list[Streamer], size: int) -> None:
+    """Each application writes ``size`` more bytes of its seeded stream."""
+    for app in apps:
+        app.left += size
+        app._fill()
+
+
+async def open_apps(client: TetherClient, n: int) -> list[Streamer]:
+    """``n`` applications, each with its session (set up one after the other); the
+    backends send their SIZE bytes at once, the applications nothing yet."""
+    apps = []
+    for _ in range(n):
+        apps.append(await connect_app(app_address(client), 1, 0, eof=False))
+        await until(lambda: len(client.sessions()) == len(apps)
+                    and all(s.state == "attached" for s in client.sessions()),
+                    20, "sessions established")  # fmt: skip
+    return apps
+
+
+async def finished(apps: list[Streamer], backends: list[Backend], limit: float) -> None:
+    streams = [*apps, *(c for b in backends for c in b.connections)]
+    await until(lambda: all(s.received >= SIZE for s in streams), limit, "every byte")
+    digest = stream_digest(1, SIZE)
+    for stream in streams:
+        assert stream.received == SIZE
+        assert stream.digest.hexdigest() == digest  # every byte once and in order
+
+
+def test_sessions_spread_and_resume_on_their_server_through_either_gateway(
+    site: dict[str, Any], tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with (
+            Backend(1, SIZE, eof=False) as b1,
+            Backend(1, SIZE, eof=False) as b2,
+            server(site, 1, b1) as s1,
+            server(site, 2, b2) as s2,
+        ):
+            first = TetherGateway(gateway_config(site, [s1, s2]))
+            await first.__aenter__()
+            try:
+                port = first.addresses[0].port
+                async with TetherClient(client_config(first, tmp_path)) as client:
+                    apps = await open_apps(client, 6)
+                    more(apps, SIZE // 4)
+                    # Spread: the gateway sends each new session to the server with fewest.
+                    assert len(b1.connections) == 3 and len(b2.connections) == 3
+                    ids = {s.session_id for s in client.sessions()}
+                    on = {sid: where(sid, site["key"]) for sid in ids}
+                    for srv, number in ((s1, 1), (s2, 2)):
+                        held = {s.session_id for s in srv.sessions()}
+                        assert held == {sid for sid, n in on.items() if n == number}
+
+                    # Kill every client link at the gateway: each session resumes, and
+                    # lands on its own server.
+                    backs = [*b1.connections, *b2.connections]
+                    await until(lambda: all(b.received > 0 for b in backs), 20, "bytes flowing")
+                    for link in first.client_links:
+                        link.abort()
+                    more(apps, SIZE // 4)  # into the replay buffers while detached
+                    await until(lambda: resumed(s1, s2, 1), 30, "resumes")  # fmt: skip
+
+                    # Replace the gateway by another on the same port: the links it held
+                    # die, and the sessions resume through the new one (no shared state).
+                    await first.__aexit__(None, None, None)
+                    more(apps, SIZE // 2)
+                    second = TetherGateway(gateway_config(site, [s1, s2], port))
+                    async with second:
+                        await until(lambda: resumed(s1, s2, 2), 30, "resumes")  # fmt: skip
+                        await finished(apps, [b1, b2], 60)
+                    for srv in (s1, s2):
+                        assert {s.session_id for s in srv.sessions()} <= ids
+                    # Every backend saw one connection per session, no more.
+                    assert len(b1.connections) == 3 and len(b2.connections) == 3
+            finally:
+                await first.__aexit__(None, None, None)
+
+    run(main())
+
+
+def test_a_stopped_server_gets_no_new_sessions(site: dict[str, Any], tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            Backend(1, SIZE, eof=False) as b1,
+            Backend(1, SIZE, eof=False) as b2,
+            server(site, 1, b1) as s1,
+        ):
+            s2 = TetherServer(
+                ServerConfig(
+                    listen=Address("127.0.0.1", 0),
+                    backend=Address(*b2.address),
+                    session=FAST,
+                    state_dir=site["servers"],
+                    server_id=2,
+                    routing_key_file=site["key"],
+                )
+            )
+            await s2.__aenter__()
+            try:
+                async with TetherGateway(gateway_config(site, [s1, s2])) as gw:
+                    assert gw.snapshot() == {1: (True, 0), 2: (True, 0)}
+                    await s2.__aexit__(None, None, None)
+                    await until(lambda: not gw.snapshot()[2][0], 10, "server 2 unhealthy")
+                    async with TetherClient(client_config(gw, tmp_path)) as client:
+                        apps = await open_apps(client, 4)
+                        more(apps, SIZE)
+                        await finished(apps, [b1], 60)
+                    assert len(b1.connections) == 4 and not b2.connections
+            finally:
+                await s2.__aexit__(None, None, None)
+
+    run(main())
+
+
+def test_a_forged_resume_is_refused_without_reaching_a_server(
+    site: dict[str, Any], tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with (
+            Backend(1, SIZE) as b1,
+            server(site, 1, b1) as s1,
+            TetherGateway(gateway_config(site, [s1])) as gw,
+        ):
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            for forged in (bytes(16), b"\x00\x01" + os.urandom(14)):
+                address = gw.addresses[0]
+                reader, writer = await asyncio.open_connection(
+                    address.host, address.port, ssl=context
+                )
+                writer.write(client_hello(3, 3) + Route(forged).serialize())
+                hello = await asyncio.wait_for(reader.readexactly(41), 10)
+                assert hello[8] == 3
+                header = await asyncio.wait_for(reader.readexactly(4), 10)
+                payload = await reader.readexactly(int.from_bytes(header[1:], "big"))
+                frame = parse_control(header[0], payload)
+                assert isinstance(frame, Reject) and frame.code is CloseCode.UNKNOWN_SESSION
+                writer.close()
+            assert s1.counters.rejected_total == 0 and s1.counters.handshakes_failed == 0
+            assert gw.refused_total == 2
+
+    run(main())
+
+
+def test_health_needs_a_tether_hello(site: dict[str, Any]) -> None:
+    async def main() -> None:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+            await writer.drain()
+            writer.close()
+
+        listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+        async with listener:
+            port = listener.sockets[0].getsockname()[1]
+            config = GatewayConfig(
+                listen=Address("127.0.0.1", 0),
+                servers=(RoutedServer(1, Address("127.0.0.1", port)),),
+                routing_key_file=site["key"],
+                state_dir=site["gw"],
+                server_plaintext=True,
+            )
+            async with TetherGateway(config) as gw:
+                assert gw.snapshot() == {1: (False, 0)}
+
+    run(main())
