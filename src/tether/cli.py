@@ -225,7 +225,7 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "server_id",
             "count",
             "behind a gateway: this server's id (1-65535, unique in the site), written into "
-            "every session id so that resumes come back here; needs --routing-key-file",
+            "every session id so that resumes come back here; needs the routing key file",
         ),
         _Option(
             "--routing-key-file",
@@ -302,8 +302,8 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "--server",
             "servers",
             "servers",
-            "a tether server behind this gateway, once per server; ID is its --server-id "
-            "(default: 1 for the first --server, 2 for the second, ...)",
+            "a tether server behind this gateway, once per server; ID is the server's id "
+            "(tether server's option; without ID=, 1 for the first, 2 for the second, ...)",
         ),
         _Option(
             "--routing-key-file",
@@ -351,8 +351,8 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "--server-plaintext",
             "server_plaintext",
             "switch",
-            "links to the servers in clear text: only on an internal network (the servers run "
-            "with --plaintext)",
+            "links to the servers in clear text (they run in clear text too): only on an "
+            "internal network",
         ),
         _Option(
             "--plaintext",

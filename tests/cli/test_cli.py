@@ -216,6 +216,7 @@ def test_options_change_only_their_own_fields_of_a_base_config() -> None:
                       "(default none)", "(default 5s)", "(default 180s)", "(default 3s)",
                       "(default 4MiB)"]),
         (["demo"], ["(default 3s)", "(default 8MiB)"]),
+        (["gateway"], ["(default 0.0.0.0:443)", "(default none)", "(default 3s)"]),
     ],
 )  # fmt: skip
 def test_help_shows_every_default(
