@@ -156,6 +156,7 @@ def test_sessions_spread_and_resume_on_their_server_through_either_gateway(
         ):
             first = TetherGateway(gateway_config(site, [s1, s2]))
             await first.__aenter__()
+            first_open = True
             try:
                 port = first.addresses[0].port
                 async with TetherClient(client_config(first, tmp_path)) as client:
@@ -180,6 +181,7 @@ def test_sessions_spread_and_resume_on_their_server_through_either_gateway(
 
                     # Replace the gateway by another on the same port: the links it held
                     # die, and the sessions resume through the new one (no shared state).
+                    first_open = False
                     await first.__aexit__(None, None, None)
                     more(apps, SIZE // 2)
                     second = TetherGateway(gateway_config(site, [s1, s2], port))
@@ -191,7 +193,8 @@ def test_sessions_spread_and_resume_on_their_server_through_either_gateway(
                     # Every backend saw one connection per session, no more.
                     assert len(b1.connections) == 3 and len(b2.connections) == 3
             finally:
-                await first.__aexit__(None, None, None)
+                if first_open:
+                    await first.__aexit__(None, None, None)
 
     run(main())
 
@@ -214,9 +217,11 @@ def test_a_stopped_server_gets_no_new_sessions(site: dict[str, Any], tmp_path: P
                 )
             )
             await s2.__aenter__()
+            s2_open = True
             try:
                 async with TetherGateway(gateway_config(site, [s1, s2])) as gw:
                     assert gw.snapshot() == {1: (True, 0), 2: (True, 0)}
+                    s2_open = False
                     await s2.__aexit__(None, None, None)
                     await until(lambda: not gw.snapshot()[2][0], 10, "server 2 unhealthy")
                     async with TetherClient(client_config(gw, tmp_path)) as client:
@@ -225,7 +230,8 @@ def test_a_stopped_server_gets_no_new_sessions(site: dict[str, Any], tmp_path: P
                         await finished(apps, [b1], 60)
                     assert len(b1.connections) == 4 and not b2.connections
             finally:
-                await s2.__aexit__(None, None, None)
+                if s2_open:
+                    await s2.__aexit__(None, None, None)
 
     run(main())
 
