@@ -287,3 +287,64 @@ def test_health_needs_a_tether_hello(site: dict[str, Any]) -> None:
                 assert gw.snapshot() == {1: (False, 0)}
 
     run(main())
+
+
+def test_the_commands_route_and_resume(site: dict[str, Any], tmp_path: Path) -> None:
+    """``tether server --server-id``, ``tether gateway`` (servers in clear text behind it,
+    clients in TLS) and ``tether client`` as processes; every link cut at a relay in front
+    of the gateway; every byte arrives once, each session on one backend connection."""
+    from .faultnet import FaultRelay, start_tether, stop
+
+    async def main() -> None:
+        tmp = str(tmp_path)
+        async with Backend(1, SIZE, eof=False) as b1, Backend(1, SIZE, eof=False) as b2:
+            procs = []
+            relay: FaultRelay | None = None
+            try:
+                for number, backend in ((1, b1), (2, b2)):
+                    procs.append(await start_tether(
+                        "server", "--listen", "127.0.0.1:0", "--plaintext",
+                        "--backend", "{}:{}".format(*backend.address), "--keepalive", "0.3",
+                        "--server-id", str(number), "--routing-key-file", str(site["key"]),
+                        tmp=tmp))  # fmt: skip
+                servers = [f"--server={n}={p.address[0]}:{p.address[1]}"
+                           for n, p in ((1, procs[0]), (2, procs[1]))]  # fmt: skip
+                gateway = await start_tether(
+                    "gateway", "--listen", "127.0.0.1:0", *servers, "--server-plaintext",
+                    "--routing-key-file", str(site["key"]), "--state-dir", str(site["gw"]),
+                    "--health-interval", "200ms", tmp=tmp)  # fmt: skip
+                procs.append(gateway)
+                pin = tls.load_or_create_identity(site["gw"])[0].fingerprint
+                relay = FaultRelay(gateway.address)
+                await relay.start()
+                client = await start_tether(
+                    "client", "--listen", "127.0.0.1:0", "--server",
+                    f"127.0.0.1:{relay.port}", "--server-fingerprint", pin,
+                    "--keepalive", "0.3", "--require-reliability", tmp=tmp)  # fmt: skip
+                procs.append(client)
+                apps = []
+                for count in range(1, 5):
+                    apps.append(await connect_app(client.address, 1, 0, eof=False))
+                    await until(lambda c=count: len(b1.connections) + len(b2.connections) == c,
+                                20, "a backend connection")  # fmt: skip
+                assert len(b1.connections) == 2 and len(b2.connections) == 2
+                more(apps, SIZE // 2)
+                backs = [*b1.connections, *b2.connections]
+                await until(lambda: all(b.received > 0 for b in backs), 20, "bytes flowing")
+                relay.kill_all()
+                more(apps, SIZE // 2)
+                await finished(apps, [b1, b2], 60)
+                assert len(b1.connections) == 2 and len(b2.connections) == 2
+                assert "resumed" in client.log()
+            except BaseException:
+                for proc in procs:
+                    print(f"--- {proc.popen.args[3]} log ---\n{proc.log()}")
+                raise
+            finally:
+                if relay is not None:
+                    await relay.close()
+                close_all()
+                codes = [stop(proc) for proc in reversed(procs)]
+                assert codes == [0] * len(procs), codes
+
+    run(main())
