@@ -88,7 +88,13 @@ class _Option:
 
     def parse(self, text: str | list[str], default: object) -> object:
         if isinstance(text, list):  # "servers": the option given once per server
-            return tuple(parse_routed_server(one, n) for n, one in enumerate(text, 1))
+            servers = []
+            for position, one in enumerate(text, 1):
+                try:
+                    servers.append(parse_routed_server(one, position))
+                except ValueError as exc:
+                    raise ValueError(f"{one}: {exc}") from None
+            return tuple(servers)
         if self.kind == "switch":
             return True
         if self.kind == "file":
@@ -521,12 +527,14 @@ def _given(args: argparse.Namespace) -> Iterator[tuple[_Option, str]]:
 
 
 @contextlib.contextmanager
-def _about(option: _Option, text: str) -> Iterator[None]:
-    """Name the option and its value in any ValueError: ``--timeout -3: must be positive``."""
+def _about(option: _Option, text: str | list[str]) -> Iterator[None]:
+    """Name the option and its value in any ValueError: ``--timeout -3: must be positive``
+    (a repeated option's error names the value itself)."""
     try:
         yield
     except ValueError as exc:
-        raise ValueError(f"{option.flag} {text}: {exc}") from None
+        shown = f" {text}:" if isinstance(text, str) else ""
+        raise ValueError(f"{option.flag}{shown} {exc}") from None
 
 
 def build_config(

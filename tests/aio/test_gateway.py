@@ -348,3 +348,51 @@ def test_the_commands_route_and_resume(site: dict[str, Any], tmp_path: Path) -> 
                 assert codes == [0] * len(procs), codes
 
     run(main())
+
+
+def test_gateway_options_reach_their_fields(site: dict[str, Any]) -> None:
+    from tether.cli import build_config, parse_args
+
+    config = build_config(
+        parse_args(["gateway", "--listen", "8443", "--server", "10.0.0.11",
+                    "--server", "7=[fd00::2]:2600", "--routing-key-file", str(site["key"]),
+                    "--server-plaintext", "--health-interval", "500ms"])
+    )  # fmt: skip
+    assert config == GatewayConfig(
+        listen=Address("0.0.0.0", 8443),
+        servers=(
+            RoutedServer(1, Address("10.0.0.11", 2598)),
+            RoutedServer(7, Address("fd00::2", 2600)),
+        ),
+        routing_key_file=site["key"],
+        server_plaintext=True,
+        health_interval=0.5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["gateway", "--server", "0=h:1"], "--server 0=h:1: server id must be within 1-65535"),
+        (["gateway", "--server", "a=h:1"], "--server a=h:1: give [ID=]HOST:PORT"),
+        (["gateway", "--server", "1=h:1", "--server", "1=g:1"], "two servers have the same id"),
+        (["gateway", "--server", "h:1", "--server-plaintext"], "needs the servers' --routing-key"),
+        (["gateway", "--server", "h:1", "--routing-key-file", "KEY"], "--server-ca, --server-fin"),
+        (["gateway", "--routing-key-file", "KEY", "--server-plaintext"], "at least one --server"),
+        (["server", "--server-id", "3"], "server_id and routing_key_file go together"),
+        (["server", "--server-id", "70000", "--routing-key-file", "KEY"], "--server-id 70000: "),
+        (["server", "--server-id", "2", "--routing-key-file", "BAD"], "routing key file"),
+    ],
+)  # fmt: skip
+def test_gateway_and_routing_options_are_checked_at_start(
+    site: dict[str, Any], argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tether.cli import main
+
+    bad = site["key"].with_name("bad.key")
+    bad.write_text("not base64!\n")
+    bad.chmod(0o600)
+    argv = [{"KEY": str(site["key"]), "BAD": str(bad)}.get(arg, arg) for arg in argv]
+    argv += ["--listen", "127.0.0.1:0"]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
