@@ -7,6 +7,8 @@ import base64
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import HandshakeFailed, ResumeRequested, SessionEnded
@@ -212,3 +214,15 @@ def test_health_answer() -> None:
     assert health_answer(server_hello(3, os.urandom(32))) is True
     assert health_answer(server_hello(0, bytes(32))) is False
     assert health_answer(b"SSH-2.0-OpenSSH") is False
+
+
+@given(st.lists(st.binary(max_size=40), max_size=6), st.booleans())
+def test_gateway_reader_never_raises(chunks: list[bytes], routed: bool) -> None:
+    """Any bytes (after a real hello and ROUTE prefix, or not): a decision or none, never an
+    exception (CONTRIBUTING.md E3, T4), and every byte kept for the replay."""
+    prefix = client_hello(3, 3) + Route(KEY.make(2)).serialize()[:5] if routed else b""
+    reader = FirstBytes(KEY, known=lambda n: n == 2)
+    for chunk in [prefix, *chunks]:
+        reader.receive_data(chunk)
+    assert reader.decision is None or isinstance(reader.decision, RouteTo | Refuse)
+    assert reader.first_bytes() == b"".join([prefix, *chunks])
