@@ -256,7 +256,8 @@ def test_a_forged_resume_is_refused_without_reaching_a_server(
                 hello = await asyncio.wait_for(reader.readexactly(41), 10)
                 assert hello[8] == 3
                 header = await asyncio.wait_for(reader.readexactly(4), 10)
-                payload = await reader.readexactly(int.from_bytes(header[1:], "big"))
+                size = int.from_bytes(header[1:], "big")
+                payload = await asyncio.wait_for(reader.readexactly(size), 10)
                 frame = parse_control(header[0], payload)
                 assert isinstance(frame, Reject) and frame.code is CloseCode.UNKNOWN_SESSION
                 writer.close()
