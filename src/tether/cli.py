@@ -2,7 +2,8 @@
 
 Every default lives in the config dataclasses (config.py, protocol/session.py): the
 help shows their values, and an option the user did not give leaves its field alone,
-so a config file could later be applied between the defaults and the options.
+so the ``--config`` file (configfile.py, its keys derived from the option table here)
+sits between the defaults and the options.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, sdnotify
+from . import __version__, configfile, sdnotify
 from .config import (
     Address,
     ClientConfig,
@@ -40,6 +41,7 @@ from .config import (
 from .demo import run_demo
 from .errors import TetherError
 from .logs import setup_logging
+from .reload import Reloader, Settings
 
 __all__ = ["build_config", "main", "parse_args"]
 
@@ -204,6 +206,15 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "count",
             "of those, from one source",
         ),
+        _Option(
+            "--memory-budget",
+            "memory_budget",
+            "size",
+            "replay-buffer bytes all sessions may hold together; as it fills, new sessions "
+            "get smaller windows (down to 64K) and the largest stop reading their backend; "
+            "when not even 64K fits, a setup is refused for now (OVERLOADED)",
+            shown="a quarter of physical memory, or of the cgroup's limit if smaller",
+        ),
         *_certificate("this server's TLS certificate (PEM chain)"),
         _Option(
             "--state-dir",
@@ -301,6 +312,27 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "never fall back to a direct connection",
         ),
         _PLAINTEXT,
+        _Option(
+            "--on-detach",
+            "hooks.on_detach",
+            "text",
+            "run this command when a session loses its link (no shell unless the command is "
+            "one; TETHER_* variables say which session and why)",
+        ),
+        _Option("--on-resume", "hooks.on_resume", "text", "run this command when it resumes"),
+        _Option("--on-end", "hooks.on_end", "text", "run this command when a session ends"),
+        _Option(
+            "--hook-timeout",
+            "hooks.timeout",
+            "duration",
+            "a hook still running after this is killed",
+        ),
+        _Option(
+            "--max-hooks",
+            "hooks.max_running",
+            "count",
+            "hooks running at once; an event past it runs no hook (logged)",
+        ),
     ),
     "gateway": (
         _Option("--listen", "listen", "listen", "where to accept clients' tether links"),
@@ -417,13 +449,19 @@ def _parser() -> argparse.ArgumentParser:
                 option.flag,
                 dest=option.dest,
                 action="append" if option.kind == "servers" else "store",
-                required=option.required,
                 metavar=option.metavar,
+                # required: checked in _settings, once the config file (which may set it) is read
                 help=option.describe(_default(command, option.path)),
             )
         if command == "demo":
             cmd.add_argument("-v", "--verbose", action="store_true", help="show tether's own logs")
             continue
+        cmd.add_argument(
+            "--config",
+            metavar="FILE",
+            help="read settings from this TOML file (one key per option, named as the option "
+            "without dashes); options given here override it; SIGHUP re-reads it (default none)",
+        )
         verbosity = cmd.add_mutually_exclusive_group()
         verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         verbosity.add_argument(
@@ -432,10 +470,32 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--log-format",
             choices=("text", "json"),
-            default="text",
             help="log lines as text or as one JSON object each (default text)",
         )
     _tool_parsers(sub)
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and print the settings it makes",
+        description="Read FILE as 'tether server --config FILE' (or client) would, and print "
+        "the effective settings as a config file; an error is one line naming the key "
+        "(exit 2). Without --server or --client the role is the one whose keys the file uses.",
+    )
+    role = check.add_mutually_exclusive_group()
+    role.add_argument(
+        "--server",
+        dest="role",
+        action="store_const",
+        const="server",
+        help="read it as a server's (default: guessed from its keys)",
+    )
+    role.add_argument(
+        "--client",
+        dest="role",
+        action="store_const",
+        const="client",
+        help="read it as a client's (default: guessed from its keys)",
+    )
+    check.add_argument("file", metavar="FILE", help="the TOML config file")
     return parser
 
 
@@ -565,6 +625,85 @@ def build_config(
     return config
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    """What to run with: the defaults, then the ``--config`` file, then the options given.
+
+    Raises ValueError naming the file and key, or the option, that is wrong.
+    """
+    file = None
+    if args.config is not None:
+        file = configfile.load(
+            Path(args.config).expanduser(),
+            _OPTIONS[args.command],
+            _DEFAULTS[args.command],
+            functools.partial(_default, args.command),
+        )
+    missing = [
+        option.flag
+        for option in _OPTIONS[args.command]
+        if option.required
+        and getattr(args, option.dest) is None
+        and (file is None or configfile.key_of(option) not in file.keys)
+    ]
+    if missing:
+        raise _Missing(
+            f"tether {args.command}: error: the following arguments are required: "
+            + ", ".join(missing)
+        )
+    config = build_config(args, file.config if file is not None else None)
+    if args.verbose:
+        level = "debug"
+    elif args.quiet:
+        level = "warning"
+    else:
+        level = (file.log_level if file is not None else None) or "info"
+    log_format = args.log_format or (file.log_format if file is not None else None) or "text"
+    return Settings(config, level, log_format, file.path if file is not None else None)
+
+
+class _Missing(ValueError):
+    """A required option neither given nor in the config file (argparse's wording)."""
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    """``tether check-config [--server|--client] FILE``: load it as the role would and
+    print the effective settings, as a config file."""
+    path = Path(args.file).expanduser()
+    role = args.role or _role_of(path)
+    options = _OPTIONS[role]
+    file = configfile.load(path, options, _DEFAULTS[role], functools.partial(_default, role))
+    print(f"# {path}: valid for 'tether {role}'; the settings it makes (unset keys commented):")
+    keys = [configfile.key_of(o) for o in options if o.required]
+    missing = [key for key in keys if key not in file.keys]
+    if missing:
+        print(f"# required, so give them on the command line: {', '.join(missing)}")
+    notes = {configfile.key_of(o): o.shown for o in options if o.shown is not None}
+    print(
+        configfile.render(
+            file.config,
+            options,
+            log_level=file.log_level or "info",
+            log_format=file.log_format or "text",
+            notes=notes,
+        ),
+        end="",
+    )
+    return 0
+
+
+def _role_of(path: Path) -> str:
+    """The role a config file is for: client if it uses a key only clients have."""
+    import tomllib
+
+    try:
+        keys = set(tomllib.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return "server"  # load() says what is wrong with it
+    server = {configfile.key_of(o) for o in _OPTIONS["server"]}
+    client = {configfile.key_of(o) for o in _OPTIONS["client"]}
+    return "client" if keys & (client - server) else "server"
+
+
 def _demo_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     for option, text in _given(args):
@@ -573,13 +712,8 @@ def _demo_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.INFO
-    if getattr(args, "verbose", False):
-        level = logging.DEBUG
-    elif getattr(args, "quiet", False):
-        level = logging.WARNING
-    setup_logging(level, args.log_format)
+def _setup_logging(level: str, log_format: str) -> None:
+    setup_logging(getattr(logging, level.upper()), "json" if log_format == "json" else "text")
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
@@ -629,15 +763,21 @@ def _raise_file_limit() -> None:
         pass
 
 
-async def _serve_until_signal(service: ServerConfig | ClientConfig | GatewayConfig) -> int:
+async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]) -> int:
     from .aio.client import TetherClient
     from .aio.gateway import TetherGateway
     from .aio.server import TetherServer
 
+    service = settings.config
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None:  # never the default (exit): a reload before we listen is moot
+        loop.add_signal_handler(
+            hangup, lambda: logging.getLogger("tether").info("SIGHUP while starting: ignored")
+        )
     runner: TetherServer | TetherClient | TetherGateway
     if isinstance(service, ServerConfig):
         runner = TetherServer(service)
@@ -646,6 +786,17 @@ async def _serve_until_signal(service: ServerConfig | ClientConfig | GatewayConf
     else:
         runner = TetherClient(service)
     async with runner:
+        if isinstance(runner, TetherGateway):
+            if hangup is not None:  # docs/deployment.md: no reload yet
+                loop.add_signal_handler(
+                    hangup,
+                    lambda: logging.getLogger("tether").warning(
+                        "SIGHUP: a gateway does not reload yet; restart it (clients resume)"
+                    ),
+                )
+        elif hangup is not None:
+            reloader = Reloader(runner, settings, reread, _OPTIONS[runner.role], _setup_logging)
+            loop.add_signal_handler(hangup, reloader)
         # Everything built so far lives as long as the process: keep the collector from
         # walking it again and again (idle CPU with many sessions).
         gc.freeze()
@@ -663,9 +814,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-    if args.command in ("fingerprint", "token", "probe", "ports"):
+    if args.command in ("fingerprint", "token", "probe", "ports", "check-config"):
         try:
-            return _tool(args)
+            return _check_config(args) if args.command == "check-config" else _tool(args)
         except (ValueError, OSError, TetherError) as exc:
             print(f"tether: error: {exc}", file=sys.stderr)
             return 2
@@ -673,16 +824,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             kwargs = _demo_kwargs(args)
         else:
-            config = build_config(args)
+            settings = _settings(args)
+    except _Missing as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"tether: error: {exc}", file=sys.stderr)
         return 2
     if args.command == "demo":
         return _run(lambda: run_demo(**kwargs, verbose=args.verbose))
-    _setup_logging(args)
+    _setup_logging(settings.log_level, settings.log_format)
     _raise_file_limit()
     try:
-        return _run(lambda: _serve_until_signal(config))
+        return _run(lambda: _serve_until_signal(settings, lambda: _settings(args)))
     except (ValueError, TetherError) as exc:  # a file the configuration names is unusable
         print(f"tether: error: {exc}", file=sys.stderr)
         return 2

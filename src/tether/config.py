@@ -8,13 +8,16 @@ and replaces only the fields the user gave; library users build them directly.
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .protocol.admission import DEFAULT_FLOOR
 from .protocol.routing import MAX_SERVER_ID
 from .protocol.session import SessionConfig
+from .resources import default_memory_budget
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -23,6 +26,7 @@ __all__ = [
     "Address",
     "ClientConfig",
     "GatewayConfig",
+    "HookConfig",
     "RoutedServer",
     "ServerConfig",
     "format_duration",
@@ -208,6 +212,10 @@ class ServerConfig:
     # the limit new ones are dropped at random, 30 % rising to 100 % at the limit.
     max_handshakes: int = 1024
     max_handshakes_per_source: int = 256  # a client's resume storm after an outage fits
+    # Bytes all sessions' replay buffers may hold together (docs/security.md, "Abuse"): a
+    # quarter of the memory this process may use. Windows shrink as it fills; past it new
+    # setups are refused OVERLOADED, established sessions only stop reading their backend.
+    memory_budget: int = field(default_factory=default_memory_budget)
     plaintext: bool = False  # links in clear text: only inside a trusted network
     tls_cert: Path | None = None  # with tls_key; without, an identity in state_dir
     tls_key: Path | None = None
@@ -234,10 +242,44 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.memory_budget < DEFAULT_FLOOR:
+            raise ValueError(f"memory_budget must be at least {DEFAULT_FLOOR} bytes (one floor)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.plaintext and (self.tls_cert or self.tls_client_ca):
             raise ValueError("plaintext takes no TLS certificate or client CA")
+
+
+DEFAULT_HOOK_TIMEOUT = 30.0  # a hook still running then is killed
+DEFAULT_MAX_HOOKS = 4  # hooks running at once; further events run none (hooks.py)
+
+
+@dataclass(frozen=True, slots=True)
+class HookConfig:
+    """Commands the client runs when a session detaches, resumes or ends (hooks.py): a
+    command line split as a shell would (shlex), run without a shell."""
+
+    on_detach: str | None = None
+    on_resume: str | None = None
+    on_end: str | None = None
+    timeout: float = DEFAULT_HOOK_TIMEOUT
+    max_running: int = DEFAULT_MAX_HOOKS
+
+    def __post_init__(self) -> None:
+        for name in ("on_detach", "on_resume", "on_end"):
+            command = getattr(self, name)
+            if command is None:
+                continue
+            try:
+                words = shlex.split(command)
+            except ValueError as exc:
+                raise ValueError(f"{name}: not a command line ({exc})") from None
+            if not words:
+                raise ValueError(f"{name}: empty command")
+        if not self.timeout > 0:
+            raise ValueError("hook timeout must be positive")
+        if self.max_running < 1:
+            raise ValueError("max_running hooks must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +302,7 @@ class ClientConfig:
     tls_key: Path | None = None
     token_file: Path | None = None  # the client's token, for a server with a clients file
     require_reliability: bool = False  # never fall back to a direct connection
+    hooks: HookConfig = field(default_factory=HookConfig)  # run on outage events
 
     def __post_init__(self) -> None:
         if self.plaintext and (self.tls_ca or self.server_fingerprint or self.tls_cert):

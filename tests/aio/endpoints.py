@@ -93,6 +93,19 @@ class Backend:
         self.connected.set()
         return streamer
 
+    async def serving(self, sent: int, limit: float = 30.0) -> Streamer:
+        """The connection of the session whose application has sent ``sent`` (> 0) bytes.
+        Not ``connections[0]``: a setup retried after its link was lost before the ACCEPT
+        leaves an orphaned session whose backend connection may come first and never sees
+        the application's bytes (docs/protocol.md, "Expiry": released after a grace)."""
+        assert sent > 0
+        async with asyncio.timeout(limit):
+            while True:
+                for connection in self.connections:
+                    if connection.received >= sent:
+                        return connection
+                await asyncio.sleep(0.02)
+
     async def __aenter__(self) -> Backend:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self._make, "127.0.0.1", 0)

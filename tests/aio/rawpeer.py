@@ -2,9 +2,12 @@
 handshake objects over a blocking socket, then writes whatever bytes the test chooses
 and reads nothing unless asked. Every wait has a deadline.
 
-Run as a script it measures what tiny DATA frames cost a real ``tether server``::
+Run as a script it measures what tiny DATA frames cost a real ``tether server``, and
+what sessions that never read cost one whose backend streams (its RSS, with and without
+a memory budget; ``none`` runs it without one, that is with a budget of 1 TiB)::
 
     PYTHONPATH=src python -m tests.aio.rawpeer tiny [MIB]
+    PYTHONPATH=src python -m tests.aio.rawpeer budget [BUDGET|none] [SESSIONS]
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from tether.protocol.events import DataReceived
@@ -234,8 +238,82 @@ def _tiny(mib: float) -> None:
         server.wait(10)
 
 
+def _stream_forever(backend: socket.socket, stop: threading.Event) -> None:
+    """A backend that writes to every connection as fast as it is read, until ``stop``."""
+    block = bytes(256 * 1024)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(0.5)
+            while not stop.is_set():
+                try:
+                    conn.send(block)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+
+    backend.settimeout(0.5)
+    while not stop.is_set():
+        try:
+            conn, _ = backend.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def _budget(budget: str, sessions: int) -> None:
+    """Server RSS when ``sessions`` sessions never read while their backend streams."""
+    backend = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    stop = threading.Event()
+    streamer = threading.Thread(target=_stream_forever, args=(backend, stop), daemon=True)
+    streamer.start()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tether", "server", "-q", "--plaintext",
+         "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend.getsockname()[1]}",
+         "--memory-budget", "1024G" if budget == "none" else budget],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # one WARNING per refused setup
+    )  # fmt: skip
+    clients: list[RawClient] = []
+    refused = 0
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline().split()[1].rsplit(b":", 1)[1])
+        before = rss_bytes(server.pid)
+        for i in range(sessions):
+            try:
+                clients.append(RawClient(("127.0.0.1", port), source=f"127.0.3.{i % 250 + 1}"))
+            except ConnectionError:
+                refused += 1
+            time.sleep(0.02)
+        time.sleep(2.0)  # the backends fill what they may
+        after = rss_bytes(server.pid)
+        print(
+            f"--memory-budget {budget}: {sessions} sessions that never read, backend "
+            f"streaming: {len(clients)} set up, {refused} refused (OVERLOADED); server RSS "
+            f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+            f"(+{(after - before) / 2**20:.1f} MiB)"
+        )
+    finally:
+        for client in clients:
+            client.close()
+        server.terminate()
+        server.wait(10)
+        stop.set()
+        backend.close()
+        streamer.join(5)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["tiny"]:
         _tiny(float(sys.argv[2]) if len(sys.argv) > 2 else 8.0)
+    elif sys.argv[1:2] == ["budget"]:
+        _budget(
+            sys.argv[2] if len(sys.argv) > 2 else "8M",
+            int(sys.argv[3]) if len(sys.argv) > 3 else 100,
+        )
     else:
         print(__doc__)

@@ -27,7 +27,7 @@ from typing import Any, cast
 from tether.aio.client import TetherClient
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
-from tether.protocol.session import CONTROL_FLOOD, SessionConfig
+from tether.protocol.session import CONTROL_FLOOD, ORPHAN_GRACE, ORPHANED, SessionConfig
 
 from .endpoints import Backend, close_all, connect_app, stream_digest
 from .faultnet import start_tether, stop, tether_pair
@@ -269,5 +269,105 @@ def test_a_slow_backend_under_a_sustained_upload_is_not_a_dead_link(tmp_path: An
                 if reader.transport is not None:
                     reader.transport.abort()
             await asyncio.sleep(0)
+
+    run(main())
+
+
+# -- a streaming backend against the memory budget ------------------------------------------
+
+BUDGET = 8 * 1024 * 1024
+ATTACKERS = 40  # unbudgeted, each would hold a 4 MiB window: 160 MiB
+BUDGET_RSS_BOUND = 2 * BUDGET + 16 * 1024 * 1024  # about twice the budget, plus a constant
+
+
+def test_a_streaming_backend_flood_stays_within_the_memory_budget(tmp_path: Any) -> None:
+    """Sessions that never read, while the backend streams: the server holds no more
+    than its --memory-budget (RSS within about twice it), refuses new setups OVERLOADED
+    once not even a floor fits, and an established honest session is still served."""
+
+    async def main() -> None:
+        async with Backend(seed=31, size=1 << 30, eof=False) as backend:
+            server = await start_tether(
+                "server", "--listen", "127.0.0.1:0",
+                "--backend", f"127.0.0.1:{backend.address[1]}", "--plaintext",
+                "--memory-budget", "8M",
+                tmp=str(tmp_path),
+            )  # fmt: skip
+            attackers: list[RawClient] = []
+            overloaded = 0
+            try:
+                honest = await asyncio.to_thread(RawClient, server.address, source="127.0.0.2")
+                got = await asyncio.to_thread(read_stream, honest.sock, honest.session, 1 << 20, 30)
+                before = rss_bytes(server.popen.pid)
+                for i in range(ATTACKERS):
+                    try:
+                        attackers.append(
+                            await asyncio.to_thread(
+                                RawClient, server.address, source=f"127.0.1.{i + 1}"
+                            )
+                        )
+                    except ConnectionError as exc:
+                        assert "OVERLOADED" in str(exc), exc
+                        overloaded += 1
+                    await asyncio.sleep(0.05)  # the backend fills the new session
+                for _ in range(100):  # until the budget is full and a setup refused
+                    if overloaded:
+                        break
+                    try:
+                        (await asyncio.to_thread(RawClient, server.address)).close()
+                    except ConnectionError as exc:
+                        assert "OVERLOADED" in str(exc), exc
+                        overloaded += 1
+                    await asyncio.sleep(0.1)
+                growth = rss_bytes(server.popen.pid) - before
+                assert growth < BUDGET_RSS_BOUND, (
+                    f"{growth >> 20} MiB for {len(attackers)} sessions that never read"
+                )
+                assert overloaded, f"{len(attackers)} sessions admitted, none refused"
+                assert "refused: overloaded" in server.log()
+                # The honest session, established before, still gets its stream.
+                more = await asyncio.to_thread(
+                    read_stream, honest.sock, honest.session, 2 << 20, 30
+                )
+                assert len(got) >= 1 << 20 and len(more) >= 2 << 20
+                honest.close()
+            finally:
+                for raw in attackers:
+                    raw.close()
+                assert stop(server) == 0, server.log()
+
+    run(main())
+
+
+# -- orphaned setups ---------------------------------------------------------------------------
+
+
+def test_a_setup_whose_client_leaves_at_once_is_released_after_the_grace(tmp_path: Any) -> None:
+    """A peer that sets up a session and leaves without a further byte: the server
+    releases it (and its backend connection) after ORPHAN_GRACE, not the 180 s timeout;
+    a session whose client spoke keeps the full timeout."""
+
+    async def main() -> None:
+        backend = socket.create_server(("127.0.0.1", 0))
+        backend.listen(16)
+        server = await start_tether(
+            "server", "--listen", "127.0.0.1:0",
+            "--backend", f"127.0.0.1:{backend.getsockname()[1]}", "--plaintext",
+            tmp=str(tmp_path),
+        )  # fmt: skip
+        try:
+            heard = await asyncio.to_thread(RawClient, server.address)
+            heard.session.send(b"hello")
+            heard.sock.sendall(b"".join(heard.session.data_to_send()))
+            orphan = await asyncio.to_thread(RawClient, server.address)
+            orphan.close()
+            await asyncio.sleep(0.2)
+            heard.close()
+            assert await log_shows(server.log, f"ended EXPIRED ({ORPHANED})", ORPHAN_GRACE + 20)
+            assert server.log().count("ended EXPIRED") == 1, server.log()  # not the heard one
+            assert server.log().count("link lost") == 2, server.log()
+        finally:
+            assert stop(server) == 0, server.log()
+            backend.close()
 
     run(main())

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
+import signal
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -20,8 +24,9 @@ import pytest
 
 from tether.protocol.codes import CloseCode
 
+from .endpoints import Backend
 from .faultnet import start_tether, stop
-from .rawpeer import RawClient
+from .rawpeer import RawClient, read_stream
 
 
 def _silent_connections(address: tuple[str, int], source: str, count: int) -> list[socket.socket]:
@@ -117,5 +122,76 @@ def test_sessions_are_bounded_per_source(tmp_path: Any) -> None:
             with contextlib.suppress(Exception):
                 assert stop(server) == 0, server.log()
             backend.close()
+
+    asyncio.run(main())
+
+
+FD_LIMIT = 64  # RLIMIT_NOFILE of the server under test: 32 kept in reserve, 32 to count
+
+
+def test_at_the_file_descriptor_limit_a_new_link_is_told_overloaded(tmp_path: Any) -> None:
+    """A server near RLIMIT_NOFILE answers a new link REJECT(OVERLOADED) in clear text
+    (so a client retries and never falls back), instead of dropping it with an EOF or
+    failing its accept; the sessions already there keep working."""
+
+    async def main() -> None:
+        async with Backend(seed=41, size=1 << 30, eof=False) as backend:
+            log = tmp_path / "server.log"
+            with open(log, "wb") as err:
+                server = subprocess.Popen(
+                    [sys.executable, "-m", "tether", "server", "--listen", "127.0.0.1:0",
+                     "--backend", f"127.0.0.1:{backend.address[1]}", "--plaintext"],
+                    stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                    preexec_fn=lambda: resource.setrlimit(
+                        resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT)
+                    ),
+                )  # fmt: skip
+            assert server.stdout is not None
+            sessions: list[RawClient] = []
+            try:
+                line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 20)
+                assert line.startswith(b"READY "), log.read_text()
+                address = ("127.0.0.1", int(line.split()[1].rsplit(b":", 1)[1]))
+                refusal: ConnectionError | None = None
+                for i in range(FD_LIMIT):  # two descriptors a session: refused well before
+                    try:
+                        sessions.append(
+                            await asyncio.to_thread(RawClient, address, source=f"127.0.2.{i + 1}")
+                        )
+                    except ConnectionError as exc:
+                        refusal = exc
+                        break
+                assert refusal is not None, f"{len(sessions)} sessions, none refused"
+                assert "OVERLOADED" in str(refusal), refusal  # a REJECT, not an EOF
+                assert 8 < len(sessions) < FD_LIMIT // 2, len(sessions)
+                # Again, at once: still a REJECT, and the server keeps accepting.
+                with pytest.raises(ConnectionError, match="OVERLOADED"):
+                    await asyncio.to_thread(RawClient, address)
+                # The sessions already there are served.
+                first = sessions[0]
+                got = await asyncio.to_thread(read_stream, first.sock, first.session, 1 << 20, 30)
+                assert len(got) >= 1 << 20
+                # One ends: its descriptors are counted back, and a new session fits.
+                last = sessions.pop()
+                last.session.close(CloseCode.APPLICATION_RESET, "done")
+                last.sock.sendall(b"".join(last.session.data_to_send()))
+                last.close()
+                for _ in range(100):
+                    try:
+                        sessions.append(await asyncio.to_thread(RawClient, address))
+                        break
+                    except ConnectionError:
+                        await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError("no session after one ended\n" + log.read_text())
+                assert "out of file descriptors" in log.read_text()
+                assert "Traceback" not in log.read_text()
+            finally:
+                for raw in sessions:
+                    raw.close()
+                server.send_signal(signal.SIGTERM)
+                status = await asyncio.to_thread(server.wait, 10)
+                server.stdout.close()
+            assert status == 0, log.read_text()
 
     asyncio.run(main())

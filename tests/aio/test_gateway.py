@@ -10,6 +10,7 @@ import contextlib
 import os
 import ssl
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,15 @@ FAST = SessionConfig(keepalive=0.3, timeout=60.0)
 
 def run(coro: Coroutine[Any, Any, None], limit: float = 120) -> None:
     async def main() -> None:
+        task = asyncio.ensure_future(coro)
         try:
-            await asyncio.wait_for(coro, limit)
+            done, _ = await asyncio.wait([task], timeout=limit)
+            if not done:  # say where it is stuck, then fail (T6)
+                for stuck in asyncio.all_tasks():
+                    stuck.print_stack(limit=12)
+                task.cancel()
+                raise AssertionError(f"the test did not finish within {limit}s")
+            task.result()
         finally:
             close_all()
             await asyncio.sleep(0)
@@ -144,57 +152,75 @@ async def finished(apps: list[Streamer], backends: list[Backend], limit: float) 
         assert stream.digest.hexdigest() == digest  # every byte once and in order
 
 
-def test_sessions_spread_and_resume_on_their_server_through_either_gateway(
+def test_sessions_spread_and_resume_on_their_server_through_any_gateway(
     site: dict[str, Any], tmp_path: Path
 ) -> None:
+    """Six sessions through a relay (the network) and gateway 1: spread 3 and 3. Then every
+    link closed at gateway 1; then the path switched to gateway 2, running beside it; then
+    gateway 2 replaced by a new one on its port. Each time every session resumes on its own
+    server, and in the end every byte arrived once, in order, over one backend connection
+    per session."""
+    from .faultnet import FaultRelay
+
     async def main() -> None:
-        async with (
-            Backend(1, SIZE, eof=False) as b1,
-            Backend(1, SIZE, eof=False) as b2,
-            server(site, 1, b1) as s1,
-            server(site, 2, b2) as s2,
-        ):
-            first = TetherGateway(gateway_config(site, [s1, s2]))
-            await first.__aenter__()
-            first_open = True
-            try:
-                port = first.addresses[0].port
-                async with TetherClient(client_config(first, tmp_path)) as client:
-                    apps = await open_apps(client, 6)
-                    more(apps, SIZE // 4)
-                    # Spread: the gateway sends each new session to the server with fewest.
-                    assert len(b1.connections) == 3 and len(b2.connections) == 3
-                    ids = {s.session_id for s in client.sessions()}
-                    on = {sid: where(sid, site["key"]) for sid in ids}
-                    for srv, number in ((s1, 1), (s2, 2)):
-                        held = {s.session_id for s in srv.sessions()}
-                        assert held == {sid for sid, n in on.items() if n == number}
+        async with contextlib.AsyncExitStack() as stack:
+            b1 = await stack.enter_async_context(Backend(1, SIZE, eof=False))
+            b2 = await stack.enter_async_context(Backend(1, SIZE, eof=False))
+            s1 = await stack.enter_async_context(server(site, 1, b1))
+            s2 = await stack.enter_async_context(server(site, 2, b2))
+            gw1 = await stack.enter_async_context(TetherGateway(gateway_config(site, [s1, s2])))
+            relay = FaultRelay((gw1.addresses[0].host, gw1.addresses[0].port))
+            await relay.start()
+            stack.push_async_callback(relay.close)
+            config = replace(client_config(gw1, tmp_path), server=Address("127.0.0.1", relay.port))
+            client = await stack.enter_async_context(TetherClient(config))
+            apps = await open_apps(client, 6)
+            more(apps, SIZE // 4)
+            # Spread: the gateway sends each new session to the server with fewest links.
+            assert len(b1.connections) == 3 and len(b2.connections) == 3
+            ids = {s.session_id for s in client.sessions()}
+            on = {sid: where(sid, site["key"]) for sid in ids}
+            for srv, number in ((s1, 1), (s2, 2)):
+                held = {s.session_id for s in srv.sessions()}
+                assert held == {sid for sid, n in on.items() if n == number}
 
-                    # Kill every client link at the gateway: each session resumes, and
-                    # lands on its own server.
-                    backs = [*b1.connections, *b2.connections]
-                    await until(lambda: all(b.received > 0 for b in backs), 20, "bytes flowing")
-                    for link in first.client_links:
-                        link.abort()
-                    more(apps, SIZE // 4)  # into the replay buffers while detached
-                    await until(lambda: resumed(s1, s2, 1), 30, "resumes")  # fmt: skip
+            # 1. The gateway closes every client link: each session resumes, on its server.
+            backs = [*b1.connections, *b2.connections]
+            await until(lambda: all(b.received > 0 for b in backs), 20, "bytes flowing")
+            for link in gw1.client_links:
+                link.abort()
+            more(apps, SIZE // 4)  # into the replay buffers while detached
+            await until(lambda: resumed(s1, s2, 1), 30, "resumes through gateway 1")
 
-                    # Replace the gateway by another on the same port: the links it held
-                    # die, and the sessions resume through the new one (no shared state).
-                    first_open = False
-                    await first.__aexit__(None, None, None)
-                    more(apps, SIZE // 2)
-                    second = TetherGateway(gateway_config(site, [s1, s2], port))
-                    async with second:
-                        await until(lambda: resumed(s1, s2, 2), 30, "resumes")  # fmt: skip
-                        await finished(apps, [b1, b2], 60)
-                    for srv in (s1, s2):
-                        assert {s.session_id for s in srv.sessions()} <= ids
-                    # Every backend saw one connection per session, no more.
-                    assert len(b1.connections) == 3 and len(b2.connections) == 3
-            finally:
-                if first_open:
-                    await first.__aexit__(None, None, None)
+            # 2. The path now leads to gateway 2, which has never seen these sessions.
+            gw2 = TetherGateway(gateway_config(site, [s1, s2]))
+            await gw2.__aenter__()
+            gw2_open = [True]
+
+            async def close_gw2() -> None:
+                if gw2_open.pop():
+                    await gw2.__aexit__(None, None, None)
+
+            stack.push_async_callback(close_gw2)
+            relay.target = (gw2.addresses[0].host, gw2.addresses[0].port)
+            relay.kill_all()
+            more(apps, SIZE // 4)
+            await until(lambda: resumed(s1, s2, 2), 30, "resumes through gateway 2")
+            assert gw2.forwarded_total == 6 and not gw1.client_links
+
+            # 3. Gateway 2 is replaced by a new process on its port (a restart).
+            port = gw2.addresses[0].port
+            await close_gw2()
+            gw2_open.append(False)
+            more(apps, SIZE // 4)
+            gw3 = await stack.enter_async_context(
+                TetherGateway(gateway_config(site, [s1, s2], port))
+            )
+            await until(lambda: resumed(s1, s2, 3), 30, "resumes through gateway 3")
+            await finished(apps, [b1, b2], 60)
+            assert gw3.forwarded_total == 6
+            # Every backend saw one connection per session, no more.
+            assert len(b1.connections) == 3 and len(b2.connections) == 3
 
     run(main())
 

@@ -98,8 +98,7 @@ def test_application_half_close_keeps_the_other_direction_flowing(tmp_path: Any)
             tether_pair(backend.address, str(tmp_path)) as (_, client, relay),
         ):
             app = await connect_app(client.address, seed=4, size=1024 * 1024, eof=True)
-            await wait_for(backend.connected, 10, "the backend connection")
-            far = backend.connections[0]
+            far = await backend.serving(1024 * 1024)
             await wait_for(far.peer_eof, 30, "the application's EOF at the backend")
             assert far.received == 1024 * 1024
             assert not far.closed.is_set()
@@ -123,9 +122,8 @@ def test_backend_close_reaches_the_application_after_all_its_data(tmp_path: Any)
             Backend(seed=5, size=3 * 1024 * 1024, eof=False) as backend,
             tether_pair(backend.address, str(tmp_path)) as (_, client, relay),
         ):
-            app = await connect_app(client.address, seed=6, size=0, eof=False)
-            await wait_for(backend.connected, 10, "the backend connection")
-            far = backend.connections[0]
+            app = await connect_app(client.address, seed=6, size=1024, eof=False)
+            far = await backend.serving(1024)
             await wait_for(far.sent_all, 30, "the backend's stream")
             assert far.transport is not None
             far.transport.close()
@@ -150,8 +148,7 @@ def test_expiry_ends_the_session_on_both_sides(tmp_path: Any) -> None:
             ),
         ):
             app = await connect_app(client.address, seed=8, size=64 * 1024, eof=False)
-            await wait_for(backend.connected, 10, "the backend connection")
-            far = backend.connections[0]
+            far = await backend.serving(64 * 1024)
             for _ in range(200):  # both streams delivered: the session is up
                 if app.received == far.received == 64 * 1024:
                     break

@@ -31,6 +31,7 @@ from tether.config import (
     parse_size,
 )
 from tether.protocol.session import SessionConfig
+from tether.resources import default_memory_budget
 
 SRC = Path(tether.__file__).resolve().parents[1]  # this checkout's src, not an installed copy
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
@@ -204,6 +205,18 @@ def test_options_change_only_their_own_fields_of_a_base_config() -> None:
     base = ServerConfig(max_sessions=7, session=SessionConfig(keepalive=1.0, timeout=60.0))
     config = build_config(parse_args(["server", "--buffer", "1M"]), base)
     assert config == replace(base, session=SessionConfig(window=MIB, keepalive=1.0, timeout=60.0))
+
+
+def test_memory_budget_takes_a_size_and_refuses_less_than_one_floor(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = build_config(parse_args(["server", "--memory-budget", "8M"]))
+    assert config == replace(ServerConfig(), memory_budget=8 * MIB)
+    assert ServerConfig().memory_budget == default_memory_budget()
+    assert main(["server", "--memory-budget", "1K"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "tether: error: --memory-budget 1K: memory_budget must be at least 65536 bytes"
+    )
 
 
 @pytest.mark.parametrize(

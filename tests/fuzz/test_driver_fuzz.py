@@ -207,12 +207,6 @@ def test_fuzzed_tls_sessions_cost_the_server_no_memory_for_good(tmp_path: Path) 
     assert growth < 4 * 1024 * 1024, f"{growth >> 20} MiB in the second half\n{run.stdout}"
 
 
-@pytest.mark.xfail(
-    reason="F6: SIGTERM while connections arrive: the accept task calls sock_accept on the "
-    "listening socket stop_listening() has just closed; uvloop raises ValueError (fd -1), "
-    "which ends the server with an ExceptionGroup traceback and exit status 1",
-    strict=False,
-)
 def test_a_server_stopped_while_clients_connect_exits_cleanly() -> None:
     for _ in range(8):  # the race is lost about one time in three under this load
         server = subprocess.Popen(
@@ -243,11 +237,6 @@ def test_a_server_stopped_while_clients_connect_exits_cleanly() -> None:
         assert status == 0 and "Traceback" not in log, log[-3000:]
 
 
-@pytest.mark.xfail(
-    reason="F2: a server's REJECT (or CLOSE) may carry UNTRUSTED_SERVER, a code only the client "
-    "itself should decide on; the client then logs at ERROR that the server is untrusted",
-    strict=False,
-)
 def test_a_server_cannot_make_the_client_log_an_untrusted_server(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -6,7 +6,7 @@ import itertools
 
 from hypothesis import strategies as st
 
-from tether.protocol.codes import CloseCode
+from tether.protocol.codes import LOCAL_ONLY, CloseCode
 from tether.protocol.frames import (
     MAX_DATA_CHUNK,
     NONCE_SIZE,
@@ -29,7 +29,7 @@ u64 = st.integers(0, 2**64 - 1)
 key = st.binary(min_size=32, max_size=32)
 session_id = st.binary(min_size=SESSION_ID_SIZE, max_size=SESSION_ID_SIZE)
 nonce = st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE)
-codes = st.sampled_from(CloseCode)
+codes = st.sampled_from([code for code in CloseCode if code not in LOCAL_ONLY])  # on the wire
 # At most 64 characters of at most 4 UTF-8 bytes each: within MAX_REASON_BYTES, so exact.
 reasons = st.text(st.characters(exclude_categories=("Cs",)), max_size=64)
 

@@ -139,6 +139,14 @@ def test_unknown_close_code_reads_as_protocol_error() -> None:
     assert read_all([raw]) == [Close(CloseCode.PROTOCOL_ERROR, "")]
 
 
+def test_a_local_only_code_from_the_wire_reads_as_protocol_error() -> None:
+    """F2 (docs/fuzzing.md): a peer cannot make an end report what only it decides."""
+    for code in (CloseCode.LINK_LOST, CloseCode.RESUME_FAILED, CloseCode.UNTRUSTED_SERVER):
+        for cls in (Close, Reject):
+            raw = cls(code, "spoofed").serialize()
+            assert parse_control(raw[0], raw[4:]) == cls(CloseCode.PROTOCOL_ERROR, "spoofed")
+
+
 def test_hellos() -> None:
     hello = client_hello()
     assert len(hello) == CLIENT_HELLO_SIZE and hello.startswith(MAGIC)

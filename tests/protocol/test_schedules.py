@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import SessionEstablished
-from tether.protocol.session import SessionConfig, SessionState
+from tether.protocol.session import ORPHANED, SessionConfig, SessionState
 
 from .pair import Pair
 
@@ -190,6 +190,10 @@ def check(p: Pair, causes: set[CloseCode]) -> None:
     assert not app.eof or (app.received == backend.sent and backend.eof_sent)
     assert not backend.eof or (backend.received == app.sent and app.eof_sent)
     codes = {ended.code for ended in (app.ended, backend.ended) if ended is not None}
+    if backend.ended is not None and backend.ended.reason == ORPHANED:
+        # The schedule kept the client silent from the ACCEPT until the link died, then
+        # away for ORPHAN_GRACE: the server released the session (docs/protocol.md, "Limits").
+        causes = causes | {CloseCode.EXPIRED}
     for code in codes - {CloseCode.NORMAL}:
         if code is CloseCode.UNKNOWN_SESSION:
             assert backend.ended is not None, "UNKNOWN_SESSION for a session the server holds"

@@ -275,6 +275,8 @@ def test_any_traffic_keeps_the_link_alive(pair: Pair) -> None:
 
 
 def test_expiry_while_detached_on_both_sides(pair: Pair) -> None:
+    pair.client_send(b"heard")  # the server knows the client got its ACCEPT
+    pair.transfer()
     pair.client_send(b"unsent")
     pair.cut()
     assert pair.client.state is pair.server.state is SessionState.DETACHED

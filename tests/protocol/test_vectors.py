@@ -251,7 +251,9 @@ def listener_answer(first: int) -> bytes:
             refused=lambda source, why: None,
             spawn=lambda coroutine: pytest.fail("no task may start"),
         )
-        listener._start(ours, "?", first, _Once(lambda: None))  # closes ``ours``
+        listener._start(
+            ours, "?", first, _Once(lambda: None), _Once(lambda: None)
+        )  # closes ``ours``
         theirs.settimeout(5)
         answer = b""
         while chunk := theirs.recv(4096):

@@ -29,6 +29,7 @@ from pathlib import Path
 from .. import tls
 from ..config import Address, ClientConfig, parse_address
 from ..errors import SessionClosed
+from ..hooks import HookRunner
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
     Event,
@@ -77,7 +78,12 @@ class _ClientSession(SessionRelay):
 
     def on_established(self, event: SessionEstablished) -> None:
         self.name = f"{self.name}/{event.session_id.hex()[:12]}"
-        self.log.info("session %s: established via %s", self.name, self.client.config.server)
+        self.log.info(
+            "session %s: established via %s",
+            self.name,
+            self.client.config.server,
+            extra=self._fields("new"),
+        )
         if not self.ready.done():
             self.ready.set_result(True)
         self._settle(True)
@@ -88,17 +94,29 @@ class _ClientSession(SessionRelay):
         self._detached_at = None
         self._last_error = ""
         self.log.info(
-            "session %s: resumed after %.2fs away, replaying %d bytes",
+            "session %s: resumed after %.2fs away via %s, replaying %d bytes",
             self.name,
             away,
+            self.client.config.server,
             event.replayed,
+            extra=self._fields("resumed", outage_seconds=round(away, 3)),
         )
+        self._hook("resume", "resumed", outage_seconds=f"{away:.1f}", replayed_bytes=event.replayed)
         self._settle(True)
 
     def on_link_lost(self, reason: str) -> None:
         if self._detached_at is None:
             self._detached_at = self.loop.time()
-            self.log.info("session %s: link lost (%s); reconnecting", self.name, reason)
+            self.log.info(
+                "session %s: link lost (%s) to %s; reconnecting",
+                self.name,
+                reason,
+                self.client.config.server,
+                extra=self._fields("link_lost", reason=reason),
+            )
+            expires = self.core.expires_at
+            left = max(expires - self._detached_at, 0.0) if expires is not None else 0.0
+            self._hook("detach", reason, outage_seconds="0.0", expires_seconds=f"{left:.1f}")
         self._detached.set()
 
     def on_ended(self, event: SessionEnded) -> None:
@@ -116,17 +134,41 @@ class _ClientSession(SessionRelay):
         level = logging.INFO if event.code is CloseCode.NORMAL else logging.WARNING
         self.log.log(
             logging.ERROR if event.code is CloseCode.UNTRUSTED_SERVER else level,
-            "session %s: ended %s (%s)%s; application connection closed",
+            "session %s: ended %s (%s)%s; server %s; application connection closed",
             self.name,
             event.code.name,
             reason,
             " by the server" if event.by_peer else "",
+            self.client.config.server,
+            extra=self._fields("ended", code=event.code.name, reason=reason),
         )
+        away = self.loop.time() - self._detached_at if self._detached_at is not None else 0.0
+        self._hook("end", reason, close_code=event.code.name, outage_seconds=f"{away:.1f}")
+
+    def _fields(self, event: str, **more: object) -> dict[str, object]:
+        """The structured fields of a session event (``--log-format json``)."""
+        session = self.name.partition("/")[2] or self.name
+        peer = str(self.client.config.server)
+        return {"tether": {"session": session, "peer": peer, "event": event, **more}}
+
+    def _hook(self, event: str, reason: str, **variables: object) -> None:
+        """Run the user's hook for ``event`` (hooks.py); never waits for it."""
+        hooks = self.client.hooks
+        if hooks.command(event) is not None:
+            server = self.client.config.server
+            hooks.fire(event, self.name, {"server": server, "reason": reason, **variables})
 
     # -- its links, while their handshake runs (LinkOwner) -------------------------------
 
     def link_event(self, link: LinkProtocol, event: Event) -> None:
         if isinstance(event, HandshakeFailed) and link is self._trying:
+            self.log.debug(
+                "session %s: link %s: handshake failed: %s %s",
+                self.name,
+                link.peer,
+                event.code.name,
+                event.reason,
+            )
             self._failure = event
             self.client.counters.handshakes_failed += 1
             link.close()
@@ -136,6 +178,7 @@ class _ClientSession(SessionRelay):
             self._settle(False)
 
     def link_ready(self, link: LinkProtocol) -> None:
+        self.log.debug("session %s: link %s: accepted by the server", self.name, link.peer)
         link.hand_over(self)  # SessionEstablished or SessionResumed follow, and settle
 
     def link_lost(self, link: LinkProtocol, exc: Exception | None) -> None:
@@ -198,6 +241,12 @@ class _ClientSession(SessionRelay):
             return False
         self._outcome = self.loop.create_future()
         self._trying = link
+        self.log.debug(
+            "session %s: link %s: sending %s",
+            self.name,
+            link.peer,
+            "RESUME" if self.core.session_id else "SETUP",
+        )
         link.start(ClientHandshake(self.core, self.loop.time(), token=self.client.token))
         try:
             return await self._outcome
@@ -346,6 +395,7 @@ class TetherClient(Service):
         # Read once, here: a missing file or a key readable by others fails at start.
         self.tls_policy = None if config.plaintext else TLSPolicy(config)
         self.token = read_token(config.token_file) if config.token_file is not None else b""
+        self.hooks = HookRunner(config.hooks, self.spawn)
 
     def relays(self) -> Iterable[SessionRelay]:
         return [session for session in self._live if session._fallback is None]

@@ -109,6 +109,7 @@ class Dialer:
         server's identity verified (raising one of ``Untrusted`` when it is not)."""
         server = self.config.server
         policy = self._tls
+        logger.debug("link to %s: connecting (%s)", server, "TLS" if policy else "clear text")
         if policy is None:
             loop = asyncio.get_running_loop()
             return await asyncio.wait_for(
@@ -162,7 +163,9 @@ class Dialer:
                 winner.set_exception(exc)
             return
         except (OSError, TimeoutError) as exc:
-            self._on_failure(describe_link_failure(exc))
+            why = describe_link_failure(exc)
+            logger.debug("link to %s: attempt failed: %s", self.config.server, why)
+            self._on_failure(why)
             return
         if winner.done():
             transport.close()

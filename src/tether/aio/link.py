@@ -41,8 +41,11 @@ from ..protocol.events import (
 )
 from ..protocol.handshake import ClientHandshake, HandshakeStage, ServerHandshake
 from ..protocol.session import Session
+from .util import describe
 
 __all__ = ["LinkOwner", "LinkProtocol", "LocalProtocol", "LocalTransport", "SessionRelay"]
+
+logger = logging.getLogger("tether.link")
 
 _RESET_CODES = frozenset(
     {CloseCode.BACKEND_RESET, CloseCode.APPLICATION_RESET, CloseCode.PROTOCOL_ERROR}
@@ -160,11 +163,11 @@ class SessionRelay:
             if writable:
                 self.pump()
 
-    def link_closed(self, transport: asyncio.Transport) -> None:
+    def link_closed(self, transport: asyncio.Transport, exc: Exception | None = None) -> None:
         if transport is self.link:
             self.link = None
             self.core.link_lost(self.loop.time())
-            self.on_link_lost("connection closed")
+            self.on_link_lost(describe(exc) if exc is not None else "connection closed")
             self.pump()
 
     # -- the pump ----------------------------------------------------------------
@@ -192,6 +195,18 @@ class SessionRelay:
             elif isinstance(event, SessionResumed):
                 self.on_resumed(event)
             elif isinstance(event, LinkLost):
+                if self.log.isEnabledFor(logging.DEBUG):
+                    stats = core.statistics()
+                    self.log.debug(
+                        "session %s: core gave up the link (%s): %d bytes sent, %d acked, "
+                        "%d held for replay, %d received",
+                        stats.session_id[:12],
+                        event.reason,
+                        stats.bytes_sent,
+                        stats.bytes_acked,
+                        stats.replay_buffered,
+                        stats.bytes_received,
+                    )
                 if self.link is not None:
                     self.link.abort()
                     self.link = None
@@ -287,8 +302,10 @@ class LocalProtocol(asyncio.BufferedProtocol):
         relay = self.relay
         if relay is not None:
             capacity = relay.core.send_capacity()
-            if 0 < capacity < size:
-                size = capacity
+            if capacity < size:
+                # A read already due when the replay buffer (or the server's memory
+                # budget) has no room: one byte, then the reader is paused.
+                size = capacity if capacity > 0 else 1
         return memoryview(_scratch)[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -378,6 +395,8 @@ class LinkProtocol(asyncio.Protocol):
         # Called once when the link stops being a handshake (joined a session, failed, or
         # died): the server's handshake admission frees its place then.
         self.settled: Callable[[], None] | None = None
+        # Called once when the transport is gone (the server's FdGuard counts it closed).
+        self.on_closed: Callable[[], None] | None = None
         self.lost = False
         self._early = bytearray()  # bytes before start(): a server that speaks first
         self._timer: asyncio.TimerHandle | None = None
@@ -396,6 +415,18 @@ class LinkProtocol(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, LINK_RTO_MAX_MS)
+        if logger.isEnabledFor(logging.DEBUG):
+            tls = transport.get_extra_info("ssl_object")
+            if tls is not None:
+                cipher = tls.cipher()
+                logger.debug(
+                    "link %s: connected, TLS handshake done (%s, %s)",
+                    self.peer,
+                    tls.version(),
+                    cipher[0] if cipher else "?",
+                )
+            else:
+                logger.debug("link %s: connected (clear text)", self.peer)
         if self.handshake is not None:
             self.pump_handshake()
 
@@ -425,8 +456,11 @@ class LinkProtocol(asyncio.Protocol):
         self.lost = True
         self._cancel_timer()
         self._settle()
+        closed, self.on_closed = self.on_closed, None
+        if closed is not None:
+            closed()
         if self.relay is not None and self.transport is not None:
-            self.relay.link_closed(self.transport)
+            self.relay.link_closed(self.transport, exc)
         elif self.handshake is None or not self.handshake.failed:
             self.owner.link_lost(self, exc)
 

@@ -18,7 +18,10 @@ Admission comes first (docs/security.md, "Abuse"): every accepted connection tak
 place in the :class:`~tether.protocol.admission.HandshakeAdmission` until its link joins
 a session, fails or dies; past the limits (global, per source, or by OpenSSH-style
 random early drop) a new connection is closed at once. A clear-text server tells the
-client ``REJECT(OVERLOADED)`` first, so that it retries rather than falls back.
+client ``REJECT(OVERLOADED)`` first, so that it retries rather than falls back. The same
+happens when the server's :class:`~tether.resources.FdGuard` has no descriptor to spare
+(near ``RLIMIT_NOFILE``): the connection's socket is counted from its accept until it is
+closed, so the sessions already there keep theirs.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..config import Address
 from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
 from ..protocol.frames import MAGIC, MIN_PROTOCOL_VERSION, NONCE_SIZE, Reject, server_hello
+from ..resources import FdGuard
 from .link import LinkProtocol
 from .util import describe
 
@@ -58,16 +62,24 @@ class LinkListener:
         admission: HandshakeAdmission,
         refused: Callable[[str, str], None],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+        fds: FdGuard | None = None,
     ) -> None:
         """``link`` makes each link's protocol; ``refused(source, why)`` hears of every
-        connection that never became a link; ``spawn`` runs a task in the service's group."""
+        connection that never became a link; ``spawn`` runs a task in the service's group;
+        ``fds`` counts the accepted sockets (None: no count)."""
         self._link = link
         self._tls = tls
         self._timeout = handshake_timeout
         self.admission = admission
         self._refused = refused
         self._spawn = spawn
+        self._fds = fds
         self._sockets: list[socket.socket] = []
+
+    def reconfigure(self, tls: ssl.SSLContext | None, handshake_timeout: float) -> None:
+        """Use ``tls`` and ``handshake_timeout`` for links accepted from now on (a reload)."""
+        self._tls = tls
+        self._timeout = handshake_timeout
 
     @property
     def addresses(self) -> list[Address]:
@@ -108,21 +120,36 @@ class LinkListener:
 
     async def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while listening.fileno() != -1:  # close() closed it: stop, before the cancellation
             try:
                 conn, peer = await loop.sock_accept(listening)
-            except OSError as exc:  # out of file descriptors, most likely: breathe
+            except (OSError, ValueError) as exc:
+                # A socket closed under a pending accept (SIGTERM while connections arrive)
+                # raises OSError (EBADF), or ValueError under uvloop (fd -1): not an error.
+                if listening.fileno() == -1:
+                    return
+                if isinstance(exc, ValueError):
+                    raise
+                # Out of file descriptors, most likely: breathe.
                 logger.warning("accept on %s failed: %s", listening.getsockname(), describe(exc))
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
             source = str(peer[0]) if isinstance(peer, tuple) else "?"
+            fds = self._fds
+            if fds is not None and not fds.acquire():
+                self._overloaded(conn)
+                self._refused(source, "out of file descriptors (near RLIMIT_NOFILE)")
+                continue
+            closed = _Once(fds.release if fds is not None else _nothing)
             verdict = self.admission.admit(source)
             if not verdict.admitted:
                 self._overloaded(conn)
+                closed()
                 self._refused(source, f"too many handshakes ({verdict.value})")
                 continue
-            self._sniff(conn, source, _Once(functools.partial(self.admission.release, source)))
+            release = _Once(functools.partial(self.admission.release, source))
+            self._sniff(conn, source, release, closed)
 
     def _overloaded(self, conn: socket.socket) -> None:
         if self._tls is None:  # cheap in clear text; a TLS client just sees a reset
@@ -131,7 +158,7 @@ class LinkListener:
                 conn.send(server_hello(MIN_PROTOCOL_VERSION, bytes(NONCE_SIZE)) + busy.serialize())
         conn.close()
 
-    def _sniff(self, conn: socket.socket, source: str, release: _Once) -> None:
+    def _sniff(self, conn: socket.socket, source: str, release: _Once, closed: _Once) -> None:
         """Wait for the first byte (bounded by the handshake timeout), then start."""
         loop = asyncio.get_running_loop()
         fd = conn.fileno()
@@ -152,29 +179,39 @@ class LinkListener:
                 timer.cancel()
             if not first:
                 conn.close()
+                closed()
                 release()
                 self._refused(source, why)
             else:
-                self._start(conn, source, first[0], release)
+                self._start(conn, source, first[0], release, closed)
 
         def silent() -> None:
             loop.remove_reader(fd)
             conn.close()
+            closed()
             release()
             self._refused(source, "sent nothing before the handshake timeout")
 
         loop.add_reader(fd, readable)
         timer = loop.call_later(self._timeout, silent)
 
-    def _start(self, conn: socket.socket, source: str, first: int, release: _Once) -> None:
+    def _start(
+        self, conn: socket.socket, source: str, first: int, release: _Once, closed: _Once
+    ) -> None:
         tls = self._tls
         if first == TLS_RECORD and tls is not None:
-            self._spawn(self._start_link(conn, source, tls, release))
+            self._spawn(self._start_link(conn, source, tls, release, closed))
             return
         if first == MAGIC[0] and tls is None:
-            self._spawn(self._start_link(conn, source, None, release))
+            self._spawn(self._start_link(conn, source, None, release, closed))
             return
         release()
+        try:
+            self._refuse_link(conn, source, first)
+        finally:
+            closed()
+
+    def _refuse_link(self, conn: socket.socket, source: str, first: int) -> None:
         if first == MAGIC[0]:
             # A clear-text client: tell it, in its own terms, why it cannot go on.
             refusal = Reject(CloseCode.TLS_REQUIRED, "this server takes TLS links only")
@@ -192,11 +229,17 @@ class LinkListener:
             self._refused(source, "not a tether client")
 
     async def _start_link(
-        self, conn: socket.socket, source: str, tls: ssl.SSLContext | None, release: _Once
+        self,
+        conn: socket.socket,
+        source: str,
+        tls: ssl.SSLContext | None,
+        release: _Once,
+        closed: _Once,
     ) -> None:
         def made() -> LinkProtocol:
             link = self._link()
             link.settled = release  # the link frees its place when its handshake ends
+            link.on_closed = closed  # and its descriptor when its transport is gone
             return link
 
         loop = asyncio.get_running_loop()
@@ -209,11 +252,13 @@ class LinkListener:
                 )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             conn.close()
+            closed()
             release()
             what = "TLS handshake failed: " if tls is not None else ""
             self._refused(source, what + describe_tls(exc))
         except Exception:  # a bug must cost this connection only, never the server
             conn.close()
+            closed()
             release()
             logger.exception("link from %s failed to start", source)
 
@@ -229,6 +274,10 @@ def _close_gently(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
         conn.shutdown(socket.SHUT_WR)
     conn.close()
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Once:

@@ -20,13 +20,14 @@ from ..config import ServerConfig
 from ..credentials import ClientsFileError, ClientTokens
 from ..logs import RateLimitedLog
 from ..protocol import routing
-from ..protocol.admission import HandshakeAdmission
+from ..protocol.admission import HandshakeAdmission, MemoryBudget
 from ..protocol.codes import CloseCode
 from ..protocol.events import Event, HandshakeFailed, ResumeRequested, SessionEnded, SetupRequested
 from ..protocol.frames import Resume, Setup
 from ..protocol.handshake import ServerHandshake, SessionIds
 from ..protocol.router import Router
 from ..protocol.session import Session
+from ..resources import FdGuard
 from .gateway import read_routing_key
 from .link import LinkProtocol, LocalProtocol, LocalTransport, SessionRelay
 from .listener import LinkListener
@@ -46,10 +47,24 @@ class _ServerSession(SessionRelay):
         super().__init__(core, logger)
         self.server = server
         self.sid = core.session_id.hex()[:12]
-        self.peer = peer
+        self.peer = peer  # the address of its current (or last) link
+        self.detached_at: float | None = None
+
+    def fields(self, event: str, **more: object) -> dict[str, object]:
+        """The structured fields of a session event (``--log-format json``)."""
+        return {"tether": {"session": self.sid, "peer": self.peer, "event": event, **more}}
 
     def on_link_lost(self, reason: str) -> None:
-        self.log.info("session %s: link lost (%s); holding the backend", self.sid, reason)
+        self.detached_at = self.loop.time()
+        timeout = self.server.config.session.timeout
+        self.log.info(
+            "session %s: link lost (%s), peer %s; holding the backend for up to %gs",
+            self.sid,
+            reason,
+            self.peer,
+            timeout,
+            extra=self.fields("link_lost", reason=reason),
+        )
 
     def on_ended(self, event: SessionEnded) -> None:
         self.server._session_ended(self, event)
@@ -70,6 +85,7 @@ class TetherServer(Service):
             config.session,
             max_sessions=config.max_sessions,
             max_sessions_per_source=config.max_sessions_per_source,
+            memory=MemoryBudget(config.memory_budget),  # replay buffers, all sessions
             session_ids=_session_ids(config),
         )
         # Refused links and setups are logged once per source, then summarised every 10 s.
@@ -83,6 +99,7 @@ class TetherServer(Service):
         self._links: LinkListener | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._summaries: asyncio.Task[None] | None = None
+        self._fds: FdGuard | None = None  # read at start, once the CLI raised the limit
 
     def relays(self) -> Iterable[SessionRelay]:
         return self._relays.values()
@@ -90,6 +107,7 @@ class TetherServer(Service):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         router = self._router
+        self._fds = FdGuard.from_system()
         listener = LinkListener(
             lambda: LinkProtocol(self, router.open_link(loop.time())),
             self._tls_context(),
@@ -101,6 +119,7 @@ class TetherServer(Service):
             ),
             refused=self._link_refused,
             spawn=self.spawn,
+            fds=self._fds,
         )
         listener.open(self.config.listen)
         self.addresses = listener.addresses
@@ -181,6 +200,7 @@ class TetherServer(Service):
         handshake = link.handshake
         assert isinstance(handshake, ServerHandshake)
         if isinstance(event, SetupRequested):
+            logger.debug("link %s: SETUP received", link.peer)
             refusal = self._router.admit_setup(handshake, link.source)
             if refusal is not None:
                 if refusal.code is CloseCode.UNAUTHORIZED:
@@ -191,16 +211,30 @@ class TetherServer(Service):
             else:
                 self.spawn(self._setup(link, handshake))
         elif isinstance(event, ResumeRequested):
+            logger.debug(
+                "link %s: RESUME received for session %s",
+                link.peer,
+                event.session_id.hex()[:12],
+            )
             core = self._router.resume(handshake, asyncio.get_running_loop().time())
             if core is not None:
                 relay = self._relays[core.session_id]
                 link.hand_over(relay)
+                now = asyncio.get_running_loop().time()
+                away = now - relay.detached_at if relay.detached_at is not None else 0.0
+                relay.detached_at = None
+                moved = "" if link.peer == relay.peer else f" (was {relay.peer})"
+                relay.peer = link.peer
                 relay.log.info(
-                    "session %s: resumed from %s (resume %d), replaying %d bytes",
+                    "session %s: resumed from %s%s after %.2fs away (resume %d), "
+                    "replaying %d bytes",
                     relay.sid,
                     link.peer,
+                    moved,
+                    away,
                     core.statistics().resumes,
                     core.replay_buffered,
+                    extra=relay.fields("resumed", outage_seconds=round(away, 3)),
                 )
         elif isinstance(event, HandshakeFailed):
             self._refused(link, handshake, event)
@@ -266,18 +300,24 @@ class TetherServer(Service):
             link.pump_handshake()
         finally:
             if not accepted:
-                self._router.cancel_setup(link.source)
+                self._router.cancel_setup(link.source, hs)
 
     async def _setup_backend(self, link: LinkProtocol, hs: ServerHandshake) -> bool:
         loop = asyncio.get_running_loop()
-        backend = LocalProtocol(CloseCode.BACKEND_RESET)
         target = self.config.backend
+        if self._fds is not None and not self._fds.acquire():
+            link.why = "out of file descriptors for the backend connection (near RLIMIT_NOFILE)"
+            hs.reject(CloseCode.OVERLOADED, "server busy")  # transient: the client retries
+            link.pump_handshake()
+            return False
+        backend = _Backend(self._fds)
         try:
             transport, _ = await asyncio.wait_for(
                 loop.create_connection(lambda: backend, target.host, target.port),
                 self.config.backend_connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
+            backend.closed()
             # The reason and the address stay in our log; the client is told no more.
             link.why = f"backend {target} unreachable: {describe(exc)}"
             hs.reject(CloseCode.BACKEND_UNAVAILABLE, "backend unavailable")
@@ -288,7 +328,13 @@ class TetherServer(Service):
             transport.close()  # the link died while we reached the backend
             return False
         backend.bind(relay)  # what the backend already said follows the ACCEPT
-        relay.log.info("session %s: new from %s, backend %s", relay.sid, link.peer, target)
+        relay.log.info(
+            "session %s: new from %s, backend %s",
+            relay.sid,
+            link.peer,
+            target,
+            extra=relay.fields("new", backend=str(target)),
+        )
         return True
 
     def _accept(
@@ -329,15 +375,35 @@ class TetherServer(Service):
         stats = core.statistics()
         relay.log.log(
             logging.INFO if event.code is CloseCode.NORMAL else logging.WARNING,
-            "session %s: ended %s (%s)%s; %d bytes up, %d bytes down, %d resumes",
+            "session %s: ended %s (%s)%s; peer %s, %d bytes up, %d bytes down, %d resumes",
             relay.sid,
             event.code.name,
             event.reason,
             " by the client" if event.by_peer else "",
+            relay.peer,
             stats.bytes_received,
             stats.bytes_sent,
             stats.resumes,
+            extra=relay.fields("ended", code=event.code.name, reason=event.reason),
         )
+
+
+class _Backend(LocalProtocol):
+    """A session's backend connection, whose descriptor the server's FdGuard counts."""
+
+    def __init__(self, fds: FdGuard | None) -> None:
+        super().__init__(CloseCode.BACKEND_RESET)
+        self._fds = fds
+
+    def closed(self) -> None:
+        """Its descriptor is gone (or never was): count it once."""
+        fds, self._fds = self._fds, None
+        if fds is not None:
+            fds.release()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed()
+        super().connection_lost(exc)
 
 
 def _session_ids(config: ServerConfig) -> SessionIds | None:

@@ -563,6 +563,26 @@ class Account:
         budget._used += used - self._used
         self._used = used
 
+    def follow(self, used: int) -> None:
+        """The replay buffer now holds ``used`` bytes: what a session reports after each
+        change (never raises; a few integer operations). Unlike :meth:`set_used` it takes
+        bytes beyond :meth:`capacity` too: the core accepts every ``send()`` and only
+        *reports* its capacity (docs/protocol.md, "Limits": a buffer may exceed its bound
+        by one write), so an overdraft is possible when a caller writes past it. It is
+        bounded by that one write per session, because the caller is stopped at zero
+        capacity; ``committed`` then exceeds ``total`` until acknowledgements bring it
+        back, and nothing more is granted meanwhile."""
+        if self._closed:
+            return
+        budget = self._budget
+        reserved = self.reserved
+        old = self._used
+        budget._committed += (used if used > reserved else reserved) - (
+            old if old > reserved else reserved
+        )
+        budget._used += used - old
+        self._used = used
+
     def close(self) -> None:
         """The session ended: return its reservation and its bytes. Idempotent."""
         if self._closed:

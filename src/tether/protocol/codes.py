@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["CloseCode"]
+__all__ = ["LOCAL_ONLY", "CloseCode"]
 
 
 class CloseCode(enum.IntEnum):
@@ -32,7 +32,15 @@ class CloseCode(enum.IntEnum):
 
     @classmethod
     def from_wire(cls, value: int) -> CloseCode:
+        """The code a received CLOSE or REJECT carries. An unknown code, or one only an end
+        itself decides (``LOCAL_ONLY``: never on the wire), reads as PROTOCOL_ERROR: a peer
+        cannot make us report that our own check failed (docs/protocol.md, "Reason codes")."""
         try:
-            return cls(value)
+            code = cls(value)
         except ValueError:
             return cls.PROTOCOL_ERROR
+        return cls.PROTOCOL_ERROR if code in LOCAL_ONLY else code
+
+
+# docs/protocol.md, "Reason codes": decided by an end itself, never sent.
+LOCAL_ONLY = frozenset({CloseCode.LINK_LOST, CloseCode.RESUME_FAILED, CloseCode.UNTRUSTED_SERVER})

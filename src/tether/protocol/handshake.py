@@ -295,8 +295,10 @@ class ServerHandshake(_Handshake):
 
     # -- decisions ---------------------------------------------------------------
 
-    def accept_setup(self, now: float) -> Session:
-        """Create the session the SETUP asked for; it owns the link from now on."""
+    def accept_setup(self, now: float, *, window: int | None = None) -> Session:
+        """Create the session the SETUP asked for; it owns the link from now on.
+        ``window``: its replay-buffer bound, when not the configured one (the server's
+        memory budget grants it; the ACCEPT advertises it)."""
         setup, keypair = self.request, self._keypair
         if not isinstance(setup, Setup) or keypair is None or self.stage is not _S.DECIDING:
             raise InvalidState("accept_setup() without a pending SETUP")
@@ -308,6 +310,8 @@ class ServerHandshake(_Handshake):
         )
         self._keypair, self._shared = None, b""
         config = self.config
+        if window is not None and window != config.window:
+            config = replace(config, window=window)  # checked by SessionConfig
         accept = Accept(
             session_id, keypair.public, config.window, config.timeout_ms, config.keepalive_ms, b""
         )
@@ -316,7 +320,7 @@ class ServerHandshake(_Handshake):
         accept = replace(accept, confirm=crypto.accept_confirm(secret, confirmed))
         self._out.append(accept.serialize())
         preamble, leftover = self._hand_over()
-        session = Session(Role.SERVER, self.config, now)
+        session = Session(Role.SERVER, config, now)
         session.establish(
             now,
             session_id=session_id,
@@ -326,6 +330,7 @@ class ServerHandshake(_Handshake):
             version=self.version,
         )
         session.receive_data(leftover)
+        session.await_confirmation()  # bytes sent before the ACCEPT do not count
         return session
 
     def accept_resume(self, session: Session, now: float) -> bool:

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .admission import SessionAdmission
+from .admission import Account, MemoryBudget, SessionAdmission
 from .codes import CloseCode
 from .frames import Resume, Setup
 from .handshake import Random, ServerHandshake, SessionIds
@@ -60,16 +60,22 @@ class Router:
         max_sessions: int,
         max_sessions_per_source: int | None = None,
         authorize: Callable[[bytes], bool] | None = None,
+        memory: MemoryBudget | None = None,
         random: Random = os.urandom,
         session_ids: SessionIds | None = None,
     ) -> None:
         """``authorize(token)``: may a client presenting ``token`` create a session? None:
         any client that reached the handshake may (docs/security.md, "Client credentials").
         Sessions are counted per source (an IPv4 address or an IPv6 /64; admission.py).
+        ``memory``: the budget every session's replay buffer is charged to; it grants each
+        new session its window (smaller as it fills) and refuses a setup OVERLOADED when
+        not even the floor fits. None: no budget (each session bounded by its window).
         ``session_ids``: makes new sessions' ids (routing.py); None: random ones."""
         self.config = config
         self.authorize = authorize
         self.admission = SessionAdmission(max_sessions, max_sessions_per_source or max_sessions)
+        self.memory = memory
+        self._granted: dict[ServerHandshake, Account] = {}  # admitted, not yet accepted
         self.sessions: dict[bytes, Session] = {}
         self._sources: dict[bytes, str] = {}  # session id -> the source that set it up
         self._ended: OrderedDict[bytes, CloseCode] = OrderedDict()
@@ -92,15 +98,29 @@ class Router:
         if not self.admission.admit(source).admitted:
             # OVERLOADED is transient: the client retries later and does not fall back.
             return Refusal(CloseCode.OVERLOADED, "server busy")
+        if self.memory is not None:
+            account = self.memory.grant(self.config.window)
+            if account is None:  # not even the floor fits: established sessions keep theirs
+                self.admission.release(source)
+                return Refusal(CloseCode.OVERLOADED, "server busy")
+            self._granted[handshake] = account
         return None
 
-    def cancel_setup(self, source: str = "?") -> None:
+    def cancel_setup(self, source: str = "?", handshake: ServerHandshake | None = None) -> None:
         """An admitted setup did not happen (the backend was down, the link died)."""
         self.admission.release(source)
+        if handshake is not None and (account := self._granted.pop(handshake, None)):
+            account.close()
 
     def accept_setup(self, handshake: ServerHandshake, now: float, source: str = "?") -> Session:
-        """Create and register the session ``handshake`` asked for (admitted for ``source``)."""
-        session = handshake.accept_setup(now)
+        """Create and register the session ``handshake`` asked for (admitted for ``source``),
+        with the window its memory account was granted."""
+        account = self._granted.pop(handshake, None)
+        if account is None:
+            session = handshake.accept_setup(now)
+        else:
+            session = handshake.accept_setup(now, window=account.window)
+            session.charge_to(account)
         self.sessions[session.session_id] = session
         self._sources[session.session_id] = source
         return session

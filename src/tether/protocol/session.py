@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidState, ProtocolError
 from . import events
+from .admission import Account
 from .buffer import ReplayBuffer
 from .codes import CloseCode
 from .frames import (
@@ -71,6 +72,10 @@ CONTROL_RATE = 64.0  # frames per second
 CONTROL_BURST = 128.0  # frames at once
 CONTROL_FLOOD = "peer sends control frames without reading"  # LinkLost reason
 JOIN_BELOW = 4096  # DATA pieces of one read averaging fewer bytes are delivered joined
+# docs/protocol.md, "Limits": a server session whose client was never heard from after
+# the ACCEPT (its setup link died first) waits this long for a resume, not the timeout.
+ORPHAN_GRACE = 10.0  # seconds
+ORPHANED = "orphaned setup: the client was never heard from after ACCEPT"  # its end reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +163,10 @@ class Session:
     setup; a server's comes from ``ServerHandshake.accept_setup``."""
 
     __slots__ = (
+        "_account",
         "_acked",
         "_buffer",
+        "_confirmed",
         "_control",
         "_detached_since",
         "_end_code",
@@ -244,6 +251,11 @@ class Session:
         self._links = 0
         self._resumes = 0
         self._end_code: CloseCode | None = None
+        # Replay-buffer memory (server): the budget's account the buffer is charged to.
+        self._account: Account | None = None
+        # The peer has shown it knows the session (server: it spoke after the ACCEPT, or
+        # resumed); until then a lost link is an orphaned setup (ORPHAN_GRACE).
+        self._confirmed = role is Role.CLIENT
 
     @classmethod
     def client(cls, config: SessionConfig, now: float) -> Session:
@@ -287,9 +299,39 @@ class Session:
     def detached_since(self) -> float | None:
         return self._detached_since
 
+    @property
+    def expires_at(self) -> float | None:
+        """When (the driver's clock) the session ends EXPIRED unless a link carries it
+        again; None while one does."""
+        return self._expire_at
+
     def send_capacity(self) -> int:
-        """Bytes the replay buffer can still take; the driver stops reading at <= 0."""
-        return self.config.window - len(self._buffer)
+        """Bytes the replay buffer can still take; the driver stops reading at <= 0.
+        With a memory account (:meth:`charge_to`), also no more than the server's budget
+        gives it now: above the budget's high-water mark a session past its fair share
+        gets 0 (backpressure on its sender until its own peer acknowledges)."""
+        room = self.config.window - len(self._buffer)
+        account = self._account
+        if account is None:
+            return room
+        capacity = account.capacity()
+        return capacity if capacity < room else room
+
+    def charge_to(self, account: Account) -> None:
+        """Charge this session's replay buffer to ``account`` (a server's
+        :class:`~tether.protocol.admission.MemoryBudget`) from now on; the account is
+        closed when the session ends."""
+        self._account = account
+        account.follow(len(self._buffer))
+        if self.state is SessionState.CLOSED:
+            account.close()
+
+    def await_confirmation(self) -> None:
+        """Server: the session was just set up; until its client is heard on a link (any
+        bytes after the ACCEPT) or resumes, a lost link makes it an orphan, released
+        after ORPHAN_GRACE rather than the full timeout (docs/protocol.md, "Limits")."""
+        if self.role is Role.SERVER:
+            self._confirmed = False
 
     def can_resume_from(self, offset: int) -> bool:
         """Can the peer truthfully have received up to ``offset``? Only what was ever put
@@ -396,6 +438,8 @@ class Session:
             return
         start = self._buffer.end
         self._buffer.append(data)
+        if self._account is not None:
+            self._account.follow(self._buffer.end - self._buffer.start)
         if self._send_next == start and self._writable and self.state is SessionState.ATTACHED:
             self._frame(start, memoryview(data))
             self._send_next = self._sent_high = self._buffer.end
@@ -429,7 +473,7 @@ class Session:
             return
         if now is not None:
             self._now = now
-        self._heard = True
+        self._heard = self._confirmed = True
         run: list[bytes | memoryview] = []  # DATA pieces of this read not yet delivered
         try:
             for frame in self._reader.feed(data):
@@ -471,6 +515,8 @@ class Session:
         if self._expire_at is not None and now >= self._expire_at:
             if self.state is SessionState.NEW:
                 self._end(CloseCode.RESUME_FAILED, "no tether server reached in time", False)
+            elif not self._confirmed:
+                self._end(CloseCode.EXPIRED, ORPHANED, False)
             else:
                 self._end(CloseCode.EXPIRED, "session-reliability timeout passed", False)
             return
@@ -521,6 +567,7 @@ class Session:
         if peer_window is not None:
             self._peer_window = peer_window
         self._resumes += 1
+        self._confirmed = True  # the client proved it knows the session
         replayed = self._start_link(now, peer_received, preamble)
         self._events.append(events.SessionResumed(replayed, peer_received))
         return replayed
@@ -587,6 +634,8 @@ class Session:
             return
         self._peer_acked = offset
         self._buffer.discard_until(min(offset, self._buffer.end))
+        if self._account is not None:
+            self._account.follow(len(self._buffer))
         self._check_finished()
 
     def _check_finished(self) -> None:
@@ -652,6 +701,8 @@ class Session:
         self._peer_acked = max(self._peer_acked, peer_received)
         start = min(peer_received, self._buffer.end)
         self._buffer.discard_until(max(start, self._buffer.start))
+        if self._account is not None:
+            self._account.follow(len(self._buffer))
         replayed = self._buffer.end - start
         self._replayed += replayed
         self._send_next = peer_received
@@ -699,7 +750,10 @@ class Session:
         self._pong_token = None
         self._tick_at = None
         self._detached_since = now
-        self._expire_at = now + min(self.config.timeout, self._peer_timeout)
+        wait = min(self.config.timeout, self._peer_timeout)
+        if not self._confirmed:
+            wait = min(wait, ORPHAN_GRACE)  # no client knows of this session: an orphan
+        self._expire_at = now + wait
 
     def _end(self, code: CloseCode, reason: str, by_peer: bool) -> None:
         if self.state is SessionState.ATTACHED and not by_peer:
@@ -713,6 +767,8 @@ class Session:
         self._end_code = code
         self._tick_at = self._expire_at = None
         self._buffer.discard_until(self._buffer.end)  # free the bytes, keep the offsets
+        if self._account is not None:
+            self._account.close()  # its reservation and bytes go back to the budget
         self._events.append(events.SessionEnded(code, reason, by_peer))
 
     def _transition(self, event: _Input) -> None:
