@@ -362,6 +362,8 @@ class GatewayConfig:
     handshake_timeout: float = 10.0  # for the client's TLS and first bytes
     connect_timeout: float = 5.0  # to reach a server
     health_interval: float = 3.0  # between health checks of each server
+    max_handshakes: int = 1024  # client links not yet routed, as ServerConfig
+    max_handshakes_per_source: int = 256
     plaintext: bool = False  # client links in clear text: only inside a trusted network
     tls_cert: Path | None = None  # with tls_key; without, an identity in state_dir
     tls_key: Path | None = None
@@ -377,6 +379,9 @@ class GatewayConfig:
         for name in ("handshake_timeout", "connect_timeout", "health_interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        for name in ("max_handshakes", "max_handshakes_per_source"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.plaintext and self.tls_cert:

@@ -423,3 +423,25 @@ def test_gateway_and_routing_options_are_checked_at_start(
     argv += ["--listen", "127.0.0.1:0"]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_clear_text_client_of_a_tls_gateway_is_told_tls_required(
+    site: dict[str, Any],
+) -> None:
+    """The gateway accepts as a server does (aio/listener.py): the first byte decides."""
+
+    async def main() -> None:
+        async with (
+            Backend(1, SIZE) as b1,
+            server(site, 1, b1) as s1,
+            TetherGateway(gateway_config(site, [s1])) as gw,
+        ):
+            address = gw.addresses[0]
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+            writer.write(client_hello())
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            frame = parse_control(answer[41], answer[45:])
+            assert isinstance(frame, Reject) and frame.code is CloseCode.TLS_REQUIRED
+
+    run(main())

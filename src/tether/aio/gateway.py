@@ -22,14 +22,17 @@ import logging
 import ssl
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import tls
 from ..config import GatewayConfig, RoutedServer
+from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
 from ..protocol.frames import client_hello
 from ..protocol.routing import FirstBytes, Refuse, RouteTo, RoutingKey, health_answer
 from ..protocol.routing import parse_routing_key as _parse_key
+from .link import LinkProtocol
+from .listener import LinkListener
 from .service import Service
 from .splice import Splice
 from .util import describe
@@ -88,9 +91,15 @@ class _Counted(Splice):
 class _ClientSide(Splice):
     """The client side's splice, once routed: known to the gateway while it lives."""
 
-    def __init__(self, target: asyncio.Transport, links: set[asyncio.Transport]) -> None:
+    def __init__(
+        self,
+        target: asyncio.Transport,
+        links: set[asyncio.Transport],
+        on_closed: Callable[[], None] | None,
+    ) -> None:
         super().__init__(target)
         self.links = links
+        self.on_closed = on_closed
 
     def eof_received(self) -> bool:
         return _finished(self)
@@ -98,6 +107,8 @@ class _ClientSide(Splice):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
             self.links.discard(self.transport)
+        if self.on_closed is not None:
+            self.on_closed()
         super().connection_lost(exc)
 
 
@@ -137,6 +148,10 @@ class _ClientLink(asyncio.Protocol):
         self.refused = False
         self.peer = "?"
         self._timer: asyncio.TimerHandle | None = None
+        # Set by the LinkListener: its handshake place is freed once the link is decided,
+        # its descriptor counted until the transport is gone (as for a server's links).
+        self.settled: Callable[[], None] | None = None
+        self.on_closed: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -154,6 +169,7 @@ class _ClientLink(asyncio.Protocol):
         if decided or decision is None:
             return
         self._cancel_timer()
+        self.settle()
         assert self.transport is not None
         if isinstance(decision, Refuse):
             self._refuse(decision)
@@ -169,6 +185,15 @@ class _ClientLink(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self.settle()
+        closed, self.on_closed = self.on_closed, None
+        if closed is not None:
+            closed()
+
+    def settle(self) -> None:
+        settled, self.settled = self.settled, None
+        if settled is not None:
+            settled()
 
     def refuse(self, code: CloseCode, reason: str) -> None:
         self._refuse(self.reader.refusal(code, reason))
@@ -230,6 +255,8 @@ class TetherGateway(Service):
         )
         self._health: list[asyncio.Task[None]] = []
         self._links: set[asyncio.Transport] = set()  # clients' links, once routed
+        self._listening: LinkListener | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self.forwarded_total = 0
         self.refused_total = 0
 
@@ -242,13 +269,28 @@ class TetherGateway(Service):
         config = self.config
         if not config.server_plaintext:
             self._server_tls = tls.client_context(ca=config.server_ca)
-        client_tls = self._client_tls()
-        extra: dict[str, Any] = {}
-        if client_tls is not None:
-            extra = {"ssl": client_tls, "ssl_handshake_timeout": config.handshake_timeout}
         # The first round of health checks before READY: new sessions find a server.
         await asyncio.gather(*(self._check_once(server) for server in self.servers))
-        await self.listen(lambda: _ClientLink(self), config.listen, **extra)
+        # The server's listener: the first byte decides TLS or clear text (a clear-text
+        # client of a TLS gateway is told TLS_REQUIRED), and handshakes in progress are
+        # limited as a server limits them (docs/security.md, "Abuse").
+        listener = LinkListener(
+            # Duck-typed: the listener only sets settled/on_closed and gives it to the loop.
+            cast(Callable[[], LinkProtocol], lambda: _ClientLink(self)),
+            self._client_tls(),
+            handshake_timeout=config.handshake_timeout,
+            admission=HandshakeAdmission(
+                config.max_handshakes,
+                config.max_handshakes_per_source,
+                start=config.max_handshakes // 2,
+            ),
+            refused=self.log_refused,
+            spawn=self.spawn,
+        )
+        listener.open(config.listen)
+        self.addresses = listener.addresses
+        self._listening = listener
+        self._accepting = self.spawn(listener.serve())
         self._health = [self.spawn(self._check_forever(server)) for server in self.servers]
         logger.info(
             "gateway listening on %s; %s; servers %s (%s)",
@@ -257,6 +299,14 @@ class TetherGateway(Service):
             ", ".join(f"{s.server_id}={s.address}" for s in self.servers),
             "clear text" if config.server_plaintext else "TLS",
         )
+
+    def stop_listening(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
 
     def shutdown(self) -> None:
         """Stop checking and drop every routed link: the sessions live on in their
@@ -340,7 +390,8 @@ class TetherGateway(Service):
         remote_transport.write(link.reader.first_bytes())
         if link.eof and remote_transport.can_write_eof():
             remote_transport.write_eof()
-        outbound = _ClientSide(remote_transport, self._links)  # client -> server
+        closed, link.on_closed = link.on_closed, None  # the splice owns the transport now
+        outbound = _ClientSide(remote_transport, self._links, closed)  # client -> server
         outbound.transport = client
         self._links.add(client)
         client.set_protocol(outbound)
