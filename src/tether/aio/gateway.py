@@ -249,7 +249,6 @@ class TetherGateway(Service):
         self._by_id = {server.server_id: server for server in self.servers}
         self.fingerprint: str | None = None  # of the gateway's own certificate
         self._server_tls: ssl.SSLContext | None = None
-        self._server_sessions = tls.SessionCache(max_servers=max(64, len(self.servers)))
         self._pin = (
             tls.parse_fingerprint(config.server_fingerprint) if config.server_fingerprint else None
         )
@@ -415,7 +414,8 @@ class TetherGateway(Service):
             port,
             context=context,
             server_hostname=host,
-            sessions=self._server_sessions,
+            # No TLS session resumption to the servers: reading SSLObject.session leaks its
+            # copy on CPython 3.11 (tests/fuzz, F3), once per link here.
             verify=self._verify if self._pin is not None else None,
             ssl_handshake_timeout=self.config.connect_timeout,
         )
