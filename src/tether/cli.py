@@ -456,6 +456,13 @@ def _parser() -> argparse.ArgumentParser:
         if command == "demo":
             cmd.add_argument("-v", "--verbose", action="store_true", help="show tether's own logs")
             continue
+        if command == "gateway":
+            cmd.add_argument(
+                "--print-haproxy-config",
+                action="store_true",
+                help="print an HAProxy configuration that routes to the same servers as this "
+                "gateway would, and exit (default off)",
+            )
         cmd.add_argument(
             "--config",
             metavar="FILE",
@@ -833,6 +840,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "demo":
         return _run(lambda: run_demo(**kwargs, verbose=args.verbose))
+    if args.command == "gateway" and args.print_haproxy_config:
+        from .aio.gateway import haproxy_config
+
+        assert isinstance(settings.config, GatewayConfig)
+        try:
+            print(haproxy_config(settings.config), end="")
+        except (ValueError, TetherError) as exc:
+            print(f"tether: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     _setup_logging(settings.log_level, settings.log_format)
     _raise_file_limit()
     try:

@@ -445,3 +445,17 @@ def test_a_clear_text_client_of_a_tls_gateway_is_told_tls_required(
             assert isinstance(frame, Reject) and frame.code is CloseCode.TLS_REQUIRED
 
     run(main())
+
+
+def test_the_shipped_haproxy_config_is_what_print_haproxy_config_makes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """deploy/haproxy/haproxy.cfg is the output of the command in its header."""
+    from tether.cli import main
+
+    shipped = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
+    argv = ["gateway", "--server", "1=10.0.0.11:2598", "--server", "2=10.0.0.12:2598",
+            "--server-ca", "/etc/tether/servers-ca.pem", "--print-haproxy-config"]  # fmt: skip
+    assert " ".join(argv[1:]) in " ".join(shipped.read_text().replace("#", "").split())
+    assert main(argv) == 0
+    assert capsys.readouterr().out == shipped.read_text()

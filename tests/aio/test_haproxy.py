@@ -139,3 +139,30 @@ def test_haproxy_routes_resumes_by_the_routing_field(site: dict[str, Any], tmp_p
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.skipif(
+    shutil.which("haproxy") is None, reason="needs haproxy (apt-get install haproxy)"
+)
+def test_a_printed_config_with_a_key_and_clear_text_servers_is_valid(
+    site: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tether.cli import main
+
+    argv = ["gateway", "--server", "127.0.0.1:2598", "--server", "7=127.0.0.2:2600",
+            "--routing-key-file", str(site["key"]), "--server-plaintext",
+            "--print-haproxy-config"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "use-server s7 if { req.payload(14,2) -m bin 0007 }" in text
+    assert "hmac(sha256," + site["key"].read_text().strip() + ")" in text
+    assert " ssl " not in text.split("backend")[1]  # clear text to the servers
+    identity, _ = tls.load_or_create_identity(site["servers"])
+    front = tmp_path / "front.pem"
+    front.write_bytes(identity.cert_path.read_bytes() + identity.key_path.read_bytes())
+    config = tmp_path / "printed.cfg"
+    config.write_text(text.replace("/etc/tether/gateway.pem", str(front)))
+    haproxy = shutil.which("haproxy")
+    assert haproxy is not None
+    check = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -37,7 +37,7 @@ from .service import Service
 from .splice import Splice
 from .util import describe
 
-__all__ = ["TetherGateway", "read_routing_key"]
+__all__ = ["HAPROXY_TEMPLATE", "TetherGateway", "haproxy_config", "read_routing_key"]
 
 logger = logging.getLogger("tether.gateway")
 
@@ -472,3 +472,91 @@ class TetherGateway(Service):
     def snapshot(self) -> dict[int, tuple[bool, int]]:
         """Each server's health and open links: for tests and status pages."""
         return {s.server_id: (s.healthy, s.links) for s in self.servers}
+
+
+# deploy/haproxy/haproxy.cfg is this, for the servers in its header (a test keeps them equal).
+HAPROXY_TEMPLATE = """\
+# HAProxy in front of tether servers, routing by the routing field of docs/protocol.md, "Routing".
+#
+# HAProxy ends the clients' TLS (the certificate clients check or pin), reads the first bytes of
+# the tether stream in TCP mode, and sends
+#   - a setup (byte 10 is 0x01, SETUP) to the server with the fewest connections (leastconn);
+#   - a resume (bytes 10-13 are 06 00 00 10, ROUTE) to the server whose id is at bytes 14-15,
+#     after checking the 6-byte tag at bytes 24-29: HMAC-SHA256(routing key, bytes 14-23).
+# Anything else is closed without a byte. Servers are health-checked with a tether hello.
+#
+# Made by `tether gateway --server 1=10.0.0.11:2598 --server 2=10.0.0.12:2598 --server-ca
+# /etc/tether/servers-ca.pem --print-haproxy-config`: give your servers (and --routing-key-file to
+# fill in ROUTING_KEY_BASE64, the servers' key, base64), then put the certificate clients trust
+# (PEM: chain, then key) in /etc/tether/gateway.pem.
+# tests/aio/test_haproxy.py runs this file, with loopback addresses, against real servers.
+
+global
+    log stdout format raw local0 info
+    # Two sockets per session, so HAProxy needs a file limit above 2 x maxconn.
+    maxconn 100000
+
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 5s
+    # Longer than the clients' keepalive (3 s default): an idle session sends a PING every 3 s.
+    timeout client 1h
+    timeout server 1h
+
+frontend tether
+    bind :443 ssl crt /etc/tether/gateway.pem ssl-min-ver TLSv1.3
+    # The first bytes: 14 decide a setup, 30 a resume; a client sends them in one write.
+    tcp-request inspect-delay 10s
+    acl setup   req.payload(10,1) -m bin 01
+    acl route   req.payload(10,4) -m bin 06000010
+    acl whole   req.len ge 30
+    tcp-request content set-var(sess.tag) req.payload(24,6),hex if route whole
+    tcp-request content set-var(sess.want) req.payload(14,10),hmac(sha256,{key}),bytes(0,6),hex if route whole
+    acl tag_ok  var(sess.want),strcmp(sess.tag) eq 0
+    tcp-request content accept if setup
+    tcp-request content accept if route whole tag_ok
+    tcp-request content reject if route whole
+    tcp-request content reject if {{ req.len ge 14 }} !setup !route
+    # Neither within the inspect delay (a silent or a version-2 client): closed.
+    tcp-request content reject
+    default_backend tether_servers
+
+backend tether_servers
+    balance leastconn
+    # A resume goes to its server even when its health check fails (only it holds the session;
+    # the client keeps retrying until it is back or the session expires).
+    force-persist if {{ req.payload(10,1) -m bin 06 }}
+{use_servers}    # The health check: a tether client hello (versions 2..3) answered by a server hello
+    # (rbinary matches the answer in upper-case hex).
+    option tcp-check
+{check_connect}    tcp-check send-binary 895445544845520a0203
+    tcp-check expect rbinary ^895445544845520A0[23]
+    default-server check inter 3s fall 1 rise 1{server_tls}
+{servers}"""  # noqa: E501 - HAProxy has no line continuation
+
+
+def haproxy_config(config: GatewayConfig) -> str:
+    """HAProxy's configuration for the same servers, routing as this gateway does
+    (docs/deployment.md, "HAProxy at scale"): ``tether gateway --print-haproxy-config``."""
+    key = "ROUTING_KEY_BASE64"
+    if config.routing_key_file is not None:
+        read_routing_key(config.routing_key_file)  # a bad key fails here, not in HAProxy
+        key = "".join(config.routing_key_file.read_text().split())
+    use_servers = "".join(
+        f"    use-server s{s.server_id} if {{ req.payload(14,2) -m bin {s.server_id:04x} }}\n"
+        for s in config.servers
+    )
+    servers = "".join(f"    server s{s.server_id} {s.address}\n" for s in config.servers)
+    server_tls = ""
+    if not config.server_plaintext:
+        ca = config.server_ca or Path("/etc/tether/servers-ca.pem")
+        server_tls = f" ssl verify required ca-file {ca}"
+    return HAPROXY_TEMPLATE.format(
+        use_servers=use_servers,
+        servers=servers,
+        key=key,
+        check_connect="" if config.server_plaintext else "    tcp-check connect ssl\n",
+        server_tls=server_tls,
+    )
