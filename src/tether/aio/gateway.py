@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from .. import tls
 from ..config import GatewayConfig, RoutedServer
+from ..logs import RateLimitedLog
 from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
 from ..protocol.frames import client_hello
@@ -258,6 +259,9 @@ class TetherGateway(Service):
         self._accepting: asyncio.Task[None] | None = None
         self.forwarded_total = 0
         self.refused_total = 0
+        # Refused links are logged once per source, then summarised every 10 s (as a
+        # server's): a gateway on 443 meets every scanner.
+        self._refused_links = RateLimitedLog(logger, level=logging.INFO)
 
     def knows(self, server_id: int) -> bool:
         return server_id in self._by_id
@@ -291,6 +295,7 @@ class TetherGateway(Service):
         self._listening = listener
         self._accepting = self.spawn(listener.serve())
         self._health = [self.spawn(self._check_forever(server)) for server in self.servers]
+        self._health.append(self.spawn(self._summarise()))
         logger.info(
             "gateway listening on %s; %s; servers %s (%s)",
             ", ".join(map(str, self.addresses)),
@@ -306,6 +311,7 @@ class TetherGateway(Service):
         if self._listening is not None:
             self._listening.close()
             self._listening = None
+        self._refused_links.flush()
 
     def shutdown(self) -> None:
         """Stop checking and drop every routed link: the sessions live on in their
@@ -429,7 +435,13 @@ class TetherGateway(Service):
 
     def log_refused(self, peer: str, why: str) -> None:
         self.refused_total += 1
-        logger.info("link from %s refused: %s", peer, why)
+        self._refused_links.hit(f"link from {peer} refused", why)
+
+    async def _summarise(self) -> None:
+        """Write the refusal summaries whose window has passed (until the gateway stops)."""
+        while True:
+            await asyncio.sleep(self._refused_links.window)
+            self._refused_links.handle_timer()
 
     # -- health ---------------------------------------------------------------------------
 
