@@ -272,6 +272,11 @@ class TetherGateway(Service):
         config = self.config
         if not config.server_plaintext:
             self._server_tls = tls.client_context(ca=config.server_ca)
+        else:  # CONTRIBUTING.md S1: clear text only when asked, and said
+            logger.warning(
+                "links to the servers are in clear text (--server-plaintext): anyone on that "
+                "network can read and change every session; use it only on an internal network"
+            )
         # The first round of health checks before READY: new sessions find a server.
         await asyncio.gather(*(self._check_once(server) for server in self.servers))
         # The server's listener: the first byte decides TLS or clear text (a clear-text
