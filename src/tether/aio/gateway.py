@@ -254,6 +254,7 @@ class TetherGateway(Service):
             tls.parse_fingerprint(config.server_fingerprint) if config.server_fingerprint else None
         )
         self._health: list[asyncio.Task[None]] = []
+        self._running = True  # until shutdown
         self._links: set[asyncio.Transport] = set()  # clients' links, once routed
         self._listening: LinkListener | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -321,6 +322,7 @@ class TetherGateway(Service):
     def shutdown(self) -> None:
         """Stop checking and drop every routed link: the sessions live on in their
         servers, and their clients resume through any gateway."""
+        self._running = False
         for task in self._health:
             task.cancel()
         for link in list(self._links):
@@ -444,17 +446,20 @@ class TetherGateway(Service):
 
     async def _summarise(self) -> None:
         """Write the refusal summaries whose window has passed (until the gateway stops)."""
-        while True:
+        while self._running:
             await asyncio.sleep(self._refused_links.window)
             self._refused_links.handle_timer()
 
     # -- health ---------------------------------------------------------------------------
 
     async def _check_forever(self, server: _Server) -> None:
-        """Until the gateway stops (cancelled by shutdown): one check per interval."""
-        while True:
+        """Until the gateway stops: one check per interval. Bounded by the flag as well as
+        by the cancellation, which Python 3.11's wait_for can swallow when the check ends
+        at the same moment (gh-86296): the loop would then go on, and the TaskGroup wait."""
+        while self._running:
             await asyncio.sleep(self.config.health_interval)
-            await self._check_once(server)
+            if self._running:
+                await self._check_once(server)
 
     async def _check_once(self, server: _Server) -> None:
         why = "no tether server hello"
