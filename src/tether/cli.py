@@ -29,11 +29,13 @@ from .config import (
     ADMIN_PORTS,
     Address,
     ClientConfig,
+    GatewayConfig,
     ServerConfig,
     format_duration,
     format_size,
     parse_address,
     parse_duration,
+    parse_routed_server,
     parse_size,
     replace_field,
 )
@@ -44,9 +46,10 @@ from .reload import Reloader, Settings
 
 __all__ = ["build_config", "main", "parse_args"]
 
-_DEFAULTS: dict[str, ServerConfig | ClientConfig] = {
+_DEFAULTS: dict[str, ServerConfig | ClientConfig | GatewayConfig] = {
     "server": ServerConfig(),
     "client": ClientConfig(),
+    "gateway": GatewayConfig(),
 }
 
 _VALUES = """\
@@ -64,7 +67,8 @@ class _Option:
     flag: str
     path: str
     kind: str  # "listen", "target" (an address to connect to), "duration", "size",
-    #            "file", "text" or "switch" (a flag that sets True)
+    #            "file", "text", "switch" (a flag that sets True) or "servers" (repeated
+    #            [ID=]HOST:PORT)
     help: str
     required: bool = False
     shown: str | None = None  # the default as the help shows it, when not the field's value
@@ -82,10 +86,19 @@ class _Option:
             "file": "FILE",
             "text": "TEXT",
             "count": "N",
+            "servers": "[ID=]HOST:PORT",
         }
         return names.get(self.kind, "HOST:PORT")
 
-    def parse(self, text: str, default: object) -> object:
+    def parse(self, text: str | list[str], default: object) -> object:
+        if isinstance(text, list):  # "servers": the option given once per server
+            servers = []
+            for position, one in enumerate(text, 1):
+                try:
+                    servers.append(parse_routed_server(one, position))
+                except ValueError as exc:
+                    raise ValueError(f"{one}: {exc}") from None
+            return tuple(servers)
         if self.kind == "switch":
             return True
         if self.kind == "file":
@@ -117,7 +130,7 @@ class _Option:
             shown = self.shown
         elif isinstance(default, Address):
             shown = f"port {default.port}" if self.required else str(default)
-        elif default is None:
+        elif default is None or default == ():
             shown = "none"
         elif self.kind == "size" and isinstance(default, int):
             shown = format_size(default)
@@ -271,6 +284,20 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "accept only clients presenting a token listed here (see 'tether token new'); "
             "re-read when it changes",
         ),
+        _Option(
+            "--server-id",
+            "server_id",
+            "count",
+            "behind a gateway: this server's id (1-65535, unique in the site), written into "
+            "every session id so that resumes come back here; needs the routing key file",
+        ),
+        _Option(
+            "--routing-key-file",
+            "routing_key_file",
+            "file",
+            "the site's routing key (base64, mode 600; openssl rand -base64 32), shared by its "
+            "servers and gateways: it authenticates the server id in session ids",
+        ),
         _PLAINTEXT,
         *_admin("server"),
     ),
@@ -356,6 +383,71 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
         ),
         *_admin("client"),
     ),
+    "gateway": (
+        _Option("--listen", "listen", "listen", "where to accept clients' tether links"),
+        _Option(
+            "--server",
+            "servers",
+            "servers",
+            "a tether server behind this gateway, once per server; ID is the server's id "
+            "(tether server's option; without ID=, 1 for the first, 2 for the second, ...)",
+        ),
+        _Option(
+            "--routing-key-file",
+            "routing_key_file",
+            "file",
+            "the routing key the servers use (base64, mode 600): resumes are routed by the "
+            "server id it authenticates",
+        ),
+        _Option(
+            "--handshake-timeout",
+            "handshake_timeout",
+            "duration",
+            "how long a client may take for TLS and its first bytes",
+        ),
+        _Option("--connect-timeout", "connect_timeout", "duration", "to reach a server"),
+        _Option(
+            "--health-interval",
+            "health_interval",
+            "duration",
+            "between health checks (a tether hello) of each server; a server that fails gets "
+            "no new sessions until it passes",
+        ),
+        *_certificate("this gateway's TLS certificate (PEM chain), what clients check"),
+        _Option(
+            "--state-dir",
+            "state_dir",
+            "file",
+            "where the gateway keeps the key and self-signed certificate it makes on first "
+            "start, when it is given no certificate",
+            shown="$XDG_STATE_HOME/tether, ~/.local/state/tether, or /var/lib/tether for root",
+        ),
+        _Option(
+            "--server-ca",
+            "server_ca",
+            "file",
+            "trust a server if a CA in this bundle signed its certificate for its host name",
+        ),
+        _Option(
+            "--server-fingerprint",
+            "server_fingerprint",
+            "text",
+            "trust a server only with this certificate (sha256:HEX)",
+        ),
+        _Option(
+            "--server-plaintext",
+            "server_plaintext",
+            "switch",
+            "links to the servers in clear text (they run in clear text too): only on an "
+            "internal network",
+        ),
+        _Option(
+            "--plaintext",
+            "plaintext",
+            "switch",
+            "client links in clear text, no TLS: only inside a VPN or a trusted network",
+        ),
+    ),
     "demo": (
         _Option("--outage", "outage", "duration", "how long the network path is cut"),
         _Option("--bytes", "total_bulk", "size", "bulk data the application sends"),
@@ -381,6 +473,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = {
         "server": "relay tether sessions to a backend (the XTE role)",
         "client": "carry local application connections over tether",
+        "gateway": "route tether links to the servers behind it (one address for many)",
         "demo": "run a whole session through an outage on loopback",
     }
     for command, summary in commands.items():
@@ -404,6 +497,7 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 option.flag,
                 dest=option.dest,
+                action="append" if option.kind == "servers" else "store",
                 metavar=option.metavar,
                 # required: checked in _settings, once the config file (which may set it) is read
                 help=option.describe(_default(command, option.path)),
@@ -411,6 +505,13 @@ def _parser() -> argparse.ArgumentParser:
         if command == "demo":
             cmd.add_argument("-v", "--verbose", action="store_true", help="show tether's own logs")
             continue
+        if command == "gateway":
+            cmd.add_argument(
+                "--print-haproxy-config",
+                action="store_true",
+                help="print an HAProxy configuration that routes to the same servers as this "
+                "gateway would, and exit (default off)",
+            )
         cmd.add_argument(
             "--config",
             metavar="FILE",
@@ -603,17 +704,19 @@ def _given(args: argparse.Namespace) -> Iterator[tuple[_Option, str]]:
 
 
 @contextlib.contextmanager
-def _about(option: _Option, text: str) -> Iterator[None]:
-    """Name the option and its value in any ValueError: ``--timeout -3: must be positive``."""
+def _about(option: _Option, text: str | list[str]) -> Iterator[None]:
+    """Name the option and its value in any ValueError: ``--timeout -3: must be positive``
+    (a repeated option's error names the value itself)."""
     try:
         yield
     except ValueError as exc:
-        raise ValueError(f"{option.flag} {text}: {exc}") from None
+        shown = f" {text}:" if isinstance(text, str) else ""
+        raise ValueError(f"{option.flag}{shown} {exc}") from None
 
 
 def build_config(
-    args: argparse.Namespace, base: ServerConfig | ClientConfig | None = None
-) -> ServerConfig | ClientConfig:
+    args: argparse.Namespace, base: ServerConfig | ClientConfig | GatewayConfig | None = None
+) -> ServerConfig | ClientConfig | GatewayConfig:
     """``base`` (default: the dataclass defaults) with the fields the user gave replaced.
 
     Raises ValueError naming the option: ``--listen 127.0.0.1:x: port must be a number``.
@@ -779,6 +882,7 @@ def _raise_file_limit() -> None:
 
 async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]) -> int:
     from .aio.client import TetherClient
+    from .aio.gateway import TetherGateway
     from .aio.server import TetherServer
 
     service = settings.config
@@ -791,16 +895,29 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
         loop.add_signal_handler(
             hangup, lambda: logging.getLogger("tether").info("SIGHUP while starting: ignored")
         )
-    runner: TetherServer | TetherClient = (
-        TetherServer(service) if isinstance(service, ServerConfig) else TetherClient(service)
-    )
+    runner: TetherServer | TetherClient | TetherGateway
     admin: contextlib.AbstractAsyncContextManager[object | None] = contextlib.nullcontext()
-    if service.admin is not None:
-        from .admin import serve_admin  # aiohttp is imported only when it is used
+    if isinstance(service, GatewayConfig):
+        runner = TetherGateway(service)
+    else:
+        served = (
+            TetherServer(service) if isinstance(service, ServerConfig) else TetherClient(service)
+        )
+        if service.admin is not None:
+            from .admin import serve_admin  # aiohttp is imported only when it is used
 
-        admin = serve_admin(runner, service)
+            admin = serve_admin(served, service)
+        runner = served
     async with runner, admin as admin_url:
-        if hangup is not None:
+        if isinstance(runner, TetherGateway):
+            if hangup is not None:  # docs/deployment.md: no reload yet
+                loop.add_signal_handler(
+                    hangup,
+                    lambda: logging.getLogger("tether").warning(
+                        "SIGHUP: a gateway does not reload yet; restart it (clients resume)"
+                    ),
+                )
+        elif hangup is not None:
             reloader = Reloader(runner, settings, reread, _OPTIONS[runner.role], _setup_logging)
             loop.add_signal_handler(hangup, reloader)
         # Everything built so far lives as long as the process: keep the collector from
@@ -849,6 +966,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "demo":
         return _run(lambda: run_demo(**kwargs, verbose=args.verbose))
+    if args.command == "gateway" and args.print_haproxy_config:
+        from .aio.gateway import haproxy_config
+
+        assert isinstance(settings.config, GatewayConfig)
+        try:
+            print(haproxy_config(settings.config), end="")
+        except (ValueError, TetherError) as exc:
+            print(f"tether: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     _setup_logging(settings.log_level, settings.log_format)
     _raise_file_limit()
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .protocol.admission import DEFAULT_FLOOR
+from .protocol.routing import MAX_SERVER_ID
 from .protocol.session import SessionConfig
 from .resources import default_memory_budget
 
@@ -27,7 +28,9 @@ __all__ = [
     "ADMIN_PORTS",
     "Address",
     "ClientConfig",
+    "GatewayConfig",
     "HookConfig",
+    "RoutedServer",
     "ServerConfig",
     "format_duration",
     "format_size",
@@ -285,8 +288,16 @@ class ServerConfig:
     admin_tls_cert: Path | None = None
     admin_tls_key: Path | None = None
     admin_plaintext: bool = False  # the admin endpoint in clear text beyond loopback
+    # docs/protocol.md, "Routing": behind a gateway, this server's id in its session ids,
+    # authenticated under the site's routing key (0 and None: random ids).
+    server_id: int = 0
+    routing_key_file: Path | None = None
 
     def __post_init__(self) -> None:
+        if not 0 <= self.server_id <= MAX_SERVER_ID:
+            raise ValueError(f"server_id must be within 0-{MAX_SERVER_ID}")
+        if (self.server_id == 0) != (self.routing_key_file is None):
+            raise ValueError("server_id and routing_key_file go together")
         if not self.backend_connect_timeout > 0:
             raise ValueError("backend_connect_timeout must be positive")
         for name in (
@@ -383,3 +394,73 @@ class ClientConfig:
         if self.max_attempts_in_flight < 1:
             raise ValueError("max_attempts_in_flight must be at least 1")
         _check_admin(self)
+
+
+DEFAULT_GATEWAY_PORT = 443  # the gateway is where clients come from outside
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedServer:
+    """A server behind a gateway: its id (``tether server --server-id``) and address."""
+
+    server_id: int
+    address: Address
+
+    def __str__(self) -> str:
+        return f"{self.server_id}={self.address}"
+
+
+def parse_routed_server(text: str, position: int) -> RoutedServer:
+    """``[ID=]HOST[:PORT]``; without ``ID=`` the id is ``position`` (1 for the first)."""
+    id_text, sep, rest = text.partition("=")
+    if sep:
+        if not (id_text.isascii() and id_text.isdigit()):
+            raise ValueError("give [ID=]HOST:PORT, ID a number")
+        server_id, text = int(id_text), rest
+    else:
+        server_id = position
+    if not 1 <= server_id <= MAX_SERVER_ID:
+        raise ValueError(f"server id must be within 1-{MAX_SERVER_ID}")
+    return RoutedServer(
+        server_id, parse_address(text, default_port=DEFAULT_SERVER_PORT, any_port=False)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """A tether gateway (docs/deployment.md): clients' TLS ends here, and each link goes
+    to the server its first bytes name (docs/protocol.md, "Routing")."""
+
+    listen: Address = Address("0.0.0.0", DEFAULT_GATEWAY_PORT)
+    servers: tuple[RoutedServer, ...] = ()
+    routing_key_file: Path | None = None  # required: the servers' routing key
+    handshake_timeout: float = 10.0  # for the client's TLS and first bytes
+    connect_timeout: float = 5.0  # to reach a server
+    health_interval: float = 3.0  # between health checks of each server
+    max_handshakes: int = 1024  # client links not yet routed, as ServerConfig
+    max_handshakes_per_source: int = 256
+    plaintext: bool = False  # client links in clear text: only inside a trusted network
+    tls_cert: Path | None = None  # with tls_key; without, an identity in state_dir
+    tls_key: Path | None = None
+    state_dir: Path | None = None
+    server_plaintext: bool = False  # links to the servers in clear text (internal network)
+    server_ca: Path | None = None  # the servers' certificates chain to this CA (and name them)
+    server_fingerprint: str | None = None  # or every server presents this certificate
+
+    def __post_init__(self) -> None:
+        ids = [server.server_id for server in self.servers]
+        if len(set(ids)) != len(ids):
+            raise ValueError("two servers have the same id")
+        for name in ("handshake_timeout", "connect_timeout", "health_interval"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("max_handshakes", "max_handshakes_per_source"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.plaintext and self.tls_cert:
+            raise ValueError("plaintext takes no TLS certificate")
+        trust = [self.server_plaintext, self.server_ca is not None, self.server_fingerprint]
+        if sum(map(bool, trust)) > 1:
+            raise ValueError("choose one of server_plaintext, server_ca and server_fingerprint")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import sdnotify
-from .config import ClientConfig, ServerConfig
+from .config import ClientConfig, GatewayConfig, ServerConfig
 from .configfile import OptionLike, format_value, key_of
 from .errors import TetherError
 
@@ -61,7 +61,7 @@ RESTART_KEYS = frozenset(name.replace("_", "-") for name in _RESTART_FIELDS)
 class Settings:
     """What a server or client runs with: its config and its logging."""
 
-    config: ServerConfig | ClientConfig
+    config: ServerConfig | ClientConfig | GatewayConfig  # a gateway does not reload yet
     log_level: str = "info"
     log_format: str = "text"
     file: Path | None = None  # the --config file, if any

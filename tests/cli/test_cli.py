@@ -229,6 +229,7 @@ def test_memory_budget_takes_a_size_and_refuses_less_than_one_floor(
                       "(default none)", "(default 5s)", "(default 180s)", "(default 3s)",
                       "(default 4MiB)"]),
         (["demo"], ["(default 3s)", "(default 8MiB)"]),
+        (["gateway"], ["(default 0.0.0.0:443)", "(default none)", "(default 3s)"]),
     ],
 )  # fmt: skip
 def test_help_shows_every_default(
