@@ -32,11 +32,13 @@ from .config import (
     ADMIN_PORTS,
     Address,
     ClientConfig,
+    GatewayConfig,
     ServerConfig,
     format_duration,
     format_size,
     parse_address,
     parse_duration,
+    parse_routed_server,
     parse_size,
     replace_field,
 )
@@ -47,9 +49,10 @@ from .reload import Reloader, Settings
 
 __all__ = ["build_config", "main", "parse_args"]
 
-_DEFAULTS: dict[str, ServerConfig | ClientConfig] = {
+_DEFAULTS: dict[str, ServerConfig | ClientConfig | GatewayConfig] = {
     "server": ServerConfig(),
     "client": ClientConfig(),
+    "gateway": GatewayConfig(),
 }
 
 _VALUES = """\
@@ -67,7 +70,8 @@ class _Option:
     flag: str
     path: str
     kind: str  # "listen", "target" (an address to connect to), "duration", "size",
-    #            "file", "text" or "switch" (a flag that sets True)
+    #            "file", "text", "switch" (a flag that sets True) or "servers" (repeated
+    #            [ID=]HOST:PORT)
     help: str
     required: bool = False
     shown: str | None = None  # the default as the help shows it, when not the field's value
@@ -86,10 +90,19 @@ class _Option:
             "file": "FILE",
             "text": "TEXT",
             "count": "N",
+            "servers": "[ID=]HOST:PORT",
         }
         return names.get(self.kind, "HOST:PORT")
 
-    def parse(self, text: str, default: object) -> object:
+    def parse(self, text: str | list[str], default: object) -> object:
+        if isinstance(text, list):  # "servers": the option given once per server
+            servers = []
+            for position, one in enumerate(text, 1):
+                try:
+                    servers.append(parse_routed_server(one, position))
+                except ValueError as exc:
+                    raise ValueError(f"{one}: {exc}") from None
+            return tuple(servers)
         if self.kind == "switch":
             return True
         if self.kind == "file":
@@ -121,7 +134,7 @@ class _Option:
             shown = self.shown
         elif isinstance(default, Address):
             shown = f"port {default.port}" if self.required else str(default)
-        elif default is None:
+        elif default is None or default == ():
             shown = "none"
         elif self.kind == "size" and isinstance(default, int):
             shown = format_size(default)
@@ -177,15 +190,20 @@ _PLAINTEXT = _Option(
 )
 
 
-def _admin(role: str) -> tuple[_Option, _Option]:
+def _admin(role: str) -> tuple[_Option, ...]:
     port = ADMIN_PORTS[role]
+    identity = (
+        "the server's own TLS identity: --tls-cert, or the one in --state-dir"
+        if role == "server"
+        else "required there"
+    )
     return (
         _Option(
             "--admin",
             "admin",
             "listen",
-            "serve the admin endpoint here (HTTP: /metrics, /api/sessions, a status page at /); "
-            "an address beyond loopback needs the admin token file too",
+            "serve the admin endpoint here (/metrics, /api/sessions, a status page at /): "
+            "plain HTTP on loopback; beyond it HTTPS, and the admin token file is required",
             shown=f"off; HOST alone takes port {port}",
             port=port,
         ),
@@ -194,6 +212,21 @@ def _admin(role: str) -> tuple[_Option, _Option]:
             "admin_token_file",
             "file",
             "require this bearer token (a file of mode 600) on the admin endpoint",
+        ),
+        _Option(
+            "--admin-tls-cert",
+            "admin_tls_cert",
+            "file",
+            "the admin endpoint's TLS certificate (PEM chain); given, it is HTTPS even on loopback",
+            shown=f"none: beyond loopback, {identity}",
+        ),
+        _Option("--admin-tls-key", "admin_tls_key", "file", "its private key (PEM; mode 600)"),
+        _Option(
+            "--admin-plaintext",
+            "admin_plaintext",
+            "switch",
+            "serve the admin endpoint in clear text beyond loopback, no TLS: its token and "
+            "session list cross the network readable; only inside a trusted network",
         ),
     )
 
@@ -261,6 +294,20 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             "file",
             "accept only clients presenting a token listed here (see 'tether token new'); "
             "re-read when it changes",
+        ),
+        _Option(
+            "--server-id",
+            "server_id",
+            "count",
+            "behind a gateway: this server's id (1-65535, unique in the site), written into "
+            "every session id so that resumes come back here; needs the routing key file",
+        ),
+        _Option(
+            "--routing-key-file",
+            "routing_key_file",
+            "file",
+            "the site's routing key (base64, mode 600; openssl rand -base64 32), shared by its "
+            "servers and gateways: it authenticates the server id in session ids",
         ),
         _PLAINTEXT,
         *_admin("server"),
@@ -354,6 +401,71 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
         ),
         *_admin("client"),
     ),
+    "gateway": (
+        _Option("--listen", "listen", "listen", "where to accept clients' tether links"),
+        _Option(
+            "--server",
+            "servers",
+            "servers",
+            "a tether server behind this gateway, once per server; ID is the server's id "
+            "(tether server's option; without ID=, 1 for the first, 2 for the second, ...)",
+        ),
+        _Option(
+            "--routing-key-file",
+            "routing_key_file",
+            "file",
+            "the routing key the servers use (base64, mode 600): resumes are routed by the "
+            "server id it authenticates",
+        ),
+        _Option(
+            "--handshake-timeout",
+            "handshake_timeout",
+            "duration",
+            "how long a client may take for TLS and its first bytes",
+        ),
+        _Option("--connect-timeout", "connect_timeout", "duration", "to reach a server"),
+        _Option(
+            "--health-interval",
+            "health_interval",
+            "duration",
+            "between health checks (a tether hello) of each server; a server that fails gets "
+            "no new sessions until it passes",
+        ),
+        *_certificate("this gateway's TLS certificate (PEM chain), what clients check"),
+        _Option(
+            "--state-dir",
+            "state_dir",
+            "file",
+            "where the gateway keeps the key and self-signed certificate it makes on first "
+            "start, when it is given no certificate",
+            shown="$XDG_STATE_HOME/tether, ~/.local/state/tether, or /var/lib/tether for root",
+        ),
+        _Option(
+            "--server-ca",
+            "server_ca",
+            "file",
+            "trust a server if a CA in this bundle signed its certificate for its host name",
+        ),
+        _Option(
+            "--server-fingerprint",
+            "server_fingerprint",
+            "text",
+            "trust a server only with this certificate (sha256:HEX)",
+        ),
+        _Option(
+            "--server-plaintext",
+            "server_plaintext",
+            "switch",
+            "links to the servers in clear text (they run in clear text too): only on an "
+            "internal network",
+        ),
+        _Option(
+            "--plaintext",
+            "plaintext",
+            "switch",
+            "client links in clear text, no TLS: only inside a VPN or a trusted network",
+        ),
+    ),
     "demo": (
         _Option("--outage", "outage", "duration", "how long the network path is cut"),
         _Option("--bytes", "total_bulk", "size", "bulk data the application sends"),
@@ -379,6 +491,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = {
         "server": "relay tether sessions to a backend (the XTE role)",
         "client": "carry local application connections over tether",
+        "gateway": "route tether links to the servers behind it (one address for many)",
         "demo": "run a whole session through an outage on loopback",
     }
     for command, summary in commands.items():
@@ -403,13 +516,20 @@ def _parser() -> argparse.ArgumentParser:
                 option.flag,
                 dest=option.dest,
                 metavar=option.metavar,
-                action="append" if option.many else "store",
+                action="append" if option.many or option.kind == "servers" else "store",
                 # required: checked in _settings, once the config file (which may set it) is read
                 help=option.describe(_default(command, option.path)),
             )
         if command == "demo":
             cmd.add_argument("-v", "--verbose", action="store_true", help="show tether's own logs")
             continue
+        if command == "gateway":
+            cmd.add_argument(
+                "--print-haproxy-config",
+                action="store_true",
+                help="print an HAProxy configuration that routes to the same servers as this "
+                "gateway would, and exit (default off)",
+            )
         cmd.add_argument(
             "--config",
             metavar="FILE",
@@ -526,6 +646,19 @@ def _admin_tool_parsers(sub: Any) -> None:
             metavar="FILE",
             help="the endpoint's bearer token, when it requires one (default none)",
         )
+        trust = cmd.add_mutually_exclusive_group()
+        trust.add_argument(
+            "--admin-fingerprint",
+            metavar="sha256:HEX",
+            help="an https:// endpoint must present the certificate with this fingerprint "
+            "(its ADMIN line shows it) (default none: it must verify against the system's CAs)",
+        )
+        trust.add_argument(
+            "--tls-ca",
+            metavar="FILE",
+            help="an https:// endpoint's certificate must chain to this CA bundle and name "
+            "its host (default none)",
+        )
     status.add_argument("--once", action="store_true", help="show it once (default off)")
     status.add_argument(
         "--json", action="store_true", help="print /api/sessions once as JSON (default off)"
@@ -552,14 +685,18 @@ def _tool(args: argparse.Namespace) -> int:
         print(f"(its hash was added to {path}; this token is not stored anywhere)", file=sys.stderr)
         return 0
     if args.command in ("status", "kill"):
-        from .admin.status import DEFAULT_ADMIN_URL, run_kill, run_status
+        from .admin.status import DEFAULT_ADMIN_URL, AdminTrust, run_kill, run_status
 
         url = args.admin or DEFAULT_ADMIN_URL
         secret = Path(args.admin_token_file).expanduser() if args.admin_token_file else None
+        ca = Path(args.tls_ca).expanduser() if args.tls_ca else None
+        trust = AdminTrust(args.admin_fingerprint, ca)
         if args.command == "kill":
-            return _run(lambda: run_kill(args.session_id, url, secret))
+            return _run(lambda: run_kill(args.session_id, url, secret, trust))
         try:
-            return _run(lambda: run_status(url, secret, once=args.once, as_json=args.json))
+            return _run(
+                lambda: run_status(url, secret, once=args.once, as_json=args.json, trust=trust)
+            )
         except KeyboardInterrupt:  # Ctrl-C ends the live view: that is how it is left
             return 0
     if args.command == "probe":
@@ -580,25 +717,27 @@ def _given(args: argparse.Namespace) -> Iterator[tuple[_Option, str]]:
     """Each option the user gave, with its text (once per time it was given)."""
     for option in _OPTIONS[args.command]:
         text = getattr(args, option.dest)
-        if isinstance(text, list):
+        if isinstance(text, list) and option.many:  # --listen: each address on its own
             for each in text:
                 yield option, each
-        elif text is not None:
+        elif text is not None:  # ("servers" takes its whole list)
             yield option, text
 
 
 @contextlib.contextmanager
-def _about(option: _Option, text: str) -> Iterator[None]:
-    """Name the option and its value in any ValueError: ``--timeout -3: must be positive``."""
+def _about(option: _Option, text: str | list[str]) -> Iterator[None]:
+    """Name the option and its value in any ValueError: ``--timeout -3: must be positive``
+    (a repeated option's error names the value itself)."""
     try:
         yield
     except ValueError as exc:
-        raise ValueError(f"{option.flag} {text}: {exc}") from None
+        shown = f" {text}:" if isinstance(text, str) else ""
+        raise ValueError(f"{option.flag}{shown} {exc}") from None
 
 
 def build_config(
-    args: argparse.Namespace, base: ServerConfig | ClientConfig | None = None
-) -> ServerConfig | ClientConfig:
+    args: argparse.Namespace, base: ServerConfig | ClientConfig | GatewayConfig | None = None
+) -> ServerConfig | ClientConfig | GatewayConfig:
     """``base`` (default: the dataclass defaults) with the fields the user gave replaced.
 
     Raises ValueError naming the option: ``--listen 127.0.0.1:x: port must be a number``.
@@ -719,10 +858,17 @@ def _demo_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-def _with_file_option(message: str, config: ServerConfig | ClientConfig) -> str:
+def _role(config: ServerConfig | ClientConfig | GatewayConfig) -> str:
+    """The command whose options make ``config``."""
+    if isinstance(config, ServerConfig):
+        return "server"
+    return "client" if isinstance(config, ClientConfig) else "gateway"
+
+
+def _with_file_option(message: str, config: ServerConfig | ClientConfig | GatewayConfig) -> str:
     """``message`` about an unusable file, prefixed with the option that names it when
     exactly one does: ``--token-file: cannot read /x: no such file`` (U3)."""
-    role = "server" if isinstance(config, ServerConfig) else "client"
+    role = _role(config)
     flags = []
     for option in _OPTIONS[role]:
         if option.kind == "file":
@@ -801,7 +947,7 @@ def _raise_file_limit() -> None:
 RESOLVE_TIMEOUT = 5.0
 
 
-async def _check_names(config: ServerConfig | ClientConfig, role: str) -> None:
+async def _check_names(config: ServerConfig | ClientConfig | GatewayConfig) -> None:
     """Resolve, at start and within :data:`RESOLVE_TIMEOUT`, every host name the service
     connects to, so that a typo is refused now (exit 2) rather than once per session:
     ``--server no-such-host.invalid: name does not resolve``.
@@ -815,10 +961,13 @@ async def _check_names(config: ServerConfig | ClientConfig, role: str) -> None:
 
     loop = asyncio.get_running_loop()
     names: list[tuple[str, Address]] = []
-    for option in _OPTIONS[role]:
+    for option in _OPTIONS[_role(config)]:
         value = functools.reduce(getattr, option.path.split("."), config)
-        if option.kind == "target" and isinstance(value, Address) and not _is_ip(value.host):
+        if option.kind == "target" and isinstance(value, Address):
             names.append((option.flag, value))
+        elif option.kind == "servers" and isinstance(value, tuple):  # a gateway's servers
+            names += [(option.flag, server.address) for server in value]
+    names = [(flag, address) for flag, address in names if not _is_ip(address.host)]
 
     async def lookup(flag: str, address: Address) -> None:
         try:
@@ -865,11 +1014,12 @@ def _on_signal(loop: asyncio.AbstractEventLoop, sig: int, callback: Callable[[],
 
 async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]) -> int:
     from .aio.client import TetherClient
+    from .aio.gateway import TetherGateway
     from .aio.server import TetherServer
 
     service = settings.config
     try:
-        await _check_names(service, "server" if isinstance(service, ServerConfig) else "client")
+        await _check_names(service)
     except* ValueError as group:
         raise group.exceptions[0] from None
     stop = asyncio.Event()
@@ -883,16 +1033,29 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
             hangup,
             lambda: logging.getLogger("tether").info("SIGHUP while starting: ignored"),
         )
-    runner: TetherServer | TetherClient = (
-        TetherServer(service) if isinstance(service, ServerConfig) else TetherClient(service)
-    )
-    admin: contextlib.AbstractAsyncContextManager[str | None] = contextlib.nullcontext()
-    if service.admin is not None:
-        from .admin import serve_admin  # aiohttp is imported only when it is used
+    runner: TetherServer | TetherClient | TetherGateway
+    admin: contextlib.AbstractAsyncContextManager[object | None] = contextlib.nullcontext()
+    if isinstance(service, GatewayConfig):
+        runner = TetherGateway(service)
+    else:
+        served = (
+            TetherServer(service) if isinstance(service, ServerConfig) else TetherClient(service)
+        )
+        if service.admin is not None:
+            from .admin import serve_admin  # aiohttp is imported only when it is used
 
-        admin = serve_admin(runner, service)
+            admin = serve_admin(served, service)
+        runner = served
     async with runner, admin as admin_url:
-        if hangup is not None:
+        if isinstance(runner, TetherGateway):
+            if hangup is not None:  # docs/deployment.md: no reload yet
+                loop.add_signal_handler(
+                    hangup,
+                    lambda: logging.getLogger("tether").warning(
+                        "SIGHUP: a gateway does not reload yet; restart it (clients resume)"
+                    ),
+                )
+        elif hangup is not None:
             reloader = Reloader(runner, settings, reread, _OPTIONS[runner.role], _setup_logging)
             _on_signal(loop, hangup, reloader)
         # Everything built so far lives as long as the process: keep the collector from
@@ -900,7 +1063,7 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
         gc.freeze()
         for address in runner.addresses:
             print(f"READY {address}", flush=True)
-        if admin_url is not None:
+        if admin_url is not None:  # the URL, and over HTTPS its certificate's fingerprint
             print(f"ADMIN {admin_url}", flush=True)
         sdnotify.ready(f"listening on {', '.join(map(str, runner.addresses))}")
         await stop.wait()
@@ -941,6 +1104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "demo":
         return _run(lambda: run_demo(**kwargs, verbose=args.verbose))
+    if args.command == "gateway" and args.print_haproxy_config:
+        from .aio.gateway import haproxy_config
+
+        assert isinstance(settings.config, GatewayConfig)
+        try:
+            print(haproxy_config(settings.config), end="")
+        except (ValueError, TetherError) as exc:
+            print(f"tether: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     _setup_logging(settings.log_level, settings.log_format)
     _raise_file_limit()
     try:

@@ -8,6 +8,7 @@ and replaces only the fields the user gave; library users build them directly.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shlex
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .protocol.admission import DEFAULT_FLOOR
+from .protocol.routing import MAX_SERVER_ID
 from .protocol.session import SessionConfig
 from .resources import default_memory_budget
 
@@ -26,7 +28,9 @@ __all__ = [
     "ADMIN_PORTS",
     "Address",
     "ClientConfig",
+    "GatewayConfig",
     "HookConfig",
+    "RoutedServer",
     "ServerConfig",
     "format_duration",
     "format_size",
@@ -198,11 +202,47 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _check_admin(admin: Address | None, token_file: Path | None) -> None:
-    """The admin endpoint listens beyond loopback only behind a token (docs/security.md)."""
-    if token_file is not None and admin is None:
+# Tests set it to treat a loopback admin address as any other (tests/admin/test_tls.py): it
+# can only make the endpoint stricter (a token and HTTPS required), never looser.
+ADMIN_NOT_LOOPBACK_ENV = "TETHER_TEST_ADMIN_NOT_LOOPBACK"
+
+
+def admin_is_local(host: str) -> bool:
+    """May the admin endpoint on ``host`` serve plain HTTP without a token (loopback)?"""
+    return is_loopback(host) and not os.environ.get(ADMIN_NOT_LOOPBACK_ENV)
+
+
+def _check_admin(
+    config: ServerConfig | ClientConfig,
+) -> None:
+    """The admin endpoint listens beyond loopback only behind a token, over HTTPS unless
+    ``admin_plaintext`` says clear text (docs/security.md, "Admin endpoint")."""
+    admin = config.admin
+    if config.admin_token_file is not None and admin is None:
         raise ValueError("admin_token_file needs admin")
-    if admin is not None and token_file is None and not is_loopback(admin.host):
+    if (config.admin_tls_cert is None) != (config.admin_tls_key is None):
+        raise ValueError("admin_tls_cert and admin_tls_key go together")
+    if config.admin_tls_cert is not None and admin is None:
+        raise ValueError("admin_tls_cert needs admin")
+    if config.admin_plaintext and admin is None:
+        raise ValueError("admin_plaintext needs admin")
+    if config.admin_plaintext and config.admin_tls_cert is not None:
+        raise ValueError("admin_plaintext takes no admin TLS certificate")
+    if admin is None or admin_is_local(admin.host):
+        return
+    if isinstance(config, ClientConfig) and (
+        config.admin_token_file is None
+        or (config.admin_tls_cert is None and not config.admin_plaintext)
+    ):
+        # Both requirements in one message: the command line is checked one option at a
+        # time to name the one that fails, so --admin may be checked before the others.
+        raise ValueError(
+            "not loopback: a client's admin endpoint needs admin_token_file "
+            "(--admin-token-file) there, and admin_tls_cert and admin_tls_key "
+            "(--admin-tls-cert, --admin-tls-key) for HTTPS, or admin_plaintext "
+            "(--admin-plaintext) for clear text"
+        )
+    if config.admin_token_file is None:
         raise ValueError(
             "not loopback: the admin endpoint needs admin_token_file (--admin-token-file) there"
         )
@@ -263,9 +303,22 @@ class ServerConfig:
     clients: Path | None = None  # hashes of the tokens that may create sessions
     admin: Address | None = None  # the admin endpoint (tether.admin); off when None
     admin_token_file: Path | None = None  # its bearer token; required beyond loopback
+    # Beyond loopback the admin endpoint is HTTPS, with this certificate and key (server:
+    # default its links' identity; client: required there) unless admin_plaintext.
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    admin_plaintext: bool = False  # the admin endpoint in clear text beyond loopback
+    # docs/protocol.md, "Routing": behind a gateway, this server's id in its session ids,
+    # authenticated under the site's routing key (0 and None: random ids).
+    server_id: int = 0
+    routing_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         _check_listen(self.listen)
+        if not 0 <= self.server_id <= MAX_SERVER_ID:
+            raise ValueError(f"server_id must be within 0-{MAX_SERVER_ID}")
+        if (self.server_id == 0) != (self.routing_key_file is None):
+            raise ValueError("server_id and routing_key_file go together")
         if not self.backend_connect_timeout > 0:
             raise ValueError("backend_connect_timeout must be positive")
         for name in (
@@ -282,7 +335,7 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.plaintext and (self.tls_cert or self.tls_client_ca):
             raise ValueError("plaintext takes no TLS certificate or client CA")
-        _check_admin(self.admin, self.admin_token_file)
+        _check_admin(self)
 
 
 DEFAULT_HOOK_TIMEOUT = 30.0  # a hook still running then is killed
@@ -340,6 +393,11 @@ class ClientConfig:
     hooks: HookConfig = field(default_factory=HookConfig)  # run on outage events
     admin: Address | None = None  # the admin endpoint (tether.admin); off when None
     admin_token_file: Path | None = None  # its bearer token; required beyond loopback
+    # Beyond loopback the admin endpoint is HTTPS, with this certificate and key (server:
+    # default its links' identity; client: required there) unless admin_plaintext.
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    admin_plaintext: bool = False  # the admin endpoint in clear text beyond loopback
 
     def __post_init__(self) -> None:
         _check_listen(self.listen)
@@ -357,4 +415,74 @@ class ClientConfig:
             raise ValueError("backoff_initial must be positive and at most backoff_cap")
         if self.max_attempts_in_flight < 1:
             raise ValueError("max_attempts_in_flight must be at least 1")
-        _check_admin(self.admin, self.admin_token_file)
+        _check_admin(self)
+
+
+DEFAULT_GATEWAY_PORT = 443  # the gateway is where clients come from outside
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedServer:
+    """A server behind a gateway: its id (``tether server --server-id``) and address."""
+
+    server_id: int
+    address: Address
+
+    def __str__(self) -> str:
+        return f"{self.server_id}={self.address}"
+
+
+def parse_routed_server(text: str, position: int) -> RoutedServer:
+    """``[ID=]HOST[:PORT]``; without ``ID=`` the id is ``position`` (1 for the first)."""
+    id_text, sep, rest = text.partition("=")
+    if sep:
+        if not (id_text.isascii() and id_text.isdigit()):
+            raise ValueError("give [ID=]HOST:PORT, ID a number")
+        server_id, text = int(id_text), rest
+    else:
+        server_id = position
+    if not 1 <= server_id <= MAX_SERVER_ID:
+        raise ValueError(f"server id must be within 1-{MAX_SERVER_ID}")
+    return RoutedServer(
+        server_id, parse_address(text, default_port=DEFAULT_SERVER_PORT, any_port=False)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """A tether gateway (docs/deployment.md): clients' TLS ends here, and each link goes
+    to the server its first bytes name (docs/protocol.md, "Routing")."""
+
+    listen: Address = Address("0.0.0.0", DEFAULT_GATEWAY_PORT)
+    servers: tuple[RoutedServer, ...] = ()
+    routing_key_file: Path | None = None  # required: the servers' routing key
+    handshake_timeout: float = 10.0  # for the client's TLS and first bytes
+    connect_timeout: float = 5.0  # to reach a server
+    health_interval: float = 3.0  # between health checks of each server
+    max_handshakes: int = 1024  # client links not yet routed, as ServerConfig
+    max_handshakes_per_source: int = 256
+    plaintext: bool = False  # client links in clear text: only inside a trusted network
+    tls_cert: Path | None = None  # with tls_key; without, an identity in state_dir
+    tls_key: Path | None = None
+    state_dir: Path | None = None
+    server_plaintext: bool = False  # links to the servers in clear text (internal network)
+    server_ca: Path | None = None  # the servers' certificates chain to this CA (and name them)
+    server_fingerprint: str | None = None  # or every server presents this certificate
+
+    def __post_init__(self) -> None:
+        ids = [server.server_id for server in self.servers]
+        if len(set(ids)) != len(ids):
+            raise ValueError("two servers have the same id")
+        for name in ("handshake_timeout", "connect_timeout", "health_interval"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("max_handshakes", "max_handshakes_per_source"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.plaintext and self.tls_cert:
+            raise ValueError("plaintext takes no TLS certificate")
+        trust = [self.server_plaintext, self.server_ca is not None, self.server_fingerprint]
+        if sum(map(bool, trust)) > 1:
+            raise ValueError("choose one of server_plaintext, server_ca and server_fingerprint")

@@ -4,9 +4,9 @@ The reloader builds the new settings as a start would (defaults, then the ``--co
 file, then the command line, which still wins), compares them key by key with those in use,
 and applies every change that can take effect live; sessions already running keep what they
 began with. What only a restart can change (the listening address, clear text or TLS, the
-admin endpoint's address and token) is kept as it is and named in one WARNING. A file that
-does not load, or a certificate, CA or clients file that does not read, changes nothing: one
-ERROR, and the old settings stay.
+admin endpoint's address, token, certificate and clear text or not) is kept as it is and
+named in one WARNING. A file that does not load, or a certificate, CA or clients file that
+does not read, changes nothing: one ERROR, and the old settings stay.
 The process never exits on SIGHUP. systemd hears ``RELOADING=1`` before and ``READY=1``
 after (``Type=notify-reload``, or ``Type=notify`` with ``ExecReload=``).
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import sdnotify
-from .config import ClientConfig, ServerConfig
+from .config import ClientConfig, GatewayConfig, ServerConfig
 from .configfile import OptionLike, format_value, key_of
 from .errors import TetherError
 
@@ -43,17 +43,25 @@ __all__ = ["RESTART_KEYS", "Reloader", "Settings", "apply_client", "apply_server
 
 logger = logging.getLogger("tether.reload")
 
-# The listening socket and its TLS or not; the admin endpoint's address and token (tether.admin
-# binds and reads them once, at start).
-RESTART_KEYS = frozenset({"listen", "plaintext", "admin", "admin-token-file"})
-_RESTART_FIELDS = ("listen", "plaintext", "admin", "admin_token_file")
+# The listening socket and its TLS or not; the admin endpoint's address, token, TLS identity
+# and clear text or not (tether.admin binds and reads them once, at start).
+_RESTART_FIELDS = (
+    "listen",
+    "plaintext",
+    "admin",
+    "admin_token_file",
+    "admin_tls_cert",
+    "admin_tls_key",
+    "admin_plaintext",
+)
+RESTART_KEYS = frozenset(name.replace("_", "-") for name in _RESTART_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What a server or client runs with: its config and its logging."""
 
-    config: ServerConfig | ClientConfig
+    config: ServerConfig | ClientConfig | GatewayConfig  # a gateway does not reload yet
     log_level: str = "info"
     log_format: str = "text"
     file: Path | None = None  # the --config file, if any

@@ -45,14 +45,22 @@ class Tethers:
     client_admin: str
 
 
-async def admin_url(proc: Proc, limit: float = 10.0) -> str:
-    """The URL from the ``ADMIN URL`` line a tether prints after ``READY``."""
+async def admin_line(proc: Proc, limit: float = 10.0) -> list[str]:
+    """The words after ``ADMIN`` on the line a tether prints after ``READY``: the URL and,
+    over HTTPS, the certificate's fingerprint."""
     assert proc.popen.stdout is not None
     loop = asyncio.get_running_loop()
     line = await asyncio.wait_for(loop.run_in_executor(None, proc.popen.stdout.readline), limit)
-    text = line.decode().strip()
-    assert text.startswith("ADMIN http://"), f"expected the ADMIN line, got {text!r}"
-    return text.split()[1]
+    words = line.decode().split()
+    assert words[:1] == ["ADMIN"], f"expected the ADMIN line, got {line!r}"
+    return words[1:]
+
+
+async def admin_url(proc: Proc, limit: float = 10.0) -> str:
+    """The URL from the ``ADMIN URL`` line of a plain HTTP (loopback) endpoint."""
+    words = await admin_line(proc, limit)
+    assert words[0].startswith("http://") and len(words) == 1, f"expected plain HTTP: {words}"
+    return words[0]
 
 
 @contextlib.asynccontextmanager

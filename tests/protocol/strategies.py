@@ -21,6 +21,7 @@ from tether.protocol.frames import (
     Reject,
     Resume,
     Resumed,
+    Route,
     Setup,
 )
 
@@ -37,6 +38,7 @@ setups = st.builds(Setup, key, u32, u32)
 accepts = st.builds(Accept, session_id, key, u32, u32, u32, key)
 resumes = st.builds(Resume, session_id, nonce, u64, u32, u32, key)
 resumeds = st.builds(Resumed, u64, key)
+routes = st.builds(Route, session_id)
 rejects = st.builds(Reject, codes, reasons)
 acks = st.builds(Ack, u64)
 eofs = st.builds(Eof, u64)
@@ -44,7 +46,7 @@ pings = st.builds(Ping, u64)
 pongs = st.builds(Pong, u64)
 closes = st.builds(Close, codes, reasons)
 control_frames = st.one_of(
-    setups, accepts, resumes, resumeds, rejects, acks, eofs, pings, pongs, closes
+    setups, accepts, resumes, routes, resumeds, rejects, acks, eofs, pings, pongs, closes
 )
 data_frames = st.builds(
     Data,

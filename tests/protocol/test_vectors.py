@@ -42,9 +42,10 @@ from tether.protocol import resume
 from tether.protocol.admission import HandshakeAdmission
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import SessionEnded, SetupRequested
-from tether.protocol.frames import MAGIC, Close, Ping, Pong, client_hello
+from tether.protocol.frames import MAGIC, Close, Ping, Pong, Route, client_hello
 from tether.protocol.handshake import ClientHandshake, ServerHandshake
 from tether.protocol.router import Router
+from tether.protocol.routing import FirstBytes, RouteTo, RoutingKey, parse_routing_key
 from tether.protocol.session import Session, SessionConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
@@ -63,6 +64,12 @@ CLIENT_NONCE_2 = bytes(range(0xA0, 0xC0))
 # Shaped like the tokens ``tether token new`` makes: "tether_" and 43 URL-safe base64
 # characters of 256 bits (here the bytes 0xc0 to 0xdf).
 TOKEN = b"tether_" + base64.urlsafe_b64encode(bytes(range(0xC0, 0xE0))).rstrip(b"=")
+
+# "Routing": a site's key (the bytes 0x60 to 0x7f), server 3, and the id's random nonce.
+ROUTING_KEY = bytes(range(0x60, 0x80))
+ROUTING_KEY_FILE = base64.b64encode(ROUTING_KEY) + b"\n"
+SERVER_ID = 3
+ROUTE_NONCE = bytes(range(0xC0, 0xC8))
 
 WINDOW = 4 * 1024 * 1024
 KEEPALIVE_MS = 3000
@@ -224,6 +231,10 @@ def run_examples() -> Wire:
         hs.reject(refusal.code, refusal.reason)
         wire.server["unauthorized"] = _take(hs)[41:]  # after its hello
     wire.server["tls required"] = listener_answer(MAGIC[0])  # a clear-text client
+    # Routing: server 3 makes a session id; the client's first bytes on its resume.
+    key = parse_routing_key(ROUTING_KEY_FILE)
+    routed_id = key.make(SERVER_ID, random=_Script(ROUTE_NONCE))
+    wire.client["routed resume"] = client_hello(3, 3) + Route(routed_id).serialize()
     return wire
 
 
@@ -315,10 +326,10 @@ def expected() -> Expected:
     shared = X25519PrivateKey.from_private_bytes(SERVER_PRIVATE).exchange(
         X25519PublicKey.from_public_bytes(client_public)
     )
-    hello = DOC_MAGIC + bytes((2, 2))  # min_version, max_version
+    hello = DOC_MAGIC + bytes((2, 3))  # min_version, max_version
     setup_payload = client_public + _u32(WINDOW) + _u32(KEEPALIVE_MS)
     setup = _frame(0x01, setup_payload + bytes((len(TOKEN),)) + TOKEN)
-    hello1 = DOC_MAGIC + bytes((2,)) + SERVER_NONCE_1
+    hello1 = DOC_MAGIC + bytes((3,)) + SERVER_NONCE_1
     accept_fields = (
         SESSION_ID + server_public + _u32(WINDOW) + _u32(TIMEOUT_MS) + _u32(KEEPALIVE_MS)
     )
@@ -337,6 +348,9 @@ def expected() -> Expected:
         secret, SERVER_LABEL + SESSION_ID + SERVER_NONCE_2 + CLIENT_NONCE_2 + _u64(6)
     )
     no_nonce = bytes(32)
+    route_input = _u16(SERVER_ID) + ROUTE_NONCE
+    route_tag = _hmac(ROUTING_KEY, route_input)[:6]
+    routed_id = route_input + route_tag
     values = {
         "client_public": client_public,
         "server_public": server_public,
@@ -347,24 +361,29 @@ def expected() -> Expected:
         "confirm": confirm,
         "client proof": client_proof,
         "server proof": server_proof,
+        "routing key": ROUTING_KEY,
+        "route tag": route_tag,
+        "routed id": routed_id,
     }
     client = {
         "hello+setup": hello + setup,
         "data hello": _frame(0x10, _u64(0) + b"hello\n"),
         "ack 4": _frame(0x11, _u64(4)),
-        "hello2": hello,
+        # A version-3 resume offers only its session's version and names the session.
+        "hello2": DOC_MAGIC + bytes((3, 3)) + _frame(0x06, SESSION_ID),
         "resume": _frame(0x03, SESSION_ID + CLIENT_NONCE_2 + resume_fields + client_proof),
         "replay": _frame(0x10, _u64(6) + b"queued"),
         "eof 12": _frame(0x12, _u64(12)),
         "ack 5": _frame(0x11, _u64(5)),
         "ping": _frame(0x13, _u64(1)),
         "close": _frame(0x15, _u16(8) + b"reset"),
+        "routed resume": DOC_MAGIC + bytes((3, 3)) + _frame(0x06, routed_id),
     }
     server = {
         "hello1": hello1,
         "accept": _frame(0x02, accept_fields + confirm),
         "data hi+ack": _frame(0x10, _u64(0) + b"hi!\n") + _frame(0x11, _u64(6)),
-        "hello2": DOC_MAGIC + bytes((2,)) + SERVER_NONCE_2,
+        "hello2": DOC_MAGIC + bytes((3,)) + SERVER_NONCE_2,
         "resumed": _frame(0x04, _u64(6) + server_proof),
         "ack 13": _frame(0x11, _u64(13)),
         "eof 4": _frame(0x12, _u64(4)),
@@ -372,7 +391,7 @@ def expected() -> Expected:
         "version": DOC_MAGIC
         + bytes((0,))
         + no_nonce
-        + _frame(0x05, _u16(2) + b"client speaks versions 1..1, server 2"),
+        + _frame(0x05, _u16(2) + b"client speaks versions 1..1, server 2..3"),
         "unauthorized": _frame(0x05, _u16(16) + b"not authorized"),
         "tls required": DOC_MAGIC
         + bytes((2,))
@@ -475,6 +494,20 @@ def test_dumps_are_in_the_document(wire: Wire, side: str, examples: str) -> None
     for name, data in getattr(wire, side).items():
         dump = hexdump(data)
         assert f"```\n{dump}\n```" in examples, f"{side} {name}:\n{dump}"
+
+
+def test_gateway_routes_the_example(wire: Wire, want: Expected) -> None:
+    """The routed resume's first bytes, read by a gateway's FirstBytes, go to server 3,
+    in one piece or byte by byte; the id's tag checks under the key only."""
+    first = wire.client["routed resume"]
+    assert first[14:16] == _u16(SERVER_ID) and first[14:30] == want.values["routed id"]
+    for pieces in ([first], [first[i : i + 1] for i in range(len(first))]):
+        reader = FirstBytes(RoutingKey(ROUTING_KEY), known=lambda server: server == SERVER_ID)
+        for piece in pieces:
+            reader.receive_data(piece)
+        assert reader.decision == RouteTo(SERVER_ID)
+        assert reader.first_bytes() == first
+    assert RoutingKey(bytes(32)).server_of(want.values["routed id"]) is None
 
 
 def test_document_states_the_v2_labels() -> None:

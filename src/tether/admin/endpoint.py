@@ -10,7 +10,9 @@ Exposure (docs/security.md, "Admin endpoint"): loopback only unless a token file
 given (config.py refuses it otherwise), then every route but the static page needs
 ``Authorization: Bearer TOKEN`` (401 and nothing more); the Host header must name the
 bound address or a loopback name (a DNS-rebinding page gets 403), and a request whose
-Origin is another site gets 403.
+Origin is another site gets 403. Plain HTTP on loopback; beyond it HTTPS (the standard
+library's ``ssl``, TLS 1.3) with ``admin_tls_cert`` or, on a server, its links' own identity,
+unless ``admin_plaintext`` asks for clear text (a WARNING at start; CONTRIBUTING.md S1).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import contextlib
 import hmac
 import logging
 import os
+import ssl
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -32,14 +36,15 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .. import tls
 from ..aio.link import SessionRelay
 from ..aio.service import Service, TrafficStatistics
-from ..config import Address, ClientConfig, ServerConfig, is_loopback
+from ..config import Address, ClientConfig, ServerConfig, admin_is_local, is_loopback
 from ..protocol.codes import CloseCode
 from ..protocol.session import SessionState
 from .metrics import registry_for
 
-__all__ = ["AdminEndpoint", "read_admin_token", "serve_admin"]
+__all__ = ["AdminEndpoint", "AdminListening", "admin_tls", "read_admin_token", "serve_admin"]
 
 logger = logging.getLogger("tether.admin")
 
@@ -306,43 +311,84 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
-def url_of(address: Address) -> str:
+def url_of(address: Address, scheme: str = "http") -> str:
     host = "127.0.0.1" if address.host == "0.0.0.0" else address.host
     host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
-    return f"http://{host}:{address.port}/"
+    return f"{scheme}://{host}:{address.port}/"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminListening:
+    """Where the admin endpoint listens: its URL and, over HTTPS, its certificate's
+    fingerprint (what ``tether status --admin-fingerprint`` pins). ``str()`` is what the
+    CLI prints after ``ADMIN``."""
+
+    url: str
+    fingerprint: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.url} {self.fingerprint}" if self.fingerprint else self.url
+
+
+def admin_tls(config: ServerConfig | ClientConfig) -> tuple[ssl.SSLContext, str] | None:
+    """The admin endpoint's TLS context and certificate fingerprint; None for plain HTTP
+    (loopback without admin_tls_cert, or admin_plaintext). A server without an admin
+    certificate uses its links' identity: --tls-cert, or the one in its state directory
+    (made there on first start, even with --plaintext links)."""
+    assert config.admin is not None
+    if config.admin_tls_cert is not None and config.admin_tls_key is not None:
+        identity = tls.load_identity(config.admin_tls_cert, config.admin_tls_key)
+    elif config.admin_plaintext or admin_is_local(config.admin.host):
+        return None
+    elif not isinstance(config, ServerConfig):  # ClientConfig refuses this
+        raise ValueError("not loopback: the admin endpoint needs admin_tls_cert")
+    elif config.tls_cert is not None and config.tls_key is not None:
+        identity = tls.load_identity(config.tls_cert, config.tls_key)
+    else:
+        state = config.state_dir or tls.default_state_dir()
+        identity, created = tls.load_or_create_identity(state)
+        if created:
+            logger.info("created this server's TLS key and certificate in %s", state)
+    return tls.server_context(identity), identity.fingerprint
 
 
 @contextlib.asynccontextmanager
 async def serve_admin(
     service: Service, config: ServerConfig | ClientConfig
-) -> AsyncIterator[str | None]:
-    """Serve ``config.admin`` for ``service`` while the block runs; yields its URL (the
-    real port for ``:0``), or None when the endpoint is off."""
+) -> AsyncIterator[AdminListening | None]:
+    """Serve ``config.admin`` for ``service`` while the block runs; yields where (the real
+    port for ``:0``), or None when the endpoint is off."""
     if config.admin is None:
         yield None
         return
     token = read_admin_token(config.admin_token_file) if config.admin_token_file else None
+    secure = admin_tls(config)
+    context, fingerprint = secure if secure is not None else (None, None)
     endpoint = AdminEndpoint(service, config.admin, token)
     runner = web.AppRunner(endpoint.app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.admin.host, config.admin.port, reuse_address=True)
+        site = web.TCPSite(
+            runner, config.admin.host, config.admin.port, ssl_context=context, reuse_address=True
+        )
         await site.start()
         host, port = runner.addresses[0][:2]
         bound = Address(host, port)
         endpoint.address = bound
-        url = url_of(bound)
+        listening = AdminListening(url_of(bound, "https" if context else "http"), fingerprint)
         logger.info(
-            "admin endpoint on %s (status page, /metrics, /api/sessions)%s",
-            url,
+            "admin endpoint on %s (status page, /metrics, /api/sessions); %s%s",
+            listening.url,
+            f"TLS 1.3, certificate {fingerprint}" if fingerprint else "plain HTTP",
             "; it requires the admin token" if token is not None else "",
         )
-        if not is_loopback(config.admin.host):
+        if context is None and not admin_is_local(config.admin.host):
             logger.warning(
-                "the admin endpoint on %s is plain HTTP: its token and what it shows cross the "
-                "network in clear; reach it through an SSH tunnel or a TLS proxy",
-                url,
+                "the admin endpoint on %s is in clear text (--admin-plaintext): its token and "
+                "the sessions it shows cross the network readable; use it only inside a "
+                "trusted network",
+                listening.url,
             )
-        yield url
+        yield listening
     finally:
         await runner.cleanup()

@@ -4,24 +4,41 @@
 a detached session "interrupted 12 s, expires in 168 s"), refreshed every second until
 interrupted; ``--once`` draws it once, ``--json`` prints what ``/api/sessions`` returned.
 ``kill`` ends one session (``DELETE /api/sessions/ID``). Both use aiohttp's client.
+
+An ``https://`` endpoint is verified, never trusted silently: its certificate must have the
+pinned fingerprint (``--admin-fingerprint sha256:HEX``, printed on the endpoint's ``ADMIN``
+line), or chain to ``--tls-ca FILE`` (or, with neither, to the system's CAs) and name the
+host. An unverified one is refused with the fingerprint it presented and how to pin it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import ssl
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from .. import tls
 from ..aio.util import describe
-from ..config import ADMIN_PORTS
+from ..config import ADMIN_PORTS, is_loopback
 from .endpoint import read_admin_token
 
-__all__ = ["DEFAULT_ADMIN_URL", "admin_url", "format_status", "run_kill", "run_status"]
+__all__ = [
+    "DEFAULT_ADMIN_URL",
+    "AdminTrust",
+    "admin_url",
+    "format_status",
+    "run_kill",
+    "run_status",
+]
 
 DEFAULT_ADMIN_URL = f"http://127.0.0.1:{ADMIN_PORTS['server']}/"
 REQUEST_TIMEOUT = 5.0  # seconds for one request to the admin endpoint
@@ -32,10 +49,63 @@ class AdminError(Exception):
     """The admin endpoint could not be reached, or refused: one line for the user."""
 
 
+@dataclass(frozen=True, slots=True)
+class AdminTrust:
+    """How an ``https://`` admin endpoint is verified: a pinned certificate fingerprint
+    (``sha256:HEX``), a CA bundle, or neither (the system's CAs)."""
+
+    fingerprint: str | None = None
+    ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.fingerprint is not None and self.ca is not None:
+            raise ValueError("choose one of --admin-fingerprint and --tls-ca")
+        if self.fingerprint is not None:
+            object.__setattr__(self, "fingerprint", tls.parse_fingerprint(self.fingerprint))
+
+    def ssl(self) -> ssl.SSLContext | aiohttp.Fingerprint:
+        """What aiohttp checks the endpoint's certificate with."""
+        if self.fingerprint is not None:
+            return aiohttp.Fingerprint(bytes.fromhex(self.fingerprint.partition(":")[2]))
+        if self.ca is not None:
+            return tls.client_context(ca=self.ca)  # the chain and the host name
+        return ssl.create_default_context()
+
+
 def admin_url(text: str) -> str:
-    """``HOST:PORT`` or a URL, as a base URL ending in ``/``."""
-    url = text if "://" in text else f"http://{text}"
-    return url if url.endswith("/") else f"{url}/"
+    """``HOST:PORT`` or a URL, as a base URL ending in ``/``; without a scheme, ``http``
+    for a loopback host and ``https`` for any other (beyond loopback it is HTTPS)."""
+    if "://" not in text:
+        try:
+            host = urlsplit(f"//{text}").hostname or ""
+        except ValueError:
+            host = ""
+        text = f"{'http' if is_loopback(host) else 'https'}://{text}"
+    return text if text.endswith("/") else f"{text}/"
+
+
+async def _presented(url: str) -> str:
+    """The fingerprint of the certificate the endpoint at ``url`` presents, read without
+    trusting it (to tell the user what to pin), or why it could not be read."""
+    parts = urlsplit(url)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port or 443, ssl=context),
+            REQUEST_TIMEOUT,
+        )
+    except (OSError, TimeoutError) as exc:
+        return f"unknown ({describe(exc) if isinstance(exc, OSError) else 'timed out'})"
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        return tls.fingerprint(der) if der else "unknown (no certificate)"
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):  # ssl.SSLError is an OSError
+            await asyncio.wait_for(writer.wait_closed(), REQUEST_TIMEOUT)
 
 
 def _headers(token_file: Path | None) -> dict[str, str]:
@@ -45,10 +115,14 @@ def _headers(token_file: Path | None) -> dict[str, str]:
 
 
 async def _request(
-    http: aiohttp.ClientSession, method: str, url: str
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    trust: AdminTrust,
+    checker: ssl.SSLContext | aiohttp.Fingerprint,
 ) -> tuple[int, dict[str, Any]]:
     try:
-        async with http.request(method, url) as response:
+        async with http.request(method, url, ssl=checker) as response:
             if response.status == 401:
                 raise AdminError(f"{url}: the admin endpoint wants its token (--admin-token-file)")
             if response.status == 403:
@@ -58,11 +132,34 @@ async def _request(
             except (aiohttp.ContentTypeError, ValueError):
                 raise AdminError(f"{url}: not a tether admin endpoint") from None
             return response.status, body if isinstance(body, dict) else {}
+    except aiohttp.ServerFingerprintMismatch as exc:
+        raise AdminError(
+            f"{url}: refused: the admin endpoint presented certificate "
+            f"{tls.FINGERPRINT_PREFIX}{exc.got.hex()}, not the pinned {trust.fingerprint} "
+            "(--admin-fingerprint)"
+        ) from None
+    except aiohttp.ClientConnectorCertificateError as exc:
+        seen = await _presented(url)
+        if trust.ca is not None:
+            error = exc.certificate_error
+            why = error.verify_message if isinstance(error, ssl.SSLCertVerificationError) else ""
+            raise AdminError(
+                f"{url}: refused: its certificate {seen} does not verify against "
+                f"--tls-ca {trust.ca}: {why or error}"
+            ) from None
+        raise AdminError(
+            f"{url}: refused: cannot verify the admin endpoint's certificate {seen}; if that "
+            f"is the fingerprint on its ADMIN line, pass --admin-fingerprint {seen} "
+            "(or --tls-ca FILE)"
+        ) from None
     except aiohttp.ClientConnectorError as exc:
         why = describe(exc.os_error)
         raise AdminError(f"cannot reach the admin endpoint at {url}: {why}") from None
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise AdminError(f"{url}: {exc or 'timed out'}") from None
+        hint = ""
+        if url.startswith("http://") and isinstance(exc, aiohttp.ServerDisconnectedError):
+            hint = " (beyond loopback the admin endpoint is HTTPS: try https://)"
+        raise AdminError(f"{url}: {exc or 'timed out'}{hint}") from None
 
 
 def _session(headers: dict[str, str]) -> aiohttp.ClientSession:
@@ -71,12 +168,27 @@ def _session(headers: dict[str, str]) -> aiohttp.ClientSession:
     )
 
 
-async def run_status(base: str, token_file: Path | None, *, once: bool, as_json: bool) -> int:
+def _check_scheme(url: str, trust: AdminTrust) -> None:
+    if url.startswith("http://") and (trust.fingerprint or trust.ca):
+        what = "--admin-fingerprint" if trust.fingerprint else "--tls-ca"
+        raise AdminError(f"{what}: {url} is plain HTTP, with no certificate to check; use https://")
+
+
+async def run_status(
+    base: str,
+    token_file: Path | None,
+    *,
+    once: bool,
+    as_json: bool,
+    trust: AdminTrust = AdminTrust(),
+) -> int:
     url = admin_url(base) + "api/sessions"
     try:
+        _check_scheme(url, trust)
+        checker = trust.ssl()
         async with _session(_headers(token_file)) as http:
             while True:
-                _, body = await _request(http, "GET", url)
+                _, body = await _request(http, "GET", url, trust, checker)
                 if as_json:
                     print(json.dumps(body, indent=2))
                     return 0
@@ -91,11 +203,17 @@ async def run_status(base: str, token_file: Path | None, *, once: bool, as_json:
         return 1
 
 
-async def run_kill(session_id: str, base: str, token_file: Path | None) -> int:
+async def run_kill(
+    session_id: str,
+    base: str,
+    token_file: Path | None,
+    trust: AdminTrust = AdminTrust(),
+) -> int:
     url = admin_url(base) + "api/sessions/" + session_id
     try:
+        _check_scheme(url, trust)
         async with _session(_headers(token_file)) as http:
-            status, body = await _request(http, "DELETE", url)
+            status, body = await _request(http, "DELETE", url, trust, trust.ssl())
     except AdminError as exc:
         print(f"tether: error: {exc}", file=sys.stderr)
         return 1

@@ -39,7 +39,7 @@ from typing import Any
 from ..config import Address
 from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
-from ..protocol.frames import MAGIC, NONCE_SIZE, PROTOCOL_VERSION, Reject, server_hello
+from ..protocol.frames import MAGIC, MIN_PROTOCOL_VERSION, NONCE_SIZE, Reject, server_hello
 from ..resources import FdGuard
 from .link import LinkProtocol
 from .util import describe
@@ -138,7 +138,7 @@ class LinkListener:
         if self._tls is None:  # cheap in clear text; a TLS client just sees a reset
             busy = Reject(CloseCode.OVERLOADED, "server busy")
             with contextlib.suppress(OSError):
-                conn.send(server_hello(PROTOCOL_VERSION, bytes(NONCE_SIZE)) + busy.serialize())
+                conn.send(server_hello(MIN_PROTOCOL_VERSION, bytes(NONCE_SIZE)) + busy.serialize())
         conn.close()
 
     def _sniff(self, conn: socket.socket, source: str, release: _Once, closed: _Once) -> None:
@@ -199,7 +199,9 @@ class LinkListener:
             # A clear-text client: tell it, in its own terms, why it cannot go on.
             refusal = Reject(CloseCode.TLS_REQUIRED, "this server takes TLS links only")
             with contextlib.suppress(OSError):
-                conn.send(server_hello(PROTOCOL_VERSION, bytes(NONCE_SIZE)) + refusal.serialize())
+                conn.send(
+                    server_hello(MIN_PROTOCOL_VERSION, bytes(NONCE_SIZE)) + refusal.serialize()
+                )
             _close_gently(conn)
             self._refused(source, "the client speaks clear text; this server requires TLS")
         elif first == TLS_RECORD:

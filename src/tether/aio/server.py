@@ -19,6 +19,7 @@ from .. import tls
 from ..config import ServerConfig, listen_addresses
 from ..credentials import ClientsFileError, ClientTokens
 from ..logs import RateLimitedLog
+from ..protocol import routing
 from ..protocol.admission import HandshakeAdmission, MemoryBudget, MemoryStatistics
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
@@ -30,10 +31,11 @@ from ..protocol.events import (
     SetupRequested,
 )
 from ..protocol.frames import Resume, Setup
-from ..protocol.handshake import ServerHandshake
+from ..protocol.handshake import ServerHandshake, SessionIds
 from ..protocol.router import Router
 from ..protocol.session import Session
 from ..resources import FdGuard
+from .gateway import read_routing_key
 from .link import LinkProtocol, LocalProtocol, LocalTransport, SessionRelay
 from .listener import LinkListener
 from .service import Service
@@ -95,6 +97,7 @@ class TetherServer(Service):
             max_sessions=config.max_sessions,
             max_sessions_per_source=config.max_sessions_per_source,
             memory=MemoryBudget(config.memory_budget),  # replay buffers, all sessions
+            session_ids=_session_ids(config),
         )
         # Refused links and setups are logged once per source, then summarised every 10 s.
         self._refused_links = RateLimitedLog(logger, level=logging.INFO)
@@ -435,6 +438,13 @@ class _Backend(LocalProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed()
         super().connection_lost(exc)
+
+
+def _session_ids(config: ServerConfig) -> SessionIds | None:
+    """Routed session ids with a routing key (docs/protocol.md, "Routing"); None: random."""
+    if config.routing_key_file is None:
+        return None
+    return routing.session_ids(config.server_id, read_routing_key(config.routing_key_file))
 
 
 def _loopback(host: str) -> bool:

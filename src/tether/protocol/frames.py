@@ -25,6 +25,7 @@ __all__ = [
     "MAX_REASON_BYTES",
     "MAX_TOKEN_BYTES",
     "MAX_WINDOW",
+    "MIN_PROTOCOL_VERSION",
     "MIN_WINDOW",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
@@ -42,6 +43,7 @@ __all__ = [
     "Reject",
     "Resume",
     "Resumed",
+    "Route",
     "Setup",
     "check_header",
     "check_magic",
@@ -56,7 +58,8 @@ __all__ = [
 
 # docs/protocol.md, "Link hello"
 MAGIC = b"\x89TETHER\n"  # 8 bytes: high bit and LF catch 7-bit and text mangling
-PROTOCOL_VERSION = 2  # 2: SETUP carries a credential; ACCEPT confirms the whole transcript
+PROTOCOL_VERSION = 3  # 3: a resume sends ROUTE with its hello ("Routing")
+MIN_PROTOCOL_VERSION = 2  # 2: SETUP carries a credential; ACCEPT confirms the whole transcript
 NONCE_SIZE = 32
 SESSION_ID_SIZE = 16
 KEY_SIZE = 32
@@ -81,6 +84,7 @@ _ACCEPT_FIELDS = struct.Struct(f"!{SESSION_ID_SIZE}s{KEY_SIZE}sIII")  # what con
 _ACCEPT = struct.Struct(f"!{_ACCEPT_FIELDS.format[1:]}{MAC_SIZE}s")
 _RESUME = struct.Struct(f"!{SESSION_ID_SIZE}s{NONCE_SIZE}sQII{MAC_SIZE}s")
 _RESUMED = struct.Struct(f"!Q{MAC_SIZE}s")
+_ROUTE = struct.Struct(f"!{SESSION_ID_SIZE}s")
 _CODE = struct.Struct("!H")
 
 
@@ -92,6 +96,7 @@ class FrameType(enum.IntEnum):
     RESUME = 0x03
     RESUMED = 0x04
     REJECT = 0x05
+    ROUTE = 0x06
     DATA = 0x10
     ACK = 0x11
     EOF = 0x12
@@ -207,6 +212,17 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """Version 3: the session a resume is for, sent in the client's first bytes so that a
+    gateway can route the link before the server speaks (docs/protocol.md, "Routing")."""
+
+    session_id: bytes
+
+    def serialize(self) -> bytes:
+        return _frame(FrameType.ROUTE, self.session_id)
+
+
+@dataclass(frozen=True, slots=True)
 class Resumed:
     """Server accepted the resume; ``received`` is where the client must retransmit from."""
 
@@ -288,12 +304,13 @@ class Close:
         return _frame(FrameType.CLOSE, _CODE.pack(self.code) + _check_reason(self.reason))
 
 
-ControlFrame = Setup | Accept | Resume | Resumed | Reject | Ack | Eof | Ping | Pong | Close
+ControlFrame = Setup | Accept | Resume | Route | Resumed | Reject | Ack | Eof | Ping | Pong | Close
 
 _FIXED: dict[FrameType, struct.Struct] = {
     FrameType.ACCEPT: _ACCEPT,
     FrameType.RESUME: _RESUME,
     FrameType.RESUMED: _RESUMED,
+    FrameType.ROUTE: _ROUTE,
     FrameType.ACK: _U64,
     FrameType.EOF: _U64,
     FrameType.PING: _U64,
@@ -303,6 +320,7 @@ _CLASSES: dict[FrameType, type] = {
     FrameType.ACCEPT: Accept,
     FrameType.RESUME: Resume,
     FrameType.RESUMED: Resumed,
+    FrameType.ROUTE: Route,
     FrameType.ACK: Ack,
     FrameType.EOF: Eof,
     FrameType.PING: Ping,
@@ -339,7 +357,9 @@ def parse_control(ftype: int, payload: bytes) -> ControlFrame:
     raise ProtocolError(f"{kind.name} is not a control frame")
 
 
-def client_hello(min_version: int = PROTOCOL_VERSION, max_version: int = PROTOCOL_VERSION) -> bytes:
+def client_hello(
+    min_version: int = MIN_PROTOCOL_VERSION, max_version: int = PROTOCOL_VERSION
+) -> bytes:
     return MAGIC + bytes((min_version, max_version))
 
 

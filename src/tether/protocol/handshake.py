@@ -33,6 +33,7 @@ from .codes import CloseCode
 from .events import Event, HandshakeFailed, ResumeRequested, SetupRequested
 from .frames import (
     CLIENT_HELLO_SIZE,
+    MIN_PROTOCOL_VERSION,
     NONCE_SIZE,
     PROTOCOL_VERSION,
     SERVER_HELLO_SIZE,
@@ -42,6 +43,7 @@ from .frames import (
     Reject,
     Resume,
     Resumed,
+    Route,
     Setup,
     check_magic,
     check_window,
@@ -59,9 +61,11 @@ __all__ = [
     "HandshakeStage",
     "Random",
     "ServerHandshake",
+    "SessionIds",
 ]
 
 Random = Callable[[int], bytes]
+SessionIds = Callable[[], bytes]  # makes a new session's 16-byte id (routing.py)
 
 MAX_EARLY_BYTES = 64 * 1024  # bytes a client may send past its request before the answer
 
@@ -201,8 +205,20 @@ class ServerHandshake(_Handshake):
 
     _peer = "client"
 
-    def __init__(self, config: SessionConfig, now: float, *, random: Random = os.urandom) -> None:
+    def __init__(
+        self,
+        config: SessionConfig,
+        now: float,
+        *,
+        random: Random = os.urandom,
+        session_ids: SessionIds | None = None,
+    ) -> None:
+        """``session_ids``: makes the id of a session this handshake creates (None: 16
+        bytes of ``random``; a server behind a gateway puts its routing field in it)."""
         super().__init__(config, now, config.handshake_timeout, random)
+        self._session_ids = session_ids
+        self.version = 0  # the version agreed with the client hello
+        self.route: bytes | None = None  # the session id a version-3 ROUTE named
         self._nonce = random(NONCE_SIZE)
         self._hellos = (b"", b"")  # (client's, ours): the key confirmation covers both
         self.request: Setup | Resume | None = None  # the parsed SETUP or RESUME
@@ -222,21 +238,35 @@ class ServerHandshake(_Handshake):
         if hello is None:
             return
         lo, hi = parse_client_hello(hello)
-        if not lo <= PROTOCOL_VERSION <= hi:
+        # docs/protocol.md, "Version negotiation": the highest version both speak.
+        version = min(hi, PROTOCOL_VERSION)
+        if version < max(lo, MIN_PROTOCOL_VERSION):
             self._out.append(server_hello(0, bytes(NONCE_SIZE)))
             self._step(_Step.CLIENT_HELLO)  # so the failure below sends a REJECT after it
             raise ProtocolError(
-                f"client speaks versions {lo}..{hi}, server {PROTOCOL_VERSION}",
+                f"client speaks versions {lo}..{hi}, "
+                f"server {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}",
                 CloseCode.UNSUPPORTED_VERSION,
             )
-        self._hellos = (hello, server_hello(PROTOCOL_VERSION, self._nonce))
+        self.version = version
+        self._hellos = (hello, server_hello(version, self._nonce))
         self._out.append(self._hellos[1])
         self._step(_Step.CLIENT_HELLO)
 
     def _read_request(self) -> None:
-        frame = take_control_frame(self._buf, (FrameType.SETUP, FrameType.RESUME), "client")
+        expected: tuple[FrameType, ...] = (FrameType.SETUP, FrameType.RESUME)
+        if self.route is not None:
+            expected = (FrameType.RESUME,)  # docs/protocol.md, "Routing"
+        elif self.version >= 3:
+            expected = (FrameType.SETUP, FrameType.ROUTE, FrameType.RESUME)
+        frame = take_control_frame(self._buf, expected, "client")
+        if isinstance(frame, Route):
+            self.route = frame.session_id
+            frame = take_control_frame(self._buf, (FrameType.RESUME,), "client")
         if frame is None:
             return
+        if isinstance(frame, Resume) and self.route not in (None, frame.session_id):
+            raise ProtocolError("RESUME names another session than ROUTE")
         self._step(_Step.REQUEST)
         if isinstance(frame, Setup):
             check_window(frame.window, "client")
@@ -272,7 +302,9 @@ class ServerHandshake(_Handshake):
         setup, keypair = self.request, self._keypair
         if not isinstance(setup, Setup) or keypair is None or self.stage is not _S.DECIDING:
             raise InvalidState("accept_setup() without a pending SETUP")
-        session_id = self._random(SESSION_ID_SIZE)
+        session_id = (
+            self._random(SESSION_ID_SIZE) if self._session_ids is None else self._session_ids()
+        )
         secret = crypto.derive_secret(
             self._shared, session_id, setup.client_public, keypair.public, self._nonce
         )
@@ -290,7 +322,12 @@ class ServerHandshake(_Handshake):
         preamble, leftover = self._hand_over()
         session = Session(Role.SERVER, config, now)
         session.establish(
-            now, session_id=session_id, secret=secret, peer_window=setup.window, preamble=preamble
+            now,
+            session_id=session_id,
+            secret=secret,
+            peer_window=setup.window,
+            preamble=preamble,
+            version=self.version,
         )
         session.receive_data(leftover)
         session.await_confirmation()  # bytes sent before the ACCEPT do not count
@@ -366,8 +403,19 @@ class ClientHandshake(_Handshake):
         self.session = session
         self._server_nonce = b""
         self._client_nonce = b""
-        self._sent = [client_hello()]  # hello and SETUP: the key confirmation covers them
+        # A setup offers every version we speak; a resume, the one its setup agreed, and
+        # from version 3 names its session at once for a gateway (docs/protocol.md,
+        # "Routing").
+        self._versions = (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+        if session.state is SessionState.DETACHED:
+            self._versions = (session.version, session.version)
+        self._sent = [client_hello(*self._versions)]  # hello and SETUP: confirmed by ACCEPT
         self._keypair: crypto.KeyPair | None = None
+        self._version = 0  # the server's choice
+        if session.state is SessionState.DETACHED and session.version >= 3:
+            self._out.append(self._sent[0])
+            self._out.append(Route(session.session_id).serialize())
+            return
         if session.state is SessionState.NEW:
             self._keypair = crypto.KeyPair()
             setup = Setup(self._keypair.public, config.window, config.keepalive_ms, token)
@@ -385,10 +433,12 @@ class ClientHandshake(_Handshake):
                 return
             version, self._server_nonce = parse_server_hello(hello)
             self._sent.append(hello)
-            if version != PROTOCOL_VERSION:
+            lo, hi = self._versions
+            if not lo <= version <= hi:
                 reason = f"server offers version {version}"
                 session.rejected(CloseCode.UNSUPPORTED_VERSION, reason)
                 raise ProtocolError(reason, CloseCode.UNSUPPORTED_VERSION)
+            self._version = version
             self._step(_Step.SERVER_HELLO)
             if session.state is SessionState.DETACHED:
                 self._send_resume()
@@ -459,6 +509,7 @@ class ClientHandshake(_Handshake):
             peer_window=frame.window,
             peer_timeout=frame.timeout_ms / 1000 if frame.timeout_ms > 0 else None,
             preamble=preamble,
+            version=self._version,
         )
         self.session.receive_data(leftover)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from .admission import Account, MemoryBudget, SessionAdmission
 from .codes import CloseCode
 from .frames import Resume, Setup
-from .handshake import Random, ServerHandshake
+from .handshake import Random, ServerHandshake, SessionIds
 from .session import Session, SessionConfig
 
 __all__ = ["ENDED_MEMORY", "Refusal", "Router"]
@@ -62,13 +62,15 @@ class Router:
         authorize: Callable[[bytes], bool] | None = None,
         memory: MemoryBudget | None = None,
         random: Random = os.urandom,
+        session_ids: SessionIds | None = None,
     ) -> None:
         """``authorize(token)``: may a client presenting ``token`` create a session? None:
         any client that reached the handshake may (docs/security.md, "Client credentials").
         Sessions are counted per source (an IPv4 address or an IPv6 /64; admission.py).
         ``memory``: the budget every session's replay buffer is charged to; it grants each
         new session its window (smaller as it fills) and refuses a setup OVERLOADED when
-        not even the floor fits. None: no budget (each session bounded by its window)."""
+        not even the floor fits. None: no budget (each session bounded by its window).
+        ``session_ids``: makes new sessions' ids (routing.py); None: random ones."""
         self.config = config
         self.authorize = authorize
         self.admission = SessionAdmission(max_sessions, max_sessions_per_source or max_sessions)
@@ -78,10 +80,11 @@ class Router:
         self._sources: dict[bytes, str] = {}  # session id -> the source that set it up
         self._ended: OrderedDict[bytes, CloseCode] = OrderedDict()
         self._random = random
+        self._session_ids = session_ids
 
     def open_link(self, now: float) -> ServerHandshake:
         """The handshake that owns a newly accepted link."""
-        return ServerHandshake(self.config, now, random=self._random)
+        return ServerHandshake(self.config, now, random=self._random, session_ids=self._session_ids)
 
     def admit_setup(self, handshake: ServerHandshake, source: str = "?") -> Refusal | None:
         """May the session ``handshake`` asks for be created now, for ``source``? None, and

@@ -34,6 +34,7 @@ from .codes import CloseCode
 from .frames import (
     MAX_DATA_CHUNK,
     MAX_WINDOW,
+    MIN_PROTOCOL_VERSION,
     MIN_WINDOW,
     Ack,
     Close,
@@ -201,6 +202,7 @@ class Session:
         "role",
         "session_id",
         "state",
+        "version",
     )
 
     def __init__(self, role: Role, config: SessionConfig, now: float) -> None:
@@ -208,6 +210,7 @@ class Session:
         self.config = config
         self.state = SessionState.NEW
         self.session_id = b""
+        self.version = 0  # the protocol version the setup agreed (0 before it)
         self._secret = b""
         # A handful of events at a time: a list read from a moving head (a deque is 10x
         # larger when idle, and pop(0) is quadratic under many small frames).
@@ -543,11 +546,14 @@ class Session:
         peer_window: int,
         peer_timeout: float | None = None,
         preamble: list[bytes] | None = None,
+        version: int = MIN_PROTOCOL_VERSION,
     ) -> None:
         """The setup completed: the session has its identity and its first link.
-        ``preamble``: the handshake's last bytes, which go out before the session's."""
+        ``preamble``: the handshake's last bytes, which go out before the session's;
+        ``version``: the protocol version the setup agreed (its resumes use it too)."""
         self._transition(_Input.ESTABLISH)
         self.session_id = session_id
+        self.version = version
         self._secret = secret
         self._peer_window = peer_window
         if peer_timeout is not None:
