@@ -1018,10 +1018,6 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
     from .aio.server import TetherServer
 
     service = settings.config
-    try:
-        await _check_names(service)
-    except* ValueError as group:
-        raise group.exceptions[0] from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1046,6 +1042,11 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
 
             admin = serve_admin(served, service)
         runner = served
+    # After the runner read its files (a bad one is named first), before it listens.
+    try:
+        await _check_names(service)
+    except* ValueError as group:
+        raise group.exceptions[0] from None
     async with runner, admin as admin_url:
         if isinstance(runner, TetherGateway):
             if hangup is not None:  # docs/deployment.md: no reload yet

@@ -9,6 +9,7 @@ fake name server on 127.0.0.1 (T5): no test here ever asks the real DNS.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -297,6 +298,11 @@ UNRESOLVABLE = {
          "--fallback", "no-such-host.invalid:22"],
         "tether: error: --fallback no-such-host.invalid: name does not resolve",
     ),
+    "gateway --server": (
+        ["gateway", "--listen", "127.0.0.1:0", "--server", "1=no-such-host.invalid:2598",
+         "--routing-key-file", "{tmp}/routing.key", "--plaintext", "--server-plaintext"],
+        "tether: error: --server no-such-host.invalid: name does not resolve",
+    ),
     "server --backend": (
         ["server", "--listen", "127.0.0.1:0", "--backend", "no-such-host.invalid:22",
          "--plaintext"],
@@ -309,6 +315,10 @@ UNRESOLVABLE = {
 @pytest.mark.parametrize("case", UNRESOLVABLE)
 def test_a_name_that_does_not_resolve_is_refused_at_start(case: str, tmp_path: Path) -> None:
     argv, line = UNRESOLVABLE[case]
+    key = tmp_path / "routing.key"  # a gateway's: valid, so that only the name is wrong
+    key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    key.chmod(0o600)
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
     out, err = _in_namespace(tmp_path, "nxdomain", *argv)
     assert out.splitlines()[-1] == "exit 2", (out, err)
     assert "READY" not in out
