@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import gc
 import inspect
@@ -21,10 +22,10 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__, configfile, sdnotify
 from .aio.listener import ListenError
@@ -48,6 +49,8 @@ from .logs import setup_logging
 from .reload import Reloader, Settings
 
 __all__ = ["build_config", "main", "parse_args"]
+
+_T = TypeVar("_T")
 
 _DEFAULTS: dict[str, ServerConfig | ClientConfig | GatewayConfig] = {
     "server": ServerConfig(),
@@ -998,6 +1001,29 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+@contextlib.asynccontextmanager
+async def _binding(
+    flag: str, address: Address, inner: contextlib.AbstractAsyncContextManager[_T]
+) -> AsyncIterator[_T]:
+    """``inner``, whose failure to bind ``address`` becomes a ListenError naming ``flag``
+    (the admin endpoint's ``--admin 127.0.0.1:2599: address already in use``)."""
+    from .aio.util import describe
+
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            value = await stack.enter_async_context(inner)
+        except OSError as exc:
+            if exc.errno not in _BIND_ERRORS:
+                raise
+            failure = ListenError(exc.errno, describe(exc), str(address))
+            failure.option = flag
+            raise failure from None
+        yield value
+
+
 def _on_signal(loop: asyncio.AbstractEventLoop, sig: int, callback: Callable[[], None]) -> None:
     """Run ``callback`` in the loop when ``sig`` arrives.
 
@@ -1040,7 +1066,7 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
         if service.admin is not None:
             from .admin import serve_admin  # aiohttp is imported only when it is used
 
-            admin = serve_admin(served, service)
+            admin = _binding("--admin", service.admin, serve_admin(served, service))
         runner = served
     # After the runner read its files (a bad one is named first), before it listens.
     try:
@@ -1124,9 +1150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ListenError as exc:  # exit 1: the listening socket could not be opened (U3)
         why = exc.strerror or str(exc)
-        print(
-            f"tether: error: --listen {exc.filename}: {why[:1].lower()}{why[1:]}", file=sys.stderr
-        )
+        what = f"{exc.option} {exc.filename}"
+        print(f"tether: error: {what}: {why[:1].lower()}{why[1:]}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"tether: error: {exc}", file=sys.stderr)

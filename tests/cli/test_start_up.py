@@ -179,6 +179,19 @@ def test_a_port_in_use_is_one_line_naming_the_option(role: str) -> None:
     )
 
 
+def test_an_admin_port_in_use_names_the_admin_option() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        argv = ["server", "--listen", "127.0.0.1:0", "--plaintext", "--admin", f"127.0.0.1:{port}"]
+        proc = _tether(*argv, "--backend", "127.0.0.1:9")
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "READY" not in out
+    assert (
+        err.splitlines()[-1] == f"tether: error: --admin 127.0.0.1:{port}: address already in use"
+    )
+
+
 # -- a file an option names is unusable ---------------------------------------------------
 
 

@@ -247,9 +247,11 @@ class LinkListener:
 
 
 class ListenError(OSError):
-    """A listening socket could not be opened; ``filename`` is the address, so that the
-    command line can name the option and its value: ``--listen 127.0.0.1:2598: address
-    already in use`` (CONTRIBUTING.md U3, E5)."""
+    """A listening socket could not be opened; ``filename`` is the address and ``option``
+    the command-line option that gave it, for one line naming both: ``--listen
+    127.0.0.1:2598: address already in use`` (CONTRIBUTING.md U3, E5)."""
+
+    option = "--listen"
 
 
 def open_listening_socket(address: Address, backlog: int = 4096) -> socket.socket:
