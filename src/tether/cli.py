@@ -980,6 +980,8 @@ async def _check_names(config: ServerConfig | ClientConfig | GatewayConfig) -> N
             if lookup_is_final(exc):
                 raise ValueError(f"{flag} {address.host}: {describe_lookup(exc)}") from None
             why = describe_lookup(exc)
+        except UnicodeError:  # the IDNA codec refused it (an empty or too long label)
+            raise ValueError(f"{flag} {address.host}: not a valid host name") from None
         except TimeoutError:
             why = f"no answer from the name server within {RESOLVE_TIMEOUT:g}s"
         else:

@@ -306,6 +306,10 @@ UNRESOLVABLE = {
         ["client", "--listen", "127.0.0.1:0", "--server", "no-such-host.invalid", "--plaintext"],
         "tether: error: --server no-such-host.invalid: name does not resolve",
     ),
+    "client --server, not a name": (
+        ["client", "--listen", "127.0.0.1:0", "--server", "a..b", "--plaintext"],
+        "tether: error: --server a..b: not a valid host name",
+    ),
     "client --fallback": (
         ["client", "--listen", "127.0.0.1:0", "--server", "127.0.0.1", "--plaintext",
          "--fallback", "no-such-host.invalid:22"],
