@@ -946,7 +946,8 @@ def _raise_file_limit() -> None:
         return
 
 
-# How long the names of --server, --backend and --fallback may take to resolve at start.
+# How long the names of --server, --backend, --fallback (and a gateway's servers) may take
+# to resolve at start.
 RESOLVE_TIMEOUT = 5.0
 
 
