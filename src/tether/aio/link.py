@@ -41,6 +41,7 @@ from ..protocol.events import (
 )
 from ..protocol.handshake import ClientHandshake, HandshakeStage, ServerHandshake
 from ..protocol.session import Session
+from .ticker import Ticker
 from .util import describe
 
 __all__ = ["LinkOwner", "LinkProtocol", "LocalProtocol", "LocalTransport", "SessionRelay"]
@@ -78,8 +79,9 @@ class SessionRelay:
         self.link: asyncio.Transport | None = None
         self._local_reading_paused = False  # by us, for a full replay buffer
         self._local_writing_paused = False  # the local side cannot take more
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = 0.0
+        # The core's next deadline waits in a slot of the loop's shared ticker (ticker.py).
+        self._ticker = Ticker.of(self.loop)
+        self._timer_slot: float | None = None
         self.ended = asyncio.Event()
 
     @property
@@ -242,31 +244,34 @@ class SessionRelay:
             else:
                 local.close()
         self.link = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._ticker.cancel(self)
         self.ended.set()
         self.on_ended(event)
 
     def _arm(self) -> None:
         when = self.core.next_timer()
-        timer = self._timer
+        slot = self._timer_slot
         if when is None:
-            if timer is not None:
-                timer.cancel()
-                self._timer = None
-            return
-        if timer is not None:
-            if self._timer_when <= when:
-                return  # fires early, handle_timer is a no-op then, and re-arms
-            timer.cancel()
-        self._timer_when = when
-        self._timer = self.loop.call_at(when, self._on_timer)
+            if slot is not None:
+                self._ticker.cancel(self)
+        elif slot is None or slot > when:
+            self._ticker.schedule(self, when)
+        # else: the slot comes first; handle_timer is a no-op then, and it re-arms
 
     def _on_timer(self) -> None:
-        self._timer = None
+        """The ticker's wake-up (it has taken the relay out of its slot)."""
         self.core.handle_timer(self.loop.time())
         self.pump()
+
+    def _timer_failed(self, exc: Exception) -> None:
+        """``_on_timer`` raised: a bug. It costs this session only (CONTRIBUTING.md E4),
+        never the other sessions woken by the same tick."""
+        self.log.error(
+            "session %s: timer failed (a bug), ending it with INTERNAL_ERROR",
+            self.core.session_id.hex()[:12],
+            exc_info=exc,
+        )
+        self.abort(CloseCode.INTERNAL_ERROR, "internal error")
 
     def abort(self, code: CloseCode, reason: str) -> None:
         if not self.core.closed:
