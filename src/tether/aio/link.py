@@ -68,6 +68,13 @@ class LocalTransport(Protocol):
     def resume_reading(self) -> None: ...
 
 
+# A link write of fewer bytes than this (a keystroke's DATA frame, its ACK, a PONG) goes out
+# joined, as one bytes object: uvloop sends a single buffer straight with write(2), while a
+# list costs a memoryview cast per piece and a write context around writev(2). Larger ones
+# go out as the list, payloads uncopied (CONTRIBUTING.md D2).
+JOIN_WRITES_BELOW = 4096
+
+
 class SessionRelay:
     """Drives one core session between a local transport and a link transport."""
 
@@ -78,6 +85,10 @@ class SessionRelay:
         self.local: LocalTransport | None = None
         self.link: asyncio.Transport | None = None
         self._local_reading_paused = False  # by us, for a full replay buffer
+        # send_capacity() as of the last send() or resume of reading: never more than the
+        # real one (only send() takes room), so LocalProtocol sizes its reads by it without
+        # asking the core on every read.
+        self.room = core.send_capacity()
         self._local_writing_paused = False  # the local side cannot take more
         # The core's next deadline waits in a slot of the loop's shared ticker (ticker.py).
         self._ticker = Ticker.of(self.loop)
@@ -109,7 +120,8 @@ class SessionRelay:
         if core.closed:
             return
         core.send(data)
-        if core.send_capacity() <= 0 and self.local is not None:
+        room = self.room = core.send_capacity()
+        if room <= 0 and self.local is not None:
             self._local_reading_paused = True
             self.local.pause_reading()
         self.pump()
@@ -152,7 +164,7 @@ class SessionRelay:
         if not writable:
             self.core.link_writable(False)
 
-    def link_data(self, transport: asyncio.Transport, data: bytes) -> None:
+    def link_data(self, transport: asyncio.Transport | None, data: bytes) -> None:
         if transport is self.link:
             self.core.receive_data(data, self.loop.time())
             self.pump()
@@ -179,7 +191,12 @@ class SessionRelay:
         out = core.data_to_send()
         link = self.link
         if out and link is not None and not link.is_closing():
-            link.writelines(out)
+            if len(out) == 1:
+                link.write(out[0])
+            elif sum(map(len, out)) < JOIN_WRITES_BELOW:
+                link.write(b"".join(out))  # CONTRIBUTING.md D2: small, so one copy is cheaper
+            else:
+                link.writelines(out)
         received: list[bytes | memoryview] = []
         while (event := core.next_event()) is not None:
             if isinstance(event, DataReceived):
@@ -217,11 +234,18 @@ class SessionRelay:
                 self._finish(event)
         if received:
             self._deliver(received)
-        if self._local_reading_paused and core.send_capacity() > 0 and not core.closed:
-            self._local_reading_paused = False
-            if self.local is not None:
-                self.local.resume_reading()
-        self._arm()
+        if self._local_reading_paused and not core.closed:
+            room = self.room = core.send_capacity()
+            if room > 0:
+                self._local_reading_paused = False
+                if self.local is not None:
+                    self.local.resume_reading()
+        # Re-arm only when the core's deadline moved before the slot it waits in (the
+        # common case, a message on a busy session, costs one call and a comparison).
+        when = core.next_timer()
+        slot = self._timer_slot
+        if when is None or slot is None or slot > when:
+            self._arm(when)
 
     def _deliver(self, pieces: list[bytes | memoryview]) -> None:
         """Stream bytes for the local side: the pieces of one read of the link (up to four
@@ -248,8 +272,7 @@ class SessionRelay:
         self.ended.set()
         self.on_ended(event)
 
-    def _arm(self) -> None:
-        when = self.core.next_timer()
+    def _arm(self, when: float | None) -> None:
         slot = self._timer_slot
         if when is None:
             if slot is not None:
@@ -306,9 +329,9 @@ class LocalProtocol(asyncio.BufferedProtocol):
         size = READ_SIZE
         relay = self.relay
         if relay is not None:
-            capacity = relay.core.send_capacity()
-            if 0 < capacity < size:
-                size = capacity
+            room = relay.room
+            if 0 < room < size:
+                size = room
         return memoryview(_scratch)[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -319,7 +342,11 @@ class LocalProtocol(asyncio.BufferedProtocol):
             _scratch = bytearray(READ_SIZE)
         else:
             data = bytes(memoryview(_scratch)[:nbytes])
-        self.data_received(data)
+        relay = self.relay
+        if relay is not None:
+            relay.local_data(data)
+        else:
+            self._early.append(data)
 
     def bind(self, relay: SessionRelay) -> None:
         """Attach to a relay, handing it anything that arrived before."""
@@ -442,7 +469,7 @@ class LinkProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         relay = self.relay
         if relay is not None:
-            relay.link_data(cast(asyncio.Transport, self.transport), data)
+            relay.link_data(self.transport, data)
             return
         handshake = self.handshake
         if handshake is None:
