@@ -14,6 +14,7 @@ from tether.aio.ticker import MAX_SLACK, SLACK_SHARE, Ticker, slot_for
 class Relay:
     def __init__(self, log: list[tuple[str, float]], name: str, fail: bool = False) -> None:
         self._timer_slot: float | None = None
+        self._timer_due = 0.0
         self.log = log
         self.name = name
         self.fail = fail

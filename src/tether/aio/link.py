@@ -93,6 +93,7 @@ class SessionRelay:
         # The core's next deadline waits in a slot of the loop's shared ticker (ticker.py).
         self._ticker = Ticker.of(self.loop)
         self._timer_slot: float | None = None
+        self._timer_due = 0.0  # the deadline that slot was chosen for
         self.ended = asyncio.Event()
 
     @property
@@ -240,11 +241,10 @@ class SessionRelay:
                 self._local_reading_paused = False
                 if self.local is not None:
                     self.local.resume_reading()
-        # Re-arm only when the core's deadline moved before the slot it waits in (the
-        # common case, a message on a busy session, costs one call and a comparison).
+        # Re-arm only when the core's deadline moved earlier than the one its slot was
+        # chosen for: a message on a busy session costs one call and two comparisons.
         when = core.next_timer()
-        slot = self._timer_slot
-        if when is None or slot is None or slot > when:
+        if when is None or self._timer_slot is None or when < self._timer_due:
             self._arm(when)
 
     def _deliver(self, pieces: list[bytes | memoryview]) -> None:
@@ -277,7 +277,7 @@ class SessionRelay:
         if when is None:
             if slot is not None:
                 self._ticker.cancel(self)
-        elif slot is None or slot > when:
+        elif slot is None or when < self._timer_due:
             self._ticker.schedule(self, when)
         # else: the slot comes first; handle_timer is a no-op then, and it re-arms
 

@@ -35,6 +35,7 @@ class Timed(Protocol):
     """What the ticker wakes: a relay that remembers the slot it is in."""
 
     _timer_slot: float | None
+    _timer_due: float
 
     def _on_timer(self) -> None: ...
 
@@ -72,17 +73,22 @@ class Ticker:
 
     def schedule(self, timed: Timed, when: float) -> None:
         """Wake ``timed`` (its ``_on_timer``) at ``when`` or up to its slack later, unless
-        it is already in a slot no later than that."""
+        it is already in a slot no later than that. The relay remembers the slot
+        (``_timer_slot``) and the deadline it was chosen for (``_timer_due``): a later
+        deadline keeps that slot, so it may fire up to that deadline's slack late."""
         loop = self._loop
         slot = slot_for(when, loop.time())
         current = timed._timer_slot
         if current is not None:
             if current <= slot:
+                if when < timed._timer_due:
+                    timed._timer_due = when  # the slot is no later than this one's
                 return  # wakes early: handle_timer is a no-op then, and it re-arms
             members = self._slots.get(current)
             if members is not None:
                 members.pop(timed, None)
         timed._timer_slot = slot
+        timed._timer_due = when
         members = self._slots.get(slot)
         if members is None:
             members = self._slots[slot] = {}
