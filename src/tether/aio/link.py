@@ -86,8 +86,10 @@ class SessionRelay:
         self.link: asyncio.Transport | None = None
         self._local_reading_paused = False  # by us, for a full replay buffer
         # send_capacity() as of the last send() or resume of reading: never more than the
-        # real one (only send() takes room), so LocalProtocol sizes its reads by it without
-        # asking the core on every read.
+        # real one while only send() takes room, so LocalProtocol sizes its reads by it
+        # without asking the core on every read. Should the capacity ever shrink otherwise
+        # (a budget shared between sessions), refresh this where it does, or a read may
+        # take up to this much more than the core allows.
         self.room = core.send_capacity()
         self._local_writing_paused = False  # the local side cannot take more
         # The core's next deadline waits in a slot of the loop's shared ticker (ticker.py).
