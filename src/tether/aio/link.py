@@ -85,12 +85,6 @@ class SessionRelay:
         self.local: LocalTransport | None = None
         self.link: asyncio.Transport | None = None
         self._local_reading_paused = False  # by us, for a full replay buffer
-        # send_capacity() as of the last send() or resume of reading: never more than the
-        # real one while only send() takes room, so LocalProtocol sizes its reads by it
-        # without asking the core on every read. Should the capacity ever shrink otherwise
-        # (a budget shared between sessions), refresh this where it does, or a read may
-        # take up to this much more than the core allows.
-        self.room = core.send_capacity()
         self._local_writing_paused = False  # the local side cannot take more
         # The core's next deadline waits in a slot of the loop's shared ticker (ticker.py).
         self._ticker = Ticker.of(self.loop)
@@ -123,8 +117,7 @@ class SessionRelay:
         if core.closed:
             return
         core.send(data)
-        room = self.room = core.send_capacity()
-        if room <= 0 and self.local is not None:
+        if core.send_capacity() <= 0 and self.local is not None:
             self._local_reading_paused = True
             self.local.pause_reading()
         self.pump()
@@ -237,12 +230,10 @@ class SessionRelay:
                 self._finish(event)
         if received:
             self._deliver(received)
-        if self._local_reading_paused and not core.closed:
-            room = self.room = core.send_capacity()
-            if room > 0:
-                self._local_reading_paused = False
-                if self.local is not None:
-                    self.local.resume_reading()
+        if self._local_reading_paused and core.send_capacity() > 0 and not core.closed:
+            self._local_reading_paused = False
+            if self.local is not None:
+                self.local.resume_reading()
         # Re-arm only when the core's deadline moved earlier than the one its slot was
         # chosen for: a message on a busy session costs one call and two comparisons.
         when = core.next_timer()
@@ -331,9 +322,9 @@ class LocalProtocol(asyncio.BufferedProtocol):
         size = READ_SIZE
         relay = self.relay
         if relay is not None:
-            room = relay.room
-            if 0 < room < size:
-                size = room
+            capacity = relay.core.send_capacity()
+            if 0 < capacity < size:
+                size = capacity
         return memoryview(_scratch)[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
