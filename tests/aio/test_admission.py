@@ -5,19 +5,23 @@ per source and summarised, not once per connection.
 
 Sources are loopback addresses (127.0.0.2, ...): one address is one source. The server
 runs in clear text so that the raw peers (rawpeer.py) need no TLS; admission happens
-before TLS, and does not depend on it. Every loop is bounded in count and time.
+before TLS, and does not depend on it. The file-descriptor limit is tested under TLS too,
+where the refusal comes after the TLS handshake. Every loop is bounded in count and time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -127,41 +131,98 @@ def test_sessions_are_bounded_per_source(tmp_path: Any) -> None:
 
 
 FD_LIMIT = 64  # RLIMIT_NOFILE of the server under test: 32 kept in reserve, 32 to count
+REFUSAL_SLICE = 8  # of those 32: lent to links that are only told REJECT(OVERLOADED)
 
 
-def test_at_the_file_descriptor_limit_a_new_link_is_told_overloaded(tmp_path: Any) -> None:
+@contextlib.asynccontextmanager
+async def _server_at_a_low_fd_limit(
+    tmp_path: Path, backend_port: int, *args: str
+) -> AsyncIterator[tuple[tuple[str, int], Path]]:
+    """A ``tether server`` whose RLIMIT_NOFILE is ``FD_LIMIT``: its address and its log.
+    Stopped with SIGTERM on the way out, and must exit 0."""
+    log = tmp_path / "server.log"
+    with open(log, "wb") as err:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tether", "server", "--listen", "127.0.0.1:0",
+             "--backend", f"127.0.0.1:{backend_port}", *args],
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT)),
+        )  # fmt: skip
+    assert server.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 20)
+        assert line.startswith(b"READY "), log.read_text()
+        yield ("127.0.0.1", int(line.split()[1].rsplit(b":", 1)[1])), log
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            status = await asyncio.to_thread(server.wait, 10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+            raise
+        finally:
+            server.stdout.close()
+    assert status == 0, log.read_text()
+
+
+async def _fill(
+    address: tuple[str, int], net: str, pin: str | None = None
+) -> tuple[list[RawClient], ConnectionError]:
+    """Set up sessions (one source each, in ``net``.0/24) until the server refuses one:
+    those sessions, and the refusal."""
+    sessions: list[RawClient] = []
+    for i in range(FD_LIMIT):  # two descriptors a session: refused well before
+        try:
+            sessions.append(
+                await asyncio.to_thread(RawClient, address, source=f"{net}.{i + 1}", pin=pin)
+            )
+        except ConnectionError as exc:
+            return sessions, exc
+    for raw in sessions:
+        raw.close()
+    raise AssertionError(f"{len(sessions)} sessions, none refused")
+
+
+def _end(raw: RawClient) -> None:
+    """End ``raw``'s session with a CLOSE (a cut would leave it detached, still counted)."""
+    raw.session.close(CloseCode.APPLICATION_RESET, "done")
+    raw.sock.sendall(b"".join(raw.session.data_to_send()))
+    raw.close()
+
+
+async def _new_session_once_room_is_made(
+    address: tuple[str, int], log: Path, pin: str | None = None
+) -> RawClient:
+    for _ in range(100):
+        try:
+            return await asyncio.to_thread(RawClient, address, pin=pin)
+        except ConnectionError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("no session after one ended\n" + log.read_text())
+
+
+def _fingerprint(log: Path) -> str:
+    found = re.search(r"certificate (sha256:[0-9a-f]{64})", log.read_text())
+    assert found is not None, log.read_text()
+    return found.group(1)
+
+
+def test_at_the_file_descriptor_limit_a_new_link_is_told_overloaded(tmp_path: Path) -> None:
     """A server near RLIMIT_NOFILE answers a new link REJECT(OVERLOADED) in clear text
     (so a client retries and never falls back), instead of dropping it with an EOF or
     failing its accept; the sessions already there keep working."""
 
     async def main() -> None:
-        async with Backend(seed=41, size=1 << 30, eof=False) as backend:
-            log = tmp_path / "server.log"
-            with open(log, "wb") as err:
-                server = subprocess.Popen(
-                    [sys.executable, "-m", "tether", "server", "--listen", "127.0.0.1:0",
-                     "--backend", f"127.0.0.1:{backend.address[1]}", "--plaintext"],
-                    stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                    preexec_fn=lambda: resource.setrlimit(
-                        resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT)
-                    ),
-                )  # fmt: skip
-            assert server.stdout is not None
-            sessions: list[RawClient] = []
+        async with (
+            Backend(seed=41, size=1 << 30, eof=False) as backend,
+            _server_at_a_low_fd_limit(tmp_path, backend.address[1], "--plaintext") as (
+                address,
+                log,
+            ),
+        ):
+            sessions, refusal = await _fill(address, "127.0.2")
             try:
-                line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 20)
-                assert line.startswith(b"READY "), log.read_text()
-                address = ("127.0.0.1", int(line.split()[1].rsplit(b":", 1)[1]))
-                refusal: ConnectionError | None = None
-                for i in range(FD_LIMIT):  # two descriptors a session: refused well before
-                    try:
-                        sessions.append(
-                            await asyncio.to_thread(RawClient, address, source=f"127.0.2.{i + 1}")
-                        )
-                    except ConnectionError as exc:
-                        refusal = exc
-                        break
-                assert refusal is not None, f"{len(sessions)} sessions, none refused"
                 assert "OVERLOADED" in str(refusal), refusal  # a REJECT, not an EOF
                 assert 8 < len(sessions) < FD_LIMIT // 2, len(sessions)
                 # Again, at once: still a REJECT, and the server keeps accepting.
@@ -172,26 +233,76 @@ def test_at_the_file_descriptor_limit_a_new_link_is_told_overloaded(tmp_path: An
                 got = await asyncio.to_thread(read_stream, first.sock, first.session, 1 << 20, 30)
                 assert len(got) >= 1 << 20
                 # One ends: its descriptors are counted back, and a new session fits.
-                last = sessions.pop()
-                last.session.close(CloseCode.APPLICATION_RESET, "done")
-                last.sock.sendall(b"".join(last.session.data_to_send()))
-                last.close()
-                for _ in range(100):
-                    try:
-                        sessions.append(await asyncio.to_thread(RawClient, address))
-                        break
-                    except ConnectionError:
-                        await asyncio.sleep(0.1)
-                else:
-                    raise AssertionError("no session after one ended\n" + log.read_text())
+                _end(sessions.pop())
+                sessions.append(await _new_session_once_room_is_made(address, log))
                 assert "out of file descriptors" in log.read_text()
                 assert "Traceback" not in log.read_text()
             finally:
                 for raw in sessions:
                     raw.close()
-                server.send_signal(signal.SIGTERM)
-                status = await asyncio.to_thread(server.wait, 10)
-                server.stdout.close()
-            assert status == 0, log.read_text()
+
+    asyncio.run(main())
+
+
+def test_at_the_file_descriptor_limit_a_tls_link_is_told_overloaded_after_tls(
+    tmp_path: Path,
+) -> None:
+    """Under TLS (the default) a new link near RLIMIT_NOFILE is not just closed: it
+    completes TLS, so that the client has verified the server, and is then told
+    REJECT(OVERLOADED) (issue 9: "REJECT, not EOF"). The links that wait for that borrow
+    from a bounded slice of the reserve: past it a connection is closed at once, and once
+    they are gone the next link is told OVERLOADED again. The sessions already there keep
+    working."""
+
+    async def main() -> None:
+        async with (
+            Backend(seed=43, size=1 << 30, eof=False) as backend,
+            _server_at_a_low_fd_limit(
+                tmp_path, backend.address[1], "--state-dir", str(tmp_path / "state")
+            ) as (address, log),
+        ):
+            pin = _fingerprint(log)
+            sessions, refusal = await _fill(address, "127.0.3", pin)
+            silent: list[socket.socket] = []
+            try:
+                assert "OVERLOADED" in str(refusal), refusal  # a REJECT after TLS, not an EOF
+                assert 8 < len(sessions) < FD_LIMIT // 2, len(sessions)
+                with pytest.raises(ConnectionError, match="OVERLOADED"):
+                    await asyncio.to_thread(RawClient, address, pin=pin)
+                # Connections that never speak hold the whole slice (each for at most the
+                # handshake timeout); one more is closed at once, without TLS.
+                silent = await asyncio.to_thread(
+                    _silent_connections, address, "127.0.0.5", REFUSAL_SLICE
+                )
+                with pytest.raises(OSError) as closed:
+                    await asyncio.to_thread(RawClient, address, pin=pin, timeout=5)
+                assert "OVERLOADED" not in str(closed.value)
+                for sock in silent:
+                    sock.close()
+                for _ in range(100):  # the server sees them go and gives the slice back
+                    try:
+                        await asyncio.to_thread(RawClient, address, pin=pin, timeout=5)
+                    except ConnectionError as exc:
+                        if "OVERLOADED" in str(exc):
+                            break
+                    except OSError:
+                        pass
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError("no REJECT once the slice was free\n" + log.read_text())
+                # The sessions already there are served.
+                first = sessions[0]
+                got = await asyncio.to_thread(read_stream, first.sock, first.session, 1 << 20, 30)
+                assert len(got) >= 1 << 20
+                _end(sessions.pop())
+                sessions.append(await _new_session_once_room_is_made(address, log, pin))
+                text = log.read_text()
+                assert "out of file descriptors" in text
+                assert "Traceback" not in text
+            finally:
+                for sock in silent:
+                    sock.close()
+                for raw in sessions:
+                    raw.close()
 
     asyncio.run(main())
