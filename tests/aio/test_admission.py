@@ -28,8 +28,8 @@ import pytest
 
 from tether.protocol.codes import CloseCode
 
-from .endpoints import Backend
-from .faultnet import start_tether, stop
+from .endpoints import Backend, close_all, connect_app
+from .faultnet import Proc, start_tether, stop
 from .rawpeer import RawClient, read_stream
 
 
@@ -168,17 +168,21 @@ async def _server_at_a_low_fd_limit(
 
 async def _fill(
     address: tuple[str, int], net: str, pin: str | None = None
-) -> tuple[list[RawClient], ConnectionError]:
+) -> tuple[list[RawClient], OSError]:
     """Set up sessions (one source each, in ``net``.0/24) until the server refuses one:
-    those sessions, and the refusal."""
+    those sessions, and the refusal (a REJECT is a ConnectionError; a connection closed
+    during TLS is an ssl.SSLError or a reset)."""
     sessions: list[RawClient] = []
     for i in range(FD_LIMIT):  # two descriptors a session: refused well before
         try:
-            sessions.append(
-                await asyncio.to_thread(RawClient, address, source=f"{net}.{i + 1}", pin=pin)
-            )
-        except ConnectionError as exc:
+            raw = await asyncio.to_thread(RawClient, address, source=f"{net}.{i + 1}", pin=pin)
+        except OSError as exc:
             return sessions, exc
+        sessions.append(raw)
+        # One byte, so that the server hears from it after its ACCEPT: a session never
+        # heard from is released after a 10 s grace (docs/protocol.md, "Expiry").
+        raw.session.send(b"x")
+        raw.sock.sendall(b"".join(raw.session.data_to_send()))
     for raw in sessions:
         raw.close()
     raise AssertionError(f"{len(sessions)} sessions, none refused")
@@ -302,6 +306,81 @@ def test_at_the_file_descriptor_limit_a_tls_link_is_told_overloaded_after_tls(
             finally:
                 for sock in silent:
                     sock.close()
+                for raw in sessions:
+                    raw.close()
+
+    asyncio.run(main())
+
+
+def test_at_the_file_descriptor_limit_a_client_with_fallback_retries_and_never_falls_back(
+    tmp_path: Path,
+) -> None:
+    """A real ``tether client --fallback`` against a TLS server at its file-descriptor
+    limit reads REJECT(OVERLOADED) as "a tether server, busy": it never sends the
+    application's connection to the fallback. With a short connect timeout the session
+    ends with that transient reason; with a long one it retries with backoff and gets in
+    as soon as room is made."""
+
+    async def main() -> None:
+        async with (
+            Backend(seed=45, size=1 << 30, eof=False) as backend,
+            Backend(seed=46, size=1024) as fallback,
+            _server_at_a_low_fd_limit(
+                tmp_path, backend.address[1], "--state-dir", str(tmp_path / "state")
+            ) as (address, log),
+        ):
+            pin = _fingerprint(log)
+            sessions, refusal = await _fill(address, "127.0.4", pin)
+            clients: list[Proc] = []
+            try:
+                assert "OVERLOADED" in str(refusal), refusal
+                common = (
+                    "--listen", "127.0.0.1:0", "--server", f"{address[0]}:{address[1]}",
+                    "--fallback", f"127.0.0.1:{fallback.address[1]}",
+                    "--server-fingerprint", pin, "-v",
+                )  # fmt: skip
+                # While the server stays full: a transient failure, no fallback.
+                brief = await start_tether(
+                    "client", *common, "--connect-timeout", "1", tmp=str(tmp_path)
+                )
+                clients.append(brief)
+                app = await connect_app(brief.address, seed=47, size=1000, eof=False)
+                await asyncio.wait_for(app.peer_eof.wait(), 20)  # the client closed it
+                ended = [line for line in brief.log().splitlines() if "ended RESUME_FAILED" in line]
+                assert ended, brief.log()
+                assert "did not take the session" in ended[0], ended
+                assert "OVERLOADED" in ended[0], ended  # not "Connection reset by peer"
+                assert "no reliability" not in brief.log()
+                # A patient client is refused, retries, and gets in once room is made.
+                patient = await start_tether(
+                    "client", *common, "--connect-timeout", "60", tmp=str(tmp_path)
+                )
+                clients.append(patient)
+                app = await connect_app(patient.address, seed=48, size=4096, eof=False)
+                for _ in range(200):
+                    if patient.log().count("handshake failed: OVERLOADED") >= 2:
+                        break  # refused at least twice: it retries
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("the client was not refused\n" + patient.log())
+                assert not fallback.connections
+                _end(sessions.pop())
+                await backend.serving(4096)  # the application's bytes went through tether
+                for _ in range(200):
+                    if app.received:
+                        break  # and the backend's stream comes back the same way
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("nothing from the backend\n" + patient.log())
+                assert "established via" in patient.log()
+                assert not fallback.connections, "the application was sent to the fallback"
+                assert "no reliability" not in patient.log()
+                assert "Traceback" not in log.read_text()
+            finally:
+                close_all()
+                for client in clients:
+                    with contextlib.suppress(Exception):
+                        stop(client)
                 for raw in sessions:
                     raw.close()
 
