@@ -17,6 +17,7 @@ import re
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from tether.protocol.codes import CloseCode
 
 from .endpoints import Backend, close_all, connect_app
 from .faultnet import Proc, start_tether, stop
-from .rawpeer import RawClient, read_stream
+from .rawpeer import RawClient, read_stream, tls_client_context
 
 
 def _silent_connections(address: tuple[str, int], source: str, count: int) -> list[socket.socket]:
@@ -45,11 +46,23 @@ def _silent_connections(address: tuple[str, int], source: str, count: int) -> li
     return held
 
 
+def _mute_tls_connections(address: tuple[str, int], source: str, count: int) -> list[socket.socket]:
+    """``count`` connections from ``source`` that complete TLS and then say nothing."""
+    held: list[socket.socket] = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.settimeout(5)
+        sock.connect(address)
+        held.append(tls_client_context().wrap_socket(sock))
+    return held
+
+
 def _closed_by_peer(sock: socket.socket) -> bool:
     sock.setblocking(False)
     try:
         return sock.recv(64) is not None  # b"" (closed) or a REJECT: the server gave up on it
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantReadError):
         return False  # still open and silent: the server holds it
     except OSError:
         return True
@@ -254,36 +267,41 @@ def test_at_the_file_descriptor_limit_a_tls_link_is_told_overloaded_after_tls(
     """Under TLS (the default) a new link near RLIMIT_NOFILE is not just closed: it
     completes TLS, so that the client has verified the server, and is then told
     REJECT(OVERLOADED) (issue 9: "REJECT, not EOF"). The links that wait for that borrow
-    from a bounded slice of the reserve: past it a connection is closed at once, and once
-    they are gone the next link is told OVERLOADED again. The sessions already there keep
-    working."""
+    from a bounded slice of the reserve: links that stall (before or after TLS) fill it
+    for at most the handshake timeout, past it a connection is closed at once, and once
+    the server has given up on them the next link is told OVERLOADED again. The sessions
+    already there keep working."""
 
     async def main() -> None:
         async with (
             Backend(seed=43, size=1 << 30, eof=False) as backend,
             _server_at_a_low_fd_limit(
-                tmp_path, backend.address[1], "--state-dir", str(tmp_path / "state")
+                tmp_path, backend.address[1], "--state-dir", str(tmp_path / "state"),
+                "--handshake-timeout", "2",
             ) as (address, log),
-        ):
+        ):  # fmt: skip
             pin = _fingerprint(log)
             sessions, refusal = await _fill(address, "127.0.3", pin)
-            silent: list[socket.socket] = []
+            stalled: list[socket.socket] = []
             try:
                 assert "OVERLOADED" in str(refusal), refusal  # a REJECT after TLS, not an EOF
                 assert 8 < len(sessions) < FD_LIMIT // 2, len(sessions)
                 with pytest.raises(ConnectionError, match="OVERLOADED"):
                     await asyncio.to_thread(RawClient, address, pin=pin)
-                # Connections that never speak hold the whole slice (each for at most the
-                # handshake timeout); one more is closed at once, without TLS.
-                silent = await asyncio.to_thread(
-                    _silent_connections, address, "127.0.0.5", REFUSAL_SLICE
+                # Connections that stall hold the whole slice, each for at most the
+                # handshake timeout: half never send a byte, half complete TLS and then say
+                # nothing. One more is closed at once, without TLS...
+                stalled = await asyncio.to_thread(
+                    _silent_connections, address, "127.0.0.5", REFUSAL_SLICE // 2
+                )
+                stalled += await asyncio.to_thread(
+                    _mute_tls_connections, address, "127.0.0.6", REFUSAL_SLICE // 2
                 )
                 with pytest.raises(OSError) as closed:
                     await asyncio.to_thread(RawClient, address, pin=pin, timeout=5)
                 assert "OVERLOADED" not in str(closed.value)
-                for sock in silent:
-                    sock.close()
-                for _ in range(100):  # the server sees them go and gives the slice back
+                # ...until the server gives up on them and the slice is free again.
+                for _ in range(100):
                     try:
                         await asyncio.to_thread(RawClient, address, pin=pin, timeout=5)
                     except ConnectionError as exc:
@@ -294,6 +312,7 @@ def test_at_the_file_descriptor_limit_a_tls_link_is_told_overloaded_after_tls(
                     await asyncio.sleep(0.1)
                 else:
                     raise AssertionError("no REJECT once the slice was free\n" + log.read_text())
+                assert all(_closed_by_peer(sock) for sock in stalled)
                 # The sessions already there are served.
                 first = sessions[0]
                 got = await asyncio.to_thread(read_stream, first.sock, first.session, 1 << 20, 30)
@@ -304,7 +323,7 @@ def test_at_the_file_descriptor_limit_a_tls_link_is_told_overloaded_after_tls(
                 assert "out of file descriptors" in text
                 assert "Traceback" not in text
             finally:
-                for sock in silent:
+                for sock in stalled:
                     sock.close()
                 for raw in sessions:
                     raw.close()
