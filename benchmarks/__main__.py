@@ -6,6 +6,8 @@ Examples::
     python -m benchmarks --quick              # everything, smaller
     python -m benchmarks --only B1,B2 --peers direct,socat2,tether
     python -m benchmarks --smoke --only B1,B2 --out /tmp/x --no-docs   # the test's run
+    TBENCH_BASE_SRC=/other/checkout/src python -m benchmarks --quick --only B4 \
+        --b4-phases idle --b4-peers tether-base,tether --b4-rounds 3 --no-docs  # idle A/B
     python -m benchmarks report               # docs/benchmarks.md from results/latest.json
     python -m benchmarks report --tls --out results/issue8   # only its "With TLS" section
     python -m benchmarks profile              # py-spy of the bulk data path
@@ -82,7 +84,13 @@ def run_one(bench: str, scale: Any, peers: list[Any], logdir: Path, args: Any) -
     if bench == "B4":
         from benchmarks.scale import run_b4
 
-        return run_b4(scale, logdir)
+        return run_b4(
+            scale,
+            logdir,
+            args.b4_peers.split(","),
+            tuple(args.b4_phases.split(",")),
+            args.b4_rounds,
+        )
     if bench == "B5":
         from benchmarks.overhead import run_b5
 
@@ -146,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--cases", default="up,down,both", help="B1 directions")
     parser.add_argument("--repeats", type=int, default=0, help="override the repeat count")
+    parser.add_argument(
+        "--b4-peers", default="tether,pyrelay", help="B4: chains measured idle and active"
+    )
+    parser.add_argument("--b4-phases", default="idle,active,storm", help="B4: which phases run")
+    parser.add_argument(
+        "--b4-rounds", type=int, default=1, help="B4: idle runs per chain, interleaved"
+    )
     parser.add_argument("--out", default=str(REPO / "results"), help="results directory")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/")
     parser.add_argument(

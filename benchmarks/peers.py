@@ -18,6 +18,7 @@ stunnel verifies.
 from __future__ import annotations
 
 import datetime
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,13 @@ PEERS: dict[str, Peer] = {
             2,
             tls=True,
             label="tether client + server (uvloop), TLS 1.3 (the default), trust on first use",
+        ),
+        Peer(
+            "tether-base",
+            "tether",
+            2,
+            env={"PYTHONPATH": os.environ.get("TBENCH_BASE_SRC", "")},
+            label="tether client + server (uvloop) from the checkout in $TBENCH_BASE_SRC (A/B)",
         ),
         Peer(
             "tether-asyncio",
@@ -130,6 +138,8 @@ def available(peer: Peer) -> str | None:
         return "socat is not installed (apt-get install socat)"
     if peer.kind == "stunnel" and stunnel_command() is None:
         return "stunnel is not installed (apt-get install stunnel4)"
+    if peer.name == "tether-base" and not os.path.isdir(peer.env["PYTHONPATH"]):
+        return "set TBENCH_BASE_SRC to the src/ directory of the baseline checkout (A/B)"
     if peer.kind == "tether" and tether_command() is None:
         return "the tether CLI is not installed or `tether server --help` fails"
     if peer.kind == "tether" and peer.tls and not tether_has_tls():
@@ -254,8 +264,10 @@ def start_chain(
     client_ns: str | None = None,
     server_ns: str | None = None,
     tether_args: tuple[str, ...] = (),
+    server_args: tuple[str, ...] = (),
 ) -> str:
-    """Start ``peer`` in front of ``backend``; return the address the application dials."""
+    """Start ``peer`` in front of ``backend``; return the address the application dials.
+    ``server_args``: more options for a tether server only."""
     if peer.kind == "direct":
         return backend
     if peer.kind == "socat":
@@ -276,7 +288,16 @@ def start_chain(
             cmd = [PYTHON, "-m", "benchmarks.variant"]
         extra = [*tether_args, *([] if peer.tls else plaintext_args())]
         _, server = procs.start_ready(
-            [*cmd, "server", "--listen", f"{server_host}:0", "--backend", backend, *extra],
+            [
+                *cmd,
+                "server",
+                "--listen",
+                f"{server_host}:0",
+                "--backend",
+                backend,
+                *extra,
+                *server_args,
+            ],
             "tether-server",
             env=peer.env,
             netns=server_ns,

@@ -141,7 +141,10 @@ def run_profile(args: argparse.Namespace) -> int:
             else:
                 _, backend = procs.start_ready(endpoint("backend"), "backend")
             first = len(procs.children)
-            entry = start_chain(peer, procs, backend)
+            many = ("--max-sessions-per-source", str(2 * session_limit()))  # all from 127.0.0.1
+            entry = start_chain(
+                peer, procs, backend, server_args=many if peer.kind == "tether" else ()
+            )
             chain = procs.children[first:]
             server, client = chain[0], chain[-1]
             if args.workload == "idle":

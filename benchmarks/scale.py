@@ -71,12 +71,23 @@ def _chain(kind: str, procs: Procs, backend: str) -> tuple[str, int | None, int 
             [PYTHON, "-m", "benchmarks.relay", "--target", s_addr], "relay-c", stdin=True
         )
         return c_addr, srv.pid, cli.pid
-    entry = start_chain(PEERS[kind], procs, backend)
+    # Every session comes from 127.0.0.1: lift the per-source cap (4096 by default).
+    many = ("--max-sessions-per-source", str(2 * session_limit()))
+    entry = start_chain(PEERS[kind], procs, backend, server_args=many)
     tether = [p for p in procs.children if "tether" in " ".join(p.args)]  # type: ignore[arg-type]
     return entry, tether[-2].pid, tether[-1].pid
 
 
-def run_b4(scale: Scale, logdir: Path, kinds: list[str] | None = None) -> Result:
+def run_b4(
+    scale: Scale,
+    logdir: Path,
+    kinds: list[str] | None = None,
+    phases: tuple[str, ...] = ("idle", "active", "storm"),
+    rounds: int = 1,
+) -> Result:
+    """``kinds``: the chains measured idle and active (default tether and pyrelay);
+    ``phases``: which of idle, active, storm run; ``rounds``: idle measurements per
+    kind, interleaved (an A/B of two checkouts: ``tether-base,tether``)."""
     kinds = kinds or ["tether", "pyrelay"]
     result = Result(
         "B4",
@@ -99,16 +110,18 @@ def run_b4(scale: Scale, logdir: Path, kinds: list[str] | None = None) -> Result
         if kind in PEERS and (why := available(PEERS[kind])):
             result.skipped[kind] = why
             kinds.remove(kind)
-    for kind in kinds:
-        try:
-            _idle(kind, scale, logdir / "b4" / f"idle-{kind}", result)
-        except (HarnessError, OSError) as exc:
-            result.notes.append(f"idle {kind}: {exc}")
+    for rnd in range(rounds if "idle" in phases else 0):
+        for kind in kinds:
+            try:
+                _idle(kind, scale, logdir / "b4" / f"idle-{kind}-{rnd}", result)
+            except (HarnessError, OSError) as exc:
+                result.notes.append(f"idle {kind}: {exc}")
     try:
-        _active([*kinds, "direct"], scale, logdir / "b4" / "active", result)
+        if "active" in phases:
+            _active([*kinds, "direct"], scale, logdir / "b4" / "active", result)
     except (HarnessError, OSError) as exc:
         result.notes.append(f"active: {exc}")
-    if "tether" in kinds:
+    if "tether" in kinds and "storm" in phases:
         try:
             _storm(scale, logdir / "b4" / "storm", result)
         except (HarnessError, OSError, subprocess.SubprocessError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -18,3 +19,19 @@ def tether_state_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     patch.setenv("XDG_CONFIG_HOME", str(base / "config"))
     yield
     patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def tether_logger_restored() -> Iterator[None]:
+    """A test that runs ``tether.cli.main`` in this process installs a handler on the
+    ``tether`` logger that writes to its captured stderr and stops propagation
+    (logs.setup_logging): put the logger back, so later tests' caplog sees records and no
+    handler writes to a closed stream."""
+    logger = logging.getLogger("tether")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    for handler in [h for h in logger.handlers if h not in handlers]:
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(level)
+    logger.propagate = propagate

@@ -11,6 +11,12 @@ guard refuses a new socket while ``open + n > limit - reserve``; the reserve cov
 the driver does not count (the listening sockets, stdio, log files, the resolver, the
 event loop's own descriptors) and the socket that ``accept()`` already created before the
 driver could refuse it.
+
+A small slice of the reserve (:func:`default_refusal_slice`: a quarter of it, at most 64)
+is lent to links that will only be refused: a TLS server must finish the TLS handshake
+before its ``REJECT(OVERLOADED)`` can be read (the client trusts no byte before it has
+verified the server), so such a link holds its descriptor for up to a handshake. Past the
+slice a new connection is closed at once; the slice cannot be exhausted into a hang.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ __all__ = [
     "cgroup_memory_limit",
     "default_fd_reserve",
     "default_memory_budget",
+    "default_refusal_slice",
     "fd_limit",
     "physical_memory",
 ]
@@ -43,6 +50,8 @@ FALLBACK_MEMORY_BUDGET = 1 << 30  # when the memory size cannot be read
 FALLBACK_FD_LIMIT = 1024  # when the limit cannot be read (the usual Linux soft default)
 UNLIMITED_FD_LIMIT = 1 << 20  # what RLIM_INFINITY counts as (Linux's default fs.nr_open)
 MIN_FD_RESERVE = 32
+REFUSAL_SLICE_FRACTION = 4  # of the reserve, lent to links that are only told REJECT(OVERLOADED)
+MAX_REFUSAL_SLICE = 64  # each holds a descriptor for up to a handshake timeout; 64 is plenty
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
@@ -146,12 +155,20 @@ def default_fd_reserve(limit: int) -> int:
     return min(max(MIN_FD_RESERVE, limit // 16), limit // 2)
 
 
+def default_refusal_slice(reserve: int) -> int:
+    """Descriptors of the reserve lent to links that will only be refused: a quarter of
+    it, at most 64."""
+    return min(reserve // REFUSAL_SLICE_FRACTION, MAX_REFUSAL_SLICE)
+
+
 @dataclass(frozen=True, slots=True)
 class FdStatistics:
     limit: int
     reserve: int
     open: int
     refused_total: int
+    refusing: int = 0  # links held from the refusal slice, to be told REJECT(OVERLOADED)
+    refusal_slice: int = 0
 
 
 class FdGuard:
@@ -159,20 +176,32 @@ class FdGuard:
 
     The driver calls :meth:`acquire` before it owns a new descriptor (right after an accept,
     before connecting to the backend) and :meth:`release` once it has closed one. A refused
-    accept is closed at once; a refused backend connection is answered REJECT OVERLOADED.
+    backend connection is answered REJECT OVERLOADED. A refused accept may borrow from the
+    refusal slice (:meth:`acquire_refusal`, given back with :meth:`release_refusal`) for as
+    long as it takes to tell the client REJECT OVERLOADED; past the slice it is closed at
+    once. Borrowed descriptors count against :meth:`acquire` too, so the total never passes
+    ``limit - reserve + refusal_slice``.
     """
 
-    __slots__ = ("_open", "_refused", "limit", "reserve")
+    __slots__ = ("_open", "_refused", "_refusing", "limit", "refusal_slice", "reserve")
 
-    def __init__(self, limit: int, reserve: int) -> None:
+    def __init__(self, limit: int, reserve: int, refusal_slice: int | None = None) -> None:
+        """``refusal_slice``: descriptors of the reserve lent to refused links
+        (:func:`default_refusal_slice` of the reserve when None)."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         if not 0 <= reserve < limit:
             raise ValueError("reserve must be within [0, limit)")
+        if refusal_slice is None:
+            refusal_slice = default_refusal_slice(reserve)
+        if not 0 <= refusal_slice <= reserve // 2:
+            raise ValueError("refusal_slice must be within [0, reserve / 2]")
         self.limit = limit
         self.reserve = reserve
+        self.refusal_slice = refusal_slice
         self._open = 0
         self._refused = 0
+        self._refusing = 0
 
     @classmethod
     def from_system(cls, reserve: int | None = None) -> FdGuard:
@@ -186,18 +215,37 @@ class FdGuard:
         return self._open
 
     @property
+    def refusing(self) -> int:
+        """Descriptors borrowed from the refusal slice now."""
+        return self._refusing
+
+    @property
     def available(self) -> int:
-        return self.limit - self.reserve - self._open
+        return self.limit - self.reserve - self._open - self._refusing
 
     def acquire(self, n: int = 1) -> bool:
         """Count ``n`` more descriptors if they fit; False (nothing counted) if not."""
         if n < 0:
             raise ValueError("acquire() of a negative count")
-        if self._open + n > self.limit - self.reserve:
+        if self._open + self._refusing + n > self.limit - self.reserve:
             self._refused += 1
             return False
         self._open += n
         return True
+
+    def acquire_refusal(self) -> bool:
+        """Borrow one descriptor from the refusal slice for a link that will only be
+        told REJECT(OVERLOADED); False when the slice is taken (close the link at once)."""
+        if self._refusing >= self.refusal_slice:
+            return False
+        self._refusing += 1
+        return True
+
+    def release_refusal(self) -> None:
+        """A borrowed descriptor was closed."""
+        if self._refusing < 1:
+            raise InvalidState("release_refusal() with nothing borrowed")
+        self._refusing -= 1
 
     def release(self, n: int = 1) -> None:
         """``n`` counted descriptors were closed."""
@@ -209,5 +257,10 @@ class FdGuard:
 
     def statistics(self) -> FdStatistics:
         return FdStatistics(
-            limit=self.limit, reserve=self.reserve, open=self._open, refused_total=self._refused
+            limit=self.limit,
+            reserve=self.reserve,
+            open=self._open,
+            refused_total=self._refused,
+            refusing=self._refusing,
+            refusal_slice=self.refusal_slice,
         )

@@ -15,6 +15,7 @@ from tether.resources import (
     cgroup_memory_limit,
     default_fd_reserve,
     default_memory_budget,
+    default_refusal_slice,
     fd_limit,
 )
 
@@ -111,6 +112,39 @@ def test_guard_counts_what_the_driver_owns() -> None:
 def test_guard_bad_parameters(limit: int, reserve: int) -> None:
     with pytest.raises(ValueError):
         FdGuard(limit, reserve)
+
+
+@pytest.mark.parametrize(("reserve", "refusal_slice"), [(32, 8), (64, 16), (6250, 64), (5, 1)])
+def test_default_refusal_slice(reserve: int, refusal_slice: int) -> None:
+    assert default_refusal_slice(reserve) == refusal_slice
+    assert FdGuard(reserve * 2, reserve).refusal_slice == refusal_slice
+
+
+def test_the_refusal_slice_is_bounded_and_counts_against_the_rest() -> None:
+    """Links that will only be told REJECT(OVERLOADED) borrow from a slice of the reserve,
+    never more than the slice, and what they hold is not free for new sessions."""
+    guard = FdGuard(limit=64, reserve=32)  # slice 8
+    assert guard.acquire(32)
+    assert not guard.acquire()
+    for _ in range(8):
+        assert guard.acquire_refusal()
+    assert not guard.acquire_refusal()  # past the slice: the driver closes at once
+    assert guard.refusing == 8
+    guard.release(2)  # a session ended while the refusals are still held
+    assert not guard.acquire()  # the borrowed descriptors count: the total stays bounded
+    for _ in range(8):
+        guard.release_refusal()
+    with pytest.raises(InvalidState):
+        guard.release_refusal()
+    assert guard.acquire(2)
+    stats = guard.statistics()
+    assert (stats.open, stats.refusing, stats.refusal_slice) == (32, 0, 8)
+
+
+@pytest.mark.parametrize("refusal_slice", [-1, 17])
+def test_guard_bad_refusal_slice(refusal_slice: int) -> None:
+    with pytest.raises(ValueError):
+        FdGuard(64, 32, refusal_slice)
 
 
 def test_cgroup_v1_nested(tmp_path: Path) -> None:

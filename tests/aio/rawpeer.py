@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from tether.protocol.frames import Ping, data_header
 from tether.protocol.handshake import ClientHandshake
 from tether.protocol.router import Router
 from tether.protocol.session import Session, SessionConfig, SessionState
+from tether.tls import fingerprint
 
 __all__ = [
     "RawClient",
@@ -33,7 +35,17 @@ __all__ = [
     "read_stream",
     "rss_bytes",
     "tiny_data_block",
+    "tls_client_context",
 ]
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """TLS 1.3 with no verification in the handshake: the caller checks the fingerprint."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def rss_bytes(pid: int) -> int:
@@ -107,19 +119,33 @@ class RawClient:
     """A tether client link to ``address`` with a real setup; then raw bytes."""
 
     def __init__(
-        self, address: tuple[str, int], *, timeout: float = 10.0, source: str | None = None
+        self,
+        address: tuple[str, int],
+        *,
+        timeout: float = 10.0,
+        source: str | None = None,
+        pin: str | None = None,
     ) -> None:
-        """``source``: the local address to connect from (127.0.0.0/8 has plenty)."""
+        """``source``: the local address to connect from (127.0.0.0/8 has plenty).
+        ``pin``: speak TLS 1.3, and check that the server's certificate has this
+        fingerprint (``sha256:HEX``) before a byte of tether, as the real client does."""
         now = time.monotonic()
         self.session = Session.client(SessionConfig(keepalive=3600), now)
         hs = ClientHandshake(self.session, now)
         bind = (source, 0) if source is not None else None
-        self.sock = socket.create_connection(address, timeout=timeout, source_address=bind)
+        sock = socket.create_connection(address, timeout=timeout, source_address=bind)
+        self.sock: socket.socket = sock
         try:
+            if pin is not None:
+                self.sock = tls_client_context().wrap_socket(sock)
+                der = self.sock.getpeercert(binary_form=True)
+                if der is None or fingerprint(der) != pin:
+                    raise AssertionError(f"the server is not {pin}")
             self.sock.sendall(b"".join(hs.data_to_send()))
             _drive(self.sock, self.session, hs, now + timeout)
         except BaseException:
             self.sock.close()
+            sock.close()
             raise
 
     def flood(self, block: bytes, seconds: float) -> int:

@@ -5,28 +5,33 @@ per source and summarised, not once per connection.
 
 Sources are loopback addresses (127.0.0.2, ...): one address is one source. The server
 runs in clear text so that the raw peers (rawpeer.py) need no TLS; admission happens
-before TLS, and does not depend on it. Every loop is bounded in count and time.
+before TLS, and does not depend on it. The file-descriptor limit is tested under TLS too,
+where the refusal comes after the TLS handshake. Every loop is bounded in count and time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tether.protocol.codes import CloseCode
 
-from .endpoints import Backend
-from .faultnet import start_tether, stop
-from .rawpeer import RawClient, read_stream
+from .endpoints import Backend, close_all, connect_app
+from .faultnet import Proc, start_tether, stop
+from .rawpeer import RawClient, read_stream, tls_client_context
 
 
 def _silent_connections(address: tuple[str, int], source: str, count: int) -> list[socket.socket]:
@@ -41,11 +46,23 @@ def _silent_connections(address: tuple[str, int], source: str, count: int) -> li
     return held
 
 
+def _mute_tls_connections(address: tuple[str, int], source: str, count: int) -> list[socket.socket]:
+    """``count`` connections from ``source`` that complete TLS and then say nothing."""
+    held: list[socket.socket] = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.settimeout(5)
+        sock.connect(address)
+        held.append(tls_client_context().wrap_socket(sock))
+    return held
+
+
 def _closed_by_peer(sock: socket.socket) -> bool:
     sock.setblocking(False)
     try:
         return sock.recv(64) is not None  # b"" (closed) or a REJECT: the server gave up on it
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantReadError):
         return False  # still open and silent: the server holds it
     except OSError:
         return True
@@ -127,41 +144,102 @@ def test_sessions_are_bounded_per_source(tmp_path: Any) -> None:
 
 
 FD_LIMIT = 64  # RLIMIT_NOFILE of the server under test: 32 kept in reserve, 32 to count
+REFUSAL_SLICE = 8  # of those 32: lent to links that are only told REJECT(OVERLOADED)
 
 
-def test_at_the_file_descriptor_limit_a_new_link_is_told_overloaded(tmp_path: Any) -> None:
+@contextlib.asynccontextmanager
+async def _server_at_a_low_fd_limit(
+    tmp_path: Path, backend_port: int, *args: str
+) -> AsyncIterator[tuple[tuple[str, int], Path]]:
+    """A ``tether server`` whose RLIMIT_NOFILE is ``FD_LIMIT``: its address and its log.
+    Stopped with SIGTERM on the way out, and must exit 0."""
+    log = tmp_path / "server.log"
+    with open(log, "wb") as err:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tether", "server", "--listen", "127.0.0.1:0",
+             "--backend", f"127.0.0.1:{backend_port}", *args],
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT)),
+        )  # fmt: skip
+    assert server.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 20)
+        assert line.startswith(b"READY "), log.read_text()
+        yield ("127.0.0.1", int(line.split()[1].rsplit(b":", 1)[1])), log
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            status = await asyncio.to_thread(server.wait, 10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+            raise
+        finally:
+            server.stdout.close()
+    assert status == 0, log.read_text()
+
+
+async def _fill(
+    address: tuple[str, int], net: str, pin: str | None = None
+) -> tuple[list[RawClient], OSError]:
+    """Set up sessions (one source each, in ``net``.0/24) until the server refuses one:
+    those sessions, and the refusal (a REJECT is a ConnectionError; a connection closed
+    during TLS is an ssl.SSLError or a reset)."""
+    sessions: list[RawClient] = []
+    for i in range(FD_LIMIT):  # two descriptors a session: refused well before
+        try:
+            raw = await asyncio.to_thread(RawClient, address, source=f"{net}.{i + 1}", pin=pin)
+        except OSError as exc:
+            return sessions, exc
+        sessions.append(raw)
+        # One byte, so that the server hears from it after its ACCEPT: a session never
+        # heard from is released after a 10 s grace (docs/protocol.md, "Expiry").
+        raw.session.send(b"x")
+        raw.sock.sendall(b"".join(raw.session.data_to_send()))
+    for raw in sessions:
+        raw.close()
+    raise AssertionError(f"{len(sessions)} sessions, none refused")
+
+
+def _end(raw: RawClient) -> None:
+    """End ``raw``'s session with a CLOSE (a cut would leave it detached, still counted)."""
+    raw.session.close(CloseCode.APPLICATION_RESET, "done")
+    raw.sock.sendall(b"".join(raw.session.data_to_send()))
+    raw.close()
+
+
+async def _new_session_once_room_is_made(
+    address: tuple[str, int], log: Path, pin: str | None = None
+) -> RawClient:
+    for _ in range(100):
+        try:
+            return await asyncio.to_thread(RawClient, address, pin=pin)
+        except ConnectionError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("no session after one ended\n" + log.read_text())
+
+
+def _fingerprint(log: Path) -> str:
+    found = re.search(r"certificate (sha256:[0-9a-f]{64})", log.read_text())
+    assert found is not None, log.read_text()
+    return found.group(1)
+
+
+def test_at_the_file_descriptor_limit_a_new_link_is_told_overloaded(tmp_path: Path) -> None:
     """A server near RLIMIT_NOFILE answers a new link REJECT(OVERLOADED) in clear text
     (so a client retries and never falls back), instead of dropping it with an EOF or
     failing its accept; the sessions already there keep working."""
 
     async def main() -> None:
-        async with Backend(seed=41, size=1 << 30, eof=False) as backend:
-            log = tmp_path / "server.log"
-            with open(log, "wb") as err:
-                server = subprocess.Popen(
-                    [sys.executable, "-m", "tether", "server", "--listen", "127.0.0.1:0",
-                     "--backend", f"127.0.0.1:{backend.address[1]}", "--plaintext"],
-                    stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                    preexec_fn=lambda: resource.setrlimit(
-                        resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT)
-                    ),
-                )  # fmt: skip
-            assert server.stdout is not None
-            sessions: list[RawClient] = []
+        async with (
+            Backend(seed=41, size=1 << 30, eof=False) as backend,
+            _server_at_a_low_fd_limit(tmp_path, backend.address[1], "--plaintext") as (
+                address,
+                log,
+            ),
+        ):
+            sessions, refusal = await _fill(address, "127.0.2")
             try:
-                line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 20)
-                assert line.startswith(b"READY "), log.read_text()
-                address = ("127.0.0.1", int(line.split()[1].rsplit(b":", 1)[1]))
-                refusal: ConnectionError | None = None
-                for i in range(FD_LIMIT):  # two descriptors a session: refused well before
-                    try:
-                        sessions.append(
-                            await asyncio.to_thread(RawClient, address, source=f"127.0.2.{i + 1}")
-                        )
-                    except ConnectionError as exc:
-                        refusal = exc
-                        break
-                assert refusal is not None, f"{len(sessions)} sessions, none refused"
                 assert "OVERLOADED" in str(refusal), refusal  # a REJECT, not an EOF
                 assert 8 < len(sessions) < FD_LIMIT // 2, len(sessions)
                 # Again, at once: still a REJECT, and the server keeps accepting.
@@ -172,26 +250,157 @@ def test_at_the_file_descriptor_limit_a_new_link_is_told_overloaded(tmp_path: An
                 got = await asyncio.to_thread(read_stream, first.sock, first.session, 1 << 20, 30)
                 assert len(got) >= 1 << 20
                 # One ends: its descriptors are counted back, and a new session fits.
-                last = sessions.pop()
-                last.session.close(CloseCode.APPLICATION_RESET, "done")
-                last.sock.sendall(b"".join(last.session.data_to_send()))
-                last.close()
-                for _ in range(100):
-                    try:
-                        sessions.append(await asyncio.to_thread(RawClient, address))
-                        break
-                    except ConnectionError:
-                        await asyncio.sleep(0.1)
-                else:
-                    raise AssertionError("no session after one ended\n" + log.read_text())
+                _end(sessions.pop())
+                sessions.append(await _new_session_once_room_is_made(address, log))
                 assert "out of file descriptors" in log.read_text()
                 assert "Traceback" not in log.read_text()
             finally:
                 for raw in sessions:
                     raw.close()
-                server.send_signal(signal.SIGTERM)
-                status = await asyncio.to_thread(server.wait, 10)
-                server.stdout.close()
-            assert status == 0, log.read_text()
+
+    asyncio.run(main())
+
+
+def test_at_the_file_descriptor_limit_a_tls_link_is_told_overloaded_after_tls(
+    tmp_path: Path,
+) -> None:
+    """Under TLS (the default) a new link near RLIMIT_NOFILE is not just closed: it
+    completes TLS, so that the client has verified the server, and is then told
+    REJECT(OVERLOADED) (issue 9: "REJECT, not EOF"). The links that wait for that borrow
+    from a bounded slice of the reserve: links that stall (before or after TLS) fill it
+    for at most the handshake timeout, past it a connection is closed at once, and once
+    the server has given up on them the next link is told OVERLOADED again. The sessions
+    already there keep working."""
+
+    async def main() -> None:
+        async with (
+            Backend(seed=43, size=1 << 30, eof=False) as backend,
+            _server_at_a_low_fd_limit(
+                tmp_path, backend.address[1], "--state-dir", str(tmp_path / "state"),
+                "--handshake-timeout", "2",
+            ) as (address, log),
+        ):  # fmt: skip
+            pin = _fingerprint(log)
+            sessions, refusal = await _fill(address, "127.0.3", pin)
+            stalled: list[socket.socket] = []
+            try:
+                assert "OVERLOADED" in str(refusal), refusal  # a REJECT after TLS, not an EOF
+                assert 8 < len(sessions) < FD_LIMIT // 2, len(sessions)
+                with pytest.raises(ConnectionError, match="OVERLOADED"):
+                    await asyncio.to_thread(RawClient, address, pin=pin)
+                # Connections that stall hold the whole slice, each for at most the
+                # handshake timeout: half never send a byte, half complete TLS and then say
+                # nothing. One more is closed at once, without TLS...
+                stalled = await asyncio.to_thread(
+                    _silent_connections, address, "127.0.0.5", REFUSAL_SLICE // 2
+                )
+                stalled += await asyncio.to_thread(
+                    _mute_tls_connections, address, "127.0.0.6", REFUSAL_SLICE // 2
+                )
+                with pytest.raises(OSError) as closed:
+                    await asyncio.to_thread(RawClient, address, pin=pin, timeout=5)
+                assert "OVERLOADED" not in str(closed.value)
+                # ...until the server gives up on them and the slice is free again.
+                for _ in range(100):
+                    try:
+                        await asyncio.to_thread(RawClient, address, pin=pin, timeout=5)
+                    except ConnectionError as exc:
+                        if "OVERLOADED" in str(exc):
+                            break
+                    except OSError:
+                        pass
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError("no REJECT once the slice was free\n" + log.read_text())
+                assert all(_closed_by_peer(sock) for sock in stalled)
+                # The sessions already there are served.
+                first = sessions[0]
+                got = await asyncio.to_thread(read_stream, first.sock, first.session, 1 << 20, 30)
+                assert len(got) >= 1 << 20
+                _end(sessions.pop())
+                sessions.append(await _new_session_once_room_is_made(address, log, pin))
+                text = log.read_text()
+                assert "out of file descriptors" in text
+                assert "Traceback" not in text
+            finally:
+                for sock in stalled:
+                    sock.close()
+                for raw in sessions:
+                    raw.close()
+
+    asyncio.run(main())
+
+
+def test_at_the_file_descriptor_limit_a_client_with_fallback_retries_and_never_falls_back(
+    tmp_path: Path,
+) -> None:
+    """A real ``tether client --fallback`` against a TLS server at its file-descriptor
+    limit reads REJECT(OVERLOADED) as "a tether server, busy": it never sends the
+    application's connection to the fallback. With a short connect timeout the session
+    ends with that transient reason; with a long one it retries with backoff and gets in
+    as soon as room is made."""
+
+    async def main() -> None:
+        async with (
+            Backend(seed=45, size=1 << 30, eof=False) as backend,
+            Backend(seed=46, size=1024) as fallback,
+            _server_at_a_low_fd_limit(
+                tmp_path, backend.address[1], "--state-dir", str(tmp_path / "state")
+            ) as (address, log),
+        ):
+            pin = _fingerprint(log)
+            sessions, refusal = await _fill(address, "127.0.4", pin)
+            clients: list[Proc] = []
+            try:
+                assert "OVERLOADED" in str(refusal), refusal
+                common = (
+                    "--listen", "127.0.0.1:0", "--server", f"{address[0]}:{address[1]}",
+                    "--fallback", f"127.0.0.1:{fallback.address[1]}",
+                    "--server-fingerprint", pin, "-v",
+                )  # fmt: skip
+                # While the server stays full: a transient failure, no fallback.
+                brief = await start_tether(
+                    "client", *common, "--connect-timeout", "1", tmp=str(tmp_path)
+                )
+                clients.append(brief)
+                app = await connect_app(brief.address, seed=47, size=1000, eof=False)
+                await asyncio.wait_for(app.peer_eof.wait(), 20)  # the client closed it
+                ended = [line for line in brief.log().splitlines() if "ended RESUME_FAILED" in line]
+                assert ended, brief.log()
+                assert "did not take the session" in ended[0], ended
+                assert "OVERLOADED" in ended[0], ended  # not "Connection reset by peer"
+                assert "no reliability" not in brief.log()
+                # A patient client is refused, retries, and gets in once room is made.
+                patient = await start_tether(
+                    "client", *common, "--connect-timeout", "60", tmp=str(tmp_path)
+                )
+                clients.append(patient)
+                app = await connect_app(patient.address, seed=48, size=4096, eof=False)
+                for _ in range(200):
+                    if patient.log().count("handshake failed: OVERLOADED") >= 2:
+                        break  # refused at least twice: it retries
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("the client was not refused\n" + patient.log())
+                assert not fallback.connections
+                _end(sessions.pop())
+                await backend.serving(4096)  # the application's bytes went through tether
+                for _ in range(200):
+                    if app.received:
+                        break  # and the backend's stream comes back the same way
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("nothing from the backend\n" + patient.log())
+                assert "established via" in patient.log()
+                assert not fallback.connections, "the application was sent to the fallback"
+                assert "no reliability" not in patient.log()
+                assert "Traceback" not in log.read_text()
+            finally:
+                close_all()
+                for client in clients:
+                    with contextlib.suppress(Exception):
+                        stop(client)
+                for raw in sessions:
+                    raw.close()
 
     asyncio.run(main())

@@ -252,7 +252,13 @@ def listener_answer(first: int) -> bytes:
             spawn=lambda coroutine: pytest.fail("no task may start"),
         )
         listener._start(
-            ours, "?", first, _Once(lambda: None), _Once(lambda: None)
+            ours,
+            "?",
+            first,
+            _Once(lambda: None),
+            _Once(lambda: None),
+            lambda: pytest.fail("no link may start"),
+            lambda source, why: None,
         )  # closes ``ours``
         theirs.settimeout(5)
         answer = b""

@@ -41,6 +41,7 @@ from ..protocol.events import (
 )
 from ..protocol.handshake import ClientHandshake, HandshakeStage, ServerHandshake
 from ..protocol.session import Session
+from .ticker import Ticker
 from .util import describe
 
 __all__ = ["LinkOwner", "LinkProtocol", "LocalProtocol", "LocalTransport", "SessionRelay"]
@@ -67,6 +68,13 @@ class LocalTransport(Protocol):
     def resume_reading(self) -> None: ...
 
 
+# A link write of fewer bytes than this (a keystroke's DATA frame, its ACK, a PONG) goes out
+# joined, as one bytes object: uvloop sends a single buffer straight with write(2), while a
+# list costs a memoryview cast per piece and a write context around writev(2). Larger ones
+# go out as the list, payloads uncopied (CONTRIBUTING.md D2).
+JOIN_WRITES_BELOW = 4096
+
+
 class SessionRelay:
     """Drives one core session between a local transport and a link transport."""
 
@@ -78,8 +86,10 @@ class SessionRelay:
         self.link: asyncio.Transport | None = None
         self._local_reading_paused = False  # by us, for a full replay buffer
         self._local_writing_paused = False  # the local side cannot take more
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = 0.0
+        # The core's next deadline waits in a slot of the loop's shared ticker (ticker.py).
+        self._ticker = Ticker.of(self.loop)
+        self._timer_slot: float | None = None
+        self._timer_due = 0.0  # the deadline that slot was chosen for
         self.ended = asyncio.Event()
         # For operators (the admin endpoint): set by the roles, read by aio/service.py.
         self.started_at = self.loop.time()
@@ -155,7 +165,7 @@ class SessionRelay:
         if not writable:
             self.core.link_writable(False)
 
-    def link_data(self, transport: asyncio.Transport, data: bytes) -> None:
+    def link_data(self, transport: asyncio.Transport | None, data: bytes) -> None:
         if transport is self.link:
             self.core.receive_data(data, self.loop.time())
             self.pump()
@@ -182,7 +192,12 @@ class SessionRelay:
         out = core.data_to_send()
         link = self.link
         if out and link is not None and not link.is_closing():
-            link.writelines(out)
+            if len(out) == 1:
+                link.write(out[0])
+            elif sum(map(len, out)) < JOIN_WRITES_BELOW:
+                link.write(b"".join(out))  # CONTRIBUTING.md D2: small, so one copy is cheaper
+            else:
+                link.writelines(out)
         received: list[bytes | memoryview] = []
         while (event := core.next_event()) is not None:
             if isinstance(event, DataReceived):
@@ -224,7 +239,11 @@ class SessionRelay:
             self._local_reading_paused = False
             if self.local is not None:
                 self.local.resume_reading()
-        self._arm()
+        # Re-arm only when the core's deadline moved earlier than the one its slot was
+        # chosen for: a message on a busy session costs one call and two comparisons.
+        when = core.next_timer()
+        if when is None or self._timer_slot is None or when < self._timer_due:
+            self._arm(when)
 
     def _deliver(self, pieces: list[bytes | memoryview]) -> None:
         """Stream bytes for the local side: the pieces of one read of the link (up to four
@@ -247,31 +266,33 @@ class SessionRelay:
             else:
                 local.close()
         self.link = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._ticker.cancel(self)
         self.ended.set()
         self.on_ended(event)
 
-    def _arm(self) -> None:
-        when = self.core.next_timer()
-        timer = self._timer
+    def _arm(self, when: float | None) -> None:
+        slot = self._timer_slot
         if when is None:
-            if timer is not None:
-                timer.cancel()
-                self._timer = None
-            return
-        if timer is not None:
-            if self._timer_when <= when:
-                return  # fires early, handle_timer is a no-op then, and re-arms
-            timer.cancel()
-        self._timer_when = when
-        self._timer = self.loop.call_at(when, self._on_timer)
+            if slot is not None:
+                self._ticker.cancel(self)
+        elif slot is None or when < self._timer_due:
+            self._ticker.schedule(self, when)
+        # else: the slot comes first; handle_timer is a no-op then, and it re-arms
 
     def _on_timer(self) -> None:
-        self._timer = None
+        """The ticker's wake-up (it has taken the relay out of its slot)."""
         self.core.handle_timer(self.loop.time())
         self.pump()
+
+    def _timer_failed(self, exc: Exception) -> None:
+        """``_on_timer`` raised: a bug. It costs this session only (CONTRIBUTING.md E4),
+        never the other sessions woken by the same tick."""
+        self.log.error(
+            "session %s: timer failed (a bug), ending it with INTERNAL_ERROR",
+            self.core.session_id.hex()[:12],
+            exc_info=exc,
+        )
+        self.abort(CloseCode.INTERNAL_ERROR, "internal error")
 
     def abort(self, code: CloseCode, reason: str) -> None:
         if not self.core.closed:
@@ -321,7 +342,11 @@ class LocalProtocol(asyncio.BufferedProtocol):
             _scratch = bytearray(READ_SIZE)
         else:
             data = bytes(memoryview(_scratch)[:nbytes])
-        self.data_received(data)
+        relay = self.relay
+        if relay is not None:
+            relay.local_data(data)
+        else:
+            self._early.append(data)
 
     def bind(self, relay: SessionRelay) -> None:
         """Attach to a relay, handing it anything that arrived before."""
@@ -448,7 +473,7 @@ class LinkProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         relay = self.relay
         if relay is not None:
-            relay.link_data(cast(asyncio.Transport, self.transport), data)
+            relay.link_data(self.transport, data)
             return
         handshake = self.handshake
         if handshake is None:

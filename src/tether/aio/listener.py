@@ -18,10 +18,17 @@ Admission comes first (docs/security.md, "Abuse"): every accepted connection tak
 place in the :class:`~tether.protocol.admission.HandshakeAdmission` until its link joins
 a session, fails or dies; past the limits (global, per source, or by OpenSSH-style
 random early drop) a new connection is closed at once. A clear-text server tells the
-client ``REJECT(OVERLOADED)`` first, so that it retries rather than falls back. The same
-happens when the server's :class:`~tether.resources.FdGuard` has no descriptor to spare
-(near ``RLIMIT_NOFILE``): the connection's socket is counted from its accept until it is
-closed, so the sessions already there keep theirs.
+client ``REJECT(OVERLOADED)`` first, so that it retries rather than falls back.
+
+The server's :class:`~tether.resources.FdGuard` counts each connection's socket from its
+accept until it is closed, so that near ``RLIMIT_NOFILE`` the sessions already there keep
+theirs. When it has no descriptor to spare, a new connection is told
+``REJECT(OVERLOADED)`` too: a clear-text server writes it at once; a TLS server borrows a
+descriptor from the guard's refusal slice and runs the link as far as a client can trust
+it (first byte, TLS handshake, client hello and request, all within the handshake
+timeout), then rejects the request OVERLOADED and closes (:class:`BusyOwner`). A client
+verifies the server before it reads a tether byte, so nothing earlier would be believed.
+Past the slice the connection is closed at once.
 """
 
 from __future__ import annotations
@@ -39,12 +46,14 @@ from typing import Any
 from ..config import Address
 from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
+from ..protocol.events import Event, HandshakeFailed, ResumeRequested, SetupRequested
 from ..protocol.frames import MAGIC, MIN_PROTOCOL_VERSION, NONCE_SIZE, Reject, server_hello
+from ..protocol.handshake import ServerHandshake
 from ..resources import FdGuard
 from .link import LinkProtocol
 from .util import describe
 
-__all__ = ["TLS_RECORD", "LinkListener", "ListenError", "open_listening_socket"]
+__all__ = ["TLS_RECORD", "BusyOwner", "LinkListener", "ListenError", "open_listening_socket"]
 
 logger = logging.getLogger("tether.server")
 
@@ -64,11 +73,15 @@ class LinkListener:
         refused: Callable[[str, str], None],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
         fds: FdGuard | None = None,
+        busy: Callable[[], LinkProtocol] | None = None,
     ) -> None:
         """``link`` makes each link's protocol; ``refused(source, why)`` hears of every
         connection that never became a link; ``spawn`` runs a task in the service's group;
-        ``fds`` counts the accepted sockets (None: no count)."""
+        ``fds`` counts the accepted sockets (None: no count); ``busy`` makes the protocol
+        of a TLS link accepted past the count, to be told REJECT(OVERLOADED) once TLS is up
+        (None: such a link is closed at once)."""
         self._link = link
+        self._busy = busy
         self._tls = tls
         self._timeout = handshake_timeout
         self.admission = admission
@@ -121,8 +134,13 @@ class LinkListener:
             source = str(peer[0]) if isinstance(peer, tuple) else "?"
             fds = self._fds
             if fds is not None and not fds.acquire():
-                self._overloaded(conn)
                 self._refused(source, "out of file descriptors (near RLIMIT_NOFILE)")
+                if self._tls is not None and self._busy is not None and fds.acquire_refusal():
+                    # Told OVERLOADED once TLS is up; its end is not logged again.
+                    busy = _Once(fds.release_refusal)
+                    self._sniff(conn, source, _Once(_nothing), busy, self._busy, _ignore)
+                else:
+                    self._overloaded(conn)
                 continue
             closed = _Once(fds.release if fds is not None else _nothing)
             verdict = self.admission.admit(source)
@@ -132,17 +150,26 @@ class LinkListener:
                 self._refused(source, f"too many handshakes ({verdict.value})")
                 continue
             release = _Once(functools.partial(self.admission.release, source))
-            self._sniff(conn, source, release, closed)
+            self._sniff(conn, source, release, closed, self._link, self._refused)
 
     def _overloaded(self, conn: socket.socket) -> None:
-        if self._tls is None:  # cheap in clear text; a TLS client just sees a reset
+        if self._tls is None:  # cheap in clear text; past the refusal slice, TLS just closes
             busy = Reject(CloseCode.OVERLOADED, "server busy")
             with contextlib.suppress(OSError):
                 conn.send(server_hello(MIN_PROTOCOL_VERSION, bytes(NONCE_SIZE)) + busy.serialize())
         conn.close()
 
-    def _sniff(self, conn: socket.socket, source: str, release: _Once, closed: _Once) -> None:
-        """Wait for the first byte (bounded by the handshake timeout), then start."""
+    def _sniff(
+        self,
+        conn: socket.socket,
+        source: str,
+        release: _Once,
+        closed: _Once,
+        link: Callable[[], LinkProtocol],
+        refused: Callable[[str, str], None],
+    ) -> None:
+        """Wait for the first byte (bounded by the handshake timeout), then start the link
+        that ``link`` makes; ``refused`` hears why if it never becomes one."""
         loop = asyncio.get_running_loop()
         fd = conn.fileno()
         timer: asyncio.TimerHandle | None = None
@@ -164,37 +191,46 @@ class LinkListener:
                 conn.close()
                 closed()
                 release()
-                self._refused(source, why)
+                refused(source, why)
             else:
-                self._start(conn, source, first[0], release, closed)
+                self._start(conn, source, first[0], release, closed, link, refused)
 
         def silent() -> None:
             loop.remove_reader(fd)
             conn.close()
             closed()
             release()
-            self._refused(source, "sent nothing before the handshake timeout")
+            refused(source, "sent nothing before the handshake timeout")
 
         loop.add_reader(fd, readable)
         timer = loop.call_later(self._timeout, silent)
 
     def _start(
-        self, conn: socket.socket, source: str, first: int, release: _Once, closed: _Once
+        self,
+        conn: socket.socket,
+        source: str,
+        first: int,
+        release: _Once,
+        closed: _Once,
+        link: Callable[[], LinkProtocol],
+        refused: Callable[[str, str], None],
     ) -> None:
         tls = self._tls
         if first == TLS_RECORD and tls is not None:
-            self._spawn(self._start_link(conn, source, tls, release, closed))
+            self._spawn(self._start_link(conn, source, tls, release, closed, link, refused))
             return
         if first == MAGIC[0] and tls is None:
-            self._spawn(self._start_link(conn, source, None, release, closed))
+            self._spawn(self._start_link(conn, source, None, release, closed, link, refused))
             return
         release()
         try:
-            self._refuse_link(conn, source, first)
+            self._refuse_link(conn, source, first, refused)
         finally:
             closed()
 
-    def _refuse_link(self, conn: socket.socket, source: str, first: int) -> None:
+    def _refuse_link(
+        self, conn: socket.socket, source: str, first: int, refused: Callable[[str, str], None]
+    ) -> None:
         if first == MAGIC[0]:
             # A clear-text client: tell it, in its own terms, why it cannot go on.
             refusal = Reject(CloseCode.TLS_REQUIRED, "this server takes TLS links only")
@@ -203,13 +239,13 @@ class LinkListener:
                     server_hello(MIN_PROTOCOL_VERSION, bytes(NONCE_SIZE)) + refusal.serialize()
                 )
             _close_gently(conn)
-            self._refused(source, "the client speaks clear text; this server requires TLS")
+            refused(source, "the client speaks clear text; this server requires TLS")
         elif first == TLS_RECORD:
             conn.close()
-            self._refused(source, "the client speaks TLS; this server runs with --plaintext")
+            refused(source, "the client speaks TLS; this server runs with --plaintext")
         else:
             conn.close()
-            self._refused(source, "not a tether client")
+            refused(source, "not a tether client")
 
     async def _start_link(
         self,
@@ -218,12 +254,14 @@ class LinkListener:
         tls: ssl.SSLContext | None,
         release: _Once,
         closed: _Once,
+        link: Callable[[], LinkProtocol],
+        refused: Callable[[str, str], None],
     ) -> None:
         def made() -> LinkProtocol:
-            link = self._link()
-            link.settled = release  # the link frees its place when its handshake ends
-            link.on_closed = closed  # and its descriptor when its transport is gone
-            return link
+            protocol = link()
+            protocol.settled = release  # the link frees its place when its handshake ends
+            protocol.on_closed = closed  # and its descriptor when its transport is gone
+            return protocol
 
         loop = asyncio.get_running_loop()
         try:
@@ -238,7 +276,7 @@ class LinkListener:
             closed()
             release()
             what = "TLS handshake failed: " if tls is not None else ""
-            self._refused(source, what + describe_tls(exc))
+            refused(source, what + describe_tls(exc))
         except Exception:  # a bug must cost this connection only, never the server
             conn.close()
             closed()
@@ -299,6 +337,32 @@ def _close_gently(conn: socket.socket) -> None:
 
 def _nothing() -> None:
     pass
+
+
+def _ignore(source: str, why: str) -> None:
+    pass
+
+
+class BusyOwner:
+    """The owner of a link accepted when the server has no descriptor to spare: whatever
+    it requests, SETUP or RESUME, is rejected OVERLOADED (transient: the client retries
+    with backoff and never falls back), then the link is closed. Nothing is created."""
+
+    __slots__ = ()
+
+    def link_event(self, link: LinkProtocol, event: Event) -> None:
+        handshake = link.handshake
+        assert isinstance(handshake, ServerHandshake)
+        if isinstance(event, SetupRequested | ResumeRequested):
+            handshake.reject(CloseCode.OVERLOADED, "server busy")
+        elif isinstance(event, HandshakeFailed):
+            link.close()  # after the REJECT, if the client is owed one
+
+    def link_ready(self, link: LinkProtocol) -> None:
+        """Never: this handshake is never accepted."""
+
+    def link_lost(self, link: LinkProtocol, exc: Exception | None) -> None:
+        """Nothing to do: the handshake is dropped with its link."""
 
 
 class _Once:

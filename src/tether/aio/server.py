@@ -37,7 +37,7 @@ from ..protocol.session import Session
 from ..resources import FdGuard
 from .gateway import read_routing_key
 from .link import LinkProtocol, LocalProtocol, LocalTransport, SessionRelay
-from .listener import LinkListener
+from .listener import BusyOwner, LinkListener
 from .service import Service
 from .stream import TetherStream
 from .util import describe
@@ -134,6 +134,7 @@ class TetherServer(Service):
         loop = asyncio.get_running_loop()
         router = self._router
         self._fds = FdGuard.from_system()
+        busy = BusyOwner()
         listener = LinkListener(
             lambda: LinkProtocol(self, router.open_link(loop.time())),
             self._tls_context(),
@@ -146,6 +147,8 @@ class TetherServer(Service):
             refused=self._link_refused,
             spawn=self.spawn,
             fds=self._fds,
+            # Near RLIMIT_NOFILE a TLS link is told REJECT(OVERLOADED) once TLS is up.
+            busy=lambda: LinkProtocol(busy, router.open_link(loop.time())),
         )
         try:
             for address in listen_addresses(self.config.listen):

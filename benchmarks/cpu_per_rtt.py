@@ -1,0 +1,198 @@
+"""CPU microseconds per 64-byte round trip spent by a tether client + server pair.
+
+B2's latency on a shared 2-core machine moves by tens of microseconds from run to run;
+the CPU that tether's two processes spend per round trip (user + system time from /proc)
+moves much less, and it is what a per-message change alters. One thread plays both the
+application and an echo backend, strictly one message in flight::
+
+    python -m benchmarks.cpu_per_rtt [--count 20000] [--runs 5]
+    python -m benchmarks.cpu_per_rtt --base /other/checkout/src   # A/B, interleaved
+    python -m benchmarks.cpu_per_rtt --calls [--base ...]   # Python calls per round trip
+
+``--calls`` counts instead of timing: the function calls both tether processes make per
+round trip (``sys.setprofile`` from a ``sitecustomize`` put on their ``PYTHONPATH``), the
+difference between a run of 3x and one of 1x ``--count`` round trips, so start-up and
+shut-down cancel out. A deterministic figure where time is too noisy to show a change.
+
+With ``--base``, each run measures the tether on the path and then the one in
+``--base`` (``PYTHONPATH``), alternately, and prints both and their ratio. Links are
+clear text (``--plaintext``) when the tether under test has TLS. Loopback only; every
+loop is bounded by ``--count`` and the processes are stopped after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.cpu_per_gib import _cpu_seconds, _start, has_plaintext
+
+__all__ = ["count_calls", "run_once"]
+
+SIZE = 64
+COUNTER = """\
+import atexit, collections, os, sys
+_out = os.environ.get("TBENCH_COUNT_CALLS")
+if _out and "tether" in sys.orig_argv and "--help" not in sys.orig_argv:
+    _counts = collections.Counter()
+    def _prof(frame, event, arg):
+        if event == "call":
+            code = frame.f_code
+            _counts[code.co_filename.rsplit("/", 1)[-1] + ":" + code.co_name] += 1
+        elif event == "c_call":
+            _counts["C:" + getattr(arg, "__qualname__", "?")] += 1
+    def _dump():
+        sys.setprofile(None)
+        with open(f"{_out}.{os.getpid()}", "w") as f:
+            f.write(repr(dict(_counts)))
+    sys.setprofile(_prof)
+    atexit.register(_dump)
+"""
+
+
+def run_once(count: int, home: Path, extra: list[str]) -> tuple[float, float]:
+    """(CPU us per round trip of both tether processes, p50 round trip in us)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server, server_port = _start(
+        ["server", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}", *extra], home
+    )
+    try:
+        client, client_port = _start(
+            ["client", "--listen", "127.0.0.1:0", "--server", f"127.0.0.1:{server_port}", *extra],
+            home,
+        )
+    except BaseException:
+        server.terminate()
+        server.wait(10)
+        listener.close()
+        raise
+    pids = (server.pid, client.pid)
+    message = b"x" * SIZE
+    try:
+        app = socket.create_connection(("127.0.0.1", client_port))
+        back, _ = listener.accept()
+        for s in (app, back):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.settimeout(10)
+
+        def one() -> None:
+            app.sendall(message)
+            got = 0
+            while got < SIZE:
+                got += len(back.recv(SIZE - got))
+            back.sendall(message)
+            got = 0
+            while got < SIZE:
+                got += len(app.recv(SIZE - got))
+
+        for _ in range(200):  # warm up: session established, buffers sized
+            one()
+        times = []
+        cpu0 = sum(map(_cpu_seconds, pids))
+        for _ in range(count):
+            t0 = time.perf_counter_ns()
+            one()
+            times.append(time.perf_counter_ns() - t0)
+        cpu1 = sum(map(_cpu_seconds, pids))
+        for s in (app, back):
+            s.close()
+    finally:
+        for proc in (client, server):
+            proc.terminate()
+            proc.wait(10)
+        listener.close()
+    return (cpu1 - cpu0) / count * 1e6, statistics.median(times) / 1000
+
+
+def count_calls(count: int, home: Path, extra: list[str], src: str | None) -> dict[str, float]:
+    """Calls per round trip of both tether processes, by function ("C:" for builtins)."""
+    import ast
+    import collections
+
+    scratch = Path(tempfile.mkdtemp(prefix="tbench-calls-"))
+    (scratch / "sitecustomize.py").write_text(COUNTER)
+    saved = dict(os.environ)
+    totals: list[collections.Counter[str]] = []
+    try:
+        path = [str(scratch), src or os.environ.get("PYTHONPATH", "")]
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        for n in (count, 3 * count):
+            os.environ["TBENCH_COUNT_CALLS"] = str(scratch / f"calls-{n}")
+            run_once(n, home, extra)
+            total: collections.Counter[str] = collections.Counter()
+            for dump in scratch.glob(f"calls-{n}.*"):
+                total.update(ast.literal_eval(dump.read_text()))
+            totals.append(total)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(scratch, ignore_errors=True)
+    low, high = totals
+    return {k: (high[k] - low.get(k, 0)) / (2 * count) for k in high}
+
+
+def _print_calls(name: str, calls: dict[str, float]) -> None:
+    python = sum(v for k, v in calls.items() if not k.startswith("C:"))
+    builtin = sum(v for k, v in calls.items() if k.startswith("C:"))
+    print(f"{name}: {python:.1f} Python calls and {builtin:.1f} builtin calls per round trip")
+    for key, value in sorted(calls.items(), key=lambda kv: -kv[1]):
+        if value >= 0.5 and not key.startswith("C:"):
+            print(f"  {value:5.1f} {key}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=20000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--base", help="src/ of a baseline checkout: A/B, interleaved")
+    parser.add_argument("--calls", action="store_true", help="count calls instead of time")
+    args = parser.parse_args()
+    extra = ["--plaintext"] if has_plaintext() else []
+    home = Path(tempfile.mkdtemp(prefix="tbench-rtt-"))
+    if args.calls:
+        try:
+            count = min(args.count, 2000)
+            _print_calls("this", count_calls(count, home, extra, None))
+            if args.base:
+                _print_calls("base", count_calls(count, home, extra, args.base))
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+        return 0
+    here: list[tuple[float, float]] = []
+    base: list[tuple[float, float]] = []
+    saved = os.environ.get("PYTHONPATH")
+    try:
+        for _ in range(args.runs):
+            here.append(run_once(args.count, home, extra))
+            if args.base:
+                os.environ["PYTHONPATH"] = args.base
+                try:
+                    base.append(run_once(args.count, home, extra))
+                finally:
+                    if saved is None:
+                        os.environ.pop("PYTHONPATH", None)
+                    else:
+                        os.environ["PYTHONPATH"] = saved
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    for name, runs in (("this", here), ("base", base)):
+        if runs:
+            cpu = sorted(round(r[0], 1) for r in runs)
+            p50 = sorted(round(r[1], 1) for r in runs)
+            print(f"{name}: CPU us/round trip {cpu}  p50 us {p50}")
+    if base:
+        ratios = sorted(round(h[0] / b[0], 3) for h, b in zip(here, base, strict=True))
+        print(f"this/base CPU per round trip, per run: {ratios}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
