@@ -1,0 +1,364 @@
+"""Issue 11's proof in network namespaces: one ``tether gateway`` in front of three real
+``tether server`` hosts, a ``tether client`` carrying many sessions through it.
+
+::
+
+    client host            gateway host                 server hosts (x3)
+    app ──> tether client ══>  tether gateway  ══plain══>  tether server N ──> backend N
+    198.18.S.1 (roams)      198.18.S.2:443                198.18.S.1N:2598    (127.0.0.1)
+
+Every host is its own namespace with one veth into a switch namespace that holds a bridge; all
+addresses are in 198.18.S.0/24 (``S`` unique per lab). The links are in clear text on both
+sides of the gateway (``--plaintext`` client and gateway, ``--server-plaintext`` to servers that
+run ``--plaintext``): what is proved here is routing, not TLS, which tests/aio/test_gateway.py
+covers. The servers share one routing key and have ids 1..3.
+
+The application is one ``traffic.py app --sessions N`` process: N connections at once, each
+streaming the seeded streams both ways and hashing what it receives; each server host's backend
+hashes its side. Which server holds a session is read from its id (the first two bytes are the
+server id, docs/protocol.md "Routing") in the client's log, and checked against the servers' own
+logs. Every wait is bounded; the file runs in about a minute.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import netns
+from .chain import PYTHON, REPORT_LINE, TRAFFIC, Backend, first_after
+from .netns import Host, Proc
+from .traffic import expected_digest
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+SESSIONS = int(os.environ.get("TETHER_GWLAB_SESSIONS", "60"))
+SERVERS = (1, 2, 3)
+KB = 1000
+RATE = 40 * KB  # bytes/s each way, per session
+KEEPALIVE = 1.0  # seconds; a link silent for two is dead
+HEALTH_INTERVAL = 2.0  # the gateway's, seconds
+GATEWAY_PORT = 443
+SERVER_PORT = 2598
+ESTABLISHED = re.compile(r"session #\d+/([0-9a-f]{12}): established")
+CLIENT_RESUMED = re.compile(r"session #\d+/([0-9a-f]{12}): resumed after")
+CLIENT_ENDED = re.compile(r"session #\d+/([0-9a-f]{12}): ended (\S+) \((.*)\)")
+SERVER_NEW = re.compile(r"session ([0-9a-f]{12}): new from")
+SERVER_RESUMED = re.compile(r"session ([0-9a-f]{12}): resumed from")
+ENV = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+
+
+def server_of(sid: str) -> int:
+    """The server id a session id carries (docs/protocol.md, "Routing")."""
+    return int(sid[:4], 16)
+
+
+class GatewayLab(netns.Lab):
+    """Hosts ``client``, ``gateway``, ``server1``..``server3`` on one bridge (a switch
+    namespace). Names keep netns.py's ``tth<pid>-<hex>-<c|s>`` shape so sweep_stale() finds
+    them; each namespace has its own hex."""
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__("gwlab", log_dir)
+        owner = f"{netns.NS_PREFIX}{os.getpid()}"
+        net = f"198.18.{self.subnet}"
+
+        def make(role: str, last: int, kind: str = "s") -> Host:
+            return Host(
+                role, f"{owner}-{random.randrange(1 << 24):06x}-{kind}", "eth0", f"{net}.{last}"
+            )
+
+        self.switch = make("switch", 254)
+        self.client = make("client", 1, "c")
+        self.gateway = make("gateway", 2)
+        self.servers = {n: make(f"server{n}", 10 + n) for n in SERVERS}
+        self.hosts = [self.client, self.gateway, *self.servers.values()]
+
+    def open(self) -> None:
+        with netns._open_labs_lock:
+            netns._open_labs.add(self)
+        try:
+            for host in (self.switch, *self.hosts):
+                self._ip("netns", "add", host.ns)
+                self.sh(host, "ip", "link", "set", "lo", "up")
+            self.sh(self.switch, "ip", "link", "add", "br0", "type", "bridge")
+            self.sh(self.switch, "ip", "link", "set", "br0", "up")
+            for i, host in enumerate(self.hosts):
+                port = f"p{i}"
+                self._ip("link", "add", host.ifname, "netns", host.ns, "type", "veth",
+                         "peer", "name", port, "netns", self.switch.ns)  # fmt: skip
+                self.sh(self.switch, "ip", "link", "set", port, "master", "br0")
+                self.sh(self.switch, "ip", "link", "set", port, "up")
+                self.sh(host, "ip", "addr", "add", f"{host.address}/24", "dev", host.ifname)
+                self.sh(host, "ip", "link", "set", host.ifname, "up")
+            self.log("lab up")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            for proc in reversed(self.procs):
+                with contextlib.suppress(Exception):
+                    proc.stop()
+            for host in (*self.hosts, self.switch):
+                with contextlib.suppress(Exception):
+                    netns._kill_namespace_pids(host.ns)
+                subprocess.run(["ip", "netns", "del", host.ns], capture_output=True,
+                               timeout=netns.COMMAND_TIMEOUT)  # fmt: skip
+        finally:
+            with netns._open_labs_lock:
+                netns._open_labs.discard(self)
+
+    def host(self, side: str | Host) -> Host:
+        if isinstance(side, Host):
+            return side
+        return {h.role: h for h in self.hosts}[side]
+
+    def roam_client(self, last: int) -> str:
+        """Replace the client's address with another one of the lab's /24."""
+        old, new = self.client.address, f"198.18.{self.subnet}.{last}"
+        self.sh(self.client, "ip", "addr", "del", f"{old}/24", "dev", self.client.ifname)
+        self.sh(self.client, "ip", "addr", "add", f"{new}/24", "dev", self.client.ifname)
+        self.client.address = new
+        self.log(f"client address {old} -> {new}")
+        return new
+
+
+class Site:
+    """The running site: backends, servers, gateway, client; and the application."""
+
+    def __init__(self, lab: GatewayLab, tether: list[str], *, seed: int, size: int,
+                 client_timeout: float) -> None:  # fmt: skip
+        self.lab = lab
+        self.seed = seed
+        self.size = size
+        key = lab.log_dir / "routing.key"
+        key.write_text(base64.b64encode(random.randbytes(32)).decode() + "\n")
+        key.chmod(0o600)
+        common = ["--keepalive", str(KEEPALIVE)]
+        self.backends: dict[int, Backend] = {}
+        self.servers: dict[int, Proc] = {}
+        for n, host in lab.servers.items():
+            proc = lab.spawn(
+                host,
+                [PYTHON, str(TRAFFIC), "backend", "--listen", "127.0.0.1:0", "--seed", str(seed),
+                 "--up-bytes", str(size), "--down-bytes", str(size), "--rate", str(RATE),
+                 "--wait-first-byte"],
+                f"backend{n}",
+            )  # fmt: skip
+            _, port = proc.wait_ready()
+            self.backends[n] = Backend(proc, port, seed, size, size)
+            self.servers[n] = lab.spawn(
+                host,
+                [*tether, "server", "--listen", f"{host.address}:{SERVER_PORT}",
+                 "--backend", f"127.0.0.1:{port}", "--plaintext", "--server-id", str(n),
+                 "--routing-key-file", str(key), "--timeout", "60", *common],
+                f"server{n}",
+                env=ENV,
+            )  # fmt: skip
+        servers = [f"--server={n}={h.address}:{SERVER_PORT}" for n, h in lab.servers.items()]
+        self.gateway = lab.spawn(
+            "gateway",
+            [*tether, "gateway", "--listen", f"{lab.gateway.address}:{GATEWAY_PORT}", *servers,
+             "--routing-key-file", str(key), "--server-plaintext", "--plaintext",
+             "--health-interval", str(HEALTH_INTERVAL)],
+            "gateway",
+            env=ENV,
+        )  # fmt: skip
+        self.client = lab.spawn(
+            "client",
+            [*tether, "client", "--listen", "127.0.0.1:0",
+             "--server", f"{lab.gateway.address}:{GATEWAY_PORT}", "--plaintext",
+             "--timeout", str(client_timeout), *common],
+            "client",
+            env=ENV,
+        )  # fmt: skip
+        host, port = self.client.wait_ready()
+        self.entry = f"{host}:{port}"
+        self.apps: list[Proc] = []
+
+    @property
+    def procs(self) -> list[Proc]:
+        return [*self.apps, self.client, self.gateway, *self.servers.values(),
+                *(b.proc for b in self.backends.values())]  # fmt: skip
+
+    def start_app(self, sessions: int, deadline: float) -> Proc:
+        app = self.lab.spawn(
+            "client",
+            [PYTHON, str(TRAFFIC), "app", "--connect", self.entry, "--seed", str(self.seed),
+             "--up-bytes", str(self.size), "--down-bytes", str(self.size),
+             "--rate", str(RATE), "--deadline", str(deadline), "--sessions", str(sessions)],
+            f"app{len(self.apps)}",
+            ready=None,
+        )  # fmt: skip
+        self.apps.append(app)
+        return app
+
+    def established(self, count: int, timeout: float) -> list[str]:
+        """Wait for ``count`` sessions established at the client; their ids, in order."""
+        self.client.wait_line(ESTABLISHED.pattern, timeout, stream="stderr", skip=count - 1)
+        return ESTABLISHED.findall(self.client.stderr_text())[:count]
+
+    def reports(self, app: Proc, count: int, timeout: float) -> list[dict[str, Any]]:
+        app.wait_line(REPORT_LINE, timeout, skip=count - 1)
+        return [json.loads(m) for m in re.findall(r"^REPORT (\{.*\})$", app.stdout_text(), re.M)]
+
+    def backend_reports(self, n: int, count: int, timeout: float) -> list[dict[str, Any]]:
+        proc = self.backends[n].proc
+        if count:
+            proc.wait_line(REPORT_LINE, timeout, skip=count - 1)
+        return [json.loads(m) for m in re.findall(r"^REPORT (\{.*\})$", proc.stdout_text(), re.M)]
+
+    def server_log(self, n: int, pattern: re.Pattern[str]) -> list[str]:
+        return pattern.findall(self.servers[n].stderr_text())
+
+    def require(self, condition: bool, message: str) -> None:
+        if not condition:
+            tails = "\n".join(f"--- {p.name}:\n{p.stderr_tail(15)}" for p in self.procs)
+            pytest.fail(f"{message}\n{tails}\n(logs in {self.lab.log_dir})")
+
+
+def stream_problems(site: Site, apps: list[dict[str, Any]], backends: list[dict[str, Any]]
+                    ) -> list[str]:  # fmt: skip
+    """Every stream whole and intact: what each end received hashed against the seeded stream
+    the other end sends (each report on its own: which backend connection served which
+    application connection is not known here, and every one carries the same streams)."""
+    problems = []
+    for a in apps:
+        if a["status"] != "complete":
+            problems.append(f"app session {a['index']}: {a['status']} ({a['error']})")
+        if a["received_sha256"] != expected_digest(site.seed, "down", a["received"]):
+            problems.append(f"app session {a['index']}: down stream lost, duplicated or reordered")
+        if a["sent_sha256"] != expected_digest(site.seed, "up", a["sent"]):
+            problems.append(f"app session {a['index']}: sent other than the up stream")
+    for b in backends:
+        if b["received"] != b["expected_receive"]:
+            problems.append(f"a backend received {b['received']}/{b['expected_receive']}")
+        if b["received_sha256"] != expected_digest(site.seed, "up", b["received"]):
+            problems.append("a backend's up stream lost, duplicated or reordered")
+    return problems
+
+
+@pytest.fixture
+def gwlab(netlab_host: None, tmp_path: Path) -> Any:
+    with GatewayLab(tmp_path / "lab") as lab:
+        yield lab
+
+
+def test_outage_with_address_change(gwlab: GatewayLab, tether: list[str],
+                                    record: dict[str, Any]) -> None:  # fmt: skip
+    """Every session resumes on its own server after the client is cut off and comes back
+    from another address; every byte once and in order; one backend connection each."""
+    size = int(RATE * 12)
+    site = Site(gwlab, tether, seed=1101, size=size, client_timeout=60)
+    app = site.start_app(SESSIONS, deadline=60)
+    sids = site.established(SESSIONS, 20)
+    per_server = Counter(server_of(s) for s in sids)
+    site.require(set(per_server) == set(SERVERS), f"sessions not spread: {per_server}")
+    for n in SERVERS:
+        made = site.server_log(n, SERVER_NEW)
+        site.require(sorted(made) == sorted(s for s in sids if server_of(s) == n),
+                     f"server {n} made other sessions than the ids naming it")  # fmt: skip
+    time.sleep(2.0)  # the fault schedule: streams running
+    down = gwlab.link_down("client")
+    gwlab.roam_client(101)
+    time.sleep(3.0)
+    restored = gwlab.link_up("client")
+    site.client.wait_line(CLIENT_RESUMED.pattern, 30, stream="stderr", skip=SESSIONS - 1)
+    all_resumed_at = time.monotonic()
+    apps = site.reports(app, SESSIONS, 60)
+    backends = [r for n in SERVERS for r in site.backend_reports(n, per_server[n], 15)]
+    resumed = CLIENT_RESUMED.findall(site.client.stderr_text())
+    site.require(sorted(resumed) == sorted(sids), "not every session resumed exactly once")
+    for n in SERVERS:
+        theirs = sorted(s for s in sids if server_of(s) == n)
+        site.require(sorted(site.server_log(n, SERVER_RESUMED)) == theirs,
+                     f"server {n} resumed other sessions than its own")  # fmt: skip
+        site.require(len(site.backend_reports(n, 0, 0)) == per_server[n],
+                     f"backend {n} saw other than one connection per session")  # fmt: skip
+    problems = stream_problems(site, apps, backends)
+    site.require(not problems, "; ".join(problems[:10]))
+    resume = sorted(t - restored for a in apps
+                    if (t := first_after(a["timeline"], restored)) is not None)  # fmt: skip
+    site.require(len(resume) == SESSIONS, "a session got no data after the link came back")
+    moved = sum(a["received"] for a in apps) + sum(b["received"] for b in backends)
+    record.update(
+        title=f"gateway, {SESSIONS} sessions on 3 servers, 3 s outage + client address change",
+        bytes=moved,
+        resume=resume[len(resume) // 2],
+        note=f"per server {dict(sorted(per_server.items()))}; resume median "
+        f"{resume[len(resume) // 2]:.2f} s, max {resume[-1]:.2f} s; all resumed "
+        f"{all_resumed_at - restored:.2f} s after link up; outage {restored - down:.1f} s",
+    )
+
+
+def test_server_killed(gwlab: GatewayLab, tether: list[str], record: dict[str, Any]) -> None:
+    """SIGKILL one server: its sessions end with a clear reason, the others carry on, the
+    gateway marks it unhealthy within one health interval and sends new sessions elsewhere."""
+    size = int(RATE * 10)
+    client_timeout = 5.0
+    site = Site(gwlab, tether, seed=1201, size=size, client_timeout=client_timeout)
+    app = site.start_app(SESSIONS, deadline=60)
+    sids = site.established(SESSIONS, 20)
+    per_server = Counter(server_of(s) for s in sids)
+    site.require(set(per_server) == set(SERVERS), f"sessions not spread: {per_server}")
+    time.sleep(2.0)
+    victim = 2
+    killed = time.monotonic()
+    site.servers[victim].signal(signal.SIGKILL)
+    site.gateway.wait_line(rf"server {victim} \(.*\): unhealthy", HEALTH_INTERVAL + 3,
+                           stream="stderr")  # fmt: skip
+    unhealthy_after = time.monotonic() - killed
+    site.require(unhealthy_after <= HEALTH_INTERVAL + 0.5,
+                 f"gateway took {unhealthy_after:.2f} s to mark the server unhealthy")  # fmt: skip
+    # New sessions now: none may go to the dead server.
+    extra = 9
+    late = site.start_app(extra, deadline=40)
+    new_sids = site.established(SESSIONS + extra, 20)[SESSIONS:]
+    late_servers = Counter(server_of(s) for s in new_sids)
+    site.require(
+        victim not in late_servers, f"new sessions went to the dead server: {late_servers}"
+    )
+    apps = site.reports(app, SESSIONS, 60)
+    late_apps = site.reports(late, extra, 40)
+    ended = {
+        sid: (code, reason) for sid, code, reason in CLIENT_ENDED.findall(site.client.stderr_text())
+    }
+    lost = sorted(s for s in sids if server_of(s) == victim)
+    site.require(
+        all(s in ended and ended[s][0] == "EXPIRED" for s in lost),
+        f"the dead server's sessions did not all end EXPIRED: {[ended.get(s) for s in lost]}",
+    )
+    complete = [a for a in apps if a["status"] == "complete"]
+    site.require(len(complete) == SESSIONS - len(lost),
+                 f"{len(complete)} sessions complete, want {SESSIONS - len(lost)}")  # fmt: skip
+    site.require(all(a["status"] == "complete" for a in late_apps), "a new session failed")
+    backends = [r for n in SERVERS if n != victim
+                for r in site.backend_reports(n, per_server[n] + late_servers[n], 15)]  # fmt: skip
+    problems = stream_problems(site, [*complete, *late_apps], backends)
+    site.require(not problems, "; ".join(problems[:10]))
+    reason = ended[lost[0]][1]
+    record.update(
+        title=f"gateway, {SESSIONS} sessions, server {victim} of 3 SIGKILLed",
+        bytes=sum(a["received"] for a in [*complete, *late_apps])
+        + sum(b["received"] for b in backends),
+        note=f"{len(lost)} ended EXPIRED ({reason}); {len(complete)} complete; unhealthy after "
+        f"{unhealthy_after:.2f} s (interval {HEALTH_INTERVAL:g} s); {extra} new sessions on "
+        f"{dict(sorted(late_servers.items()))}",
+    )
