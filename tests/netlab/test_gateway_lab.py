@@ -44,7 +44,7 @@ from .traffic import expected_digest
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-SESSIONS = int(os.environ.get("TETHER_GWLAB_SESSIONS", "60"))
+SESSIONS = int(os.environ.get("TETHER_GWLAB_SESSIONS", "300"))
 SERVERS = (1, 2, 3)
 KB = 1000
 RATE = 40 * KB  # bytes/s each way, per session
@@ -52,11 +52,13 @@ KEEPALIVE = 1.0  # seconds; a link silent for two is dead
 HEALTH_INTERVAL = 2.0  # the gateway's, seconds
 GATEWAY_PORT = 443
 SERVER_PORT = 2598
+VIP = 100  # last byte of the moving gateway address
 ESTABLISHED = re.compile(r"session #\d+/([0-9a-f]{12}): established")
 CLIENT_RESUMED = re.compile(r"session #\d+/([0-9a-f]{12}): resumed after")
 CLIENT_ENDED = re.compile(r"session #\d+/([0-9a-f]{12}): ended (\S+) \((.*)\)")
 SERVER_NEW = re.compile(r"session ([0-9a-f]{12}): new from")
 SERVER_RESUMED = re.compile(r"session ([0-9a-f]{12}): resumed from")
+SERVER_RESUMED_FROM = re.compile(r"session [0-9a-f]{12}: resumed from ([0-9.]+):")
 ENV = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
 
 
@@ -83,8 +85,10 @@ class GatewayLab(netns.Lab):
         self.switch = make("switch", 254)
         self.client = make("client", 1, "c")
         self.gateway = make("gateway", 2)
+        self.gateway2 = make("gateway2", 3)
+        self.vip = f"{net}.{VIP}"  # the address clients use with two gateways: it moves
         self.servers = {n: make(f"server{n}", 10 + n) for n in SERVERS}
-        self.hosts = [self.client, self.gateway, *self.servers.values()]
+        self.hosts = [self.client, self.gateway, self.gateway2, *self.servers.values()]
 
     def open(self) -> None:
         with netns._open_labs_lock:
@@ -144,7 +148,7 @@ class Site:
     """The running site: backends, servers, gateway, client; and the application."""
 
     def __init__(self, lab: GatewayLab, tether: list[str], *, seed: int, size: int,
-                 client_timeout: float) -> None:  # fmt: skip
+                 client_timeout: float, gateways: int = 1) -> None:  # fmt: skip
         self.lab = lab
         self.seed = seed
         self.size = size
@@ -173,18 +177,28 @@ class Site:
                 env=ENV,
             )  # fmt: skip
         servers = [f"--server={n}={h.address}:{SERVER_PORT}" for n, h in lab.servers.items()]
-        self.gateway = lab.spawn(
-            "gateway",
-            [*tether, "gateway", "--listen", f"{lab.gateway.address}:{GATEWAY_PORT}", *servers,
-             "--routing-key-file", str(key), "--server-plaintext", "--plaintext",
-             "--health-interval", str(HEALTH_INTERVAL)],
-            "gateway",
-            env=ENV,
-        )  # fmt: skip
+        # With two gateways both listen on every address and the clients use the moving one,
+        # as behind keepalived: held by the first gateway host until it fails.
+        hosts = [lab.gateway, lab.gateway2][:gateways]
+        target = lab.gateway.address if gateways == 1 else lab.vip
+        if gateways > 1:
+            lab.sh(lab.gateway, "ip", "addr", "add", f"{lab.vip}/32", "dev", lab.gateway.ifname)
+        self.gateways: list[Proc] = []
+        for host in hosts:
+            listen = f"{host.address if gateways == 1 else '0.0.0.0'}:{GATEWAY_PORT}"
+            self.gateways.append(lab.spawn(
+                host,
+                [*tether, "gateway", "--listen", listen, *servers,
+                 "--routing-key-file", str(key), "--server-plaintext", "--plaintext",
+                 "--health-interval", str(HEALTH_INTERVAL)],
+                host.role,
+                env=ENV,
+            ))  # fmt: skip
+        self.gateway = self.gateways[0]
         self.client = lab.spawn(
             "client",
             [*tether, "client", "--listen", "127.0.0.1:0",
-             "--server", f"{lab.gateway.address}:{GATEWAY_PORT}", "--plaintext",
+             "--server", f"{target}:{GATEWAY_PORT}", "--plaintext",
              "--timeout", str(client_timeout), *common],
             "client",
             env=ENV,
@@ -195,7 +209,7 @@ class Site:
 
     @property
     def procs(self) -> list[Proc]:
-        return [*self.apps, self.client, self.gateway, *self.servers.values(),
+        return [*self.apps, self.client, *self.gateways, *self.servers.values(),
                 *(b.proc for b in self.backends.values())]  # fmt: skip
 
     def start_app(self, sessions: int, deadline: float) -> Proc:
@@ -261,12 +275,19 @@ def gwlab(netlab_host: None, tmp_path: Path) -> Any:
         yield lab
 
 
+@pytest.mark.parametrize("gateways", [pytest.param(1, id="one-gateway"),
+                                      pytest.param(2, id="gateway-fails-over")])  # fmt: skip
 def test_outage_with_address_change(gwlab: GatewayLab, tether: list[str],
-                                    record: dict[str, Any]) -> None:  # fmt: skip
+                                    record: dict[str, Any], gateways: int) -> None:  # fmt: skip
     """Every session resumes on its own server after the client is cut off and comes back
-    from another address; every byte once and in order; one backend connection each."""
+    from another address; every byte once and in order; one backend connection each.
+
+    With two gateways, the first one is SIGKILLed during the outage and its address moves to
+    the second (as keepalived moves a virtual address): every resume crosses to the gateway
+    that never saw the session."""
     size = int(RATE * 12)
-    site = Site(gwlab, tether, seed=1101, size=size, client_timeout=60)
+    site = Site(gwlab, tether, seed=1100 + gateways, size=size, client_timeout=60,
+                gateways=gateways)  # fmt: skip
     app = site.start_app(SESSIONS, deadline=60)
     sids = site.established(SESSIONS, 20)
     per_server = Counter(server_of(s) for s in sids)
@@ -278,7 +299,12 @@ def test_outage_with_address_change(gwlab: GatewayLab, tether: list[str],
     time.sleep(2.0)  # the fault schedule: streams running
     down = gwlab.link_down("client")
     gwlab.roam_client(101)
-    time.sleep(3.0)
+    if gateways > 1:
+        site.gateway.signal(signal.SIGKILL)
+        gwlab.sh(gwlab.gateway, "ip", "addr", "del", f"{gwlab.vip}/32", "dev", "eth0")
+        gwlab.sh(gwlab.gateway2, "ip", "addr", "add", f"{gwlab.vip}/32", "dev", "eth0")
+        gwlab.log("gateway address moved to the second gateway")
+    time.sleep(max(0.0, down + 3.0 - time.monotonic()))
     restored = gwlab.link_up("client")
     site.client.wait_line(CLIENT_RESUMED.pattern, 30, stream="stderr", skip=SESSIONS - 1)
     all_resumed_at = time.monotonic()
@@ -286,20 +312,26 @@ def test_outage_with_address_change(gwlab: GatewayLab, tether: list[str],
     backends = [r for n in SERVERS for r in site.backend_reports(n, per_server[n], 15)]
     resumed = CLIENT_RESUMED.findall(site.client.stderr_text())
     site.require(sorted(resumed) == sorted(sids), "not every session resumed exactly once")
+    via: Counter[str] = Counter()
     for n in SERVERS:
         theirs = sorted(s for s in sids if server_of(s) == n)
         site.require(sorted(site.server_log(n, SERVER_RESUMED)) == theirs,
                      f"server {n} resumed other sessions than its own")  # fmt: skip
+        via.update(site.server_log(n, SERVER_RESUMED_FROM))
         site.require(len(site.backend_reports(n, 0, 0)) == per_server[n],
                      f"backend {n} saw other than one connection per session")  # fmt: skip
+    last = gwlab.gateway2 if gateways > 1 else gwlab.gateway
+    site.require(set(via) == {last.address}, f"resumes came from {dict(via)}, not {last.address}")
     problems = stream_problems(site, apps, backends)
     site.require(not problems, "; ".join(problems[:10]))
     resume = sorted(t - restored for a in apps
                     if (t := first_after(a["timeline"], restored)) is not None)  # fmt: skip
     site.require(len(resume) == SESSIONS, "a session got no data after the link came back")
     moved = sum(a["received"] for a in apps) + sum(b["received"] for b in backends)
+    what = "first gateway killed, resumes through the second" if gateways > 1 else "one gateway"
     record.update(
-        title=f"gateway, {SESSIONS} sessions on 3 servers, 3 s outage + client address change",
+        title=f"gateway: {SESSIONS} sessions on 3 servers, 3 s outage + client address change, "
+        f"{what}",
         bytes=moved,
         resume=resume[len(resume) // 2],
         note=f"per server {dict(sorted(per_server.items()))}; resume median "
@@ -335,12 +367,15 @@ def test_server_killed(gwlab: GatewayLab, tether: list[str], record: dict[str, A
     site.require(
         victim not in late_servers, f"new sessions went to the dead server: {late_servers}"
     )
+    lost = sorted(s for s in sids if server_of(s) == victim)
+    site.client.wait_line(r": ended EXPIRED", client_timeout + 15, stream="stderr",
+                          skip=len(lost) - 1)  # fmt: skip
+    all_ended_after = time.monotonic() - killed
     apps = site.reports(app, SESSIONS, 60)
     late_apps = site.reports(late, extra, 40)
     ended = {
         sid: (code, reason) for sid, code, reason in CLIENT_ENDED.findall(site.client.stderr_text())
     }
-    lost = sorted(s for s in sids if server_of(s) == victim)
     site.require(
         all(s in ended and ended[s][0] == "EXPIRED" for s in lost),
         f"the dead server's sessions did not all end EXPIRED: {[ended.get(s) for s in lost]}",
@@ -358,7 +393,9 @@ def test_server_killed(gwlab: GatewayLab, tether: list[str], record: dict[str, A
         title=f"gateway, {SESSIONS} sessions, server {victim} of 3 SIGKILLed",
         bytes=sum(a["received"] for a in [*complete, *late_apps])
         + sum(b["received"] for b in backends),
-        note=f"{len(lost)} ended EXPIRED ({reason}); {len(complete)} complete; unhealthy after "
+        note=f"{len(lost)} ended EXPIRED ({reason}), the last {all_ended_after:.1f} s after "
+        f"the kill (client --timeout {client_timeout:g} s); {len(complete)} complete; "
+        f"unhealthy after "
         f"{unhealthy_after:.2f} s (interval {HEALTH_INTERVAL:g} s); {extra} new sessions on "
         f"{dict(sorted(late_servers.items()))}",
     )
