@@ -206,8 +206,8 @@ class Site:
             "client",
             env=ENV,
         )  # fmt: skip
-        host, port = self.client.wait_ready()
-        self.entry = f"{host}:{port}"
+        entry_host, entry_port = self.client.wait_ready()
+        self.entry = f"{entry_host}:{entry_port}"
         self.apps: list[Proc] = []
 
     @property
