@@ -19,8 +19,10 @@ The application is one ``traffic.py app --sessions N`` process: N connections at
 streaming the seeded streams both ways and hashing what it receives; each server host's backend
 hashes its side. Which server holds a session is read from its id (the first two bytes are the
 server id, docs/protocol.md "Routing") in the client's log, and checked against the servers' own
-logs. N is 300, or ``TETHER_GWLAB_SESSIONS``. Every wait is bounded; the file runs in about 40 s
-on a 2-core machine. Figures: docs/deployment.md.
+logs. N is 300, or ``TETHER_GWLAB_SESSIONS``. Every wait is bounded; the file runs in about a
+minute on a 2-core machine. Figures: docs/deployment.md. The outage case runs through one
+gateway, through two (the first killed, its address moved), and through HAProxy with the
+configuration ``tether gateway --print-haproxy-config`` writes (skipped without ``haproxy``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -39,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tether import tls
 
 from . import netns
 from .chain import PYTHON, REPORT_LINE, TRAFFIC, Backend, first_after
@@ -148,10 +153,12 @@ class GatewayLab(netns.Lab):
 
 
 class Site:
-    """The running site: backends, servers, gateway, client; and the application."""
+    """The running site: backends, servers, what is in front of them (``front``: one
+    ``gateway``, ``two-gateways`` sharing a moving address, or ``haproxy`` with
+    deploy/haproxy/haproxy.cfg), the client; and the application."""
 
     def __init__(self, lab: GatewayLab, tether: list[str], *, seed: int, size: int,
-                 client_timeout: float, gateways: int = 1) -> None:  # fmt: skip
+                 client_timeout: float, front: str = "gateway") -> None:  # fmt: skip
         self.lab = lab
         self.seed = seed
         self.size = size
@@ -159,6 +166,16 @@ class Site:
         key.write_text(base64.b64encode(random.randbytes(32)).decode() + "\n")
         key.chmod(0o600)
         common = ["--keepalive", str(KEEPALIVE)]
+        # HAProxy as shipped speaks TLS on both sides: the servers share one identity, which
+        # HAProxy presents to the clients too and trusts as the servers' CA; clients pin it.
+        security: list[str] = ["--plaintext"]
+        client_security: list[str] = ["--plaintext"]
+        if front == "haproxy":
+            identity, _ = tls.load_or_create_identity(lab.log_dir / "identity")
+            security = ["--tls-cert", str(identity.cert_path), "--tls-key", str(identity.key_path)]
+            pin = tls.fingerprint_of_file(identity.cert_path)
+            client_security = ["--server-fingerprint", pin, "--known-servers",
+                               str(lab.log_dir / "known")]  # fmt: skip
         self.backends: dict[int, Backend] = {}
         self.servers: dict[int, Proc] = {}
         for n, host in lab.servers.items():
@@ -174,34 +191,38 @@ class Site:
             self.servers[n] = lab.spawn(
                 host,
                 [*tether, "server", "--listen", f"{host.address}:{SERVER_PORT}",
-                 "--backend", f"127.0.0.1:{port}", "--plaintext", "--server-id", str(n),
+                 "--backend", f"127.0.0.1:{port}", *security, "--server-id", str(n),
                  "--routing-key-file", str(key), "--timeout", "60", *common],
                 f"server{n}",
                 env=ENV,
             )  # fmt: skip
         servers = [f"--server={n}={h.address}:{SERVER_PORT}" for n, h in lab.servers.items()]
-        # With two gateways both listen on every address and the clients use the moving one,
-        # as behind keepalived: held by the first gateway host until it fails.
-        hosts = [lab.gateway, lab.gateway2][:gateways]
-        target = lab.gateway.address if gateways == 1 else lab.vip
-        if gateways > 1:
-            lab.sh(lab.gateway, "ip", "addr", "add", f"{lab.vip}/32", "dev", lab.gateway.ifname)
         self.gateways: list[Proc] = []
-        for host in hosts:
-            listen = f"{host.address if gateways == 1 else '0.0.0.0'}:{GATEWAY_PORT}"
-            self.gateways.append(lab.spawn(
-                host,
-                [*tether, "gateway", "--listen", listen, *servers,
-                 "--routing-key-file", str(key), "--server-plaintext", "--plaintext",
-                 "--health-interval", str(HEALTH_INTERVAL)],
-                host.role,
-                env=ENV,
-            ))  # fmt: skip
+        target = lab.gateway.address
+        if front == "haproxy":
+            self.gateways.append(self._haproxy(tether, servers, key, identity))
+        else:
+            # With two gateways both listen on every address and the clients use the moving
+            # one, as behind keepalived: held by the first gateway host until it fails.
+            hosts = [lab.gateway] if front == "gateway" else [lab.gateway, lab.gateway2]
+            if front == "two-gateways":
+                target = lab.vip
+                lab.sh(lab.gateway, "ip", "addr", "add", f"{lab.vip}/32", "dev", "eth0")
+            for host in hosts:
+                listen = f"{host.address if front == 'gateway' else '0.0.0.0'}:{GATEWAY_PORT}"
+                self.gateways.append(lab.spawn(
+                    host,
+                    [*tether, "gateway", "--listen", listen, *servers,
+                     "--routing-key-file", str(key), "--server-plaintext", "--plaintext",
+                     "--health-interval", str(HEALTH_INTERVAL)],
+                    host.role,
+                    env=ENV,
+                ))  # fmt: skip
         self.gateway = self.gateways[0]
         self.client = lab.spawn(
             "client",
             [*tether, "client", "--listen", "127.0.0.1:0",
-             "--server", f"{target}:{GATEWAY_PORT}", "--plaintext",
+             "--server", f"{target}:{GATEWAY_PORT}", *client_security,
              "--timeout", str(client_timeout), *common],
             "client",
             env=ENV,
@@ -209,6 +230,37 @@ class Site:
         entry_host, entry_port = self.client.wait_ready()
         self.entry = f"{entry_host}:{entry_port}"
         self.apps: list[Proc] = []
+
+    def _haproxy(self, tether: list[str], servers: list[str], key: Path,
+                 identity: tls.ServerIdentity) -> Proc:  # fmt: skip
+        """HAProxy on the gateway host with the configuration ``--print-haproxy-config``
+        writes for these servers (the shipped file is that, test_gateway.py checks), with the
+        lab's address, certificate, health interval and a connection limit this host allows."""
+        haproxy = shutil.which("haproxy")
+        if haproxy is None:
+            pytest.skip("needs haproxy (apt-get install haproxy)")
+        lab = self.lab
+        front = lab.log_dir / "front.pem"
+        front.write_bytes(identity.cert_path.read_bytes() + identity.key_path.read_bytes())
+        front.chmod(0o600)
+        text = subprocess.run(
+            [*tether, "gateway", *servers, "--routing-key-file", str(key),
+             "--server-ca", str(identity.cert_path), "--print-haproxy-config"],
+            capture_output=True, text=True, check=True, timeout=30, env={**os.environ, **ENV},
+        ).stdout  # fmt: skip
+        text = text.replace("bind :443 ", f"bind {lab.gateway.address}:{GATEWAY_PORT} ")
+        text = text.replace("/etc/tether/gateway.pem", str(front))
+        text = text.replace("inter 3s", f"inter {HEALTH_INTERVAL:g}s")
+        text = text.replace("maxconn 100000", "maxconn 4096")
+        config = lab.log_dir / "haproxy.cfg"
+        config.write_text(text)
+        proc = lab.spawn("gateway", [haproxy, "-db", "-f", str(config)], "haproxy", ready=None)
+        deadline = time.monotonic() + 15
+        while not lab.sh("gateway", "ss", "-Hltn", "sport", "=", f":{GATEWAY_PORT}").strip():
+            if time.monotonic() > deadline or not proc.running:
+                pytest.fail(f"haproxy did not listen: {proc.stderr_tail()} {proc.stdout_text()}")
+            time.sleep(0.1)
+        return proc
 
     @property
     def procs(self) -> list[Proc]:
@@ -278,19 +330,19 @@ def gwlab(netlab_host: None, tmp_path: Path) -> Any:
         yield lab
 
 
-@pytest.mark.parametrize("gateways", [pytest.param(1, id="one-gateway"),
-                                      pytest.param(2, id="gateway-fails-over")])  # fmt: skip
+@pytest.mark.parametrize("front", ["gateway", "two-gateways", "haproxy"])
 def test_outage_with_address_change(gwlab: GatewayLab, tether: list[str],
-                                    record: dict[str, Any], gateways: int) -> None:  # fmt: skip
+                                    record: dict[str, Any], front: str) -> None:  # fmt: skip
     """Every session resumes on its own server after the client is cut off and comes back
     from another address; every byte once and in order; one backend connection each.
 
     With two gateways, the first one is SIGKILLed during the outage and its address moves to
     the second (as keepalived moves a virtual address): every resume crosses to the gateway
-    that never saw the session."""
+    that never saw the session. With HAProxy, TLS from the client (pinned) and to the
+    servers."""
     size = int(RATE * 12)
-    site = Site(gwlab, tether, seed=1100 + gateways, size=size, client_timeout=60,
-                gateways=gateways)  # fmt: skip
+    seed = 1100 + len(front)
+    site = Site(gwlab, tether, seed=seed, size=size, client_timeout=60, front=front)
     app = site.start_app(SESSIONS, deadline=60)
     sids = site.established(SESSIONS, 20)
     per_server = Counter(server_of(s) for s in sids)
@@ -302,7 +354,7 @@ def test_outage_with_address_change(gwlab: GatewayLab, tether: list[str],
     time.sleep(2.0)  # the fault schedule: streams running
     down = gwlab.link_down("client")
     gwlab.roam_client(101)
-    if gateways > 1:
+    if front == "two-gateways":
         site.gateway.signal(signal.SIGKILL)
         gwlab.sh(gwlab.gateway, "ip", "addr", "del", f"{gwlab.vip}/32", "dev", "eth0")
         gwlab.sh(gwlab.gateway2, "ip", "addr", "add", f"{gwlab.vip}/32", "dev", "eth0")
@@ -323,7 +375,7 @@ def test_outage_with_address_change(gwlab: GatewayLab, tether: list[str],
         via.update(site.server_log(n, SERVER_RESUMED_FROM))
         site.require(len(site.backend_reports(n, 0, 0)) == per_server[n],
                      f"backend {n} saw other than one connection per session")  # fmt: skip
-    last = gwlab.gateway2 if gateways > 1 else gwlab.gateway
+    last = gwlab.gateway2 if front == "two-gateways" else gwlab.gateway
     site.require(set(via) == {last.address}, f"resumes came from {dict(via)}, not {last.address}")
     problems = stream_problems(site, apps, backends)
     site.require(not problems, "; ".join(problems[:10]))
@@ -331,7 +383,11 @@ def test_outage_with_address_change(gwlab: GatewayLab, tether: list[str],
                     if (t := first_after(a["timeline"], restored)) is not None)  # fmt: skip
     site.require(len(resume) == SESSIONS, "a session got no data after the link came back")
     moved = sum(a["received"] for a in apps) + sum(b["received"] for b in backends)
-    what = "first gateway killed, resumes through the second" if gateways > 1 else "one gateway"
+    what = {
+        "gateway": "one gateway",
+        "two-gateways": "first gateway killed, resumes through the second",
+        "haproxy": "HAProxy (TLS both sides)",
+    }[front]
     record.update(
         title=f"gateway: {SESSIONS} sessions on 3 servers, 3 s outage + client address change, "
         f"{what}",
