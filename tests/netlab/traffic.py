@@ -18,7 +18,8 @@ close). That is how a test makes the backend close in the middle of an outage.
 ``app`` plays the application (it runs on the client host). It connects, sends ``--up-bytes`` of
 the *up* stream while receiving and hashing the down stream, closes once both directions are
 complete, and prints one line ``REPORT {json}``. It gives up at ``--deadline`` seconds and says
-so, so a hang becomes a result, not a stuck test.
+so, so a hang becomes a result, not a stuck test. With ``--sessions N`` it opens N such
+connections at once and prints a REPORT line for each as it finishes (its ``index`` in it).
 
 The streams are ``random.Random(f"{seed}:{direction}").randbytes(CHUNK)`` chunk after chunk:
 reproducible across processes (same CPython), not compressible, and a reordered, duplicated or
@@ -345,7 +346,8 @@ async def run_backend(args: argparse.Namespace) -> int:
     return 0
 
 
-async def run_app(args: argparse.Namespace) -> int:
+async def one_app(args: argparse.Namespace, index: int = 0) -> dict[str, Any]:
+    """One application connection, start to report."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     endpoint = Endpoint(
@@ -373,8 +375,23 @@ async def run_app(args: argparse.Namespace) -> int:
         endpoint.error = f"{type(exc).__name__}: {exc}"
     result = endpoint.report("app")
     result["deadline_hit"] = deadline_hit
-    emit(f"REPORT {json.dumps(result)}")
-    return 0 if result["status"] == "complete" else 2
+    result["index"] = index
+    return result
+
+
+async def run_app(args: argparse.Namespace) -> int:
+    """``--sessions`` connections at once (each the same two streams), a REPORT line each as
+    it finishes."""
+    ok = True
+
+    async def one(index: int) -> None:
+        nonlocal ok
+        result = await one_app(args, index)
+        ok = ok and result["status"] == "complete"
+        emit(f"REPORT {json.dumps(result)}")
+
+    await asyncio.gather(*(one(i) for i in range(args.sessions)))
+    return 0 if ok else 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("--connect", required=True, help="HOST:PORT of the relay entry")
             p.add_argument("--deadline", type=float, default=60.0, help="seconds before giving up")
+            p.add_argument("--sessions", type=int, default=1, help="connections at once")
         p.add_argument("--seed", type=int, default=1)
         p.add_argument("--up-bytes", type=int, default=8 << 20, help="application -> backend")
         p.add_argument("--down-bytes", type=int, default=8 << 20, help="backend -> application")
