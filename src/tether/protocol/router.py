@@ -87,7 +87,13 @@ class Router:
 
     def open_link(self, now: float) -> ServerHandshake:
         """The handshake that owns a newly accepted link."""
-        return ServerHandshake(self.config, now, random=self._random, session_ids=self._session_ids)
+        return ServerHandshake(
+            self.config,
+            now,
+            random=self._random,
+            session_ids=self._session_ids,
+            draining=self.draining,
+        )
 
     def admit_setup(self, handshake: ServerHandshake, source: str = "?") -> Refusal | None:
         """May the session ``handshake`` asks for be created now, for ``source``? None, and
