@@ -8,8 +8,9 @@ untouched, with :class:`~tether.aio.splice.Splice` (no per-byte work, backpressu
 both ways). The server runs the whole tether handshake; the gateway keeps no session
 state, so any gateway routes any resume (docs/protocol.md, "Routing").
 
-Servers are health-checked every ``health_interval`` with a tether hello exchange (a
-client hello, and a server hello back), not only a TCP connect; a server that fails is
+Servers are health-checked every ``health_interval`` with a tether health probe (a
+client hello offering version 0, and a server hello back; a draining server answers
+version 0: docs/protocol.md, "Health probe"), not only a TCP connect; a server that fails is
 given no new sessions until it passes again. Links to the servers are TLS, verified by
 a CA or a pinned fingerprint, or in clear text on an internal network.
 """
