@@ -1068,12 +1068,13 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
     service = settings.config
     stop = asyncio.Event()
     terms = 0  # SIGTERMs received: a server drains on the first, stops on the second
+    serving: list[TetherServer] = []  # the server, once it listens (before that: stop)
 
     def on_term() -> None:
         nonlocal terms
         terms += 1
-        if terms == 1 and isinstance(runner, TetherServer) and runner.addresses:
-            runner.drain()
+        if terms == 1 and serving:
+            serving[0].drain()
         else:
             stop.set()
 
@@ -1126,6 +1127,7 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
             print(f"ADMIN {admin_url}", flush=True)
         sdnotify.ready(f"listening on {', '.join(map(str, runner.addresses))}")
         if isinstance(runner, TetherServer):
+            serving.append(runner)
             await _serve_and_drain(runner, stop)
         else:
             await stop.wait()

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..admin.helpers import poll, request, run, tethers
+from ..admin.helpers import poll, request, run, tether_cli, tethers
 from .endpoints import Backend, Streamer, connect_app
 from .faultnet import Proc
 
@@ -142,7 +142,10 @@ def test_tether_drain_asks_over_the_admin_endpoint(tmp_path: Path) -> None:
             far = await backend.serving(1024)
             status, body, _ = await request("POST", t.client_admin + "api/drain")
             assert (status, json.loads(body)) == (409, {"error": "only a server drains"})
-            status, body, _ = await request("POST", t.server_admin + "api/drain")
+            asked = await asyncio.to_thread(tether_cli, "drain", "--admin", t.server_admin)
+            assert asked.returncode == 0, asked.stderr
+            assert asked.stdout == "draining: 1 sessions left; new sessions are refused\n"
+            status, body, _ = await request("POST", t.server_admin + "api/drain")  # again
             assert (status, json.loads(body)) == (200, {"draining": True, "sessions": 1})
             await _draining(t)
             assert t.server.popen.poll() is None
