@@ -1174,6 +1174,8 @@ async def _serve_and_drain(server: TetherServer, stop: asyncio.Event) -> None:
                 "drain timeout: ending %d sessions left (GOING_AWAY)", server.session_count()
             )
             return
+        if server.sessions_gone.is_set():  # a setup admitted before the drain came in since
+            server.sessions_gone.clear()
         await _wait_any(
             stop,
             server.sessions_gone,

@@ -52,6 +52,16 @@ def _browser() -> Any:
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        # Nothing leaves the machine: headless Chromium still looks up and calls Google's
+        # services (accounts, component updates) unless every name fails to resolve and
+        # every non-loopback request goes to a proxy that is not there.
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1",
+        "--proxy-server=http://127.0.0.1:9",
+        "--disable-domain-reliability",
+        "--disable-client-side-phishing-detection",
+        "--disable-default-apps",
+        "--no-pings",
+        "--dns-prefetch-disable",
     ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
