@@ -25,7 +25,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__, configfile, sdnotify
 from .aio.listener import ListenError
@@ -47,6 +47,9 @@ from .demo import run_demo
 from .errors import TetherError
 from .logs import setup_logging
 from .reload import Reloader, Settings
+
+if TYPE_CHECKING:
+    from .aio.server import TetherServer
 
 __all__ = ["build_config", "main", "parse_args"]
 
@@ -246,6 +249,13 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
         ),
         _Option("--backend", "backend", "target", "the service every session is relayed to"),
         *_SESSION_OPTIONS,
+        _Option(
+            "--drain-timeout",
+            "drain_timeout",
+            "duration",
+            "on SIGTERM (or 'tether drain') new sessions are refused and the live ones kept "
+            "this long, then ended; a second SIGTERM ends them at once",
+        ),
         _Option("--max-sessions", "max_sessions", "count", "sessions held at once"),
         _Option(
             "--max-sessions-per-source",
@@ -642,7 +652,14 @@ def _admin_tool_parsers(sub: Any) -> None:
         "connection is closed and the other tether is told GOING_AWAY.",
     )
     kill.add_argument("session_id", metavar="SESSION_ID", help="a unique prefix is enough")
-    for cmd in (status, kill):
+    drain = sub.add_parser(
+        "drain",
+        help="drain a running tether server, as SIGTERM does (its --admin endpoint)",
+        description="Drain a running tether server: new sessions are refused (GOING_AWAY, "
+        "so clients and gateways go elsewhere), live ones go on until they end or its "
+        "--drain-timeout passes, then it exits.",
+    )
+    for cmd in (status, kill, drain):
         cmd.add_argument("--admin", metavar="URL", help=f"the admin endpoint (default {where})")
         cmd.add_argument(
             "--admin-token-file",
@@ -687,8 +704,8 @@ def _tool(args: argparse.Namespace) -> int:
         print(token)
         print(f"(its hash was added to {path}; this token is not stored anywhere)", file=sys.stderr)
         return 0
-    if args.command in ("status", "kill"):
-        from .admin.status import DEFAULT_ADMIN_URL, AdminTrust, run_kill, run_status
+    if args.command in ("status", "kill", "drain"):
+        from .admin.status import DEFAULT_ADMIN_URL, AdminTrust, run_drain, run_kill, run_status
 
         url = args.admin or DEFAULT_ADMIN_URL
         secret = Path(args.admin_token_file).expanduser() if args.admin_token_file else None
@@ -696,6 +713,8 @@ def _tool(args: argparse.Namespace) -> int:
         trust = AdminTrust(args.admin_fingerprint, ca)
         if args.command == "kill":
             return _run(lambda: run_kill(args.session_id, url, secret, trust))
+        if args.command == "drain":
+            return _run(lambda: run_drain(url, secret, trust))
         try:
             return _run(
                 lambda: run_status(url, secret, once=args.once, as_json=args.json, trust=trust)
@@ -1048,9 +1067,20 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
 
     service = settings.config
     stop = asyncio.Event()
+    terms = 0  # SIGTERMs received: a server drains on the first, stops on the second
+    serving: list[TetherServer] = []  # the server, once it listens (before that: stop)
+
+    def on_term() -> None:
+        nonlocal terms
+        terms += 1
+        if terms == 1 and serving:
+            serving[0].drain()
+        else:
+            stop.set()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        _on_signal(loop, sig, stop.set)
+    _on_signal(loop, signal.SIGINT, stop.set)
+    _on_signal(loop, signal.SIGTERM, on_term)
     hangup = getattr(signal, "SIGHUP", None)  # not on Windows
     if hangup is not None:  # never the default (exit): a reload before we listen is moot
         _on_signal(
@@ -1096,10 +1126,71 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
         if admin_url is not None:  # the URL, and over HTTPS its certificate's fingerprint
             print(f"ADMIN {admin_url}", flush=True)
         sdnotify.ready(f"listening on {', '.join(map(str, runner.addresses))}")
-        await stop.wait()
-        sdnotify.stopping()
+        if isinstance(runner, TetherServer):
+            serving.append(runner)
+            await _serve_and_drain(runner, stop)
+        else:
+            await stop.wait()
+            sdnotify.stopping()
         logging.getLogger("tether").info("shutting down")
     return 0
+
+
+DRAIN_PROGRESS_INTERVAL = 10.0  # docs/operations.md, "Drain": a progress line this often
+
+
+async def _wait_any(*events: asyncio.Event, within: float | None = None) -> None:
+    """Until one of ``events`` is set, or ``within`` seconds pass."""
+    async with asyncio.TaskGroup() as group:
+        waits = [group.create_task(event.wait()) for event in events]
+        await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+
+
+async def _serve_and_drain(server: TetherServer, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` or a drain; a drain (SIGTERM, POST /api/drain) refuses new
+    sessions and keeps the live ones until they end or ``drain_timeout`` passes, or
+    ``stop`` (a second SIGTERM, SIGINT) comes. The caller's exit ends the rest."""
+    log = logging.getLogger("tether")
+    await _wait_any(stop, server.drain_requested)
+    sdnotify.stopping()
+    if stop.is_set():
+        return
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + server.config.drain_timeout
+    log.info(
+        "draining: new sessions refused, %d sessions left, ending the rest in %s "
+        "(SIGTERM again to stop now)",
+        server.session_count(),
+        format_duration(server.config.drain_timeout),
+    )
+    # Bounded: every turn waits until the next progress line or the deadline.
+    while not stop.is_set() and server.session_count() > 0:
+        now = loop.time()
+        if now >= deadline:
+            log.warning(
+                "drain timeout: ending %d sessions left (GOING_AWAY)", server.session_count()
+            )
+            return
+        if server.sessions_gone.is_set():  # a setup admitted before the drain came in since
+            server.sessions_gone.clear()
+        await _wait_any(
+            stop,
+            server.sessions_gone,
+            within=min(DRAIN_PROGRESS_INTERVAL, deadline - now),
+        )
+        if not stop.is_set() and server.session_count() > 0 and loop.time() < deadline:
+            log.info(
+                "draining: %d sessions left, %s to the drain timeout",
+                server.session_count(),
+                format_duration(round(deadline - loop.time())),
+            )
+    if stop.is_set():
+        log.warning("stopping now: ending %d sessions left", server.session_count())
+    else:
+        log.info("drained: every session ended, after %.1fs", loop.time() - started)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1115,6 +1206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config",
         "status",
         "kill",
+        "drain",
     ):
         try:
             return _check_config(args) if args.command == "check-config" else _tool(args)

@@ -284,6 +284,9 @@ class ServerConfig:
     backend: Address = Address(*DEFAULT_BACKEND)
     session: SessionConfig = field(default_factory=SessionConfig)
     backend_connect_timeout: float = 10.0
+    # docs/operations.md, "Drain": how long a draining server (SIGTERM, `tether drain`)
+    # keeps its sessions before it ends the rest with GOING_AWAY.
+    drain_timeout: float = 300.0
     max_sessions: int = 100_000
     # An office behind one NAT address is one source: room for its users, not for a flood.
     max_sessions_per_source: int = 4096
@@ -321,6 +324,8 @@ class ServerConfig:
             raise ValueError("server_id and routing_key_file go together")
         if not self.backend_connect_timeout > 0:
             raise ValueError("backend_connect_timeout must be positive")
+        if not self.drain_timeout >= 0:
+            raise ValueError("drain_timeout must not be negative")
         for name in (
             "max_sessions",
             "max_sessions_per_source",

@@ -93,6 +93,8 @@ def test_with_a_token_every_route_but_the_page_needs_it(tmp_path: Path) -> None:
                     assert (status, body) == (401, b""), (path, headers)
             status, _, _ = await request("DELETE", base + "api/sessions/00")
             assert status == 401
+            status, _, _ = await request("POST", base + "api/drain")  # guarded as DELETE
+            assert status == 401
             for path in ("metrics", "api/sessions", "healthz", "readyz"):
                 status, _, headers = await request("GET", base + path, **good)
                 assert status == 200, path

@@ -225,7 +225,8 @@ async def start_tether(role: str, *args: str, tmp: str, ready_timeout: float = 2
 def stop(proc: Proc, timeout: float = 10.0) -> int:
     try:
         if proc.popen.poll() is None:
-            proc.popen.send_signal(signal.SIGTERM)
+            # SIGINT stops at once; SIGTERM would drain a server (test_drain.py tests that).
+            proc.popen.send_signal(signal.SIGINT)
         try:
             return proc.popen.wait(timeout)
         except subprocess.TimeoutExpired:

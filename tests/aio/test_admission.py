@@ -152,7 +152,7 @@ async def _server_at_a_low_fd_limit(
     tmp_path: Path, backend_port: int, *args: str
 ) -> AsyncIterator[tuple[tuple[str, int], Path]]:
     """A ``tether server`` whose RLIMIT_NOFILE is ``FD_LIMIT``: its address and its log.
-    Stopped with SIGTERM on the way out, and must exit 0."""
+    Stopped with SIGINT on the way out, and must exit 0."""
     log = tmp_path / "server.log"
     with open(log, "wb") as err:
         server = subprocess.Popen(
@@ -167,7 +167,7 @@ async def _server_at_a_low_fd_limit(
         assert line.startswith(b"READY "), log.read_text()
         yield ("127.0.0.1", int(line.split()[1].rsplit(b":", 1)[1])), log
     finally:
-        server.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGINT)  # at once: SIGTERM would drain its sessions
         try:
             status = await asyncio.to_thread(server.wait, 10)
         except subprocess.TimeoutExpired:

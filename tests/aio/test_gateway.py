@@ -262,6 +262,43 @@ def test_a_stopped_server_gets_no_new_sessions(site: dict[str, Any], tmp_path: P
     run(main())
 
 
+def test_a_draining_server_gets_no_new_sessions_and_keeps_its_own(
+    site: dict[str, Any], tmp_path: Path
+) -> None:
+    """docs/protocol.md, "Health probe": the gateway's check sees the drain, new sessions go
+    to the other server, and the draining server's session resumes there across a cut."""
+
+    async def main() -> None:
+        async with (
+            Backend(1, SIZE, eof=False) as b1,
+            Backend(1, SIZE, eof=False) as b2,
+            server(site, 1, b1) as s1,
+            server(site, 2, b2) as s2,
+            TetherGateway(gateway_config(site, [s1, s2])) as gw,
+            TetherClient(client_config(gw, tmp_path)) as client,
+        ):
+            assert gw.snapshot() == {1: (True, 0), 2: (True, 0)}
+            apps = await open_apps(client, 2)  # one on each: the fewest links
+            assert len(b1.connections) == 1 and len(b2.connections) == 1
+            assert s2.drain()
+            await until(lambda: not gw.snapshot()[2][0], 10, "server 2 seen draining")
+            for n in range(3, 6):
+                apps.append(await connect_app(app_address(client), 1, 0, eof=False))
+                await until(lambda n=n: len(client.sessions()) == n
+                            and all(s.state == "attached" for s in client.sessions()),
+                            20, "sessions established")  # fmt: skip
+            assert len(b1.connections) == 4 and len(b2.connections) == 1
+            for link in list(gw._links):  # a cut: every session resumes, s2's on s2
+                link.abort()
+            await until(lambda: all(s.resumes >= 1 for s in client.sessions()),
+                        20, "every session resumed")  # fmt: skip
+            more(apps, SIZE)
+            await finished(apps, [b1, b2], 60)
+            assert s2.session_count() == 1 and s2.draining
+
+    run(main())
+
+
 def test_a_forged_resume_is_refused_without_reaching_a_server(
     site: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -51,6 +51,7 @@ CLIENT_IF = "tthc0"
 SERVER_IF = "tths0"
 COMMAND_TIMEOUT = 15.0  # seconds for any one ip/nft/tc/ss command
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL at teardown
+SECOND_TERM_AFTER = 0.3  # then a second SIGTERM: apart, so the two are not merged into one
 READY_TIMEOUT = 15.0
 
 _subnets = itertools.count(random.randrange(250))
@@ -221,11 +222,16 @@ class Proc:
             self.popen.send_signal(signum)
 
     def stop(self, grace: float = STOP_GRACE) -> int | None:
-        """SIGTERM, then SIGKILL to the process group after ``grace`` seconds."""
+        """SIGTERM, a second SIGTERM after a moment (a tether server drains on the first
+        and stops on the second: docs/operations.md, "Drain"), then SIGKILL to the process
+        group after ``grace`` seconds."""
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGTERM)
-            self.wait(grace)
+            if self.wait(SECOND_TERM_AFTER) is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGTERM)
+                self.wait(grace)
         # Whatever is left of the group (forked children holding our pipes) goes now.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)

@@ -107,6 +107,7 @@ class AdminEndpoint:
         self.app.router.add_get("/api/sessions", self.list_sessions)
         self.app.router.add_get("/api/sessions/{id}", self.get_session)
         self.app.router.add_delete("/api/sessions/{id}", self.delete_session)
+        self.app.router.add_post("/api/drain", self.drain)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         for path in STATIC_FILES:
@@ -278,8 +279,24 @@ class AdminEndpoint:
         return web.json_response(body, status=200 if listening else 503)
 
     async def readyz(self, request: web.Request) -> web.Response:
+        if self.service.draining:  # docs/operations.md, "Drain"
+            return web.json_response({"ready": False, "reason": "draining"}, status=503)
         ready = self.service.accepting()
         return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def drain(self, request: web.Request) -> web.Response:
+        """Start a drain, as SIGTERM does (guarded as DELETE is: token, Host, Origin)."""
+        service = self.service
+        already = service.draining
+        if not service.drain():
+            return web.json_response({"error": "only a server drains"}, status=409)
+        if not already:
+            logger.warning(
+                "drain asked by %s%s",
+                self._who(request),
+                " (with the admin token)" if self.token is not None else "",
+            )
+        return web.json_response({"draining": True, "sessions": len(list(service.relays()))})
 
 
 def _session_json(relay: SessionRelay, service: Service, now: float) -> dict[str, Any]:

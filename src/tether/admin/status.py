@@ -224,6 +224,27 @@ async def run_kill(
     return 0
 
 
+async def run_drain(
+    base: str,
+    token_file: Path | None,
+    trust: AdminTrust = AdminTrust(),
+) -> int:
+    """``tether drain``: POST /api/drain, as SIGTERM to the server."""
+    url = admin_url(base) + "api/drain"
+    try:
+        _check_scheme(url, trust)
+        async with _session(_headers(token_file)) as http:
+            status, body = await _request(http, "POST", url, trust, trust.ssl())
+    except AdminError as exc:
+        print(f"tether: error: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"tether: error: {url}: {body.get('error', status)}", file=sys.stderr)
+        return 1
+    print(f"draining: {body.get('sessions', 0)} sessions left; new sessions are refused")
+    return 0
+
+
 def _size(n: int) -> str:
     for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= factor:

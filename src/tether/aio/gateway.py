@@ -8,8 +8,9 @@ untouched, with :class:`~tether.aio.splice.Splice` (no per-byte work, backpressu
 both ways). The server runs the whole tether handshake; the gateway keeps no session
 state, so any gateway routes any resume (docs/protocol.md, "Routing").
 
-Servers are health-checked every ``health_interval`` with a tether hello exchange (a
-client hello, and a server hello back), not only a TCP connect; a server that fails is
+Servers are health-checked every ``health_interval`` with a tether health probe (a
+client hello offering version 0, and a server hello back; a draining server answers
+version 0: docs/protocol.md, "Health probe"), not only a TCP connect; a server that fails is
 given no new sessions until it passes again. Links to the servers are TLS, verified by
 a CA or a pinned fingerprint, or in clear text on an internal network.
 """
@@ -29,7 +30,7 @@ from ..config import GatewayConfig, RoutedServer
 from ..logs import RateLimitedLog
 from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
-from ..protocol.frames import client_hello
+from ..protocol.frames import HEALTH_PROBE_VERSION, client_hello
 from ..protocol.routing import FirstBytes, Refuse, RouteTo, RoutingKey, health_answer
 from ..protocol.routing import parse_routing_key as _parse_key
 from .link import LinkProtocol
@@ -462,7 +463,7 @@ class TetherGateway(Service):
                 await self._check_once(server)
 
     async def _check_once(self, server: _Server) -> None:
-        why = "no tether server hello"
+        why = "no tether server hello, or draining"
         ok = False
         try:
             ok = await asyncio.wait_for(self._hello(server), self.config.connect_timeout)
@@ -477,7 +478,8 @@ class TetherGateway(Service):
         probe = _HealthProbe()
         transport = await self._connect(server, lambda: probe)
         try:
-            transport.write(client_hello())
+            # docs/protocol.md, "Health probe": a draining server answers it version 0.
+            transport.write(client_hello(HEALTH_PROBE_VERSION))
             return await probe.result
         finally:
             transport.close()
@@ -550,10 +552,11 @@ backend tether_servers
     # A resume goes to its server even when its health check fails (only it holds the session;
     # the client keeps retrying until it is back or the session expires).
     force-persist if {{ req.payload(10,1) -m bin 06 }}
-{use_servers}    # The health check: a tether client hello (versions 2..3) answered by a server hello
-    # (rbinary matches the answer in upper-case hex).
+{use_servers}    # The health check: a tether health probe (a client hello for versions 0..3) answered
+    # by a server hello of version 2 or 3; a draining server answers version 0 (rbinary
+    # matches the answer in upper-case hex).
     option tcp-check
-{check_connect}    tcp-check send-binary 895445544845520a0203
+{check_connect}    tcp-check send-binary 895445544845520a0003
     tcp-check expect rbinary ^895445544845520A0[23]
     default-server check inter 3s fall 1 rise 1{server_tls}
 {servers}"""  # noqa: E501 - HAProxy has no line continuation

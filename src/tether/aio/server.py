@@ -111,6 +111,8 @@ class TetherServer(Service):
         self._accepting: asyncio.Task[None] | None = None
         self._summaries: asyncio.Task[None] | None = None
         self._fds: FdGuard | None = None  # read at start, once the CLI raised the limit
+        self.drain_requested = asyncio.Event()  # set by drain(): SIGTERM, POST /api/drain
+        self.sessions_gone = asyncio.Event()  # set while draining once no session is left
 
     def relays(self) -> Iterable[SessionRelay]:
         return self._relays.values()
@@ -122,9 +124,29 @@ class TetherServer(Service):
         budget = self._router.memory
         return (
             self._links is not None
+            and not self.draining
             and len(self._relays) < self.config.max_sessions
             and (budget is None or budget.window_for(self.config.session.window) is not None)
         )
+
+    @property
+    def draining(self) -> bool:
+        return self._router.draining
+
+    def drain(self) -> bool:
+        """Refuse new sessions (REJECT GOING_AWAY) and keep the live ones; resumes of them
+        are still accepted. Whoever runs the server waits on :attr:`drain_requested` and
+        ends the rest when its drain timeout passes (cli.py). Idempotent."""
+        if self._router.draining:
+            return True
+        self._router.draining = True
+        self.drain_requested.set()
+        if not self._relays:
+            self.sessions_gone.set()
+        return True
+
+    def session_count(self) -> int:
+        return len(self._relays)
 
     def memory(self) -> MemoryStatistics | None:
         budget = self._router.memory
@@ -405,6 +427,8 @@ class TetherServer(Service):
         core = relay.core
         self._router.forget(core)
         self._relays.pop(core.session_id, None)
+        if self.draining and not self._relays:
+            self.sessions_gone.set()
         self.counters.ended_total += 1
         if event.code is CloseCode.EXPIRED:
             self.counters.expired_total += 1

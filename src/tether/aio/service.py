@@ -169,6 +169,15 @@ class Service:
         """The replay buffers' memory budget, where there is one (the server)."""
         return None
 
+    @property
+    def draining(self) -> bool:
+        """Refusing new sessions while the live ones finish (a server's drain)."""
+        return False
+
+    def drain(self) -> bool:
+        """Start draining; False where this role does not drain (only a server does)."""
+        return False
+
     # -- session events, reported by the roles -------------------------------------------
 
     def note_new(self, relay: SessionRelay) -> None:

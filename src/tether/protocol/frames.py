@@ -60,6 +60,9 @@ __all__ = [
 MAGIC = b"\x89TETHER\n"  # 8 bytes: high bit and LF catch 7-bit and text mangling
 PROTOCOL_VERSION = 3  # 3: a resume sends ROUTE with its hello ("Routing")
 MIN_PROTOCOL_VERSION = 2  # 2: SETUP carries a credential; ACCEPT confirms the whole transcript
+# docs/protocol.md, "Health probe": a client hello whose lowest version is 0 is a health
+# check's (no client sends it); a draining server answers it with version 0, others as usual.
+HEALTH_PROBE_VERSION = 0
 NONCE_SIZE = 32
 SESSION_ID_SIZE = 16
 KEY_SIZE = 32

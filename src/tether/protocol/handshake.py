@@ -33,6 +33,7 @@ from .codes import CloseCode
 from .events import Event, HandshakeFailed, ResumeRequested, SetupRequested
 from .frames import (
     CLIENT_HELLO_SIZE,
+    HEALTH_PROBE_VERSION,
     MIN_PROTOCOL_VERSION,
     NONCE_SIZE,
     PROTOCOL_VERSION,
@@ -212,11 +213,14 @@ class ServerHandshake(_Handshake):
         *,
         random: Random = os.urandom,
         session_ids: SessionIds | None = None,
+        draining: bool = False,
     ) -> None:
         """``session_ids``: makes the id of a session this handshake creates (None: 16
-        bytes of ``random``; a server behind a gateway puts its routing field in it)."""
+        bytes of ``random``; a server behind a gateway puts its routing field in it).
+        ``draining``: the server drains; a health probe's hello hears so."""
         super().__init__(config, now, config.handshake_timeout, random)
         self._session_ids = session_ids
+        self._draining = draining
         self.version = 0  # the version agreed with the client hello
         self.route: bytes | None = None  # the session id a version-3 ROUTE named
         self._nonce = random(NONCE_SIZE)
@@ -238,6 +242,11 @@ class ServerHandshake(_Handshake):
         if hello is None:
             return
         lo, hi = parse_client_hello(hello)
+        if lo == HEALTH_PROBE_VERSION and self._draining:
+            # docs/protocol.md, "Health probe": version 0 then REJECT(GOING_AWAY).
+            self._out.append(server_hello(0, bytes(NONCE_SIZE)))
+            self._step(_Step.CLIENT_HELLO)
+            raise ProtocolError("server draining", CloseCode.GOING_AWAY)
         # docs/protocol.md, "Version negotiation": the highest version both speak.
         version = min(hi, PROTOCOL_VERSION)
         if version < max(lo, MIN_PROTOCOL_VERSION):

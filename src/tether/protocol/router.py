@@ -75,6 +75,9 @@ class Router:
         self.authorize = authorize
         self.admission = SessionAdmission(max_sessions, max_sessions_per_source or max_sessions)
         self.memory = memory
+        # Draining (docs/protocol.md, "Drain"): setups are refused GOING_AWAY, resumes of
+        # this server's sessions are still admitted.
+        self.draining = False
         self._granted: dict[ServerHandshake, Account] = {}  # admitted, not yet accepted
         self.sessions: dict[bytes, Session] = {}
         self._sources: dict[bytes, str] = {}  # session id -> the source that set it up
@@ -84,7 +87,13 @@ class Router:
 
     def open_link(self, now: float) -> ServerHandshake:
         """The handshake that owns a newly accepted link."""
-        return ServerHandshake(self.config, now, random=self._random, session_ids=self._session_ids)
+        return ServerHandshake(
+            self.config,
+            now,
+            random=self._random,
+            session_ids=self._session_ids,
+            draining=self.draining,
+        )
 
     def admit_setup(self, handshake: ServerHandshake, source: str = "?") -> Refusal | None:
         """May the session ``handshake`` asks for be created now, for ``source``? None, and
@@ -95,6 +104,10 @@ class Router:
             return Refusal(CloseCode.PROTOCOL_ERROR, "no pending SETUP")
         if self.authorize is not None and not self.authorize(setup.token):
             return Refusal(CloseCode.UNAUTHORIZED, "not authorized")
+        if self.draining:
+            # docs/protocol.md, "Drain": GOING_AWAY, not OVERLOADED: this server will not take
+            # the session later either, so a client with other servers goes there now.
+            return Refusal(CloseCode.GOING_AWAY, "server draining")
         if not self.admission.admit(source).admitted:
             # OVERLOADED is transient: the client retries later and does not fall back.
             return Refusal(CloseCode.OVERLOADED, "server busy")
