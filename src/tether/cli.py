@@ -1156,6 +1156,9 @@ async def _serve_and_drain(server: TetherServer, stop: asyncio.Event) -> None:
     await _wait_any(stop, server.drain_requested)
     sdnotify.stopping()
     if stop.is_set():
+        # A second SIGTERM may come before this task wakes for the first one's drain.
+        if server.drain_requested.is_set():
+            log.warning("stopping now: ending %d sessions left", server.session_count())
         return
     loop = asyncio.get_running_loop()
     started = loop.time()
