@@ -201,10 +201,18 @@ async def _fill(
     raise AssertionError(f"{len(sessions)} sessions, none refused")
 
 
-def _end(raw: RawClient) -> None:
-    """End ``raw``'s session with a CLOSE (a cut would leave it detached, still counted)."""
+def _end(raw: RawClient, limit: float = 10.0) -> None:
+    """End ``raw``'s session with a CLOSE (a cut would leave it detached, still counted),
+    then read until the server closes the link: closing at once, with the server's DATA
+    unread, sends a reset that can overtake the CLOSE, and the session is only detached."""
     raw.session.close(CloseCode.APPLICATION_RESET, "done")
     raw.sock.sendall(b"".join(raw.session.data_to_send()))
+    deadline = time.monotonic() + limit
+    with contextlib.suppress(OSError):
+        while (left := deadline - time.monotonic()) > 0:
+            raw.sock.settimeout(left)
+            if not raw.sock.recv(1 << 16):
+                break
     raw.close()
 
 
