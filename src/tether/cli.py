@@ -334,7 +334,15 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
             required=True,
             many=True,
         ),
-        _Option("--server", "server", "target", "the tether server", required=True),
+        _Option(
+            "--server",
+            "server",
+            "target",
+            "the tether server; give it again for others, which new sessions use when one "
+            "is out of reach or draining",
+            required=True,
+            many=True,
+        ),
         _Option(
             "--fallback",
             "fallback",
@@ -400,6 +408,13 @@ _OPTIONS: dict[str, tuple[_Option, ...]] = {
         ),
         _Option("--on-resume", "hooks.on_resume", "text", "run this command when it resumes"),
         _Option("--on-end", "hooks.on_end", "text", "run this command when a session ends"),
+        _Option(
+            "--on-drain",
+            "hooks.on_drain",
+            "text",
+            "run this command when a session's server says it is draining (the session goes "
+            "on until it ends or the server's drain timeout)",
+        ),
         _Option(
             "--hook-timeout",
             "hooks.timeout",
@@ -988,6 +1003,8 @@ async def _check_names(config: ServerConfig | ClientConfig | GatewayConfig) -> N
         value = functools.reduce(getattr, option.path.split("."), config)
         if option.kind == "target" and isinstance(value, Address):
             names.append((option.flag, value))
+        elif option.kind == "target" and isinstance(value, tuple):  # a client's servers
+            names += [(option.flag, address) for address in value]
         elif option.kind == "servers" and isinstance(value, tuple):  # a gateway's servers
             names += [(option.flag, server.address) for server in value]
     names = [(flag, address) for flag, address in names if not _is_ip(address.host)]

@@ -349,17 +349,19 @@ DEFAULT_MAX_HOOKS = 4  # hooks running at once; further events run none (hooks.p
 
 @dataclass(frozen=True, slots=True)
 class HookConfig:
-    """Commands the client runs when a session detaches, resumes or ends (hooks.py): a
+    """Commands the client runs when a session detaches, resumes or ends, or its server
+    says it drains (hooks.py): a
     command line split as a shell would (shlex), run without a shell."""
 
     on_detach: str | None = None
     on_resume: str | None = None
     on_end: str | None = None
+    on_drain: str | None = None
     timeout: float = DEFAULT_HOOK_TIMEOUT
     max_running: int = DEFAULT_MAX_HOOKS
 
     def __post_init__(self) -> None:
-        for name in ("on_detach", "on_resume", "on_end"):
+        for name in ("on_detach", "on_resume", "on_end", "on_drain"):
             command = getattr(self, name)
             if command is None:
                 continue
@@ -378,7 +380,10 @@ class HookConfig:
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     listen: Address | tuple[Address, ...] = Address("127.0.0.1", 1494)  # or several
-    server: Address = Address("127.0.0.1", DEFAULT_SERVER_PORT)
+    # The tether server, or several: a new session goes to the first that is not known
+    # to be draining, and on to the next when one is out of reach or refuses it as going
+    # away; a session resumes only where it was set up (docs/operations.md, "Drain").
+    server: Address | tuple[Address, ...] = Address("127.0.0.1", DEFAULT_SERVER_PORT)
     fallback: Address | None = None
     session: SessionConfig = field(default_factory=SessionConfig)
     connect_timeout: float = 5.0  # to reach a tether server at session start
@@ -404,8 +409,18 @@ class ClientConfig:
     admin_tls_key: Path | None = None
     admin_plaintext: bool = False  # the admin endpoint in clear text beyond loopback
 
+    @property
+    def servers(self) -> tuple[Address, ...]:
+        """The tether servers, in the order new sessions try them."""
+        return self.server if isinstance(self.server, tuple) else (self.server,)
+
     def __post_init__(self) -> None:
         _check_listen(self.listen)
+        servers = self.servers
+        if not servers or not all(isinstance(one, Address) for one in servers):
+            raise ValueError("server must be an address or a non-empty tuple of addresses")
+        if len(set(servers)) != len(servers):
+            raise ValueError("server: an address given twice")
         if self.plaintext and (self.tls_ca or self.server_fingerprint or self.tls_cert):
             raise ValueError("plaintext takes no TLS CA, fingerprint or certificate")
         if self.tls_ca is not None and self.server_fingerprint is not None:

@@ -1,19 +1,21 @@
 """Outage hooks: the client tells the person using the application that the connection is
-interrupted, back, or over, by running the user's commands (``--on-detach``,
-``--on-resume``, ``--on-end``).
+interrupted, back, or over, or that its server is going away for maintenance, by running
+the user's commands (``--on-detach``, ``--on-resume``, ``--on-end``, ``--on-drain``).
 
 A command is split as a shell would split it (``shlex.split``) and run directly, never
 through a shell, unless the command is a shell itself (``sh -c '...'``). It gets the
 client's environment plus:
 
-- ``TETHER_EVENT``: ``detach``, ``resume`` or ``end``;
+- ``TETHER_EVENT``: ``detach``, ``resume``, ``end`` or ``drain``;
 - ``TETHER_SESSION``: the session's id (shortened, as the log shows it);
 - ``TETHER_SERVER``: the tether server, ``HOST:PORT``;
 - ``TETHER_REASON``: why (the link loss, or the end's reason);
 - ``TETHER_OUTAGE_SECONDS``: how long the session has been (resume: was) without a link;
 - ``TETHER_EXPIRES_SECONDS`` (detach): seconds left before the session expires;
 - ``TETHER_REPLAYED_BYTES`` (resume): bytes sent again after the outage;
-- ``TETHER_CLOSE_CODE`` (end): the close code's name (``NORMAL``, ``EXPIRED``, ...).
+- ``TETHER_CLOSE_CODE`` (end): the close code's name (``NORMAL``, ``EXPIRED``, ...);
+- ``TETHER_DRAIN_SECONDS`` (drain): seconds until the server ends the session if it has not
+  ended by then (empty: the server set no limit).
 
 Hooks never hold up the data path: :meth:`HookRunner.fire` only starts a task (in the
 client's TaskGroup, CONTRIBUTING.md C1). A hook still running after ``--hook-timeout`` is
@@ -37,7 +39,7 @@ __all__ = ["EVENTS", "HookRunner"]
 
 logger = logging.getLogger("tether.hooks")
 
-EVENTS = ("detach", "resume", "end")
+EVENTS = ("detach", "resume", "end", "drain")
 
 
 class HookRunner:
@@ -55,7 +57,12 @@ class HookRunner:
 
     def command(self, event: str) -> str | None:
         config = self.config
-        return {"detach": config.on_detach, "resume": config.on_resume, "end": config.on_end}[event]
+        return {
+            "detach": config.on_detach,
+            "resume": config.on_resume,
+            "end": config.on_end,
+            "drain": config.on_drain,
+        }[event]
 
     def fire(self, event: str, session: str, variables: Mapping[str, object]) -> bool:
         """Start the hook for ``event`` of ``session``, if one is configured and there is

@@ -282,6 +282,9 @@ def test_a_draining_server_gets_no_new_sessions_and_keeps_its_own(
             assert len(b1.connections) == 1 and len(b2.connections) == 1
             assert s2.drain()
             await until(lambda: not gw.snapshot()[2][0], 10, "server 2 seen draining")
+            # Its session's client was told (DRAINING, through the gateway), the other not.
+            told = [relay.core.draining for relay in client.relays()]
+            assert sorted(told) == [False, True]
             for n in range(3, 6):
                 apps.append(await connect_app(app_address(client), 1, 0, eof=False))
                 await until(lambda n=n: len(client.sessions()) == n
@@ -297,6 +300,43 @@ def test_a_draining_server_gets_no_new_sessions_and_keeps_its_own(
             assert s2.session_count() == 1 and s2.draining
 
     run(main())
+
+
+def test_a_resume_whose_server_is_out_of_reach_is_told_so(
+    site: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Server 2 stops answering (its listener closed, as a crashed host's would refuse):
+    the gateway tells its session's resumes REJECT(SERVER_UNREACHABLE), transient, so the
+    client keeps trying and its end reason says why; server 1's session resumes."""
+
+    async def main() -> None:
+        async with (
+            Backend(1, SIZE, eof=False) as b1,
+            Backend(1, SIZE, eof=False) as b2,
+            server(site, 1, b1) as s1,
+            server(site, 2, b2) as s2,
+            TetherGateway(gateway_config(site, [s1, s2])) as gw,
+        ):
+            config = replace(client_config(gw, tmp_path), session=replace(FAST, timeout=3.0))
+            async with TetherClient(config) as client:
+                await open_apps(client, 2)  # one on each
+                s2.stop_listening()
+                for link in list(gw._links):
+                    link.abort()
+                await until(lambda: len(client.sessions()) == 1, 30, "server 2's session to end")
+                await until(
+                    lambda: client.sessions()[0].resumes >= 1, 20, "server 1's session to resume"
+                )
+                assert s1.session_count() == 1
+            # One backoff per outage: a few attempts a second (cap 0.5 s, up to 4 in
+            # flight), not a tight loop of TLS handshakes against the gateway.
+            assert gw.forwarded_total + gw.refused_total < 60, gw.refused_total
+
+    with caplog.at_level("INFO", logger="tether"):
+        run(main())
+    ended = [r.getMessage() for r in caplog.records if "ended EXPIRED" in r.getMessage()]
+    assert len(ended) == 1, ended
+    assert "SERVER_UNREACHABLE (its server is out of reach)" in ended[0]
 
 
 def test_a_forged_resume_is_refused_without_reaching_a_server(

@@ -254,6 +254,12 @@ def test_resume_with_a_wrong_proof_is_rejected_and_the_session_keeps_flowing(
             app = await connect_app(client.address, seed=13, size=size, eof=False)
             await wait_for(backend.connected, 10, "the backend connection")
             far = backend.connections[0]
+            # The server connects the backend before it sends ACCEPT: wait for the relay to
+            # have carried it.
+            for _ in range(200):
+                if len(relay.sniffed) >= SERVER_HELLO_SIZE + 20:
+                    break
+                await asyncio.sleep(0.05)
             # A passive observer of the setup learns the session id, not the secret.
             session_id = bytes(relay.sniffed[SERVER_HELLO_SIZE + 4 : SERVER_HELLO_SIZE + 20])
             assert len(session_id) == 16

@@ -1,99 +1,151 @@
-"""A draining router (docs/operations.md, "Drain"): a SETUP is refused GOING_AWAY, which
-the client reads as transient; a resume of a session it holds is still admitted; a health
-probe hears version 0 (docs/protocol.md, "Health probe")."""
+"""A draining server tells its sessions (docs/protocol.md, "Drain"): DRAINING in version 4,
+on the live link, on every link that resumes the session, and on the first link of a
+session whose setup was admitted before the drain. The session itself goes on."""
 
 from __future__ import annotations
 
+import pytest
+
+from tether.errors import ProtocolError
 from tether.protocol.codes import CloseCode
-from tether.protocol.events import HandshakeFailed, SessionResumed
+from tether.protocol.events import ServerDraining, SessionResumed
 from tether.protocol.frames import (
-    FRAME_HEADER_SIZE,
-    HEALTH_PROBE_VERSION,
-    MAGIC,
-    NONCE_SIZE,
-    PROTOCOL_VERSION,
-    SERVER_HELLO_SIZE,
-    Reject,
-    client_hello,
+    NO_DEADLINE,
+    Draining,
+    FrameType,
     parse_control,
 )
-from tether.protocol.handshake import TRANSIENT_REJECTS, ClientHandshake
-from tether.protocol.router import Router
-from tether.protocol.routing import health_answer
+from tether.protocol.handshake import ClientHandshake
 from tether.protocol.session import Session, SessionConfig
 
 from .pair import Pair
 
-CONFIG = SessionConfig(keepalive=3.0, timeout=60.0)
+
+def _drain(pair: Pair, deadline: float | None) -> None:
+    pair.router.drain(pair.now, deadline)
+    pair.pump()
+    pair.transfer()
 
 
-def test_a_draining_router_refuses_a_setup_going_away_and_the_client_may_retry() -> None:
-    router = Router(CONFIG, max_sessions=4)
-    router.draining = True
-    hs = router.open_link(0.0)
-    client = Session.client(CONFIG, 0.0)
-    client_hs = ClientHandshake(client, 0.0)
-    for chunk in client_hs.data_to_send():
-        hs.receive_data(chunk)
-    for chunk in hs.data_to_send():
-        client_hs.receive_data(chunk)
-    for chunk in client_hs.data_to_send():
-        hs.receive_data(chunk)
-    refusal = router.admit_setup(hs, "192.0.2.1")
-    assert refusal is not None
-    assert (refusal.code, refusal.reason) == (CloseCode.GOING_AWAY, "server draining")
-    assert refusal.code in TRANSIENT_REJECTS
-    assert router.admission.sessions == 0  # nothing held for it
-    hs.reject(refusal.code, refusal.reason)
-    for chunk in hs.data_to_send():
-        client_hs.receive_data(chunk)
-    failed = [e for e in iter(client_hs.next_event, None) if isinstance(e, HandshakeFailed)]
-    assert failed and failed[0].code is CloseCode.GOING_AWAY
-    assert "refused for now" in failed[0].reason
-    assert not client.closed  # transient: the session is not ended, a later link retries
+def test_a_live_session_is_told_and_goes_on() -> None:
+    pair = Pair()
+    pair.establish()
+    _drain(pair, pair.now + 300)
+    told = pair.app.of_type(ServerDraining)
+    assert told == [ServerDraining(300.0)]
+    assert pair.client.draining and pair.server.draining
+    pair.client_send(b"still here")
+    pair.server_send(b"so am I")
+    pair.transfer()
+    assert bytes(pair.backend.received) == b"still here"
+    assert bytes(pair.app.received) == b"so am I"
+    assert pair.app.ended is None
 
 
-def test_a_draining_router_still_resumes_its_sessions() -> None:
-    p = Pair(CONFIG)
-    p.establish()
-    p.router.draining = True
-    p.cut()
-    p.reconnect()
-    p.transfer()
-    assert p.server.statistics().resumes == 1
-    assert p.app.of_type(SessionResumed)
+def test_no_deadline_is_said_as_none() -> None:
+    pair = Pair()
+    pair.establish()
+    _drain(pair, None)
+    assert pair.app.of_type(ServerDraining) == [ServerDraining(None)]
 
 
-def _probe_answer(draining: bool) -> tuple[bytes, list[object]]:
-    router = Router(CONFIG, max_sessions=4)
-    router.draining = draining
-    hs = router.open_link(0.0)
-    hs.receive_data(client_hello(HEALTH_PROBE_VERSION, PROTOCOL_VERSION))
-    return b"".join(hs.data_to_send()), list(iter(hs.next_event, None))
+def test_draining_twice_tells_once() -> None:
+    pair = Pair()
+    pair.establish()
+    _drain(pair, pair.now + 60)
+    _drain(pair, pair.now + 60)
+    assert len(pair.app.of_type(ServerDraining)) == 1
 
 
-def test_a_health_probe_is_answered_as_any_hello_while_serving() -> None:
-    answer, events = _probe_answer(draining=False)
-    assert health_answer(answer[:SERVER_HELLO_SIZE]) is True
-    assert answer[len(MAGIC)] == PROTOCOL_VERSION and not events
+def test_a_resume_during_the_drain_is_told_again_with_the_time_left() -> None:
+    pair = Pair()
+    pair.establish()
+    _drain(pair, pair.now + 300)
+    pair.client_send(b"known")  # the server session is confirmed: not an orphan
+    pair.transfer()
+    pair.cut()
+    pair.advance(100.0, transfer=False)  # well inside the session-reliability timeout
+    assert pair.reconnect() is not None
+    pair.transfer()
+    assert pair.app.of_type(SessionResumed)
+    told = pair.app.of_type(ServerDraining)
+    assert len(told) == 2
+    within = told[1].within  # type: ignore[attr-defined]
+    assert within is not None and 195 <= within <= 205
 
 
-def test_a_draining_server_answers_a_health_probe_version_0_and_going_away() -> None:
-    answer, events = _probe_answer(draining=True)
-    assert answer[:SERVER_HELLO_SIZE] == MAGIC + bytes(1 + NONCE_SIZE)
-    assert health_answer(answer[:SERVER_HELLO_SIZE]) is False
-    rest = answer[SERVER_HELLO_SIZE:]
-    reject = parse_control(rest[0], rest[FRAME_HEADER_SIZE:])
-    assert isinstance(reject, Reject)
-    assert (reject.code, reject.reason) == (CloseCode.GOING_AWAY, "server draining")
-    assert [type(e) for e in events] == [HandshakeFailed]
+def test_a_setup_admitted_before_the_drain_is_told_on_its_first_link() -> None:
+    config = SessionConfig()
+    pair = Pair()
+    client = Session.client(config, 0.0)
+    chs = ClientHandshake(client, 0.0)
+    shs = pair.router.open_link(0.0)
+    shs.receive_data(b"".join(bytes(b) for b in chs.data_to_send()))
+    shs.next_event()
+    assert pair.router.admit_setup(shs) is None
+    pair.router.drain(0.0, 30.0)  # while its backend is being connected
+    server = pair.router.accept_setup(shs, 1.0)
+    wire = b"".join(bytes(b) for b in shs.data_to_send())
+    wire += b"".join(bytes(b) for b in server.data_to_send())
+    chs.receive_data(wire)
+    assert chs.done and not chs.failed
+    events = list(iter(client.next_event, None))
+    assert ServerDraining(29.0) in events
 
 
-def test_a_draining_server_answers_a_clients_hello_as_usual() -> None:
-    """Resumes must get through: only the probe's hello (lowest version 0) hears it."""
-    router = Router(CONFIG, max_sessions=4)
-    router.draining = True
-    hs = router.open_link(0.0)
-    hs.receive_data(client_hello())
-    answer = b"".join(hs.data_to_send())
-    assert len(answer) == SERVER_HELLO_SIZE and answer[len(MAGIC)] == PROTOCOL_VERSION
+def test_a_version_3_session_is_not_told() -> None:
+    pair = Pair()
+    pair.establish()
+    pair.client.version = pair.server.version = 3  # as a setup with a v3 client leaves it
+    _drain(pair, pair.now + 300)
+    assert not pair.app.of_type(ServerDraining)
+    assert pair.server.draining and not pair.client.draining
+    pair.client_send(b"x")
+    pair.transfer()
+    assert bytes(pair.backend.received) == b"x"
+
+
+def test_draining_from_the_client_is_a_protocol_error() -> None:
+    pair = Pair()
+    pair.establish()
+    pair.server.receive_data(Draining(1000).serialize(), pair.now)
+    pair.pump()
+    ended = pair.backend.ended
+    assert ended is not None and ended.code is CloseCode.PROTOCOL_ERROR
+
+
+def test_draining_in_a_version_3_session_is_a_protocol_error() -> None:
+    pair = Pair()
+    pair.establish()
+    pair.client.version = 3
+    pair.client.receive_data(Draining(1000).serialize(), pair.now)
+    pair.pump()
+    assert not pair.app.of_type(ServerDraining)
+    ended = pair.app.ended
+    assert ended is not None and ended.code is CloseCode.PROTOCOL_ERROR
+
+
+def test_a_flood_of_draining_frames_costs_the_link() -> None:
+    pair = Pair()
+    pair.establish()
+    pair.client.receive_data(Draining(1000).serialize() * 1000, pair.now)
+    pair.pump()
+    assert len(pair.app.of_type(ServerDraining)) == 1  # once per link
+    assert pair.app.link_losses  # past the control-frame budget
+    assert pair.app.ended is None  # the link, not the session
+
+
+def test_wire_form() -> None:
+    frame = Draining(300_000).serialize()
+    assert frame == bytes((FrameType.DRAINING, 0, 0, 4)) + (300_000).to_bytes(4, "big")
+    assert parse_control(FrameType.DRAINING, frame[4:]) == Draining(300_000)
+    assert parse_control(FrameType.DRAINING, NO_DEADLINE.to_bytes(4, "big")) == Draining(
+        NO_DEADLINE
+    )
+    with pytest.raises(ProtocolError):
+        parse_control(FrameType.DRAINING, bytes(8))
+
+
+def test_a_client_session_cannot_drain() -> None:
+    with pytest.raises(Exception, match="client"):
+        Session.client(SessionConfig(), 0.0).drain(0.0, None)

@@ -14,6 +14,7 @@ from tether.protocol.codes import CloseCode
 from tether.protocol.events import HandshakeFailed, ResumeRequested, SessionEnded
 from tether.protocol.frames import (
     NONCE_SIZE,
+    PROTOCOL_VERSION,
     Route,
     Setup,
     client_hello,
@@ -103,11 +104,11 @@ def _setup(router: Router, config: SessionConfig) -> tuple[Session, Session]:
     return client, server
 
 
-def test_a_routed_server_and_a_v3_resume_end_to_end() -> None:
+def test_a_routed_server_and_a_routed_resume_end_to_end() -> None:
     config = SessionConfig()
     router = Router(config, max_sessions=4, session_ids=session_ids(3, KEY))
     client, server = _setup(router, config)
-    assert client.version == server.version == 3
+    assert client.version == server.version == PROTOCOL_VERSION
     assert KEY.server_of(client.session_id) == 3
     client.send(b"before")
     server.receive_data(_take(client), 0.1)
@@ -116,7 +117,7 @@ def test_a_routed_server_and_a_v3_resume_end_to_end() -> None:
     chs = ClientHandshake(client, 2.0)
     first = _take(chs)
     assert len(first) == ROUTED_PREFIX
-    assert first == client_hello(3, 3) + Route(client.session_id).serialize()
+    assert first == client_hello(4, 4) + Route(client.session_id).serialize()
     assert first[SERVER_ID_AT:TAG_AT][:2] == b"\x00\x03"
     gateway = FirstBytes(KEY, known=lambda n: n == 3)
     gateway.receive_data(first)
@@ -145,9 +146,21 @@ def test_a_v2_session_resumes_without_route() -> None:
 def test_a_v2_server_sets_up_a_v2_session() -> None:
     client = Session.client(SessionConfig(), 0.0)
     chs = ClientHandshake(client, 0.0)
-    assert _take(chs).startswith(client_hello(2, 3))
+    assert _take(chs).startswith(client_hello(2, PROTOCOL_VERSION))
     chs.receive_data(server_hello(2, os.urandom(NONCE_SIZE)))
     assert not chs.failed  # version 2 is in the offer; ACCEPT would follow
+
+
+def test_a_v3_session_resumes_with_route() -> None:
+    """A version-3 session (set up with a version-3 server) still names itself in ROUTE."""
+    config = SessionConfig()
+    router = Router(config, max_sessions=4, session_ids=session_ids(3, KEY))
+    client, server = _setup(router, config)
+    client.version = server.version = 3
+    client.link_lost(1.0)
+    server.link_lost(1.0)
+    chs = ClientHandshake(client, 2.0)
+    assert _take(chs) == client_hello(3, 3) + Route(client.session_id).serialize()
 
 
 def test_resume_must_name_the_routed_session() -> None:
@@ -203,7 +216,7 @@ def test_unknown_server_is_unknown_session_to_the_client() -> None:
     reader.receive_data(_take(chs))
     decision = reader.decision
     assert isinstance(decision, Refuse)
-    assert parse_server_hello(decision.answer[:41])[0] == 3
+    assert parse_server_hello(decision.answer[:41])[0] == PROTOCOL_VERSION
     chs.receive_data(decision.answer)
     ended = [e for e in iter(client.next_event, None) if isinstance(e, SessionEnded)]
     assert ended and ended[-1].code is CloseCode.UNKNOWN_SESSION

@@ -234,7 +234,7 @@ def run_examples() -> Wire:
     # Routing: server 3 makes a session id; the client's first bytes on its resume.
     key = parse_routing_key(ROUTING_KEY_FILE)
     routed_id = key.make(SERVER_ID, random=_Script(ROUTE_NONCE))
-    wire.client["routed resume"] = client_hello(3, 3) + Route(routed_id).serialize()
+    wire.client["routed resume"] = client_hello(4, 4) + Route(routed_id).serialize()
     return wire
 
 
@@ -332,10 +332,10 @@ def expected() -> Expected:
     shared = X25519PrivateKey.from_private_bytes(SERVER_PRIVATE).exchange(
         X25519PublicKey.from_public_bytes(client_public)
     )
-    hello = DOC_MAGIC + bytes((2, 3))  # min_version, max_version
+    hello = DOC_MAGIC + bytes((2, 4))  # min_version, max_version
     setup_payload = client_public + _u32(WINDOW) + _u32(KEEPALIVE_MS)
     setup = _frame(0x01, setup_payload + bytes((len(TOKEN),)) + TOKEN)
-    hello1 = DOC_MAGIC + bytes((3,)) + SERVER_NONCE_1
+    hello1 = DOC_MAGIC + bytes((4,)) + SERVER_NONCE_1
     accept_fields = (
         SESSION_ID + server_public + _u32(WINDOW) + _u32(TIMEOUT_MS) + _u32(KEEPALIVE_MS)
     )
@@ -375,21 +375,21 @@ def expected() -> Expected:
         "hello+setup": hello + setup,
         "data hello": _frame(0x10, _u64(0) + b"hello\n"),
         "ack 4": _frame(0x11, _u64(4)),
-        # A version-3 resume offers only its session's version and names the session.
-        "hello2": DOC_MAGIC + bytes((3, 3)) + _frame(0x06, SESSION_ID),
+        # A resume (from version 3) offers only its session's version and names the session.
+        "hello2": DOC_MAGIC + bytes((4, 4)) + _frame(0x06, SESSION_ID),
         "resume": _frame(0x03, SESSION_ID + CLIENT_NONCE_2 + resume_fields + client_proof),
         "replay": _frame(0x10, _u64(6) + b"queued"),
         "eof 12": _frame(0x12, _u64(12)),
         "ack 5": _frame(0x11, _u64(5)),
         "ping": _frame(0x13, _u64(1)),
         "close": _frame(0x15, _u16(8) + b"reset"),
-        "routed resume": DOC_MAGIC + bytes((3, 3)) + _frame(0x06, routed_id),
+        "routed resume": DOC_MAGIC + bytes((4, 4)) + _frame(0x06, routed_id),
     }
     server = {
         "hello1": hello1,
         "accept": _frame(0x02, accept_fields + confirm),
         "data hi+ack": _frame(0x10, _u64(0) + b"hi!\n") + _frame(0x11, _u64(6)),
-        "hello2": DOC_MAGIC + bytes((3,)) + SERVER_NONCE_2,
+        "hello2": DOC_MAGIC + bytes((4,)) + SERVER_NONCE_2,
         "resumed": _frame(0x04, _u64(6) + server_proof),
         "ack 13": _frame(0x11, _u64(13)),
         "eof 4": _frame(0x12, _u64(4)),
@@ -397,7 +397,7 @@ def expected() -> Expected:
         "version": DOC_MAGIC
         + bytes((0,))
         + no_nonce
-        + _frame(0x05, _u16(2) + b"client speaks versions 1..1, server 2..3"),
+        + _frame(0x05, _u16(2) + b"client speaks versions 1..1, server 2..4"),
         "unauthorized": _frame(0x05, _u16(16) + b"not authorized"),
         "tls required": DOC_MAGIC
         + bytes((2,))

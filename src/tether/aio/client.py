@@ -34,6 +34,7 @@ from ..protocol.codes import CloseCode
 from ..protocol.events import (
     Event,
     HandshakeFailed,
+    ServerDraining,
     SessionEnded,
     SessionEstablished,
     SessionResumed,
@@ -52,6 +53,11 @@ __all__ = ["TetherClient", "connect"]
 
 logger = logging.getLogger("tether.client")
 
+# docs/operations.md, "Drain": how long a server that said it drains is tried last for new
+# sessions, at most (its drain timeout, when it said one) and at least.
+DRAIN_MEMORY = 600.0
+DRAIN_MEMORY_MIN = 5.0
+
 
 class _ClientSession(SessionRelay):
     """One session of the client: its relay, its links' owner, and its life."""
@@ -62,8 +68,15 @@ class _ClientSession(SessionRelay):
         self.client = client
         self.app = app
         self.name = f"#{number}"
+        # The servers a new session tries, in order (the one it is set up on keeps it).
+        self._candidates = client.servers_for_new_session()
+        self.server = self._candidates[0]
         self.dialer = Dialer(
-            client.config, lambda: LinkProtocol(self), self._note_failure, client.tls_policy
+            client.config,
+            self.server,
+            lambda: LinkProtocol(self),
+            self._note_failure,
+            client.tls_policy,
         )
         self.ready: asyncio.Future[bool] = loop.create_future()  # established, or not
         self._detached = asyncio.Event()  # the link was lost: time to reconnect
@@ -73,7 +86,7 @@ class _ClientSession(SessionRelay):
         self._last_error = ""
         self._detached_at: float | None = None
         self._fallback: tuple[Splice, Splice] | None = None
-        self.peer = str(client.config.server)
+        self.peer = str(self.server)
         if app is not None and app.transport is not None:
             application = app.transport.get_extra_info("peername")
             if application:
@@ -86,10 +99,11 @@ class _ClientSession(SessionRelay):
         self.log.info(
             "session %s: established via %s",
             self.name,
-            self.client.config.server,
+            self.server,
             extra=self._fields("new"),
         )
         self.client.note_new(self)
+        self.client.takes_new_sessions(self.server)
         if not self.ready.done():
             self.ready.set_result(True)
         self._settle(True)
@@ -103,7 +117,7 @@ class _ClientSession(SessionRelay):
             "session %s: resumed after %.2fs away via %s, replaying %d bytes",
             self.name,
             away,
-            self.client.config.server,
+            self.server,
             event.replayed,
             extra=self._fields("resumed", outage_seconds=round(away, 3)),
         )
@@ -117,7 +131,7 @@ class _ClientSession(SessionRelay):
                 "session %s: link lost (%s) to %s; reconnecting",
                 self.name,
                 reason,
-                self.client.config.server,
+                self.server,
                 extra=self._fields("link_lost", reason=reason),
             )
             expires = self.core.expires_at
@@ -125,6 +139,20 @@ class _ClientSession(SessionRelay):
             self._hook("detach", reason, outage_seconds="0.0", expires_seconds=f"{left:.1f}")
         self.client.note_detached(self, reason)
         self._detached.set()
+
+    def on_server_draining(self, event: ServerDraining) -> None:
+        within = event.within
+        self.log.info(
+            "session %s: server %s is draining: the session goes on%s; new sessions go "
+            "elsewhere when there is another server",
+            self.name,
+            self.server,
+            f" until it ends or for at most {within:.0f}s" if within is not None else "",
+            extra=self._fields("server_draining", within_seconds=within),
+        )
+        self.client.note_draining(self.server, within)
+        seconds = f"{within:.0f}" if within is not None else ""
+        self._hook("drain", "server draining", drain_seconds=seconds)
 
     def on_ended(self, event: SessionEnded) -> None:
         if not self.ready.done():
@@ -147,7 +175,7 @@ class _ClientSession(SessionRelay):
             event.code.name,
             reason,
             " by the server" if event.by_peer else "",
-            self.client.config.server,
+            self.server,
             extra=self._fields("ended", code=event.code.name, reason=reason),
         )
         away = self.loop.time() - self._detached_at if self._detached_at is not None else 0.0
@@ -156,14 +184,14 @@ class _ClientSession(SessionRelay):
     def _fields(self, event: str, **more: object) -> dict[str, object]:
         """The structured fields of a session event (``--log-format json``)."""
         session = self.name.partition("/")[2] or self.name
-        peer = str(self.client.config.server)
+        peer = str(self.server)
         return {"tether": {"session": session, "peer": peer, "event": event, **more}}
 
     def _hook(self, event: str, reason: str, **variables: object) -> None:
         """Run the user's hook for ``event`` (hooks.py); never waits for it."""
         hooks = self.client.hooks
         if hooks.command(event) is not None:
-            server = self.client.config.server
+            server = self.server
             hooks.fire(event, self.name, {"server": server, "reason": reason, **variables})
 
     # -- its links, while their handshake runs (LinkOwner) -------------------------------
@@ -264,26 +292,32 @@ class _ClientSession(SessionRelay):
     async def _setup(self) -> bool:
         """Reach a tether server for a new session, or fall back. True when established.
 
-        The fallback is taken only when no tether server is there: the connection is
-        refused or times out, or the answer is not tether (docs/security.md, "No silent
-        downgrade"); never when the server's identity does not verify, never when a
-        tether server answered (busy, or refusing this client).
+        The servers are tried in order (those known to be draining last): the next one at
+        once when one is out of reach or refuses the session as going away, round again
+        after a backoff step, until the connect timeout. The fallback is taken only when
+        no tether server is there: the connections are refused or time out, or the answer
+        is not tether (docs/security.md, "No silent downgrade"), or every server that
+        answered is going away; never when a server's identity does not verify, never
+        when one answered that it is busy or refuses this client.
         """
         config = self.client.config
         deadline = self.loop.time() + config.connect_timeout
         backoff = self.dialer.backoff()
-        tether_answered = False
+        candidates, index = self._candidates, 0
+        tether_answered = False  # a tether server answered, and not with GOING_AWAY
         while not self.core.closed:
             remaining = deadline - self.loop.time()
             if remaining <= 0:
                 await self._give_up(self._last_error or "timed out", not tether_answered)
                 return False
+            going_away = False
             try:
                 if await self._use(*await self.dialer.connect(remaining)):
                     return True
                 failure = self._failure
                 why = failure.reason if failure else "connection closed"
                 no_tether = failure is None or not failure.peer_is_tether
+                going_away = failure is not None and failure.code is CloseCode.GOING_AWAY
             except Untrusted as exc:
                 self._untrusted(exc)
                 return False
@@ -291,19 +325,40 @@ class _ClientSession(SessionRelay):
                 why, no_tether = describe_link_failure(exc), _no_tether_there(exc)
             if self.core.closed:
                 return False  # refused by the server; on_ended said why
-            tether_answered |= not no_tether
+            tether_answered |= not (no_tether or going_away)
             self._last_error = why
+            if going_away:
+                self.client.note_draining(self.server, None)
+            if (no_tether or going_away) and index + 1 < len(candidates):
+                index += 1  # the next server, at once
+                self._move_to(candidates[index], why)
+                continue
             if no_tether and self._can_fall_back():
                 await self._fall_back(why)
                 return False
+            if index:
+                index = 0
+                self._move_to(candidates[0], why)
             await asyncio.sleep(min(backoff.next(), max(deadline - self.loop.time(), 0)))
         return False
+
+    def _move_to(self, server: Address, why: str) -> None:
+        """A new session tries ``server`` next (the last one failed for ``why``)."""
+        self.log.info(
+            "session %s: server %s did not take the session (%s); trying %s",
+            self.name,
+            self.server,
+            why,
+            server,
+        )
+        self.server = self.dialer.server = server
+        self.peer = str(server)
 
     async def _give_up(self, why: str, no_tether: bool) -> None:
         if no_tether and self._can_fall_back():
             await self._fall_back(why)
             return
-        server = self.client.config.server
+        server = ", ".join(map(str, self._candidates))
         if no_tether:
             self.abort(CloseCode.RESUME_FAILED, f"no tether server at {server}: {why}")
         else:  # it answered, then refused or dropped the link: it says why in its log
@@ -321,10 +376,16 @@ class _ClientSession(SessionRelay):
         )
 
     async def _reconnect(self) -> None:
-        """Race connection attempts until one carries the session again, or it ends."""
+        """Race connection attempts until one carries the session again, or it ends.
+
+        A link that connects but does not resume (refused for now, cut in its handshake)
+        is followed by the next backoff step, not at once: one backoff per outage, so a
+        client whose server is out of reach behind a gateway (SERVER_UNREACHABLE) or busy
+        asks at most once per step, never in a tight loop."""
+        backoff = self.dialer.backoff()
         while self.core.state is SessionState.DETACHED:
             try:
-                won = await self.dialer.race()
+                won = await self.dialer.race(backoff)
             except Untrusted as exc:
                 self._untrusted(exc)
                 return
@@ -333,6 +394,8 @@ class _ClientSession(SessionRelay):
             if await self._use(*won):
                 return
             self._note_failure(self._failure.reason if self._failure else "connection lost")
+            if self.core.state is SessionState.DETACHED:
+                await self.dialer.pause(backoff.next())
 
     # -- fallback ----------------------------------------------------------------------
 
@@ -349,10 +412,10 @@ class _ClientSession(SessionRelay):
             app.pause_reading()  # until the splice takes over
         early, early_eof = self.core.pending(), self.core.eof_sent
         self.log.warning(
-            "session %s: no tether server answered at %s (%s); connecting directly to "
-            "fallback %s: this session has no reliability",
+            "session %s: no tether server took the session at %s (%s); connecting directly "
+            "to fallback %s: this session has no reliability",
             self.name,
-            config.server,
+            ", ".join(map(str, self._candidates)),
             why,
             target,
         )
@@ -405,6 +468,42 @@ class TetherClient(Service):
         self.tls_policy = None if config.plaintext else TLSPolicy(config)
         self.token = read_token(config.token_file) if config.token_file is not None else b""
         self.hooks = HookRunner(config.hooks, self.spawn)
+        # docs/operations.md, "Drain": servers that said they drain, until when (loop time).
+        self._draining: dict[Address, float] = {}
+
+    def servers_for_new_session(self) -> tuple[Address, ...]:
+        """The servers a new session tries, in order: those not known to be draining
+        first (in the configured order), then the draining ones."""
+        now = asyncio.get_running_loop().time()
+        for server, until in list(self._draining.items()):
+            if until <= now:
+                del self._draining[server]
+        servers = self.config.servers
+        fresh = [server for server in servers if server not in self._draining]
+        return (*fresh, *(server for server in servers if server in self._draining))
+
+    def note_draining(self, server: Address, within: float | None) -> None:
+        """``server`` said it drains (DRAINING, or a setup refused GOING_AWAY): new sessions
+        try the other servers first, for ``within`` seconds (the server's drain timeout)
+        or until a new session is taken there (through a gateway, by another server)."""
+        now = asyncio.get_running_loop().time()
+        span = DRAIN_MEMORY if within is None else min(within, DRAIN_MEMORY)
+        until = now + max(span, DRAIN_MEMORY_MIN)
+        if server not in self._draining:
+            others = [one for one in self.config.servers if one != server]
+            logger.info(
+                "server %s is draining: %s",
+                server,
+                f"new sessions go to {', '.join(map(str, others))} first"
+                if others
+                else "no other server; new sessions still go there (a gateway in front "
+                "sends them to another server)",
+            )
+        self._draining[server] = max(until, self._draining.get(server, 0.0))
+
+    def takes_new_sessions(self, server: Address) -> None:
+        """A new session was set up through ``server``: it is no longer avoided."""
+        self._draining.pop(server, None)
 
     def relays(self) -> Iterable[SessionRelay]:
         return [session for session in self._live if session._fallback is None]
@@ -420,14 +519,14 @@ class TetherClient(Service):
         logger.info(
             "listening on %s for applications; server %s (%s)%s",
             ", ".join(map(str, self.addresses)),
-            config.server,
+            ", ".join(map(str, config.servers)),
             self._trust(),
             f", fallback {config.fallback}" if config.fallback else "",
         )
         if config.plaintext:
             logger.warning(
                 "links to %s are in clear text (--plaintext): use it only inside a trusted network",
-                config.server,
+                ", ".join(map(str, config.servers)),
             )
 
     def _trust(self) -> str:
@@ -435,7 +534,8 @@ class TetherClient(Service):
         if policy is None:
             return "clear text"
         if config.tls_ca is not None:
-            return f"TLS 1.3, certificate signed by {config.tls_ca} for {config.server.host}"
+            names = config.server_hostname or ", ".join(sorted({s.host for s in config.servers}))
+            return f"TLS 1.3, certificate signed by {config.tls_ca} for {names}"
         if config.server_fingerprint is not None:
             return f"TLS 1.3, certificate pinned to {config.server_fingerprint}"
         first_use = "known servers only" if config.strict else "trust on first use"
@@ -458,7 +558,7 @@ class TetherClient(Service):
         stream.bind(session)
         if not await session.ready:
             code = session.core.close_code or CloseCode.RESUME_FAILED
-            raise SessionClosed(code, f"no session with {self.config.server}")
+            raise SessionClosed(code, f"no session with {session.server}")
         try:
             yield stream
         finally:

@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Callable
 
 from .. import tls
-from ..config import ClientConfig
+from ..config import Address, ClientConfig
 from .link import LinkProtocol
 from .util import describe
 
@@ -57,13 +57,13 @@ class TLSPolicy:
         if config.server_fingerprint is not None:
             tls.parse_fingerprint(config.server_fingerprint)  # a bad pin fails at start
 
-    @property
-    def verify(self) -> Callable[[bytes], object] | None:
-        """The check of the server's certificate, unless the CA does it in the handshake."""
-        return None if self.config.tls_ca is not None else self._verify
+    def verify(self, server: Address) -> Callable[[bytes], object] | None:
+        """The check of ``server``'s certificate, unless the CA does it in the handshake."""
+        if self.config.tls_ca is not None:
+            return None
+        return lambda der: self._verify(server, der)
 
-    def _verify(self, der: bytes) -> object:
-        server = self.config.server
+    def _verify(self, server: Address, der: bytes) -> object:
         result = tls.verify_server(
             der,
             server.host,
@@ -86,16 +86,18 @@ class TLSPolicy:
 
 
 class Dialer:
-    """Connections from a client to its server; ``link`` makes each link's protocol."""
+    """Connections from a client to ``server``; ``link`` makes each link's protocol."""
 
     def __init__(
         self,
         config: ClientConfig,
+        server: Address,
         link: Callable[[], LinkProtocol],
         on_failure: Callable[[str], None],
         tls_policy: TLSPolicy | None,
     ) -> None:
         self.config = config
+        self.server = server  # a new session may move on to the next; a resume may not
         self._link = link
         self._on_failure = on_failure
         self._tls = tls_policy
@@ -107,7 +109,7 @@ class Dialer:
     async def connect(self, limit: float) -> Connection:
         """One connection to the server, within ``limit`` seconds: TCP, then TLS with the
         server's identity verified (raising one of ``Untrusted`` when it is not)."""
-        server = self.config.server
+        server = self.server
         policy = self._tls
         logger.debug("link to %s: connecting (%s)", server, "TLS" if policy else "clear text")
         if policy is None:
@@ -123,18 +125,18 @@ class Dialer:
                 context=policy.context,
                 server_hostname=self.config.server_hostname or server.host,
                 sessions=policy.sessions,
-                verify=policy.verify,
+                verify=policy.verify(server),
             ),
             limit,
         )
 
-    async def race(self) -> Connection | None:
+    async def race(self, backoff: Backoff) -> Connection | None:
         """Race attempts until one connects; None when :meth:`cancel` was called. Raises
-        one of ``Untrusted`` when an attempt reached a server that must not be trusted."""
+        one of ``Untrusted`` when an attempt reached a server that must not be trusted.
+        ``backoff`` spaces the attempts; the caller keeps it across races of one outage."""
         loop = asyncio.get_running_loop()
         winner: asyncio.Future[Connection | None] = loop.create_future()
         self._winner = winner
-        backoff = self.backoff()
         try:
             async with asyncio.TaskGroup() as attempts:
                 in_flight: list[asyncio.Task[None]] = []
@@ -150,6 +152,17 @@ class Dialer:
             self._winner = None
         return winner.result()
 
+    async def pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds between races, or until :meth:`cancel` is called."""
+        waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
+        self._winner = waiter
+        try:
+            await asyncio.wait({waiter}, timeout=delay)
+        finally:
+            self._winner = None
+            if not waiter.done():
+                waiter.cancel()
+
     def cancel(self) -> None:
         """End the race under way, if any, with no winner."""
         if self._winner is not None and not self._winner.done():
@@ -164,7 +177,7 @@ class Dialer:
             return
         except (OSError, TimeoutError) as exc:
             why = describe_link_failure(exc)
-            logger.debug("link to %s: attempt failed: %s", self.config.server, why)
+            logger.debug("link to %s: attempt failed: %s", self.server, why)
             self._on_failure(why)
             return
         if winner.done():

@@ -200,6 +200,14 @@ class _ClientLink(asyncio.Protocol):
     def refuse(self, code: CloseCode, reason: str) -> None:
         self._refuse(self.reader.refusal(code, reason))
 
+    def unreachable(self) -> None:
+        refusal = self.reader.unreachable()
+        if refusal is None:
+            assert self.transport is not None
+            self.transport.abort()
+        else:
+            self._refuse(refusal)
+
     def _refuse(self, refusal: Refuse) -> None:
         transport = self.transport
         assert transport is not None
@@ -393,7 +401,9 @@ class TetherGateway(Service):
             if decision.server_id is None:
                 link.refuse(CloseCode.OVERLOADED, "server busy")  # transient: it retries
             else:
-                client.abort()  # the client retries until its server is back or it expires
+                # The client retries until its server is back or its session expires; from
+                # version 4 it is told why (SERVER_UNREACHABLE), and its end reason says so.
+                link.unreachable()
         except Exception:  # a bug must cost this link only, never the gateway
             logger.exception("link from %s failed to be routed", link.peer)
             client.abort()
@@ -553,11 +563,11 @@ backend tether_servers
     # the client keeps retrying until it is back or the session expires).
     force-persist if {{ req.payload(10,1) -m bin 06 }}
 {use_servers}    # The health check: a tether health probe (a client hello for versions 0..3) answered
-    # by a server hello of version 2 or 3; a draining server answers version 0 (rbinary
+    # by a server hello of version 2 to 4; a draining server answers version 0 (rbinary
     # matches the answer in upper-case hex).
     option tcp-check
 {check_connect}    tcp-check send-binary 895445544845520a0003
-    tcp-check expect rbinary ^895445544845520A0[23]
+    tcp-check expect rbinary ^895445544845520A0[234]
     default-server check inter 3s fall 1 rise 1{server_tls}
 {servers}"""  # noqa: E501 - HAProxy has no line continuation
 

@@ -35,6 +35,7 @@ from ..protocol.events import (
     EofReceived,
     Event,
     LinkLost,
+    ServerDraining,
     SessionEnded,
     SessionEstablished,
     SessionResumed,
@@ -111,6 +112,9 @@ class SessionRelay:
 
     def on_link_lost(self, reason: str) -> None:
         """The link is gone (the core gave up on it, or its transport died)."""
+
+    def on_server_draining(self, event: ServerDraining) -> None:
+        """Client: the server said it is draining (the session goes on)."""
 
     def on_ended(self, event: SessionEnded) -> None:
         """The session is over; everything has been closed already."""
@@ -233,6 +237,8 @@ class SessionRelay:
                 self.on_link_lost(event.reason)
             elif isinstance(event, SessionEnded):
                 self._finish(event)
+            elif isinstance(event, ServerDraining):
+                self.on_server_draining(event)
         if received:
             self._deliver(received)
         if self._local_reading_paused and core.send_capacity() > 0 and not core.closed:

@@ -139,7 +139,12 @@ class TetherServer(Service):
         ends the rest when its drain timeout passes (cli.py). Idempotent."""
         if self._router.draining:
             return True
-        self._router.draining = True
+        now = asyncio.get_running_loop().time()
+        # Each live session's client is told (DRAINING, from version 4) when its session
+        # will be ended: cli.py ends the rest drain_timeout from now.
+        self._router.drain(now, now + self.config.drain_timeout)
+        for relay in list(self._relays.values()):
+            relay.pump()
         self.drain_requested.set()
         if not self._relays:
             self.sessions_gone.set()

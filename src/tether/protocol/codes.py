@@ -29,6 +29,7 @@ class CloseCode(enum.IntEnum):
     UNAUTHORIZED = 16  # the client presented no credential the server accepts
     TLS_REQUIRED = 17  # sent in clear: the server takes only TLS links
     UNTRUSTED_SERVER = 18  # local only: the server's certificate did not verify
+    SERVER_UNREACHABLE = 19  # version 4, transient: a gateway cannot reach the session's server
 
     @classmethod
     def from_wire(cls, value: int) -> CloseCode:

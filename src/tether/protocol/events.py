@@ -17,6 +17,7 @@ __all__ = [
     "HandshakeFailed",
     "LinkLost",
     "ResumeRequested",
+    "ServerDraining",
     "SessionEnded",
     "SessionEstablished",
     "SessionResumed",
@@ -61,6 +62,14 @@ class LinkLost:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerDraining:
+    """Client: the server said it is draining (DRAINING). The session goes on; the server
+    ends it within ``within`` seconds if it has not ended by then (None: no limit)."""
+
+    within: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class SessionEnded:
     """The session is over; the driver closes everything that belongs to it."""
 
@@ -100,6 +109,7 @@ Event = (
     | SessionEstablished
     | SessionResumed
     | LinkLost
+    | ServerDraining
     | SessionEnded
     | SetupRequested
     | ResumeRequested

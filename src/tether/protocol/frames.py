@@ -18,6 +18,7 @@ from .codes import CloseCode
 
 __all__ = [
     "CLIENT_HELLO_SIZE",
+    "DRAINING_VERSION",
     "FRAME_HEADER_SIZE",
     "MAGIC",
     "MAX_CONTROL_PAYLOAD",
@@ -28,6 +29,7 @@ __all__ = [
     "MIN_PROTOCOL_VERSION",
     "MIN_WINDOW",
     "NONCE_SIZE",
+    "NO_DEADLINE",
     "PROTOCOL_VERSION",
     "SERVER_HELLO_SIZE",
     "SESSION_ID_SIZE",
@@ -36,6 +38,7 @@ __all__ = [
     "Close",
     "ControlFrame",
     "Data",
+    "Draining",
     "Eof",
     "FrameType",
     "Ping",
@@ -58,7 +61,9 @@ __all__ = [
 
 # docs/protocol.md, "Link hello"
 MAGIC = b"\x89TETHER\n"  # 8 bytes: high bit and LF catch 7-bit and text mangling
-PROTOCOL_VERSION = 3  # 3: a resume sends ROUTE with its hello ("Routing")
+PROTOCOL_VERSION = 4  # 4: a draining server tells its sessions (DRAINING, "Drain")
+# (3: a resume sends ROUTE with its hello, routing.py)
+DRAINING_VERSION = 4  # the first version whose sessions may receive DRAINING
 MIN_PROTOCOL_VERSION = 2  # 2: SETUP carries a credential; ACCEPT confirms the whole transcript
 # docs/protocol.md, "Health probe": a client hello whose lowest version is 0 is a health
 # check's (no client sends it); a draining server answers it with version 0, others as usual.
@@ -82,6 +87,7 @@ MAX_WINDOW = 1 << 30
 _HEADER = struct.Struct("!I")
 _DATA_HEADER = struct.Struct("!IQ")
 _U64 = struct.Struct("!Q")
+_U32 = struct.Struct("!I")
 _SETUP = struct.Struct(f"!{KEY_SIZE}sII")
 _ACCEPT_FIELDS = struct.Struct(f"!{SESSION_ID_SIZE}s{KEY_SIZE}sIII")  # what confirm covers
 _ACCEPT = struct.Struct(f"!{_ACCEPT_FIELDS.format[1:]}{MAC_SIZE}s")
@@ -106,6 +112,7 @@ class FrameType(enum.IntEnum):
     PING = 0x13
     PONG = 0x14
     CLOSE = 0x15
+    DRAINING = 0x16
 
 
 def check_header(word: int) -> tuple[int, int, int]:
@@ -296,6 +303,21 @@ class Pong:
         return _frame(FrameType.PONG, _U64.pack(self.token))
 
 
+NO_DEADLINE = 0xFFFFFFFF  # DRAINING: the server sets no time limit on its sessions
+
+
+@dataclass(frozen=True, slots=True)
+class Draining:
+    """Version 4, server to client: the server is draining (docs/protocol.md, "Drain"). The
+    session goes on; the server takes no new sessions, and ends this one within
+    ``deadline_ms`` milliseconds if it has not ended by then (``NO_DEADLINE``: no limit)."""
+
+    deadline_ms: int
+
+    def serialize(self) -> bytes:
+        return _frame(FrameType.DRAINING, _U32.pack(self.deadline_ms))
+
+
 @dataclass(frozen=True, slots=True)
 class Close:
     """The session ends now, in both directions, for ``code``."""
@@ -307,7 +329,9 @@ class Close:
         return _frame(FrameType.CLOSE, _CODE.pack(self.code) + _check_reason(self.reason))
 
 
-ControlFrame = Setup | Accept | Resume | Route | Resumed | Reject | Ack | Eof | Ping | Pong | Close
+ControlFrame = (
+    Setup | Accept | Resume | Route | Resumed | Reject | Ack | Eof | Ping | Pong | Close | Draining
+)
 
 _FIXED: dict[FrameType, struct.Struct] = {
     FrameType.ACCEPT: _ACCEPT,
@@ -318,6 +342,7 @@ _FIXED: dict[FrameType, struct.Struct] = {
     FrameType.EOF: _U64,
     FrameType.PING: _U64,
     FrameType.PONG: _U64,
+    FrameType.DRAINING: _U32,
 }
 _CLASSES: dict[FrameType, type] = {
     FrameType.ACCEPT: Accept,
@@ -328,6 +353,7 @@ _CLASSES: dict[FrameType, type] = {
     FrameType.EOF: Eof,
     FrameType.PING: Ping,
     FrameType.PONG: Pong,
+    FrameType.DRAINING: Draining,
 }
 
 

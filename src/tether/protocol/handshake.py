@@ -74,7 +74,12 @@ MAX_EARLY_BYTES = 64 * 1024  # bytes a client may send past its request before t
 # client tries again until its connect timeout or its session timeout); any other ends
 # the session.
 TRANSIENT_REJECTS = frozenset(
-    {CloseCode.HANDSHAKE_TIMEOUT, CloseCode.OVERLOADED, CloseCode.GOING_AWAY}
+    {
+        CloseCode.HANDSHAKE_TIMEOUT,
+        CloseCode.OVERLOADED,
+        CloseCode.GOING_AWAY,
+        CloseCode.SERVER_UNREACHABLE,
+    }
 )
 
 
@@ -488,7 +493,8 @@ class ClientHandshake(_Handshake):
         if frame.code in TRANSIENT_REJECTS:
             # The server is busy or going away: a later link may still set up or resume.
             what = "resume" if session.state is SessionState.DETACHED else "setup"
-            raise ProtocolError(f"{what} refused for now: {frame.code.name}", frame.code)
+            why = f" ({frame.reason})" if frame.reason else ""
+            raise ProtocolError(f"{what} refused for now: {frame.code.name}{why}", frame.code)
         reason = frame.reason or "rejected by the server"
         session.rejected(frame.code, reason)
         self._fail(frame.code, reason)

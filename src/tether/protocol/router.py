@@ -78,6 +78,7 @@ class Router:
         # Draining (docs/protocol.md, "Drain"): setups are refused GOING_AWAY, resumes of
         # this server's sessions are still admitted.
         self.draining = False
+        self.drain_deadline: float | None = None  # when the sessions left are ended
         self._granted: dict[ServerHandshake, Account] = {}  # admitted, not yet accepted
         self.sessions: dict[bytes, Session] = {}
         self._sources: dict[bytes, str] = {}  # session id -> the source that set it up
@@ -94,6 +95,14 @@ class Router:
             session_ids=self._session_ids,
             draining=self.draining,
         )
+
+    def drain(self, now: float, deadline: float | None) -> None:
+        """Start draining: refuse setups from now on, and tell every session (and every one
+        still being set up when it is accepted) that this server ends it at ``deadline``
+        (None: no limit) if it has not ended by then. The driver pumps the sessions."""
+        self.draining, self.drain_deadline = True, deadline
+        for session in self.sessions.values():
+            session.drain(now, deadline)
 
     def admit_setup(self, handshake: ServerHandshake, source: str = "?") -> Refusal | None:
         """May the session ``handshake`` asks for be created now, for ``source``? None, and
@@ -136,6 +145,8 @@ class Router:
             session.charge_to(account)
         self.sessions[session.session_id] = session
         self._sources[session.session_id] = source
+        if self.draining:  # admitted before the drain began
+            session.drain(now, self.drain_deadline)
         return session
 
     def resume(self, handshake: ServerHandshake, now: float) -> Session | None:

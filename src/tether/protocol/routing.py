@@ -56,6 +56,7 @@ __all__ = [
     "ROUTE_VERSION",
     "SERVER_ID_AT",
     "TAG_AT",
+    "UNREACHABLE_VERSION",
     "FirstBytes",
     "Refuse",
     "RouteTo",
@@ -67,6 +68,7 @@ __all__ = [
 
 # docs/protocol.md, "Routing"
 ROUTE_VERSION = 3  # the first version whose resumes send ROUTE
+UNREACHABLE_VERSION = 4  # the first that knows REJECT(SERVER_UNREACHABLE)
 SERVER_ID_SIZE = 2
 ROUTE_NONCE_SIZE = 8
 TAG_SIZE = 6
@@ -177,6 +179,15 @@ class FirstBytes:
         ``REJECT(code, reason)``, as a server would."""
         answer = server_hello(self._version, bytes(NONCE_SIZE)) + Reject(code, reason).serialize()
         return Refuse(answer, f"{code.name}: {reason}")
+
+    def unreachable(self) -> Refuse | None:
+        """What a resume is told when its server cannot be reached: from version 4
+        ``REJECT(SERVER_UNREACHABLE)``, transient (the client tries again, and its end
+        reason names the cause); None for an older client, which would read the code as a
+        protocol error: its link is closed with nothing said."""
+        if self._version < UNREACHABLE_VERSION:
+            return None
+        return self.refusal(CloseCode.SERVER_UNREACHABLE, "its server is out of reach")
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Never raises on peer input (CONTRIBUTING.md E3): bad input is a Refuse."""

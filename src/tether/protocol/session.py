@@ -32,13 +32,16 @@ from .admission import Account
 from .buffer import ReplayBuffer
 from .codes import CloseCode
 from .frames import (
+    DRAINING_VERSION,
     MAX_DATA_CHUNK,
     MAX_WINDOW,
     MIN_PROTOCOL_VERSION,
     MIN_WINDOW,
+    NO_DEADLINE,
     Ack,
     Close,
     Data,
+    Draining,
     Eof,
     Ping,
     Pong,
@@ -170,6 +173,8 @@ class Session:
         "_confirmed",
         "_control",
         "_detached_since",
+        "_drain_at",
+        "_draining",
         "_end_code",
         "_eof",
         "_event_head",
@@ -257,6 +262,11 @@ class Session:
         # The peer has shown it knows the session (server: it spoke after the ACCEPT, or
         # resumed); until then a lost link is an orphaned setup (ORPHAN_GRACE).
         self._confirmed = role is Role.CLIENT
+        # Drain (docs/protocol.md, "Drain"). Server: it drains, and ends what is left at
+        # ``_drain_at`` (None: no limit); each link of a version-4 session is told so.
+        # Client: its server said so, last on link number ``_drain_at``.
+        self._draining = False
+        self._drain_at: float | None = None
 
     @classmethod
     def client(cls, config: SessionConfig, now: float) -> Session:
@@ -309,6 +319,11 @@ class Session:
     @property
     def detached_since(self) -> float | None:
         return self._detached_since
+
+    @property
+    def draining(self) -> bool:
+        """Server: :meth:`drain` was called. Client: the server said it drains."""
+        return self._draining
 
     @property
     def expires_at(self) -> float | None:
@@ -584,6 +599,27 @@ class Session:
         self._events.append(events.SessionResumed(replayed, peer_received))
         return replayed
 
+    def drain(self, now: float, deadline: float | None) -> None:
+        """Server: the server drains and ends this session at ``deadline`` (the driver's
+        clock; None: no limit) if it has not ended by then. A version-4 client is told now
+        and on every link that resumes the session (docs/protocol.md, "Drain"); the session
+        itself goes on as before. Idempotent."""
+        if self.role is not Role.SERVER:
+            raise InvalidState("drain() on a client session")
+        first = not self._draining
+        self._draining, self._drain_at = True, deadline
+        if first and self.state is SessionState.ATTACHED:
+            self._now = now
+            self._tell_draining()
+
+    def _tell_draining(self) -> None:
+        if self.version < DRAINING_VERSION:
+            return  # its client would read an unknown frame: it learns at its next setup
+        deadline = NO_DEADLINE
+        if self._drain_at is not None:
+            deadline = min(max(round((self._drain_at - self._now) * 1000), 0), NO_DEADLINE - 1)
+        self._out.append(Draining(deadline).serialize())
+
     def rejected(self, code: CloseCode, reason: str) -> None:
         """The server refused this session for good in a handshake: it ends now."""
         if self.state is not SessionState.CLOSED:
@@ -635,6 +671,14 @@ class Session:
             self._check_finished()
         elif isinstance(frame, Close):
             self._end(frame.code, frame.reason or "closed by the peer", True)
+        elif isinstance(frame, Draining):
+            if self.role is Role.SERVER or self.version < DRAINING_VERSION:
+                raise ProtocolError(f"unexpected DRAINING in a version-{self.version} session")
+            self._control_frame()
+            if self._drain_at != self._links:  # reported once per link
+                self._draining, self._drain_at = True, self._links
+                within = None if frame.deadline_ms == NO_DEADLINE else frame.deadline_ms / 1000
+                self._events.append(events.ServerDraining(within))
         else:
             raise ProtocolError(f"unexpected {type(frame).__name__} on an established link")
 
@@ -694,6 +738,9 @@ class Session:
         """A new link carries the session and the peer has ``peer_received``: send from
         there. Returns the number of bytes sent again."""
         self._out = list(preamble) if preamble else []
+        if self._draining and self.role is Role.SERVER:
+            self._now = now
+            self._tell_draining()  # right after the handshake's answer
         self._reader = FrameReader()
         self._links += 1
         self._now = now
