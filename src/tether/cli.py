@@ -578,9 +578,10 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check-config",
         help="validate a config file and print the settings it makes",
-        description="Read FILE as 'tether server --config FILE' (or client) would, and print "
-        "the effective settings as a config file; an error is one line naming the key "
-        "(exit 2). Without --server or --client the role is the one whose keys the file uses.",
+        description="Read FILE as 'tether server --config FILE' (or client, or gateway) would, "
+        "and print the effective settings as a config file; an error is one line naming the "
+        "key (exit 2). Without --server, --client or --gateway the role is the one whose keys "
+        "the file uses.",
     )
     role = check.add_mutually_exclusive_group()
     role.add_argument(
@@ -596,6 +597,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_const",
         const="client",
         help="read it as a client's (default: guessed from its keys)",
+    )
+    role.add_argument(
+        "--gateway",
+        dest="role",
+        action="store_const",
+        const="gateway",
+        help="read it as a gateway's (default: guessed from its keys)",
     )
     check.add_argument("file", metavar="FILE", help="the TOML config file")
     return parser
@@ -849,7 +857,7 @@ class _Missing(ValueError):
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    """``tether check-config [--server|--client] FILE``: load it as the role would and
+    """``tether check-config [--server|--client|--gateway] FILE``: load it as the role would and
     print the effective settings, as a config file."""
     path = Path(args.file).expanduser()
     role = args.role or _role_of(path)
@@ -875,15 +883,20 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _role_of(path: Path) -> str:
-    """The role a config file is for: client if it uses a key only clients have."""
+    """The role a config file is for: gateway if it uses a key only gateways have (or gives
+    ``server`` as a list), else client if it uses a key only clients have, else server."""
     import tomllib
 
     try:
-        keys = set(tomllib.loads(path.read_text(encoding="utf-8")))
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "server"  # load() says what is wrong with it
-    server = {configfile.key_of(o) for o in _OPTIONS["server"]}
-    client = {configfile.key_of(o) for o in _OPTIONS["client"]}
+    keys = set(data)
+    server, client, gateway = (
+        {configfile.key_of(o) for o in _OPTIONS[role]} for role in ("server", "client", "gateway")
+    )
+    if keys & (gateway - server - client) or isinstance(data.get("server"), list):
+        return "gateway"
     return "client" if keys & (client - server) else "server"
 
 
@@ -1124,15 +1137,7 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
     except* ValueError as group:
         raise group.exceptions[0] from None
     async with runner, admin as admin_url:
-        if isinstance(runner, TetherGateway):
-            if hangup is not None:  # docs/deployment.md: no reload yet
-                loop.add_signal_handler(
-                    hangup,
-                    lambda: logging.getLogger("tether").warning(
-                        "SIGHUP: a gateway does not reload yet; restart it (clients resume)"
-                    ),
-                )
-        elif hangup is not None:
+        if hangup is not None:
             reloader = Reloader(runner, settings, reread, _OPTIONS[runner.role], _setup_logging)
             _on_signal(loop, hangup, reloader)
         # Everything built so far lives as long as the process: keep the collector from

@@ -6,7 +6,8 @@ without its dashes (``--max-sessions`` is ``max-sessions``), plus ``log-level`` 
 ``log-format``. The keys are derived from cli.py's option table, so a new option gets its
 key without a change here (CONTRIBUTING.md, "Command line and configuration" U1). Values
 are what the option takes, as TOML strings (``timeout = "3m"``, ``listen = "[::]:2598"``;
-a list for an option that may be given more than once, ``listen = ["[::]:2598", "[::1]:80"]``),
+a list for an option that may be given more than once, ``listen = ["[::]:2598", "[::1]:80"]``,
+and a gateway's servers, ``server = ["1=10.0.0.11:2598", "2=10.0.0.12:2598"]``),
 or TOML numbers for counts, sizes and durations (``max-sessions = 5000``, ``timeout = 180``)
 and booleans for switches (``plaintext = true``). A relative file path is relative to the
 directory of the config file, so a unit file can name one file and keep the rest beside it.
@@ -56,6 +57,7 @@ _EXPECTED = {
     "file": "a file path (a string)",
     "text": "a string",
     "switch": "true or false",
+    "servers": 'a server, "ID=HOST:PORT", or a list of them',
 }
 
 
@@ -70,7 +72,7 @@ class OptionLike(Protocol):
     def kind(self) -> str: ...
     @property
     def many(self) -> bool: ...
-    def parse(self, text: str, default: object) -> object: ...
+    def parse(self, text: str | list[str], default: object) -> object: ...
 
 
 def key_of(option: OptionLike) -> str:
@@ -169,6 +171,14 @@ def _parse(option: OptionLike, value: object, default: object, base_dir: Path) -
         if not isinstance(value, bool):
             raise ValueError(f"expected {expected}")
         return value
+    if kind == "servers":  # a gateway's: one string per server, as --server takes each
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise ValueError("an empty list: give at least one")
+        texts = [each for each in values if isinstance(each, str)]
+        if len(texts) != len(values):
+            raise ValueError(f"expected {expected}")
+        return option.parse(texts, default)
     if isinstance(value, list) and option.many:  # listen = ["[::]:2598", "127.0.0.1:2598"]
         return _parse_many(option, value, default, base_dir)
     if isinstance(value, bool | dict | list):
@@ -258,7 +268,7 @@ def render(
 
 def format_value(kind: str, value: object) -> str | None:
     """``value`` of an option of ``kind`` as TOML, None for an unset one."""
-    if value is None:
+    if value is None or value == ():  # unset, or a gateway without servers
         return None
     if isinstance(value, bool):
         return "true" if value else "false"

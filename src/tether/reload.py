@@ -17,7 +17,12 @@ What applies live (docs/operations.md, "Reload"):
   TLS certificate and key (re-read even when their paths did not change: a renewed
   certificate), the client CA, the log level and format;
 - client: the same session settings, the server, fallback and connect timeout for new
-  sessions, every trust setting and the token (re-read), the hooks, the log level and format.
+  sessions, every trust setting and the token (re-read), the hooks, the log level and format;
+- gateway: the server list (an added server is health-checked and takes new sessions once
+  healthy; a removed one takes none, but the resumes its id names still go to it until a
+  restart; a moved one is reached at its new address by new links), the health interval,
+  connect and handshake timeouts, the routing key, the trust in the servers and the
+  gateway's own certificate (re-read), the log level and format.
 """
 
 from __future__ import annotations
@@ -31,15 +36,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import sdnotify
-from .config import ClientConfig, GatewayConfig, ServerConfig
+from .config import ClientConfig, GatewayConfig, RoutedServer, ServerConfig
 from .configfile import OptionLike, format_value, key_of
 from .errors import TetherError
 
 if TYPE_CHECKING:
     from .aio.client import TetherClient
+    from .aio.gateway import TetherGateway
     from .aio.server import TetherServer
 
-__all__ = ["RESTART_KEYS", "Reloader", "Settings", "apply_client", "apply_server"]
+__all__ = [
+    "RESTART_KEYS",
+    "Reloader",
+    "Settings",
+    "apply_client",
+    "apply_server",
+    "server_list_changes",
+]
 
 logger = logging.getLogger("tether.reload")
 
@@ -59,20 +72,21 @@ RESTART_KEYS = frozenset(name.replace("_", "-") for name in _RESTART_FIELDS)
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What a server or client runs with: its config and its logging."""
+    """What a server, client or gateway runs with: its config and its logging."""
 
-    config: ServerConfig | ClientConfig | GatewayConfig  # a gateway does not reload yet
+    config: ServerConfig | ClientConfig | GatewayConfig
     log_level: str = "info"
     log_format: str = "text"
     file: Path | None = None  # the --config file, if any
 
 
 class Reloader:
-    """The SIGHUP handler of one running server or client (call it from the event loop)."""
+    """The SIGHUP handler of one running server, client or gateway (call it from the event
+    loop)."""
 
     def __init__(
         self,
-        runner: TetherServer | TetherClient,
+        runner: TetherServer | TetherClient | TetherGateway,
         settings: Settings,
         reread: Callable[[], Settings],
         options: Sequence[OptionLike],
@@ -106,27 +120,42 @@ class Reloader:
         restart = [key for key, _, _ in changed if key in RESTART_KEYS]
         try:
             # What needs a restart stays as it is, the rest applies.
+            fields = {field.name for field in dataclasses.fields(old.config)}
             config = dataclasses.replace(
-                new.config, **{name: getattr(old.config, name) for name in _RESTART_FIELDS}
+                new.config,
+                **{name: getattr(old.config, name) for name in _RESTART_FIELDS if name in fields},
             )
             runner = self.runner
             if isinstance(config, ServerConfig):
                 assert runner.role == "server"
                 apply_server(runner, config)  # type: ignore[arg-type]
-            else:
+            elif isinstance(config, ClientConfig):
                 assert runner.role == "client"
                 apply_client(runner, config)  # type: ignore[arg-type]
+            else:
+                assert runner.role == "gateway"
+                runner.reconfigure(config)  # type: ignore[union-attr]
         except (ValueError, OSError, TetherError) as exc:
             logger.error("reload of %s failed, keeping the settings in use: %s", old.file, exc)
             return False
         self.settings = dataclasses.replace(new, config=config)
         if (new.log_level, new.log_format) != (old.log_level, old.log_format):
             self.set_logging(new.log_level, new.log_format)
-        live = [f"{key} {was} -> {now}" for key, was, now in changed if key not in RESTART_KEYS]
+        live = [
+            f"{key} {was} -> {now}"
+            for key, was, now in changed
+            if key not in RESTART_KEYS
+            and not (key == "server" and isinstance(config, GatewayConfig))
+        ]
+        parts = ["changed " + ", ".join(live)] if live else []
+        if isinstance(config, GatewayConfig):  # its servers, by id: what was added, removed
+            assert isinstance(old.config, GatewayConfig)
+            parts[:0] = server_list_changes(old.config.servers, config.servers)
+        whom = "links" if isinstance(config, GatewayConfig) else "sessions"
         logger.info(
             "reloaded %s: %s",
             old.file,
-            ("changed " + ", ".join(live) + " (for new sessions)") if live else "nothing changed",
+            ("; ".join(parts) + f" (for new {whom})") if parts else "nothing changed",
         )
         if restart:
             logger.warning(
@@ -152,6 +181,26 @@ class Reloader:
             if was != now:
                 out.append((key, was, now))
         return out
+
+
+def server_list_changes(old: tuple[RoutedServer, ...], new: tuple[RoutedServer, ...]) -> list[str]:
+    """A gateway's server list changes, for the reload's log line: ``servers added
+    3=10.0.0.13:2598``, ``servers removed 2=10.0.0.12:2598``, ``server 1 moved
+    10.0.0.11:2598 -> 10.0.0.21:2598`` (several servers in one phrase: space separated)."""
+    was = {server.server_id: server for server in old}
+    now = {server.server_id: server for server in new}
+    added = [str(server) for server in new if server.server_id not in was]
+    removed = [str(server) for server in old if server.server_id not in now]
+    out = []
+    if added:
+        out.append("servers added " + " ".join(added))
+    if removed:
+        out.append("servers removed " + " ".join(removed))
+    for server in new:
+        before = was.get(server.server_id)
+        if before is not None and before.address != server.address:
+            out.append(f"server {server.server_id} moved {before.address} -> {server.address}")
+    return out
 
 
 def _plain(text: str | None) -> str:

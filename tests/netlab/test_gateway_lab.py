@@ -20,9 +20,12 @@ streaming the seeded streams both ways and hashing what it receives; each server
 hashes its side. Which server holds a session is read from its id (the first two bytes are the
 server id, docs/protocol.md "Routing") in the client's log, and checked against the servers' own
 logs. N is 300, or ``TETHER_GWLAB_SESSIONS``. Every wait is bounded; the file runs in about a
-minute on a 2-core machine. Figures: docs/deployment.md. The outage case runs through one
-gateway, through two (the first killed, its address moved), and through HAProxy with the
-configuration ``tether gateway --print-haproxy-config`` writes (skipped without ``haproxy``).
+minute and a half on a 2-core machine. Figures: docs/deployment.md. The outage case runs
+through one gateway, through two (the first killed, its address moved), and through HAProxy
+with the configuration ``tether gateway --print-haproxy-config`` writes (skipped without
+``haproxy``). Then a server killed, a server drained, and a server added under live sessions
+(the gateway's config file edited and SIGHUP, or HAProxy's configuration regenerated and
+reloaded).
 """
 
 from __future__ import annotations
@@ -158,11 +161,15 @@ class Site:
     deploy/haproxy/haproxy.cfg), the client; and the application."""
 
     def __init__(self, lab: GatewayLab, tether: list[str], *, seed: int, size: int,
-                 client_timeout: float, front: str = "gateway") -> None:  # fmt: skip
+                 client_timeout: float, front: str = "gateway",
+                 running: tuple[int, ...] = SERVERS, server_args: tuple[str, ...] = ()
+                 ) -> None:  # fmt: skip
         self.lab = lab
+        self.tether = tether
         self.seed = seed
         self.size = size
-        key = lab.log_dir / "routing.key"
+        self.front = front
+        self.key = key = lab.log_dir / "routing.key"
         key.write_text(base64.b64encode(random.randbytes(32)).decode() + "\n")
         key.chmod(0o600)
         common = ["--keepalive", str(KEEPALIVE)]
@@ -172,35 +179,22 @@ class Site:
         client_security: list[str] = ["--plaintext"]
         if front == "haproxy":
             identity, _ = tls.load_or_create_identity(lab.log_dir / "identity")
+            self.identity = identity
             security = ["--tls-cert", str(identity.cert_path), "--tls-key", str(identity.key_path)]
             pin = tls.fingerprint_of_file(identity.cert_path)
             client_security = ["--server-fingerprint", pin, "--known-servers",
                                str(lab.log_dir / "known")]  # fmt: skip
+        self.server_argv = [*security, "--routing-key-file", str(key), "--timeout", "60",
+                            *common, *server_args]  # fmt: skip
         self.backends: dict[int, Backend] = {}
         self.servers: dict[int, Proc] = {}
-        for n, host in lab.servers.items():
-            proc = lab.spawn(
-                host,
-                [PYTHON, str(TRAFFIC), "backend", "--listen", "127.0.0.1:0", "--seed", str(seed),
-                 "--up-bytes", str(size), "--down-bytes", str(size), "--rate", str(RATE),
-                 "--wait-first-byte"],
-                f"backend{n}",
-            )  # fmt: skip
-            _, port = proc.wait_ready()
-            self.backends[n] = Backend(proc, port, seed, size, size)
-            self.servers[n] = lab.spawn(
-                host,
-                [*tether, "server", "--listen", f"{host.address}:{SERVER_PORT}",
-                 "--backend", f"127.0.0.1:{port}", *security, "--server-id", str(n),
-                 "--routing-key-file", str(key), "--timeout", "60", *common],
-                f"server{n}",
-                env=ENV,
-            )  # fmt: skip
-        servers = [f"--server={n}={h.address}:{SERVER_PORT}" for n, h in lab.servers.items()]
+        for n in running:
+            self.start_server(n)
+        self.listed = list(running)  # the servers the gateway (or HAProxy) is given
         self.gateways: list[Proc] = []
         target = lab.gateway.address
         if front == "haproxy":
-            self.gateways.append(self._haproxy(tether, servers, key, identity))
+            self.gateways.append(self._haproxy())
         else:
             # With two gateways both listen on every address and the clients use the moving
             # one, as behind keepalived: held by the first gateway host until it fails.
@@ -208,11 +202,15 @@ class Site:
             if front == "two-gateways":
                 target = lab.vip
                 lab.sh(lab.gateway, "ip", "addr", "add", f"{lab.vip}/32", "dev", "eth0")
+            # The server list in the gateway's config file (what a reload re-reads); the rest
+            # on its command line.
+            self.gateway_file = lab.log_dir / "gateway.toml"
+            self._write_gateway_file()
             for host in hosts:
                 listen = f"{host.address if front == 'gateway' else '0.0.0.0'}:{GATEWAY_PORT}"
                 self.gateways.append(lab.spawn(
                     host,
-                    [*tether, "gateway", "--listen", listen, *servers,
+                    [*tether, "gateway", "--config", str(self.gateway_file), "--listen", listen,
                      "--routing-key-file", str(key), "--server-plaintext", "--plaintext",
                      "--health-interval", str(HEALTH_INTERVAL)],
                     host.role,
@@ -231,21 +229,62 @@ class Site:
         self.entry = f"{entry_host}:{entry_port}"
         self.apps: list[Proc] = []
 
-    def _haproxy(self, tether: list[str], servers: list[str], key: Path,
-                 identity: tls.ServerIdentity) -> Proc:  # fmt: skip
-        """HAProxy on the gateway host with the configuration ``--print-haproxy-config``
-        writes for these servers (the shipped file is that, test_gateway.py checks), with the
-        lab's address, certificate, health interval and a connection limit this host allows."""
-        haproxy = shutil.which("haproxy")
-        if haproxy is None:
-            pytest.skip("needs haproxy (apt-get install haproxy)")
-        lab = self.lab
+    def start_server(self, n: int) -> None:
+        """Server ``n`` on its host, with its own backend."""
+        lab, host = self.lab, self.lab.servers[n]
+        proc = lab.spawn(
+            host,
+            [PYTHON, str(TRAFFIC), "backend", "--listen", "127.0.0.1:0", "--seed", str(self.seed),
+             "--up-bytes", str(self.size), "--down-bytes", str(self.size), "--rate", str(RATE),
+             "--wait-first-byte"],
+            f"backend{n}",
+        )  # fmt: skip
+        _, port = proc.wait_ready()
+        self.backends[n] = Backend(proc, port, self.seed, self.size, self.size)
+        self.servers[n] = lab.spawn(
+            host,
+            [*self.tether, "server", "--listen", f"{host.address}:{SERVER_PORT}",
+             "--backend", f"127.0.0.1:{port}", "--server-id", str(n), *self.server_argv],
+            f"server{n}",
+            env=ENV,
+        )  # fmt: skip
+
+    def _servers(self) -> list[str]:
+        return [f"{n}={self.lab.servers[n].address}:{SERVER_PORT}" for n in self.listed]
+
+    def _write_gateway_file(self) -> None:
+        listed = ", ".join(f'"{server}"' for server in self._servers())
+        self.gateway_file.write_text(f"server = [{listed}]\n")
+
+    def add_server(self, n: int) -> float:
+        """Start server ``n`` and give it to what is in front: the gateway's file edited and
+        SIGHUP, or HAProxy's configuration regenerated and reloaded (master-worker, SIGUSR2:
+        the old worker keeps its connections until they end). When that was asked."""
+        self.start_server(n)
+        self.listed.append(n)
+        if self.front == "haproxy":
+            self._haproxy_config()
+            asked = self.lab.log("HAProxy reload (SIGUSR2)")
+            self.gateway.signal(signal.SIGUSR2)
+            return asked
+        self._write_gateway_file()
+        asked = self.lab.log(f"gateway reload (SIGHUP): server {n} added")
+        for gateway in self.gateways:
+            gateway.signal(signal.SIGHUP)
+        return asked
+
+    def _haproxy_config(self) -> Path:
+        """The configuration ``--print-haproxy-config`` writes for the listed servers (the
+        shipped file is that, test_gateway.py checks), with the lab's address, certificate,
+        health interval and a connection limit this host allows."""
+        lab, identity = self.lab, self.identity
         front = lab.log_dir / "front.pem"
         front.write_bytes(identity.cert_path.read_bytes() + identity.key_path.read_bytes())
         front.chmod(0o600)
         text = subprocess.run(
-            [*tether, "gateway", *servers, "--routing-key-file", str(key),
-             "--server-ca", str(identity.cert_path), "--print-haproxy-config"],
+            [*self.tether, "gateway", *(f"--server={s}" for s in self._servers()),
+             "--routing-key-file", str(self.key), "--server-ca", str(identity.cert_path),
+             "--print-haproxy-config"],
             capture_output=True, text=True, check=True, timeout=30, env={**os.environ, **ENV},
         ).stdout  # fmt: skip
         text = text.replace("bind :443 ", f"bind {lab.gateway.address}:{GATEWAY_PORT} ")
@@ -254,7 +293,18 @@ class Site:
         text = text.replace("maxconn 100000", "maxconn 4096")
         config = lab.log_dir / "haproxy.cfg"
         config.write_text(text)
-        proc = lab.spawn("gateway", [haproxy, "-db", "-f", str(config)], "haproxy", ready=None)
+        return config
+
+    def _haproxy(self) -> Proc:
+        """HAProxy on the gateway host, in master-worker mode (as Debian's unit runs it) so
+        that SIGUSR2 reloads it."""
+        haproxy = shutil.which("haproxy")
+        if haproxy is None:
+            pytest.skip("needs haproxy (apt-get install haproxy)")
+        lab = self.lab
+        config = self._haproxy_config()
+        proc = lab.spawn("gateway", [haproxy, "-W", "-db", "-f", str(config)], "haproxy",
+                         ready=None)  # fmt: skip
         deadline = time.monotonic() + 15
         while not lab.sh("gateway", "ss", "-Hltn", "sport", "=", f":{GATEWAY_PORT}").strip():
             if time.monotonic() > deadline or not proc.running:
@@ -296,6 +346,14 @@ class Site:
 
     def server_log(self, n: int, pattern: re.Pattern[str]) -> list[str]:
         return pattern.findall(self.servers[n].stderr_text())
+
+    def sessions_made(self, n: int, count: int) -> list[str]:
+        """The sessions server ``n`` logged as new, once it logged ``count`` of them (or
+        after 5 s): its log is read by another thread than the client's, and may lag it."""
+        if count:
+            with contextlib.suppress(netns.LabError):  # fewer: the caller's check says so
+                self.servers[n].wait_line(SERVER_NEW.pattern, 5, stream="stderr", skip=count - 1)
+        return self.server_log(n, SERVER_NEW)
 
     def require(self, condition: bool, message: str) -> None:
         if not condition:
@@ -348,9 +406,12 @@ def test_outage_with_address_change(gwlab: GatewayLab, tether: list[str],
     per_server = Counter(server_of(s) for s in sids)
     site.require(set(per_server) == set(SERVERS), f"sessions not spread: {per_server}")
     for n in SERVERS:
-        made = site.server_log(n, SERVER_NEW)
-        site.require(sorted(made) == sorted(s for s in sids if server_of(s) == n),
-                     f"server {n} made other sessions than the ids naming it")  # fmt: skip
+        made = site.sessions_made(n, per_server[n])
+        theirs = [s for s in sids if server_of(s) == n]
+        site.require(sorted(made) == sorted(theirs),
+                     f"server {n} made other sessions than the ids naming it: not at the "
+                     f"client {sorted(set(made) - set(theirs))}, not at the server "
+                     f"{sorted(set(theirs) - set(made))}")  # fmt: skip
     time.sleep(2.0)  # the fault schedule: streams running
     down = gwlab.link_down("client")
     gwlab.roam_client(101)
@@ -457,4 +518,119 @@ def test_server_killed(gwlab: GatewayLab, tether: list[str], record: dict[str, A
         f"unhealthy after "
         f"{unhealthy_after:.2f} s (interval {HEALTH_INTERVAL:g} s); {extra} new sessions on "
         f"{dict(sorted(late_servers.items()))}",
+    )
+
+
+def test_server_drained(gwlab: GatewayLab, tether: list[str], record: dict[str, Any]) -> None:
+    """SIGTERM to server 2 (a drain, with a long ``--drain-timeout``): its live sessions
+    finish intact, the gateway marks it unhealthy within one health interval (a draining
+    server fails the health probe), new sessions go only to servers 1 and 3, no session is
+    lost, and the drained server exits by itself (0) once its last session ended."""
+    size = int(RATE * 8)
+    drain_timeout = 120
+    site = Site(gwlab, tether, seed=1301, size=size, client_timeout=60,
+                server_args=("--drain-timeout", str(drain_timeout)))  # fmt: skip
+    app = site.start_app(SESSIONS, deadline=60)
+    sids = site.established(SESSIONS, 20)
+    per_server = Counter(server_of(s) for s in sids)
+    site.require(set(per_server) == set(SERVERS), f"sessions not spread: {per_server}")
+    time.sleep(2.0)  # streams running
+    victim = 2
+    drained = gwlab.log(f"SIGTERM to server {victim}: drain")
+    site.servers[victim].signal(signal.SIGTERM)
+    site.gateway.wait_line(rf"server {victim} \(.*\): unhealthy", HEALTH_INTERVAL + 3,
+                           stream="stderr")  # fmt: skip
+    unhealthy_after = time.monotonic() - drained
+    site.require(unhealthy_after <= HEALTH_INTERVAL + 0.5,
+                 f"gateway took {unhealthy_after:.2f} s to mark the server unhealthy")  # fmt: skip
+    extra = 30
+    late = site.start_app(extra, deadline=40)
+    new_sids = site.established(SESSIONS + extra, 20)[SESSIONS:]
+    late_servers = Counter(server_of(s) for s in new_sids)
+    site.require(victim not in late_servers and sum(late_servers.values()) == extra,
+                 f"new sessions after the drain went to {dict(late_servers)}")  # fmt: skip
+    code = site.servers[victim].wait(30)  # once its last session ended (the others go on)
+    exited_after = time.monotonic() - drained
+    apps = site.reports(app, SESSIONS, 60)
+    late_apps = site.reports(late, extra, 40)
+    site.require(code == 0, f"the drained server did not exit 0 by itself: {code}")
+    log = site.servers[victim].stderr_text()
+    drained_line = re.search(r"drained: every session ended, after ([0-9.]+)s", log)
+    site.require(drained_line is not None, "the drained server did not log 'drained: ...'")
+    assert drained_line is not None
+    ended = CLIENT_ENDED.findall(site.client.stderr_text())
+    codes = Counter(code for _, code, _ in ended)
+    site.require(set(codes) <= {"NORMAL"}, f"sessions ended other than NORMAL: {dict(codes)}")
+    made = sorted(site.sessions_made(victim, per_server[victim]))
+    site.require(made == sorted(s for s in sids if server_of(s) == victim),
+                 f"server {victim} made sessions after its drain")  # fmt: skip
+    backends = [r for n in SERVERS
+                for r in site.backend_reports(n, per_server[n] + late_servers[n], 15)]  # fmt: skip
+    problems = stream_problems(site, [*apps, *late_apps], backends)
+    site.require(not problems, "; ".join(problems[:10]))
+    record.update(
+        title=f"gateway, {SESSIONS} sessions, server {victim} of 3 drained (SIGTERM)",
+        bytes=sum(a["received"] for a in [*apps, *late_apps])
+        + sum(b["received"] for b in backends),
+        note=f"its {per_server[victim]} sessions finished intact; unhealthy at the gateway "
+        f"after {unhealthy_after:.2f} s (interval {HEALTH_INTERVAL:g} s); {extra} new sessions "
+        f"on {dict(sorted(late_servers.items()))}; it exited 0 by itself "
+        f"{exited_after:.1f} s after the SIGTERM, its last session having ended "
+        f"{float(drained_line.group(1)):.1f} s into the drain (--drain-timeout {drain_timeout} s)",
+    )
+
+
+@pytest.mark.parametrize("front", ["gateway", "haproxy"])
+def test_server_added(gwlab: GatewayLab, tether: list[str], record: dict[str, Any],
+                      front: str) -> None:  # fmt: skip
+    """Servers 1 and 2 carry every session; then server 3 is started and given to what is
+    in front while the sessions stream: the gateway's config file edited and SIGHUP, or
+    HAProxy's configuration regenerated and reloaded (master-worker, SIGUSR2). New sessions
+    then reach server 3; every stream, through the reload too, arrives intact."""
+    size = int(RATE * 8)
+    site = Site(gwlab, tether, seed=1400 + len(front), size=size, client_timeout=60,
+                front=front, running=(1, 2))  # fmt: skip
+    app = site.start_app(SESSIONS, deadline=60)
+    sids = site.established(SESSIONS, 20)
+    per_server = Counter(server_of(s) for s in sids)
+    site.require(set(per_server) == {1, 2}, f"sessions not on servers 1 and 2: {per_server}")
+    time.sleep(1.0)  # streams running
+    added = 3
+    asked = site.add_server(added)
+    if front == "haproxy":
+        site.gateway.wait_line(r"Loading success", 15, stream="stderr", skip=1)
+    else:
+        site.gateway.wait_line(rf"reloaded .*: servers added {added}=", 10, stream="stderr")
+        site.gateway.wait_line(rf"server {added} \(.*\): healthy", HEALTH_INTERVAL + 3,
+                               stream="stderr")  # fmt: skip
+    in_rotation_after = time.monotonic() - asked
+    extra = 30
+    late = site.start_app(extra, deadline=40)
+    new_sids = site.established(SESSIONS + extra, 20)[SESSIONS:]
+    late_servers = Counter(server_of(s) for s in new_sids)
+    site.require(added in late_servers, f"no new session reached server {added}: {late_servers}")
+    if front == "gateway":  # the fewest links: every one of them, until it holds as many
+        site.require(late_servers == {added: extra}, f"new sessions on {late_servers}")
+    for n in SERVERS:
+        made = site.sessions_made(n, per_server[n] + late_servers[n])
+        site.require(sorted(made) == sorted(s for s in [*sids, *new_sids] if server_of(s) == n),
+                     f"server {n} made other sessions than the ids naming it")  # fmt: skip
+    apps = site.reports(app, SESSIONS, 60)
+    late_apps = site.reports(late, extra, 40)
+    resumed = CLIENT_RESUMED.findall(site.client.stderr_text())
+    backends = [r for n in SERVERS
+                for r in site.backend_reports(n, per_server[n] + late_servers[n], 15)]  # fmt: skip
+    problems = stream_problems(site, [*apps, *late_apps], backends)
+    site.require(not problems, "; ".join(problems[:10]))
+    what = {
+        "gateway": "gateway config file edited + SIGHUP",
+        "haproxy": "HAProxy config regenerated + reload (master-worker, SIGUSR2)",
+    }[front]
+    record.update(
+        title=f"{front}: server 3 added to 1 and 2 under {SESSIONS} live sessions, {what}",
+        bytes=sum(a["received"] for a in [*apps, *late_apps])
+        + sum(b["received"] for b in backends),
+        note=f"live sessions {dict(sorted(per_server.items()))}, all intact, "
+        f"{len(resumed)} resumed; in rotation {in_rotation_after:.2f} s after the reload was "
+        f"asked; {extra} new sessions on {dict(sorted(late_servers.items()))}",
     )

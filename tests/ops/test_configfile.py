@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tether import cli, configfile
-from tether.config import Address, ClientConfig
+from tether.config import Address, ClientConfig, GatewayConfig, RoutedServer
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "deploy" / "examples"
@@ -25,7 +25,7 @@ def _load(path: Path, role: str) -> configfile.FileSettings:
     )
 
 
-@pytest.mark.parametrize("role", ["server", "client"])
+@pytest.mark.parametrize("role", ["server", "client", "gateway"])
 def test_every_option_has_a_key_and_the_rendered_settings_read_back(
     role: str, tmp_path: Path
 ) -> None:
@@ -35,7 +35,8 @@ def test_every_option_has_a_key_and_the_rendered_settings_read_back(
     assert all(key == o.flag[2:] for key, o in zip(keys, options, strict=True))
     # Settings that differ from every default, through the command line...
     argv = [role]
-    contradicting = {"plaintext", "tls_ca", "require_reliability"}  # with TLS, pin, fallback
+    # With TLS, a pin, a fallback; a gateway's CA with its pin.
+    contradicting = {"plaintext", "tls_ca", "require_reliability", "server_ca"}
     for option in options:
         if option.dest in contradicting:
             continue
@@ -45,6 +46,7 @@ def test_every_option_has_a_key_and_the_rendered_settings_read_back(
             "duration": "7s",
             "size": "128K",
             "count": "7",
+            "servers": "3=127.0.0.1:4323",
             "file": str(tmp_path / option.dest),
             "text": "sha256:" + "ab" * 32 if option.dest == "server_fingerprint" else "true",
         }.get(option.kind)
@@ -62,7 +64,10 @@ def test_every_option_has_a_key_and_the_rendered_settings_read_back(
     assert set(keys) <= rendered_keys
 
 
-@pytest.mark.parametrize(("name", "role"), [("server.toml", "server"), ("client.toml", "client")])
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [("server.toml", "server"), ("client.toml", "client"), ("gateway.toml", "gateway")],
+)
 def test_the_shipped_examples_parse_and_check(
     name: str, role: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -74,6 +79,14 @@ def test_the_shipped_examples_parse_and_check(
     if role == "client":
         assert settings.config.server == Address("tether.example.net", 2598)
         assert 'server = "tether.example.net:2598"' in out
+    elif role == "gateway":
+        assert settings.config.servers == (
+            RoutedServer(1, Address("10.0.0.11", 2598)),
+            RoutedServer(2, Address("10.0.0.12", 2598)),
+        )
+        assert 'server = ["1=10.0.0.11:2598", "2=10.0.0.12:2598"]' in out
+        assert cli.main(["check-config", "--gateway", str(EXAMPLES / name)]) == 0
+        assert capsys.readouterr().out == out
     else:
         assert settings.config.backend == Address("127.0.0.1", 1494)
 
@@ -164,3 +177,37 @@ def test_check_config_guesses_the_role_and_notes_what_is_missing(
     err = capsys.readouterr().err
     assert err.startswith(f"tether: error: {path}: on-end = ")
     assert "not a command line (No closing quotation)" in err
+
+
+GATEWAY_ERRORS = {
+    "bad id": ('server = ["0=h:1"]\n', 'server = ["0=h:1"]: 0=h:1: server id must be within 1-'),
+    "not a string": ("server = [1]\n", 'server = [1]: expected a server, "ID=HOST:PORT", or a'),
+    "empty": ("server = []\n", "server = []: an empty list: give at least one"),
+    "twice": ('server = ["1=h:1", "1=g:1"]\n', 'server = ["1=h:1", "1=g:1"]: two servers have'),
+}
+
+
+@pytest.mark.parametrize("case", GATEWAY_ERRORS)
+def test_a_gateway_s_servers_in_its_file(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``server`` is a list of "ID=HOST:PORT" strings (or one string); each mistake is one
+    line naming the file and the key."""
+    path = tmp_path / "gateway.toml"
+    path.write_text('server = ["1=10.0.0.11", "7=[fd00::2]:2600"]\nserver-plaintext = true\n')
+    config = _load(path, "gateway").config
+    assert config == GatewayConfig(
+        servers=(
+            RoutedServer(1, Address("10.0.0.11", 2598)),
+            RoutedServer(7, Address("fd00::2", 2600)),
+        ),
+        server_plaintext=True,
+    )
+    path.write_text('server = "h"\n')  # one string, its id its position
+    assert _load(path, "gateway").config.servers == (RoutedServer(1, Address("h", 2598)),)
+    text, expected = GATEWAY_ERRORS[case]
+    path.write_text(text + "server-plaintext = true\n")
+    assert cli.main(["check-config", str(path)]) == 2  # a list of servers: a gateway's file
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"tether: error: {path}: {expected}"), err

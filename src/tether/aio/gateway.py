@@ -13,11 +13,16 @@ client hello offering version 0, and a server hello back; a draining server answ
 version 0: docs/protocol.md, "Health probe"), not only a TCP connect; a server that fails is
 given no new sessions until it passes again. Links to the servers are TLS, verified by
 a CA or a pinned fingerprint, or in clear text on an internal network.
+
+A reload (:meth:`TetherGateway.reconfigure`, on SIGHUP through tether/reload.py) changes
+the server list and everything else but the listening address and its clear text, for new
+links: links already spliced are never touched (docs/operations.md, "Reload").
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import ssl
@@ -63,13 +68,18 @@ def read_routing_key(path: Path) -> RoutingKey:
 class _Server:
     """A server behind the gateway, as the gateway sees it."""
 
-    __slots__ = ("address", "healthy", "links", "server_id")
+    __slots__ = ("address", "checks", "healthy", "links", "listed", "server_id")
 
     def __init__(self, server: RoutedServer) -> None:
         self.server_id = server.server_id
-        self.address = server.address
+        self.address = server.address  # for new links (a reload may change it)
         self.healthy = False  # until its first health check passes
         self.links = 0  # links of ours open to it now (in setup or spliced)
+        # In the configured list: it takes new sessions while healthy. A server a reload
+        # removed is not, but the resumes its id names still go to it (nobody else holds
+        # its sessions) until the gateway restarts.
+        self.listed = True
+        self.checks = 0  # the generation of its health-check loop: a new one ends the old
 
     def __str__(self) -> str:
         return f"server {self.server_id} ({self.address})"
@@ -244,25 +254,17 @@ class TetherGateway(Service):
 
     def __init__(self, config: GatewayConfig) -> None:
         super().__init__()
-        if not config.servers:
-            raise ValueError("a gateway needs at least one --server")
-        if config.routing_key_file is None:
-            raise ValueError("a gateway needs the servers' --routing-key-file")
-        if not (config.server_plaintext or config.server_ca or config.server_fingerprint):
-            raise ValueError(
-                "say how to trust the servers: --server-ca, --server-fingerprint or "
-                "--server-plaintext"
-            )
         self.config = config
-        self.key = read_routing_key(config.routing_key_file)
+        self.key = _routing_key(config)
+        # The servers that take new sessions (while healthy), in the configured order; and
+        # every server known since start by id, removed ones too (their resumes).
         self.servers = [_Server(server) for server in config.servers]
         self._by_id = {server.server_id: server for server in self.servers}
         self.fingerprint: str | None = None  # of the gateway's own certificate
         self._server_tls: ssl.SSLContext | None = None
-        self._pin = (
-            tls.parse_fingerprint(config.server_fingerprint) if config.server_fingerprint else None
-        )
+        self._pin = _pin(config)
         self._health: list[asyncio.Task[None]] = []
+        self._checking: dict[int, asyncio.Task[None]] = {}  # each server's check loop
         self._running = True  # until shutdown
         self._links: set[asyncio.Transport] = set()  # clients' links, once routed
         self._listening: LinkListener | None = None
@@ -280,13 +282,7 @@ class TetherGateway(Service):
 
     async def start(self) -> None:
         config = self.config
-        if not config.server_plaintext:
-            self._server_tls = tls.client_context(ca=config.server_ca)
-        else:  # CONTRIBUTING.md S1: clear text only when asked, and said
-            logger.warning(
-                "links to the servers are in clear text (--server-plaintext): anyone on that "
-                "network can read and change every session; use it only on an internal network"
-            )
+        self._server_tls = _server_context(config)
         # The first round of health checks before READY: new sessions find a server.
         await asyncio.gather(*(self._check_once(server) for server in self.servers))
         # The server's listener: the first byte decides TLS or clear text (a clear-text
@@ -309,7 +305,8 @@ class TetherGateway(Service):
         self.addresses = listener.addresses
         self._listening = listener
         self._accepting = self.spawn(listener.serve())
-        self._health = [self.spawn(self._check_forever(server)) for server in self.servers]
+        for server in self.servers:
+            self._watch(server, now=False)
         self._health.append(self.spawn(self._summarise()))
         logger.info(
             "gateway listening on %s; %s; servers %s (%s)",
@@ -332,7 +329,7 @@ class TetherGateway(Service):
         """Stop checking and drop every routed link: the sessions live on in their
         servers, and their clients resume through any gateway."""
         self._running = False
-        for task in self._health:
+        for task in [*self._health, *self._checking.values()]:
             task.cancel()
         for link in list(self._links):
             link.abort()
@@ -354,15 +351,56 @@ class TetherGateway(Service):
                 config.listen,
             )
             return None
-        if config.tls_cert is not None and config.tls_key is not None:
-            identity = tls.load_identity(config.tls_cert, config.tls_key)
-        else:
-            state = config.state_dir or tls.default_state_dir()
-            identity, created = tls.load_or_create_identity(state)
-            if created:
-                logger.info("created this gateway's TLS key and certificate in %s", state)
-        self.fingerprint = identity.fingerprint
-        return tls.server_context(identity)
+        context, self.fingerprint = _identity(config)
+        return context
+
+    # -- reload ---------------------------------------------------------------------------
+
+    def reconfigure(self, config: GatewayConfig) -> None:
+        """Make ``config`` the gateway's for new links (a reload: tether/reload.py).
+
+        Everything that can fail (the routing key, the gateway's certificate, the servers'
+        CA) is read first, and a failure changes nothing (ValueError, OSError or
+        TetherError). ``listen`` and ``plaintext`` stay as the gateway started: only a
+        restart changes them. Links already spliced are never touched. The server list:
+        an added server is checked at once and takes new sessions once healthy; a removed
+        one takes no new sessions, but the resumes its id names still go to it until the
+        gateway restarts; a server whose address changed is checked again there, and new
+        links (resumes too) go to the new address.
+        """
+        old = self.config
+        config = dataclasses.replace(config, listen=old.listen, plaintext=old.plaintext)
+        key = _routing_key(config)
+        server_tls = _server_context(config)
+        pin = _pin(config)
+        context, fingerprint = (None, None) if old.plaintext else _identity(config)
+        # From here on nothing fails.
+        self.config = config
+        self.key = key
+        self._server_tls, self._pin = server_tls, pin
+        if self._listening is not None:
+            self._listening.reconfigure(context, config.handshake_timeout)
+        if fingerprint != self.fingerprint:
+            logger.info("TLS certificate for new links: %s (was %s)", fingerprint, self.fingerprint)
+            self.fingerprint = fingerprint
+        self._reconfigure_servers(config.servers)
+
+    def _reconfigure_servers(self, servers: tuple[RoutedServer, ...]) -> None:
+        wanted = {routed.server_id for routed in servers}
+        for server in self.servers:
+            if server.server_id not in wanted:  # removed: no new sessions, resumes still go
+                server.listed = False
+                self._unwatch(server)
+        for routed in servers:
+            known = self._by_id.get(routed.server_id)
+            if known is None:
+                known = self._by_id[routed.server_id] = _Server(routed)
+            elif known.listed and known.address == routed.address:
+                continue  # as it was: its checks go on
+            else:  # back in the list, or moved: unchecked until a check there passes
+                known.address, known.listed, known.healthy = routed.address, True, False
+            self._watch(known, now=True)
+        self.servers = [self._by_id[routed.server_id] for routed in servers]
 
     # -- routing --------------------------------------------------------------------------
 
@@ -463,16 +501,33 @@ class TetherGateway(Service):
 
     # -- health ---------------------------------------------------------------------------
 
-    async def _check_forever(self, server: _Server) -> None:
-        """Until the gateway stops: one check per interval. Bounded by the flag as well as
-        by the cancellation, which Python 3.11's wait_for can swallow when the check ends
-        at the same moment (gh-86296): the loop would then go on, and the TaskGroup wait."""
-        while self._running:
-            await asyncio.sleep(self.config.health_interval)
-            if self._running:
-                await self._check_once(server)
+    def _watch(self, server: _Server, *, now: bool) -> None:
+        """Start ``server``'s check loop (ending the one it had), the first check ``now``
+        or after one interval."""
+        self._unwatch(server)
+        self._checking[server.server_id] = self.spawn(
+            self._check_forever(server, server.checks, now=now)
+        )
 
-    async def _check_once(self, server: _Server) -> None:
+    def _unwatch(self, server: _Server) -> None:
+        server.checks += 1  # the old loop, and a check it has in flight, are void
+        task = self._checking.pop(server.server_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def _check_forever(self, server: _Server, generation: int, *, now: bool) -> None:
+        """Until the gateway stops or the server's checks are restarted or ended: one check
+        per interval (the interval in use at each turn). Bounded by the flags as well as by
+        the cancellation, which Python 3.11's wait_for can swallow when the check ends at
+        the same moment (gh-86296): the loop would then go on, and the TaskGroup wait."""
+        while self._running and server.checks == generation:
+            if not now:
+                await asyncio.sleep(self.config.health_interval)
+            now = False
+            if self._running and server.checks == generation:
+                await self._check_once(server, generation)
+
+    async def _check_once(self, server: _Server, generation: int | None = None) -> None:
         why = "no tether server hello, or draining"
         ok = False
         try:
@@ -482,7 +537,8 @@ class TetherGateway(Service):
         except Exception as exc:  # a bug must cost this check only, never the gateway
             logger.exception("health check of %s failed", server)
             why = describe(exc)
-        self._set_health(server, ok, why)
+        if generation is None or server.checks == generation:  # not of an older address
+            self._set_health(server, ok, why)
 
     async def _hello(self, server: _Server) -> bool:
         probe = _HealthProbe()
@@ -504,8 +560,52 @@ class TetherGateway(Service):
         server.healthy = ok
 
     def snapshot(self) -> dict[int, tuple[bool, int]]:
-        """Each server's health and open links: for tests and status pages."""
+        """Each listed server's health and open links: for tests and status pages."""
         return {s.server_id: (s.healthy, s.links) for s in self.servers}
+
+
+def _routing_key(config: GatewayConfig) -> RoutingKey:
+    """The routing key ``config`` names, its servers and trust checked first (at start and
+    on a reload: a gateway always has all three)."""
+    if not config.servers:
+        raise ValueError("a gateway needs at least one --server")
+    if config.routing_key_file is None:
+        raise ValueError("a gateway needs the servers' --routing-key-file")
+    if not (config.server_plaintext or config.server_ca or config.server_fingerprint):
+        raise ValueError(
+            "say how to trust the servers: --server-ca, --server-fingerprint or --server-plaintext"
+        )
+    return read_routing_key(config.routing_key_file)
+
+
+def _pin(config: GatewayConfig) -> str | None:
+    fingerprint = config.server_fingerprint
+    return tls.parse_fingerprint(fingerprint) if fingerprint else None
+
+
+def _server_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    """The TLS of links to the servers (None: clear text, which it says)."""
+    if not config.server_plaintext:
+        return tls.client_context(ca=config.server_ca)
+    # CONTRIBUTING.md S1: clear text only when asked, and said (at start and on a reload).
+    logger.warning(
+        "links to the servers are in clear text (--server-plaintext): anyone on that "
+        "network can read and change every session; use it only on an internal network"
+    )
+    return None
+
+
+def _identity(config: GatewayConfig) -> tuple[ssl.SSLContext, str]:
+    """The clients' TLS and its certificate's fingerprint: the configured certificate, or
+    the one made (once) in the state directory. Read again on every call (a reload)."""
+    if config.tls_cert is not None and config.tls_key is not None:
+        identity = tls.load_identity(config.tls_cert, config.tls_key)
+    else:
+        state = config.state_dir or tls.default_state_dir()
+        identity, created = tls.load_or_create_identity(state)
+        if created:
+            logger.info("created this gateway's TLS key and certificate in %s", state)
+    return tls.server_context(identity), identity.fingerprint
 
 
 # deploy/haproxy/haproxy.cfg is this, for the servers in its header (a test keeps them equal).
