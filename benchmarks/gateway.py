@@ -50,7 +50,7 @@ from benchmarks.procs import (
     tether_command,
     wait_listening,
 )
-from benchmarks.scale import _slope, command, cpu_seconds, rss_kib, session_limit, swarm
+from benchmarks.scale import TICK, _slope, command, cpu_seconds, rss_kib, session_limit, swarm
 from tether import tls
 
 __all__ = ["PARTS", "haproxy_config", "run_b6"]
@@ -146,6 +146,17 @@ def haproxy_config(
     return path
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, every core (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    return (total - fields[3] - fields[4]) / TICK, total / TICK
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def haproxy_version(haproxy: str) -> str:
     try:
         out = subprocess.run([haproxy, "-v"], capture_output=True, text=True, timeout=10)
@@ -224,7 +235,8 @@ def _paths(
         }
         for repeat in range(scale.repeats):
             for name, entry in entries.items():
-                progress(f"B6 path {name} repeat {repeat}")
+                progress(f"B6 path {name} repeat {repeat} (load average {loadavg():.2f})")
+                load1 = loadavg()
                 bulk = json.loads(
                     run_tool(
                         endpoint("bulk", "--connect", entry, "--down", str(size), "--verify", "1"),
@@ -251,6 +263,7 @@ def _paths(
                         "n": len(rtts),
                         "p50_us": percentile(rtts, 50),
                         "p99_us": percentile(rtts, 99),
+                        "loadavg": load1,
                     }
                 )
 
@@ -295,12 +308,19 @@ def _idle(
             for role, ps in pids.items():
                 row[f"{role}_rss_kib"] = sum(rss_kib(p) for p in ps)
             before = {role: sum(cpu_seconds(p) for p in ps) for role, ps in pids.items()}
+            busy0, _ = machine_busy()
             t0 = time.monotonic()
             time.sleep(scale.gateway_idle_seconds)
             elapsed = time.monotonic() - t0
+            ours = 0.0
             for role, ps in pids.items():
                 used = sum(cpu_seconds(p) for p in ps) - before[role]
                 row[f"{role}_cpu_pct"] = 100 * used / elapsed
+                ours += used
+            # Everything else the machine did meanwhile (other jobs, the load generator,
+            # the backend), in cores: how loaded the shared machine was.
+            row["others_cores"] = (machine_busy()[0] - busy0 - ours) / elapsed
+            row["loadavg"] = loadavg()
             row["idle_seconds"] = elapsed
             rtt = command(load, f"rtt {rtt_count}", 120)
             row.update(rtt_p50_us=float(rtt[1]), rtt_p99_us=float(rtt[2]), rtt_n=int(rtt[3]))

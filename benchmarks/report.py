@@ -560,6 +560,13 @@ def b6_paths(page: Page, runs: list[dict[str, Any]], cfg: dict[str, Any]) -> Non
          "p99 median", "min", "max", "added p99"],
         rows,
     )  # fmt: skip
+    loads = [r["loadavg"] for r in runs if "loadavg" in r]
+    if loads:
+        page.add(
+            f"The 1-minute load average before each run was {fmt(min(loads))}-"
+            f"{fmt(max(loads))} (median {fmt(percentile(loads, 50))}).",
+            "",
+        )
     if "gateway" not in paths or "haproxy" not in paths:
         return
     mib = _per_repeat(runs, "mib_s")
@@ -597,7 +604,10 @@ def b6_idle(page: Page, b: dict[str, Any]) -> None:
         f"session); then {cfg['idle_rtt_count']} round trips of 64 bytes on one more session "
         "while the others sit idle (through the load generator's event loop, so compare the "
         "rows with each other, not with the figures above). *servers* sums both servers. "
-        "KiB per session is the least-squares slope of RSS against sessions over the rows.",
+        "KiB per session is the least-squares slope of RSS against sessions over the rows. "
+        "*Other work* is the CPU the whole machine spent during the CPU window beyond the "
+        "tether processes (the load generator, the backend, and other jobs on this shared "
+        "machine), in cores of its 2; *load average* is the 1-minute figure after it.",
         "",
     )
     for part, title in (
@@ -611,12 +621,14 @@ def b6_idle(page: Page, b: dict[str, Any]) -> None:
         page.add(f"#### {title}", "")
         page.table(
             ["idle sessions", "gateway RSS MiB", "gateway CPU % of a core", "servers RSS MiB",
-             "servers CPU %", "client RSS MiB", "client CPU %", "round trip p50 us", "p99 us"],
+             "servers CPU %", "client RSS MiB", "client CPU %", "round trip p50 us", "p99 us",
+             "other work, cores", "load average"],
             [
                 [str(r["sessions"]), fmt(r["gateway_rss_kib"] / 1024, 0),
                  fmt(r["gateway_cpu_pct"], 1), fmt(r["server_rss_kib"] / 1024, 0),
                  fmt(r["server_cpu_pct"], 1), fmt(r["client_rss_kib"] / 1024, 0),
-                 fmt(r["client_cpu_pct"], 1), fmt(r["rtt_p50_us"], 0), fmt(r["rtt_p99_us"], 0)]
+                 fmt(r["client_cpu_pct"], 1), fmt(r["rtt_p50_us"], 0), fmt(r["rtt_p99_us"], 0),
+                 fmt(r.get("others_cores"), 2), fmt(r.get("loadavg"), 2)]
                 for r in rows
             ],
         )  # fmt: skip
