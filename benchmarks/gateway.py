@@ -19,8 +19,9 @@ of a run shares the machine's cores.
   and 2, one routing key) and an echo backend, opened in steps up to each count in
   ``gateway_sessions``. At the start and after each step: the RSS of every tether process,
   their CPU (utime + stime from /proc) over ``gateway_idle_seconds`` with the default
-  keepalive, and 64-byte round trips on one more session while the others sit idle; at the
-  end a probe through every session. ``idle-tls`` has TLS on both hops (as deployed);
+  keepalive, and 64-byte round trips on one more session while the others sit idle (and
+  straight to the echo backend just before, the reference); at the end a probe through
+  every session. ``idle-tls`` has TLS on both hops (as deployed);
   ``idle-plaintext`` clear text on both (``--plaintext``, ``--server-plaintext``), as B4
   measures a server without a gateway.
 """
@@ -57,7 +58,7 @@ __all__ = ["PARTS", "haproxy_config", "run_b6"]
 
 PARTS = ("path", "idle-tls", "idle-plaintext")
 IDLE_SERVERS = 2  # servers behind the gateway in the idle parts
-IDLE_RTT_COUNT = 2000  # round trips per step in the idle parts (at most)
+IDLE_RTT_COUNT = 5000  # round trips per step in the idle parts (at most)
 SETTLE_SECONDS = 3.0  # after opening sessions, before reading RSS and CPU
 
 
@@ -322,8 +323,12 @@ def _idle(
             row["others_cores"] = (machine_busy()[0] - busy0 - ours) / elapsed
             row["loadavg"] = loadavg()
             row["idle_seconds"] = elapsed
-            rtt = command(load, f"rtt {rtt_count}", 120)
+            # Straight to the echo backend, then through the chain, back to back: the
+            # chain's added latency is the difference (as B2's, over direct).
+            ref = command(load, f"rtt {rtt_count} {backend}", 120)
+            rtt = command(load, f"rtt {rtt_count}", 300)
             row.update(rtt_p50_us=float(rtt[1]), rtt_p99_us=float(rtt[2]), rtt_n=int(rtt[3]))
+            row.update(direct_p50_us=float(ref[1]), direct_p99_us=float(ref[2]))
             result.runs.append(row)
         probe = float(command(load, "probe", 120)[1])
     mine = [r for r in result.runs if r["part"] == part]

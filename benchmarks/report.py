@@ -601,9 +601,11 @@ def b6_idle(page: Page, b: dict[str, Any]) -> None:
         "in steps; after each step (and before the first) the processes settle for "
         f"{cfg.get('settle_seconds', 3):g} s, then RSS is read and CPU (user + system) is "
         f"measured over {cfg['idle_seconds']:g} s with the default keepalive (a PING every 3 s per "
-        f"session); then {cfg['idle_rtt_count']} round trips of 64 bytes on one more session "
-        "while the others sit idle (through the load generator's event loop, so compare the "
-        "rows with each other, not with the figures above). *servers* sums both servers. "
+        f"session); then {cfg['idle_rtt_count']} round trips of 64 bytes straight to the echo "
+        "backend and as many through the chain on one more session, while the others sit "
+        "idle; *added* is the second's minus the first's. Both are timed in the load "
+        "generator's event loop, so compare them with each other, not with the one-session "
+        "figures above. *servers* sums both servers. "
         "KiB per session is the least-squares slope of RSS against sessions over the rows. "
         "*Other work* is the CPU the whole machine spent during the CPU window beyond the "
         "tether processes (the load generator, the backend, and other jobs on this shared "
@@ -621,14 +623,25 @@ def b6_idle(page: Page, b: dict[str, Any]) -> None:
         page.add(f"#### {title}", "")
         page.table(
             ["idle sessions", "gateway RSS MiB", "gateway CPU % of a core", "servers RSS MiB",
-             "servers CPU %", "client RSS MiB", "client CPU %", "round trip p50 us", "p99 us",
-             "other work, cores", "load average"],
+             "servers CPU %", "client RSS MiB", "client CPU %", "other work, cores",
+             "load average"],
             [
                 [str(r["sessions"]), fmt(r["gateway_rss_kib"] / 1024, 0),
                  fmt(r["gateway_cpu_pct"], 1), fmt(r["server_rss_kib"] / 1024, 0),
                  fmt(r["server_cpu_pct"], 1), fmt(r["client_rss_kib"] / 1024, 0),
-                 fmt(r["client_cpu_pct"], 1), fmt(r["rtt_p50_us"], 0), fmt(r["rtt_p99_us"], 0),
-                 fmt(r.get("others_cores"), 2), fmt(r.get("loadavg"), 2)]
+                 fmt(r["client_cpu_pct"], 1), fmt(r.get("others_cores"), 2),
+                 fmt(r.get("loadavg"), 2)]
+                for r in rows
+            ],
+        )  # fmt: skip
+        page.table(
+            ["idle sessions", "round trip p50 us", "p99 us", "direct to the backend p50",
+             "p99", "added p50", "added p99"],
+            [
+                [str(r["sessions"]), fmt(r["rtt_p50_us"], 0), fmt(r["rtt_p99_us"], 0),
+                 fmt(r.get("direct_p50_us"), 0), fmt(r.get("direct_p99_us"), 0),
+                 fmt(r["rtt_p50_us"] - r["direct_p50_us"], 0) if "direct_p50_us" in r else "-",
+                 fmt(r["rtt_p99_us"] - r["direct_p99_us"], 0) if "direct_p99_us" in r else "-"]
                 for r in rows
             ],
         )  # fmt: skip

@@ -15,9 +15,10 @@ commands, one per stdin line, answering one stdout line each:
                                                            -> STREAM sent received bad
     bulk N          every connection sends N bytes to a sink backend and waits for its
                     one-byte answer                        -> BULK seconds total_bytes
-    rtt K           K 64-byte round trips, one at a time (after 20 warm-up), on one more
-                    connection of its own (opened on first use, kept, not in the others'
-                    count; echo backend)                   -> RTT p50_us p99_us count
+    rtt K [ADDR]    K 64-byte round trips, one at a time (after 20 warm-up), on one more
+                    connection of its own to ``--connect`` or to ADDR (an echo; opened on
+                    first use, kept, not in the others' count)
+                                                           -> RTT p50_us p99_us count
     quit
 
 Each connection keeps the bytes it sent until their echo arrives and compares them, so a
@@ -149,7 +150,7 @@ class Load:
         self.conns: list[Conn] = []
         self.streaming = False
         self.stream_task: asyncio.Task[None] | None = None
-        self.rtt_conn: Conn | None = None
+        self.rtt_conns: dict[tuple[str, int], Conn] = {}
 
     async def open_one(self, sem: asyncio.Semaphore) -> None:
         loop = asyncio.get_running_loop()
@@ -226,13 +227,14 @@ class Load:
         await asyncio.wait_for(asyncio.gather(*(one(c) for c in self.conns)), DEADLINE * 5)
         return f"BULK {time.monotonic() - t0:.4f} {n * len(self.conns)}"
 
-    async def rtt(self, count: int) -> str:
+    async def rtt(self, count: int, addr: tuple[str, int] | None = None) -> str:
         loop = asyncio.get_running_loop()
-        if self.rtt_conn is None or self.rtt_conn.lost:
+        addr = addr or self.addr
+        c = self.rtt_conns.get(addr)
+        if c is None or c.lost:
             conn = Conn(-1)
-            await asyncio.wait_for(loop.create_connection(lambda: conn, *self.addr), DEADLINE)
-            self.rtt_conn = conn
-        c = self.rtt_conn
+            await asyncio.wait_for(loop.create_connection(lambda: conn, *addr), DEADLINE)
+            self.rtt_conns[addr] = c = conn
         msg = bytes(i % 256 for i in range(RTT_SIZE))
         times: list[int] = []
         for i in range(RTT_WARMUP + count):
@@ -272,13 +274,13 @@ async def load(args: argparse.Namespace) -> int:
             elif cmd == "bulk":
                 answer = await lg.bulk(int(line[1]))
             elif cmd == "rtt":
-                answer = await lg.rtt(int(line[1]))
+                answer = await lg.rtt(int(line[1]), parse_addr(line[2]) if len(line) > 2 else None)
             else:
                 answer = f"ERROR unknown command {cmd}"
         except (OSError, TimeoutError, ConnectionError) as exc:
             answer = f"ERROR {exc!r}"
         print(answer, flush=True)
-    for c in [*lg.conns, *([lg.rtt_conn] if lg.rtt_conn else [])]:
+    for c in [*lg.conns, *lg.rtt_conns.values()]:
         c.transport.abort()
     return 0
 

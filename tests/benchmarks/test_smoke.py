@@ -180,6 +180,7 @@ def test_smoke_b6_gateway_against_haproxy(tmp_path: Path) -> None:
             for role in ("gateway", "server", "client"):
                 assert r[f"{role}_rss_kib"] > 0 and r[f"{role}_cpu_pct"] >= 0, (part, r)
             assert r["rtt_n"] == 50 and 0 < r["rtt_p50_us"] <= r["rtt_p99_us"], (part, r)
+            assert 0 < r["direct_p50_us"] <= r["direct_p99_us"], (part, r)
         extra = b6["extra"][part]
         assert extra["sessions"] == 20 and extra["probe_all_s"] > 0
         assert math.isfinite(extra["gateway_kib_per_session"])
