@@ -570,25 +570,29 @@ def b6_paths(page: Page, runs: list[dict[str, Any]], cfg: dict[str, Any]) -> Non
     if "gateway" not in paths or "haproxy" not in paths:
         return
     mib = _per_repeat(runs, "mib_s")
+    both = [v for v in mib.values() if {"gateway", "haproxy", "direct"} <= set(v)]
     rows = [
-        ["bulk throughput", _ratio_text(
-            [v["gateway"] / v["haproxy"] for v in mib.values() if {"gateway", "haproxy"} <= set(v)]
-        )],
-        ["bulk throughput, gateway / direct", _ratio_text(
-            [v["gateway"] / v["direct"] for v in mib.values() if {"gateway", "direct"} <= set(v)]
-        )],
-        ["bulk throughput, HAProxy / direct", _ratio_text(
-            [v["haproxy"] / v["direct"] for v in mib.values() if {"haproxy", "direct"} <= set(v)]
-        )],
-    ]  # fmt: skip
+        [name, _ratio_text(rr), str(len(rr))]
+        for name, rr in (
+            ("bulk throughput", [v["gateway"] / v["haproxy"] for v in both]),
+            ("bulk throughput, gateway / direct", [v["gateway"] / v["direct"] for v in both]),
+            ("bulk throughput, HAProxy / direct", [v["haproxy"] / v["direct"] for v in both]),
+        )
+    ]
     for q in ("p50_us", "p99_us"):
-        rr = []
-        for v in added[q].values():
-            if {"gateway", "haproxy", "direct"} <= set(v) and v["haproxy"] > v["direct"]:
-                rr.append((v["gateway"] - v["direct"]) / (v["haproxy"] - v["direct"]))
-        rows.append([f"added latency {q[:3]}", _ratio_text(rr)])
-    page.add("Gateway against HAProxy in the same place (gateway / HAProxy unless named):", "")
-    page.table(["figure", "per repeat: median (min-max)"], rows)
+        # Only the repeats where HAProxy added something: a ratio to zero or less means nothing.
+        rr = [
+            (v["gateway"] - v["direct"]) / (v["haproxy"] - v["direct"])
+            for v in added[q].values()
+            if {"gateway", "haproxy", "direct"} <= set(v) and v["haproxy"] > v["direct"]
+        ]
+        rows.append([f"added latency {q[:3]}", _ratio_text(rr), str(len(rr))])
+    page.add(
+        "Gateway against HAProxy in the same place (gateway / HAProxy unless named), and the "
+        "repeats each ratio could be taken from:",
+        "",
+    )
+    page.table(["figure", "per repeat: median (min-max)", "repeats"], rows)
 
 
 def b6_idle(page: Page, b: dict[str, Any]) -> None:
