@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m benchmarks                      # everything, full size (about 30-40 min here)
+    python -m benchmarks                      # everything, full size (about 40-50 min here)
     python -m benchmarks --quick              # everything, smaller
     python -m benchmarks --only B1,B2 --peers direct,socat2,tether
     python -m benchmarks --smoke --only B1,B2 --out /tmp/x --no-docs   # the test's run
