@@ -2,10 +2,12 @@
 
 Examples::
 
-    python -m benchmarks                      # everything, full size (about 30-40 min here)
+    python -m benchmarks                      # everything, full size (about 40-50 min here)
     python -m benchmarks --quick              # everything, smaller
     python -m benchmarks --only B1,B2 --peers direct,socat2,tether
     python -m benchmarks --smoke --only B1,B2 --out /tmp/x --no-docs   # the test's run
+    python -m benchmarks --only B6 --repeats 3 --no-docs   # a gateway against HAProxy, scale
+    python -m benchmarks report --only B6     # only the B6 section of docs/benchmarks.md
     TBENCH_BASE_SRC=/other/checkout/src python -m benchmarks --quick --only B4 \
         --b4-phases idle --b4-peers tether-base,tether --b4-rounds 3 --no-docs  # idle A/B
     python -m benchmarks report               # docs/benchmarks.md from results/latest.json
@@ -28,7 +30,7 @@ from benchmarks.common import SCALES, Result, machine_meta
 from benchmarks.peers import DEFAULT_PEERS, PEERS
 from benchmarks.procs import REPO, raise_nofile
 
-ALL = ["B1", "B2", "B3", "B4", "B5"]
+ALL = ["B1", "B2", "B3", "B4", "B5", "B6"]
 
 
 def run_suite(args: argparse.Namespace) -> int:
@@ -95,6 +97,10 @@ def run_one(bench: str, scale: Any, peers: list[Any], logdir: Path, args: Any) -
         from benchmarks.overhead import run_b5
 
         return run_b5(scale, logdir)
+    if bench == "B6":
+        from benchmarks.gateway import run_b6
+
+        return run_b6(scale, logdir, tuple(args.b6_parts.split(",")))
     raise SystemExit(f"unknown benchmark {bench}")
 
 
@@ -150,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     size.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness only")
-    parser.add_argument("--only", help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated subset of {','.join(ALL)}; report --only B6: (re)write only "
+        "B6's section of docs/benchmarks.md from --out, and the analysis after it",
+    )
     parser.add_argument("--peers", help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--cases", default="up,down,both", help="B1 directions")
     parser.add_argument("--repeats", type=int, default=0, help="override the repeat count")
@@ -160,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b4-phases", default="idle,active,storm", help="B4: which phases run")
     parser.add_argument(
         "--b4-rounds", type=int, default=1, help="B4: idle runs per chain, interleaved"
+    )
+    parser.add_argument(
+        "--b6-parts",
+        default="path,idle-tls,idle-plaintext",
+        help="B6: one session direct / through the gateway / through HAProxy (path), and idle "
+        "sessions through one gateway with TLS or in clear text",
     )
     parser.add_argument("--out", default=str(REPO / "results"), help="results directory")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/")
@@ -179,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10000, help="profile idle: sessions")
     args = parser.parse_args(argv)
     if args.what == "report":
-        from benchmarks.report import splice_tls, write_docs
+        from benchmarks.report import splice_b6, splice_tls, write_docs
 
-        if args.tls:
+        if args.only and args.only.strip().upper() == "B6":
+            splice_b6(Path(args.out) / "latest.json", REPO / "docs")
+        elif args.tls:
             splice_tls(Path(args.out) / "latest.json", REPO / "docs")
         else:
             write_docs(Path(args.out) / "latest.json", REPO / "docs")

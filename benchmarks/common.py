@@ -37,6 +37,8 @@ class Scale:
     overhead_bytes: int
     keepalive_sessions: int
     keepalive_seconds: float
+    gateway_sessions: tuple[int, ...]  # B6: idle sessions through one gateway, step by step
+    gateway_idle_seconds: float  # B6: CPU measured over this long at each step
 
 
 SCALES = {
@@ -55,6 +57,8 @@ SCALES = {
         overhead_bytes=256 * MiB,
         keepalive_sessions=100,
         keepalive_seconds=60.0,
+        gateway_sessions=(2000, 5000, 10000),
+        gateway_idle_seconds=30.0,
     ),
     "quick": Scale(
         "quick",
@@ -71,6 +75,8 @@ SCALES = {
         overhead_bytes=64 * MiB,
         keepalive_sessions=20,
         keepalive_seconds=15.0,
+        gateway_sessions=(1000, 2000),
+        gateway_idle_seconds=10.0,
     ),
     "smoke": Scale(
         "smoke",
@@ -87,6 +93,8 @@ SCALES = {
         overhead_bytes=4 * MiB,
         keepalive_sessions=2,
         keepalive_seconds=1.0,
+        gateway_sessions=(10, 20),
+        gateway_idle_seconds=1.0,
     ),
 }
 

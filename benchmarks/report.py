@@ -515,6 +515,175 @@ def b5(page: Page, b: dict[str, Any], img: Path | None) -> None:
         )  # fmt: skip
 
 
+# -- B6 -----------------------------------------------------------------------------------
+
+B6_BEGIN = "<!-- section: B6, `python -m benchmarks report --only B6 --out DIR` -->"
+B6_END = "<!-- end of section: B6 -->"
+PATHS = {
+    "direct": "tether client -> tether server",
+    "gateway": "tether client -> `tether gateway` -> tether server",
+    "haproxy": "tether client -> HAProxy (deploy/haproxy/haproxy.cfg) -> tether server",
+}
+
+
+def _per_repeat(runs: list[dict[str, Any]], key: str) -> dict[int, dict[str, float]]:
+    by: dict[int, dict[str, float]] = {}
+    for r in runs:
+        by.setdefault(r["repeat"], {})[r["path"]] = r[key]
+    return by
+
+
+def b6_paths(page: Page, runs: list[dict[str, Any]], cfg: dict[str, Any]) -> None:
+    page.add(
+        f"### One session through each path, TLS 1.3, {cfg['repeats']} repeat"
+        + ("s" if cfg["repeats"] != 1 else ""),
+        "",
+        f"Bulk: {cfg['bytes'] / 2**20:g} MiB from the backend to the application per run, "
+        f"MiB/s. Round trips: {cfg['count']} of 64 bytes per run, one at a time (after 200 "
+        "warm-up), microseconds. *Added* is the path's figure minus direct's in the same "
+        "repeat. The paths of one repeat ran back to back; each ratio is taken per repeat, "
+        "then the median (min-max) over repeats.",
+        "",
+    )
+    paths = list(dict.fromkeys(r["path"] for r in runs))
+    added = {q: _per_repeat(runs, q) for q in ("p50_us", "p99_us")}
+    rows = []
+    for p in paths:
+        row = [PATHS.get(p, p), *smm([r["mib_s"] for r in runs if r["path"] == p], 0)]
+        for q in ("p50_us", "p99_us"):
+            row += list(smm([r[q] for r in runs if r["path"] == p], 1))
+            plus = [v[p] - v["direct"] for v in added[q].values() if p in v and "direct" in v]
+            row.append(fmt(percentile(plus, 50), 1) if p != "direct" and plus else "")
+        rows.append(row)
+    page.table(
+        ["path", "bulk MiB/s median", "min", "max", "p50 median", "min", "max", "added p50",
+         "p99 median", "min", "max", "added p99"],
+        rows,
+    )  # fmt: skip
+    loads = [r["loadavg"] for r in runs if "loadavg" in r]
+    if loads:
+        page.add(
+            f"The 1-minute load average before each run was {fmt(min(loads))}-"
+            f"{fmt(max(loads))} (median {fmt(percentile(loads, 50))}).",
+            "",
+        )
+    if "gateway" not in paths or "haproxy" not in paths:
+        return
+    mib = _per_repeat(runs, "mib_s")
+    both = [v for v in mib.values() if {"gateway", "haproxy", "direct"} <= set(v)]
+    rows = [
+        [name, _ratio_text(rr), str(len(rr))]
+        for name, rr in (
+            ("bulk throughput", [v["gateway"] / v["haproxy"] for v in both]),
+            ("bulk throughput, gateway / direct", [v["gateway"] / v["direct"] for v in both]),
+            ("bulk throughput, HAProxy / direct", [v["haproxy"] / v["direct"] for v in both]),
+        )
+    ]
+    for q in ("p50_us", "p99_us"):
+        # Only the repeats where HAProxy added something: a ratio to zero or less means nothing.
+        rr = [
+            (v["gateway"] - v["direct"]) / (v["haproxy"] - v["direct"])
+            for v in added[q].values()
+            if {"gateway", "haproxy", "direct"} <= set(v) and v["haproxy"] > v["direct"]
+        ]
+        rows.append([f"added latency {q[:3]}", _ratio_text(rr), str(len(rr))])
+    page.add(
+        "Gateway against HAProxy in the same place (gateway / HAProxy unless named), and the "
+        "repeats each ratio could be taken from:",
+        "",
+    )
+    page.table(["figure", "per repeat: median (min-max)", "repeats"], rows)
+
+
+def b6_idle(page: Page, b: dict[str, Any]) -> None:
+    cfg = b["config"]
+    page.add(
+        "### Idle sessions through one gateway",
+        "",
+        "One load generator opens sessions through one tether client and one `tether gateway` "
+        f"to {cfg['idle_servers']} tether servers (leastconn: half each) and an echo backend, "
+        "in steps; after each step (and before the first) the processes settle for "
+        f"{cfg.get('settle_seconds', 3):g} s, then RSS is read and CPU (user + system) is "
+        f"measured over {cfg['idle_seconds']:g} s with the default keepalive (a PING every 3 s per "
+        f"session); then {cfg['idle_rtt_count']} round trips of 64 bytes straight to the echo "
+        "backend and as many through the chain on one more session, while the others sit "
+        "idle; *added* is the second's minus the first's. Both are timed in the load "
+        "generator's event loop, so compare them with each other, not with the one-session "
+        "figures above. *servers* sums both servers. "
+        "KiB per session is the least-squares slope of RSS against sessions over the rows. "
+        "*Other work* is the CPU the whole machine spent during the CPU window beyond the "
+        "tether processes (the load generator, the backend, and other jobs on this shared "
+        "machine), in cores of its 2; *load average* is the 1-minute figure after it.",
+        "",
+    )
+    for part, title in (
+        ("idle-tls", "TLS 1.3 on both hops (as deployed)"),
+        ("idle-plaintext", "clear text on both hops (`--plaintext`, `--server-plaintext`)"),
+    ):
+        rows = [r for r in b["runs"] if r.get("part") == part]
+        if not rows:
+            continue
+        ex = b.get("extra", {}).get(part, {})
+        page.add(f"#### {title}", "")
+        page.table(
+            ["idle sessions", "gateway RSS MiB", "gateway CPU % of a core", "servers RSS MiB",
+             "servers CPU %", "client RSS MiB", "client CPU %", "other work, cores",
+             "load average"],
+            [
+                [str(r["sessions"]), fmt(r["gateway_rss_kib"] / 1024, 0),
+                 fmt(r["gateway_cpu_pct"], 1), fmt(r["server_rss_kib"] / 1024, 0),
+                 fmt(r["server_cpu_pct"], 1), fmt(r["client_rss_kib"] / 1024, 0),
+                 fmt(r["client_cpu_pct"], 1), fmt(r.get("others_cores"), 2),
+                 fmt(r.get("loadavg"), 2)]
+                for r in rows
+            ],
+        )  # fmt: skip
+        page.table(
+            ["idle sessions", "round trip p50 us", "p99 us", "direct to the backend p50",
+             "p99", "added p50", "added p99"],
+            [
+                [str(r["sessions"]), fmt(r["rtt_p50_us"], 0), fmt(r["rtt_p99_us"], 0),
+                 fmt(r.get("direct_p50_us"), 0), fmt(r.get("direct_p99_us"), 0),
+                 fmt(r["rtt_p50_us"] - r["direct_p50_us"], 0) if "direct_p50_us" in r else "-",
+                 fmt(r["rtt_p99_us"] - r["direct_p99_us"], 0) if "direct_p99_us" in r else "-"]
+                for r in rows
+            ],
+        )  # fmt: skip
+        if ex:
+            page.add(
+                f"Per idle session: gateway {fmt(ex['gateway_kib_per_session'])} KiB (delta "
+                f"{fmt(ex['gateway_kib_per_session_delta'])}), servers "
+                f"{fmt(ex['server_kib_per_session'])} KiB, client "
+                f"{fmt(ex['client_kib_per_session'])} KiB. A probe through all "
+                f"{ex['sessions']} sessions at the end: {fmt(ex['probe_all_s'], 3)} s.",
+                "",
+            )
+
+
+def b6(page: Page, b: dict[str, Any], img: Path | None) -> None:
+    cfg = b["config"]
+    page.add(
+        B6_BEGIN,
+        "",
+        "## B6 a gateway in front",
+        "",
+        "What `tether gateway` costs in front of tether servers, against HAProxy "
+        f"{cfg.get('haproxy', '(not installed)')} with the shipped deploy/haproxy/haproxy.cfg "
+        "in the same place (it ends the client's TLS and speaks TLS to the server, as the "
+        "gateway does), and how many idle sessions one gateway carries. Loopback; every "
+        "process shares the machine's cores. See benchmarks/gateway.py.",
+        "",
+        meta_line(b),
+        "",
+    )
+    skipped_lines(page, b)
+    runs = [r for r in b["runs"] if r.get("part") == "path"]
+    if runs:
+        b6_paths(page, runs, cfg)
+    b6_idle(page, b)
+    page.add(B6_END, "")
+
+
 # -- profile ------------------------------------------------------------------------------
 
 
@@ -572,7 +741,7 @@ def write_docs(results: Path, docs: Path, plots: bool = True) -> Path:
         img.mkdir(parents=True, exist_ok=True)
     page = Page()
     body = Page()
-    render = {"B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5}
+    render = {"B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6}
     for bid in sorted(benches):
         if bid in render:
             render[bid](body, benches[bid], img if plots else None)
@@ -832,6 +1001,36 @@ def splice_tls(results: Path, docs: Path, plots: bool = True) -> Path:
     if marker in text:
         head, _, tail = text.partition(marker)
         text = head.rstrip() + "\n\n" + block + marker + tail
+    else:
+        text = text.rstrip() + "\n\n" + block
+    if ANALYSIS.exists():
+        text = text.rstrip() + "\n\n" + ANALYSIS.read_text().rstrip() + "\n"
+    out.write_text(text)
+    return out
+
+
+def splice_b6(results: Path, docs: Path) -> Path:
+    """Put the B6 section rendered from ``results`` into docs/benchmarks.md in place of the
+    previous one (or after B5, before the TLS section and the profiles), and the analysis
+    again at the end: every other section keeps its figures and its "Made with" line."""
+    data = json.loads(results.read_text())
+    b = data.get("benchmarks", {}).get("B6")
+    if b is None:
+        raise SystemExit(f"{results} holds no B6 results")
+    section = Page()
+    b6(section, b, None)
+    out = docs / "benchmarks.md"
+    text = out.read_text()
+    if B6_BEGIN in text:
+        before, _, rest = text.partition(B6_BEGIN)
+        text = before.rstrip() + "\n\n" + rest.partition(B6_END)[2].lstrip()
+    text = text.partition("\n## Analysis\n")[0].rstrip() + "\n"
+    block = "\n".join(section.lines).rstrip() + "\n\n"
+    for marker in (TLS_BEGIN, "\n## Profile: "):
+        if marker in text:
+            head, _, tail = text.partition(marker)
+            text = head.rstrip() + "\n\n" + block + marker.lstrip("\n") + tail
+            break
     else:
         text = text.rstrip() + "\n\n" + block
     if ANALYSIS.exists():

@@ -1,4 +1,4 @@
-"""Many connections at once, for B4 and B5: a backend and a load generator on uvloop.
+"""Many connections at once, for B4, B5 and B6: a backend and a load generator on uvloop.
 
 ``backend --mode echo`` echoes everything; ``backend --mode sink --expect N`` swallows bytes
 and answers one byte for every N received on a connection. ``load`` opens sessions and takes
@@ -15,6 +15,10 @@ commands, one per stdin line, answering one stdout line each:
                                                            -> STREAM sent received bad
     bulk N          every connection sends N bytes to a sink backend and waits for its
                     one-byte answer                        -> BULK seconds total_bytes
+    rtt K [ADDR]    K 64-byte round trips, one at a time (after 20 warm-up), on one more
+                    connection of its own to ``--connect`` or to ADDR (an echo; opened on
+                    first use, kept, not in the others' count)
+                                                           -> RTT p50_us p99_us count
     quit
 
 Each connection keeps the bytes it sent until their echo arrives and compares them, so a
@@ -33,6 +37,8 @@ import time
 HELLO = b"tether-bench-hi!"  # 16 bytes
 CHUNK = 65536
 DEADLINE = 120.0
+RTT_SIZE = 64
+RTT_WARMUP = 20
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -144,6 +150,7 @@ class Load:
         self.conns: list[Conn] = []
         self.streaming = False
         self.stream_task: asyncio.Task[None] | None = None
+        self.rtt_conns: dict[tuple[str, int], Conn] = {}
 
     async def open_one(self, sem: asyncio.Semaphore) -> None:
         loop = asyncio.get_running_loop()
@@ -220,6 +227,30 @@ class Load:
         await asyncio.wait_for(asyncio.gather(*(one(c) for c in self.conns)), DEADLINE * 5)
         return f"BULK {time.monotonic() - t0:.4f} {n * len(self.conns)}"
 
+    async def rtt(self, count: int, addr: tuple[str, int] | None = None) -> str:
+        loop = asyncio.get_running_loop()
+        addr = addr or self.addr
+        c = self.rtt_conns.get(addr)
+        if c is None or c.lost:
+            conn = Conn(-1)
+            await asyncio.wait_for(loop.create_connection(lambda: conn, *addr), DEADLINE)
+            self.rtt_conns[addr] = c = conn
+        msg = bytes(i % 256 for i in range(RTT_SIZE))
+        times: list[int] = []
+        for i in range(RTT_WARMUP + count):
+            waiter = c.expect(c.received + RTT_SIZE)
+            t0 = time.perf_counter_ns()
+            c.send(msg)
+            await asyncio.wait_for(waiter, DEADLINE)
+            if i >= RTT_WARMUP:
+                times.append(time.perf_counter_ns() - t0)
+        if c.bad:
+            return f"ERROR {c.bad} echoed bytes differ"
+        times.sort()
+        p50 = times[max(0, -(-len(times) * 50 // 100) - 1)] / 1000
+        p99 = times[max(0, -(-len(times) * 99 // 100) - 1)] / 1000
+        return f"RTT {p50:.1f} {p99:.1f} {len(times)}"
+
 
 async def load(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
@@ -242,12 +273,14 @@ async def load(args: argparse.Namespace) -> int:
                 answer = await lg.stream(line[1] == "on", interval)
             elif cmd == "bulk":
                 answer = await lg.bulk(int(line[1]))
+            elif cmd == "rtt":
+                answer = await lg.rtt(int(line[1]), parse_addr(line[2]) if len(line) > 2 else None)
             else:
                 answer = f"ERROR unknown command {cmd}"
         except (OSError, TimeoutError, ConnectionError) as exc:
             answer = f"ERROR {exc!r}"
         print(answer, flush=True)
-    for c in lg.conns:
+    for c in [*lg.conns, *lg.rtt_conns.values()]:
         c.transport.abort()
     return 0
 

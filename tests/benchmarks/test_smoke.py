@@ -2,8 +2,9 @@
 
 Runs ``python -m benchmarks --smoke`` for B1 and B2 with the direct and socat peers, and
 tether (clear text and TLS) when its CLI is installed, then again with the stunnel peer
-when stunnel4 is installed, and checks only that the results are well formed: no timing
-is asserted (issues 4 and 8).
+when stunnel4 is installed, and B6 (a gateway against HAProxy, idle sessions through a
+gateway), with HAProxy when it is installed and once with it hidden, and checks only that
+the results are well formed: no timing is asserted (issues 4, 8 and 11).
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run in a new process group, and stop the whole group if it overruns."""
     proc = subprocess.Popen(
         argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, env=env,
     )  # fmt: skip
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -128,3 +132,84 @@ def test_report_renders_from_smoke_results(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     text = (docs / "benchmarks.md").read_text()
     assert "B1" in text and "| direct" in text
+
+
+def _smoke_b6(tmp_path: Path, parts: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    out = _run(
+        [
+            sys.executable, "-m", "benchmarks", "--smoke", "--only", "B6", "--b6-parts", parts,
+            "--out", str(tmp_path), "--no-docs",
+        ],
+        timeout=100,
+        env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "latest.json").read_text())
+    assert data["meta"]["scale"] == "smoke"
+    b6: dict[str, Any] = data["benchmarks"]["B6"]
+    assert b6["notes"] == [], (b6["notes"], out.stderr)
+    return b6
+
+
+def _check_paths(b6: dict[str, Any], paths: set[str]) -> None:
+    runs = [r for r in b6["runs"] if r["part"] == "path"]
+    assert {r["path"] for r in runs} == paths
+    for r in runs:
+        assert r["n"] == 50 and 0 < r["p50_us"] <= r["p99_us"], r
+        assert r["mib_s"] > 0 and math.isfinite(r["mib_s"]), r
+
+
+@pytest.mark.timeout(120)
+def test_smoke_b6_gateway_against_haproxy(tmp_path: Path) -> None:
+    """B6: one session direct, through ``tether gateway`` and through HAProxy; then idle
+    sessions through a gateway to two servers, with TLS and in clear text; and its section
+    of the report."""
+    if not _tether_available():
+        pytest.skip("the tether command does not work")
+    b6 = _smoke_b6(tmp_path, "path,idle-tls,idle-plaintext")
+    if shutil.which("haproxy"):
+        assert b6["skipped"] == {}
+        _check_paths(b6, {"direct", "gateway", "haproxy"})
+    else:
+        assert "not installed" in b6["skipped"]["haproxy"]
+        _check_paths(b6, {"direct", "gateway"})
+    for part in ("idle-tls", "idle-plaintext"):
+        rows = [r for r in b6["runs"] if r["part"] == part]
+        assert [r["sessions"] for r in rows] == [0, 10, 20], part
+        for r in rows:
+            for role in ("gateway", "server", "client"):
+                assert r[f"{role}_rss_kib"] > 0 and r[f"{role}_cpu_pct"] >= 0, (part, r)
+            assert r["rtt_n"] == 50 and 0 < r["rtt_p50_us"] <= r["rtt_p99_us"], (part, r)
+            assert 0 < r["direct_p50_us"] <= r["direct_p99_us"], (part, r)
+        extra = b6["extra"][part]
+        assert extra["sessions"] == 20 and extra["probe_all_s"] > 0
+        assert math.isfinite(extra["gateway_kib_per_session"])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "benchmarks.md").write_text("# Benchmarks\n\n## B5 wire overhead\n\nx\n")
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from benchmarks.report import splice_b6; "
+         "splice_b6(Path(sys.argv[1]), Path(sys.argv[2]))",
+         str(tmp_path / "latest.json"), str(docs)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = (docs / "benchmarks.md").read_text()
+    assert text.index("## B5 wire overhead") < text.index("## B6 a gateway in front")
+    assert "| tether client -> `tether gateway` -> tether server |" in text
+    assert "#### TLS 1.3 on both hops (as deployed)" in text
+
+
+@pytest.mark.timeout(120)
+def test_smoke_b6_without_haproxy(tmp_path: Path) -> None:
+    """With no haproxy on PATH, B6 says why it skipped that path and measures the others."""
+    if not _tether_available():
+        pytest.skip("the tether command does not work")
+    path = os.pathsep.join(
+        d for d in os.environ.get("PATH", "").split(os.pathsep)
+        if d and not (Path(d) / "haproxy").exists()
+    )  # fmt: skip
+    b6 = _smoke_b6(tmp_path, "path", env=dict(os.environ, PATH=path))
+    assert b6["skipped"] == {"haproxy": "haproxy is not installed (apt-get install haproxy)"}
+    _check_paths(b6, {"direct", "gateway"})
