@@ -68,6 +68,16 @@ _RESTART_FIELDS = (
     "admin_plaintext",
 )
 RESTART_KEYS = frozenset(name.replace("_", "-") for name in _RESTART_FIELDS)
+# A server makes its session ids with these (routing.py), once, at start; a gateway
+# re-reads its routing key on reload.
+_SERVER_RESTART_FIELDS = ("server_id", "routing_key_file")
+
+
+def _restart_fields(config: object) -> tuple[str, ...]:
+    """The fields of ``config`` that only a restart changes."""
+    if isinstance(config, ServerConfig):
+        return (*_RESTART_FIELDS, *_SERVER_RESTART_FIELDS)
+    return _RESTART_FIELDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,13 +127,15 @@ class Reloader:
             logger.error("reload failed, keeping the settings in use: %s", exc)
             return False
         changed = self.changes(old, new)
-        restart = [key for key, _, _ in changed if key in RESTART_KEYS]
+        frozen = _restart_fields(old.config)
+        restart_keys = {name.replace("_", "-") for name in frozen}
+        restart = [key for key, _, _ in changed if key in restart_keys]
         try:
             # What needs a restart stays as it is, the rest applies.
             fields = {field.name for field in dataclasses.fields(old.config)}
             config = dataclasses.replace(
                 new.config,
-                **{name: getattr(old.config, name) for name in _RESTART_FIELDS if name in fields},
+                **{name: getattr(old.config, name) for name in frozen if name in fields},
             )
             runner = self.runner
             if isinstance(config, ServerConfig):
@@ -144,7 +156,7 @@ class Reloader:
         live = [
             f"{key} {was} -> {now}"
             for key, was, now in changed
-            if key not in RESTART_KEYS
+            if key not in restart_keys
             and not (key == "server" and isinstance(config, GatewayConfig))
         ]
         parts = ["changed " + ", ".join(live)] if live else []

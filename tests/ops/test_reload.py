@@ -217,3 +217,60 @@ def test_sighup_without_a_config_file_is_logged_not_fatal(tmp_path: Path) -> Non
         assert code == 0, server.log()
 
     asyncio.run(main())
+
+
+def test_a_server_keeps_its_routing_identity_until_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server makes its session ids with its server id and routing key at start
+    (docs/protocol.md, "Routing"): a reload that changes them says they need a restart and
+    keeps the ones in use, while what can change (the backend) does."""
+    import base64
+    import os
+
+    from tether.aio.server import TetherServer
+    from tether.cli import _OPTIONS
+    from tether.config import Address, ServerConfig
+    from tether.reload import Reloader, Settings
+
+    keys = []
+    for name in ("one.key", "two.key"):
+        key = tmp_path / name
+        key.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
+        key.chmod(0o600)
+        keys.append(key)
+    base = ServerConfig(
+        listen=Address("127.0.0.1", 0),
+        plaintext=True,
+        server_id=1,
+        routing_key_file=keys[0],
+        state_dir=tmp_path / "state",
+    )
+    file = tmp_path / "server.toml"
+    old = Settings(base, file=file)
+    new = Settings(
+        ServerConfig(
+            listen=Address("127.0.0.1", 0),
+            plaintext=True,
+            server_id=2,
+            routing_key_file=keys[1],
+            backend=Address("127.0.0.1", 7000),
+            state_dir=tmp_path / "state",
+        ),
+        file=file,
+    )
+
+    async def main() -> ServerConfig:
+        async with TetherServer(base) as server:
+            reloader = Reloader(server, old, lambda: new, _OPTIONS["server"], lambda *_: None)
+            assert reloader.reload()
+            return server.config
+
+    with caplog.at_level("INFO", logger="tether"):
+        config = asyncio.run(main())
+    assert (config.server_id, config.routing_key_file) == (1, keys[0])
+    assert config.backend == Address("127.0.0.1", 7000)
+    restart = [r.getMessage() for r in caplog.records if "after a restart" in r.getMessage()]
+    assert restart and "server-id" in restart[0] and "routing-key-file" in restart[0]
+    applied = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reload")]
+    assert not any("server-id 1 -> 2" in line and "restart" not in line for line in applied)
