@@ -460,12 +460,16 @@ def test_outage_with_address_change(gwlab: GatewayLab, tether: list[str],
     )
 
 
-def test_server_killed(gwlab: GatewayLab, tether: list[str], record: dict[str, Any]) -> None:
+@pytest.mark.parametrize("front", ["gateway", "haproxy"])
+def test_server_killed(gwlab: GatewayLab, tether: list[str], record: dict[str, Any],
+                       front: str) -> None:  # fmt: skip
     """SIGKILL one server: its sessions end with a clear reason, the others carry on, the
-    gateway marks it unhealthy within one health interval and sends new sessions elsewhere."""
+    gateway (or HAProxy) marks it unhealthy within one health interval and sends new
+    sessions elsewhere. Through the gateway the reason names the cause (protocol version 4:
+    REJECT(SERVER_UNREACHABLE) to each resume attempt); HAProxy only closes the link."""
     size = int(RATE * 10)
     client_timeout = 5.0
-    site = Site(gwlab, tether, seed=1201, size=size, client_timeout=client_timeout)
+    site = Site(gwlab, tether, seed=1201, size=size, client_timeout=client_timeout, front=front)
     app = site.start_app(SESSIONS, deadline=60)
     sids = site.established(SESSIONS, 20)
     per_server = Counter(server_of(s) for s in sids)
@@ -474,11 +478,15 @@ def test_server_killed(gwlab: GatewayLab, tether: list[str], record: dict[str, A
     victim = 2
     killed = time.monotonic()
     site.servers[victim].signal(signal.SIGKILL)
-    site.gateway.wait_line(rf"server {victim} \(.*\): unhealthy", HEALTH_INTERVAL + 3,
-                           stream="stderr")  # fmt: skip
+    if front == "haproxy":
+        site.gateway.wait_line(rf"Server \S+/s{victim} is DOWN", HEALTH_INTERVAL + 3,
+                               stream="stdout")  # fmt: skip
+    else:
+        site.gateway.wait_line(rf"server {victim} \(.*\): unhealthy", HEALTH_INTERVAL + 3,
+                               stream="stderr")  # fmt: skip
     unhealthy_after = time.monotonic() - killed
     site.require(unhealthy_after <= HEALTH_INTERVAL + 0.5,
-                 f"gateway took {unhealthy_after:.2f} s to mark the server unhealthy")  # fmt: skip
+                 f"{front} took {unhealthy_after:.2f} s to mark the server unhealthy")  # fmt: skip
     # New sessions now: none may go to the dead server.
     extra = 9
     late = site.start_app(extra, deadline=40)
@@ -509,8 +517,12 @@ def test_server_killed(gwlab: GatewayLab, tether: list[str], record: dict[str, A
     problems = stream_problems(site, [*complete, *late_apps], backends)
     site.require(not problems, "; ".join(problems[:10]))
     reason = ended[lost[0]][1]
+    if front == "gateway":
+        unreachable = "SERVER_UNREACHABLE (its server is out of reach)"
+        site.require(all(unreachable in ended[s][1] for s in lost),
+                     f"an end reason does not name the unreachable server: {reason}")  # fmt: skip
     record.update(
-        title=f"gateway, {SESSIONS} sessions, server {victim} of 3 SIGKILLed",
+        title=f"{front}, {SESSIONS} sessions, server {victim} of 3 SIGKILLed",
         bytes=sum(a["received"] for a in [*complete, *late_apps])
         + sum(b["received"] for b in backends),
         note=f"{len(lost)} ended EXPIRED ({reason}), the last {all_ended_after:.1f} s after "
