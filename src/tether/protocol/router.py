@@ -182,6 +182,10 @@ class Router:
             session.drain(now, self.drain_deadline)
         return session
 
+    def source_of(self, session_id: bytes) -> str:
+        """The source the session ``session_id`` is counted for ("?" if none)."""
+        return self._sources.get(session_id, "?")
+
     def forget(self, session: Session) -> None:
         """``session`` ended: drop it, and remember how for a late resume."""
         sid = session.session_id
