@@ -14,14 +14,18 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import socket
 import stat
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import pytest
 
 from ..admin.helpers import poll, run
 from .endpoints import Backend, Streamer, connect_app
@@ -116,13 +120,47 @@ async def _pace(ends: list[Paced], stop: asyncio.Event) -> None:
         await asyncio.sleep(PACE_INTERVAL)
 
 
+async def _take_over_mid_stream(
+    apps: list[Streamer],
+    backend: Backend,
+    downs: list[Paced],
+    state: Path,
+    tmp: Path,
+    old: Proc,
+    started: list[Proc],
+) -> Proc:
+    """Once every session streams both ways: ``tether server --takeover`` (put in
+    ``started`` as soon as it runs); the old server exits 0, and bytes flow again through
+    the new one."""
+
+    async def streaming() -> bool:
+        return all(c.received >= 4 * PACE for c in backend.connections) and all(
+            app.received >= 4 * PACE for app in apps
+        )
+
+    await poll("every session to be streaming", streaming, limit=1200)
+    mode = stat.S_IMODE(os.stat(_control(state)).st_mode)
+    assert mode == 0o600, oct(mode)
+    new = await _server(backend, state, tmp, "--takeover", ready_timeout=90)
+    started.append(new)
+    assert await _exit(old, 30) == 0, old.log()
+    assert new.address == old.address  # the same listening socket
+    moved = [d.sent for d in downs]
+
+    async def resumed() -> bool:
+        return all(app.received > sent for app, sent in zip(apps, moved, strict=True))
+
+    await poll("every session to stream again", resumed, limit=1200)
+    return new
+
+
 def test_fifty_sessions_streaming_both_ways_survive_a_takeover(tmp_path: Path) -> None:
     async def main() -> None:
         state = tmp_path / "state"
         async with Backend(seed=0, size=0, eof=False) as backend:
             old = await _server(backend, state, tmp_path)
             client = await _client(old, tmp_path)
-            new: Proc | None = None
+            started: list[Proc] = []  # the new server, once it runs
             stop_pacing = asyncio.Event()
             try:
                 apps = [
@@ -130,36 +168,20 @@ def test_fifty_sessions_streaming_both_ways_survive_a_takeover(tmp_path: Path) -
                     for _ in range(SESSIONS)
                 ]
                 ups = [Paced(app, seed) for seed, app in enumerate(apps)]
-                pacer = asyncio.ensure_future(_pace(ups, stop_pacing))
 
                 async def connected() -> bool:
                     return len(backend.connections) >= SESSIONS
 
                 await poll("every session's backend connection", connected, limit=1200)
                 downs = [Paced(c, 1000 + n) for n, c in enumerate(backend.connections)]
-                pacer_down = asyncio.ensure_future(_pace(downs, stop_pacing))
-
-                async def streaming() -> bool:  # every session moved bytes both ways
-                    return all(c.received >= 4 * PACE for c in backend.connections) and all(
-                        app.received >= 4 * PACE for app in apps
+                async with asyncio.TaskGroup() as pacing:  # until stop_pacing
+                    pacing.create_task(_pace(ups, stop_pacing))
+                    pacing.create_task(_pace(downs, stop_pacing))
+                    new = await _take_over_mid_stream(
+                        apps, backend, downs, state, tmp_path, old, started
                     )
+                    stop_pacing.set()
 
-                await poll("every session to be streaming", streaming, limit=1200)
-                mode = stat.S_IMODE(os.stat(_control(state)).st_mode)
-                assert mode == 0o600, oct(mode)
-                new = await _server(backend, state, tmp_path, "--takeover", ready_timeout=90)
-                assert await _exit(old, 30) == 0, old.log()
-                assert new.address == old.address  # the same listening socket
-                moved = [d.sent for d in downs]
-
-                async def resumed() -> bool:  # bytes flow again through the new process
-                    return all(
-                        app.received > sent for app, sent in zip(apps, moved, strict=True)
-                    ) or any(app.closed.is_set() for app in apps)
-
-                await poll("every session to stream again", resumed, limit=1200)
-                stop_pacing.set()
-                await asyncio.gather(pacer, pacer_down)
                 for end in apps + backend.connections:
                     assert end.transport is not None
                     end.transport.write_eof()
@@ -196,13 +218,13 @@ def test_fifty_sessions_streaming_both_ways_survive_a_takeover(tmp_path: Path) -
                 )
             except BaseException:
                 print(f"--- old server ---\n{old.log()}\n--- client ---\n{client.log()}")
-                if new is not None:
-                    print(f"--- new server ---\n{new.log()}")
+                for proc in started:
+                    print(f"--- new server ---\n{proc.log()}")
                 raise
             finally:
                 stop_pacing.set()
                 # The old one has exited (0) already: stop() only reaps it and its pipe.
-                codes = [stop(client), stop(old)] + ([stop(new)] if new is not None else [])
+                codes = [stop(client), stop(old), *map(stop, started)]
                 assert codes == [0] * len(codes), codes
 
     run(main(), limit=280)
@@ -327,3 +349,109 @@ def _at_least(streamer: Streamer, count: int) -> Callable[[], Awaitable[bool]]:
         return streamer.received >= count
 
     return check
+
+
+NOBODY = 65534
+
+
+def test_a_request_from_another_user_is_refused(tmp_path: Path) -> None:
+    """SO_PEERCRED, not only the file's mode: the socket file is opened to everyone here,
+    and a process of another user (nobody) still gets nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: to connect as another user")
+    python = "/usr/bin/python3"  # this one's interpreter may be out of nobody's reach
+    if not os.access(python, os.X_OK) or not os.stat(python).st_mode & stat.S_IXOTH:
+        pytest.skip(f"needs {python}, which another user may run")
+
+    async def main() -> None:
+        base = Path(tempfile.mkdtemp(prefix="tether-takeover-", dir="/tmp"))
+        try:
+            base.chmod(0o711)  # nobody may reach the socket file below
+            state = base / "state"
+            state.mkdir(mode=0o711)
+            async with Backend(seed=7, size=16, eof=False) as backend:
+                old = await _server(backend, state, tmp_path)
+                try:
+                    _control(state).chmod(0o666)
+                    script = (
+                        "import socket, sys\n"
+                        "s = socket.socket(socket.AF_UNIX)\n"
+                        "s.settimeout(10)\n"
+                        "s.connect(sys.argv[1])\n"
+                        "try:\n"  # refused before a byte is read: the send may fail too
+                        "    s.sendall(bytes.fromhex(sys.argv[2]))\n"
+                        "    print(len(s.recv(65536)))\n"
+                        "except (BrokenPipeError, ConnectionResetError):\n"
+                        "    print(0)\n"
+                    )
+                    asked = await asyncio.to_thread(
+                        subprocess.run,
+                        [python, "-c", script, str(_control(state)), _request("").hex()],
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                        user=NOBODY,
+                        cwd="/",
+                    )
+                    assert asked.returncode == 0, asked.stderr
+                    assert asked.stdout.strip() == "0"  # closed, with nothing said
+
+                    async def refused() -> bool:
+                        return "not this server's user" in old.log()
+
+                    await poll("the refusal to be logged", refused)
+                    assert f"(uid {NOBODY}) refused" in old.log()
+                    assert old.popen.poll() is None
+                finally:
+                    assert stop(old) == 0
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    run(main())
+
+
+def test_a_backend_that_does_not_read_makes_the_takeover_wait_then_refuse(
+    tmp_path: Path,
+) -> None:
+    """Bytes the client was told had arrived, still waiting for a backend that does not
+    read, exist only in the old server: it refuses the takeover rather than lose them, and
+    carries on; once the backend reads, every byte is there."""
+
+    async def main() -> None:
+        state = tmp_path / "state"
+        async with Backend(seed=7, size=0, eof=False) as backend:
+            old = await _server(backend, state, tmp_path)
+            client = await _client(old, tmp_path)
+            try:
+                app = await connect_app(client.address, seed=8, size=0, eof=False)
+                up = Paced(app, 8)
+                up.tick()
+                far = await backend.serving(PACE)
+                assert far.transport is not None
+                far.transport.pause_reading()  # the backend stops reading
+                for _ in range(2048):  # 8 MiB: more than the kernel's buffers take
+                    up.tick()
+                host, port = backend.address
+                done = await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        *(sys.executable, "-m", "tether", "server", "--takeover"),
+                        *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
+                        *("--state-dir", str(state), "--buffer", "256K", *FAST),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert done.returncode == 1, done.stderr
+                assert "did not read what they were sent within 5s" in done.stderr
+                assert "takeover failed; serving on" in old.log()
+                far.transport.resume_reading()
+                await poll("every byte at the backend", _at_least(far, up.sent), limit=1200)
+                assert far.received == up.sent
+                assert far.digest.hexdigest() == up.digest.hexdigest()
+                assert len(backend.connections) == 1
+            finally:
+                assert (stop(client), stop(old)) == (0, 0)
+
+    run(main())
