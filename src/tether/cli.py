@@ -1084,6 +1084,36 @@ async def _binding(
         yield value
 
 
+ADMIN_TAKEOVER_WAIT = 10.0  # seconds a successor waits for the admin port to be free
+ADMIN_RETRY = 0.1  # seconds between its attempts
+
+
+@contextlib.asynccontextmanager
+async def _binding_when_free(
+    flag: str,
+    address: Address,
+    make: Callable[[], contextlib.AbstractAsyncContextManager[_T]],
+    *,
+    wait: float,
+) -> AsyncIterator[_T]:
+    """:func:`_binding` of ``make()``, tried again while ``address`` is in use, for up to
+    ``wait`` seconds: after a takeover, the old server's admin endpoint holds the port until
+    it exits, a moment after it let go of its sessions (docs/operations.md, "Takeover")."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    async with contextlib.AsyncExitStack() as stack:
+        while True:
+            try:
+                value = await stack.enter_async_context(_binding(flag, address, make()))
+            except ListenError as exc:
+                if exc.errno != errno.EADDRINUSE or loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(ADMIN_RETRY)
+                continue
+            break
+        yield value
+
+
 def _on_signal(loop: asyncio.AbstractEventLoop, sig: int, callback: Callable[[], None]) -> None:
     """Run ``callback`` in the loop when ``sig`` arrives.
 
@@ -1144,7 +1174,13 @@ async def _serve_until_signal(
         if service.admin is not None:
             from .admin import serve_admin  # aiohttp is imported only when it is used
 
-            admin = _binding("--admin", service.admin, serve_admin(served, service))
+            admin = _binding_when_free(
+                "--admin",
+                service.admin,
+                functools.partial(serve_admin, served, service),
+                # The server taken over still holds the port until it exits, just after.
+                wait=ADMIN_TAKEOVER_WAIT if take_over else 0.0,
+            )
         runner = served
     # After the runner read its files (a bad one is named first), before it listens.
     try:

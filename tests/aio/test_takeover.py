@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 import re
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from ..admin.helpers import poll, run
+from ..admin.helpers import admin_url, poll, request, run
 from .endpoints import Backend, Streamer, connect_app
 from .faultnet import Proc, start_tether, stop
 
@@ -453,5 +454,43 @@ def test_a_backend_that_does_not_read_makes_the_takeover_wait_then_refuse(
                 assert len(backend.connections) == 1
             finally:
                 assert (stop(client), stop(old)) == (0, 0)
+
+    run(main())
+
+
+def test_the_successor_takes_the_admin_port_once_the_old_server_lets_it_go(
+    tmp_path: Path,
+) -> None:
+    """The same --admin address for both: the old server holds it until it exits, a moment
+    after the hand-over; the successor waits for it rather than fail (and lose every
+    session it just took)."""
+
+    async def main() -> None:
+        state = tmp_path / "state"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        admin = ("--admin", f"127.0.0.1:{port}")
+        async with Backend(seed=7, size=1024, eof=False) as backend:
+            old = await _server(backend, state, tmp_path, *admin)
+            client = await _client(old, tmp_path)
+            started: list[Proc] = []
+            try:
+                assert (await admin_url(old)) == f"http://127.0.0.1:{port}/"
+                app = await connect_app(client.address, seed=8, size=1024, eof=False)
+                far = await backend.serving(1024)
+                started.append(await _server(backend, state, tmp_path, "--takeover", *admin))
+                new = started[0]
+                assert (await admin_url(new)) == f"http://127.0.0.1:{port}/"
+                assert await _exit(old, 30) == 0, old.log()
+                status, body, _ = await request("GET", f"http://127.0.0.1:{port}/api/sessions")
+                assert status == 200 and len(json.loads(body)["sessions"]) == 1, body
+                assert app.transport is not None
+                app.transport.write(b"after")
+                await poll("the session to carry on", _at_least(far, 1024 + 5))
+                assert len(backend.connections) == 1
+            finally:
+                codes = [stop(client), stop(old), *map(stop, started)]
+                assert codes == [0] * len(codes), codes
 
     run(main())
