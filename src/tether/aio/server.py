@@ -444,20 +444,30 @@ class TetherServer(Service):
             await asyncio.to_thread(takeover.send_refusal, conn, why)
             return False
         assert self._links is not None
-        listening = [sock.fileno() for sock in self._links.sockets]
-        now = asyncio.get_running_loop().time()
-        records: list[takeover.Handed] = []
-        relays = list(self._relays.values())
-        for relay in relays:
-            sid = relay.core.session_id
-            backend = relay.backend
-            fd = -1
-            if backend is not None and relay.local is not None and backend.transport is not None:
-                sock = backend.transport.get_extra_info("socket")
-                fd = sock.fileno() if sock is not None else -1
-            state = relay.core.export_state(now)
-            records.append(takeover.Handed(self._router.source_of(sid), relay.peer, state, fd=fd))
-        done = await asyncio.to_thread(_send_all, conn, listening, records)
+        # Duplicates are sent, from a thread: whatever the loop closes meanwhile (a session
+        # that expires), the descriptor sent is still the socket exported, never a reused
+        # number; and the successor then holds it, so that close sends nothing.
+        dups: list[int] = []
+        try:
+            listening = [_dup(sock.fileno(), dups) for sock in self._links.sockets]
+            now = asyncio.get_running_loop().time()
+            records: list[takeover.Handed] = []
+            relays = list(self._relays.values())
+            for relay in relays:
+                sid = relay.core.session_id
+                backend = relay.backend
+                fd = -1
+                transport = backend.transport if backend is not None else None
+                if transport is not None and relay.local is not None and not transport.is_closing():
+                    sock = transport.get_extra_info("socket")
+                    fd = _dup(sock.fileno(), dups) if sock is not None else -1
+                state = relay.core.export_state(now)
+                source = self._router.source_of(sid)
+                records.append(takeover.Handed(source, relay.peer, state, fd=fd))
+            done = await asyncio.to_thread(_send_all, conn, listening, records)
+        finally:
+            for fd in dups:
+                os.close(fd)
         if not done:
             logger.warning("takeover by pid %d failed: it did not take everything", pid)
             return False
@@ -757,6 +767,13 @@ class _Backend(LocalProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed()
         super().connection_lost(exc)
+
+
+def _dup(fd: int, dups: list[int]) -> int:
+    """A duplicate of ``fd``, remembered in ``dups`` (closed by the caller)."""
+    dup = os.dup(fd)
+    dups.append(dup)
+    return dup
 
 
 def _returning(backend: _Backend) -> Callable[[], _Backend]:
