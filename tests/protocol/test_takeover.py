@@ -8,6 +8,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tether.errors import InvalidState, StateError
 from tether.protocol.admission import MemoryBudget
@@ -223,3 +225,26 @@ def test_a_foreign_header_or_an_oversized_buffer_is_refused() -> None:
         Session.restore(_with(state, 14, size, bytes(size - 1000)), CONFIG, 0.0)
     with pytest.raises(StateError):
         Session.restore(struct.pack("!I", 7) * 40, CONFIG, 0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_mutated_state_restores_or_raises_state_error(data: st.DataObject) -> None:
+    """Untrusted input (CONTRIBUTING.md T4): any mutation of a real state either restores a
+    session that can go on, or raises StateError; nothing else."""
+    state = bytearray(_STATE)
+    for _ in range(data.draw(st.integers(1, 8))):
+        at = data.draw(st.integers(0, len(state) - 1))
+        state[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(state)))
+    try:
+        session = Session.restore(bytes(state[:cut]), CONFIG, 0.0)
+    except StateError:
+        return
+    assert session.state is SessionState.DETACHED
+    assert session.can_resume_from(session.statistics().bytes_acked)
+    session.handle_timer(1e9)  # it expires cleanly
+    assert session.closed
+
+
+_STATE = _state()
