@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import stat
 import statistics
@@ -492,5 +493,42 @@ def test_the_successor_takes_the_admin_port_once_the_old_server_lets_it_go(
             finally:
                 codes = [stop(client), stop(old), *map(stop, started)]
                 assert codes == [0] * len(codes), codes
+
+    run(main())
+
+
+def test_a_draining_server_refuses_a_takeover(tmp_path: Path) -> None:
+    async def main() -> None:
+        state = tmp_path / "state"
+        async with Backend(seed=7, size=1024, eof=False) as backend:
+            old = await _server(backend, state, tmp_path)
+            client = await _client(old, tmp_path)
+            try:
+                await connect_app(client.address, seed=8, size=1024, eof=False)
+                await backend.serving(1024)
+                old.popen.send_signal(signal.SIGTERM)
+
+                async def draining() -> bool:
+                    return "draining: new sessions refused" in old.log()
+
+                await poll("the drain to start", draining)
+                host, port = backend.address
+                done = await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        *(sys.executable, "-m", "tether", "server", "--takeover"),
+                        *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
+                        *("--state-dir", str(state)),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert done.returncode == 1, done.stderr
+                assert "refused: this server is draining" in done.stderr
+                assert old.popen.poll() is None  # it drains on, its session kept
+                assert "closing" not in old.log()
+            finally:
+                assert (stop(client), stop(old)) == (0, 0)
 
     run(main())
