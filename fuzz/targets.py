@@ -7,11 +7,13 @@ contract for peer input:
   nothing else;
 - ``ServerHandshake``, ``ClientHandshake`` and ``Session`` ``receive_data`` never
   raise: they report a failure with ``HandshakeFailed``, ``LinkLost`` or
-  ``SessionEnded``, and what they report is consistent with their state afterwards.
+  ``SessionEnded``, and what they report is consistent with their state afterwards;
+- ``Session.restore`` (a session state another process handed over, a takeover) returns
+  a detached session or raises :class:`~tether.errors.StateError`, nothing else.
 
 The server side routes through the same :class:`Router` as the asyncio server.
 Run them under pytest with hypothesis (tests/protocol/test_fuzz.py), or with atheris
-when it is installed: ``python -m fuzz.targets reader|handshake|client-<state>|server``.
+when it is installed: ``python -m fuzz.targets reader|handshake|client-<state>|server|state``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from tether.errors import ProtocolError
+from tether.errors import ProtocolError, StateError
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import (
     DataReceived,
@@ -46,6 +48,7 @@ __all__ = [
     "reader_target",
     "server_handshake_target",
     "server_session_target",
+    "state_target",
 ]
 
 CONFIG = SessionConfig(window=64 * 1024, keepalive=1.0, timeout=30.0, handshake_timeout=5.0)
@@ -212,8 +215,45 @@ def server_session_target(chunks: list[bytes]) -> None:
             server.send(b"y")
 
 
+def state_target(chunks: list[bytes]) -> None:
+    """Bytes as a session state to restore: alone, after the first half of a real state,
+    and written over a real one (each chunk: a position byte, then what goes there)."""
+    valid = _valid_state()
+    data = b"".join(chunks)
+    patched = bytearray(valid)
+    for chunk in chunks:
+        if chunk:
+            at = chunk[0] * len(valid) // 256
+            patched[at : at + len(chunk) - 1] = chunk[1:]
+    for state in (data, valid[: len(valid) // 2] + data, bytes(patched)):
+        try:
+            session = Session.restore(state, CONFIG, 0.0)
+        except StateError:
+            continue
+        assert session.state is SessionState.DETACHED and session.expires_at is not None
+        session.handle_timer(session.expires_at)
+        assert session.closed, "a restored session must expire at its deadline"
+
+
+_VALID: list[bytes] = []
+
+
+def _valid_state() -> bytes:
+    """A real server session's state, with bytes held and both stream offsets moved."""
+    if not _VALID:
+        client, server, _ = established()
+        client.send(b"u" * 300)
+        server.receive_data(b"".join(client.data_to_send()))
+        server.send(b"d" * 500)
+        server.data_to_send()
+        server.link_lost(1.0)
+        _VALID.append(server.export_state(2.0))
+    return _VALID[0]
+
+
 TARGETS: dict[str, Callable[[list[bytes]], None]] = {
     "reader": reader_target,
+    "state": state_target,
     "handshake": server_handshake_target,
     "server": server_session_target,
     **{

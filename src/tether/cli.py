@@ -564,6 +564,14 @@ def _parser() -> argparse.ArgumentParser:
             help="read settings from this TOML file (one key per option, named as the option "
             "without dashes); options given here override it; SIGHUP re-reads it (default none)",
         )
+        if command == "server":
+            cmd.add_argument(
+                "--takeover",
+                action="store_true",
+                help="take over the listening sockets and every live session of the server "
+                "running with the same state directory (its control socket there), which then "
+                "exits; its clients resume here and its backends see nothing (default off)",
+            )
         verbosity = cmd.add_mutually_exclusive_group()
         verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         verbosity.add_argument(
@@ -1076,6 +1084,36 @@ async def _binding(
         yield value
 
 
+ADMIN_TAKEOVER_WAIT = 10.0  # seconds a successor waits for the admin port to be free
+ADMIN_RETRY = 0.1  # seconds between its attempts
+
+
+@contextlib.asynccontextmanager
+async def _binding_when_free(
+    flag: str,
+    address: Address,
+    make: Callable[[], contextlib.AbstractAsyncContextManager[_T]],
+    *,
+    wait: float,
+) -> AsyncIterator[_T]:
+    """:func:`_binding` of ``make()``, tried again while ``address`` is in use, for up to
+    ``wait`` seconds: after a takeover, the old server's admin endpoint holds the port until
+    it exits, a moment after it let go of its sessions (docs/operations.md, "Takeover")."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    async with contextlib.AsyncExitStack() as stack:
+        while True:
+            try:
+                value = await stack.enter_async_context(_binding(flag, address, make()))
+            except ListenError as exc:
+                if exc.errno != errno.EADDRINUSE or loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(ADMIN_RETRY)
+                continue
+            break
+        yield value
+
+
 def _on_signal(loop: asyncio.AbstractEventLoop, sig: int, callback: Callable[[], None]) -> None:
     """Run ``callback`` in the loop when ``sig`` arrives.
 
@@ -1090,10 +1128,14 @@ def _on_signal(loop: asyncio.AbstractEventLoop, sig: int, callback: Callable[[],
         signal.signal(sig, lambda _signum, _frame: loop.call_soon_threadsafe(callback))
 
 
-async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]) -> int:
+async def _serve_until_signal(
+    settings: Settings, reread: Callable[[], Settings], *, take_over: bool = False
+) -> int:
+    from . import tls
     from .aio.client import TetherClient
     from .aio.gateway import TetherGateway
     from .aio.server import TetherServer
+    from .aio.takeover import control_path
 
     service = settings.config
     stop = asyncio.Event()
@@ -1123,13 +1165,22 @@ async def _serve_until_signal(settings: Settings, reread: Callable[[], Settings]
     if isinstance(service, GatewayConfig):
         runner = TetherGateway(service)
     else:
-        served = (
-            TetherServer(service) if isinstance(service, ServerConfig) else TetherClient(service)
-        )
+        served: TetherServer | TetherClient
+        if isinstance(service, ServerConfig):
+            state = service.state_dir or tls.default_state_dir()
+            served = TetherServer(service, control=control_path(state), take_over=take_over)
+        else:
+            served = TetherClient(service)
         if service.admin is not None:
             from .admin import serve_admin  # aiohttp is imported only when it is used
 
-            admin = _binding("--admin", service.admin, serve_admin(served, service))
+            admin = _binding_when_free(
+                "--admin",
+                service.admin,
+                functools.partial(serve_admin, served, service),
+                # The server taken over still holds the port until it exits, just after.
+                wait=ADMIN_TAKEOVER_WAIT if take_over else 0.0,
+            )
         runner = served
     # After the runner read its files (a bad one is named first), before it listens.
     try:
@@ -1175,8 +1226,10 @@ async def _serve_and_drain(server: TetherServer, stop: asyncio.Event) -> None:
     sessions and keeps the live ones until they end or ``drain_timeout`` passes, or
     ``stop`` (a second SIGTERM, SIGINT) comes. The caller's exit ends the rest."""
     log = logging.getLogger("tether")
-    await _wait_any(stop, server.drain_requested)
+    await _wait_any(stop, server.drain_requested, server.handed_over)
     sdnotify.stopping()
+    if server.handed_over.is_set():
+        return  # a successor serves every session now (docs/operations.md, "Takeover")
     if stop.is_set():
         # A second SIGTERM may come before this task wakes for the first one's drain.
         if server.drain_requested.is_set():
@@ -1264,7 +1317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(settings.log_level, settings.log_format)
     _raise_file_limit()
     try:
-        return _run(lambda: _serve_until_signal(settings, lambda: _settings(args)))
+        take_over = bool(getattr(args, "takeover", False))
+        return _run(
+            lambda: _serve_until_signal(settings, lambda: _settings(args), take_over=take_over)
+        )
     except (ValueError, TetherError) as exc:  # a file the configuration names is unusable
         print(f"tether: error: {_with_file_option(str(exc), settings.config)}", file=sys.stderr)
         return 2

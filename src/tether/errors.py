@@ -8,6 +8,7 @@
     ├── TLSConfigError         a certificate, key or CA file cannot be used (tls.py)
     ├── TrustError             the client must not trust this server (tls.py)
     ├── ClientsFileError       the server's clients file is unreadable or malformed (credentials.py)
+    ├── StateError             a session state handed over by another process is malformed
     └── InvalidState           the caller used an object in a way its state forbids
 
 Peer misbehaviour (``ProtocolError``) is kept apart from caller misuse (``InvalidState``).
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from .protocol.codes import CloseCode
 
-__all__ = ["InvalidState", "ProtocolError", "SessionClosed", "TetherError"]
+__all__ = ["InvalidState", "ProtocolError", "SessionClosed", "StateError", "TetherError"]
 
 
 class TetherError(Exception):
@@ -41,6 +42,11 @@ class SessionClosed(TetherError):
         super().__init__(f"{code.name}: {reason}" if reason else code.name)
         self.code = code
         self.reason = reason
+
+
+class StateError(TetherError):
+    """A session state from :meth:`Session.export_state` that cannot be restored: it
+    crossed a process boundary (a takeover), so it is checked like peer input."""
 
 
 class InvalidState(TetherError):

@@ -11,6 +11,7 @@ from fuzz.targets import (
     reader_target,
     server_handshake_target,
     server_session_target,
+    state_target,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -87,3 +88,9 @@ def test_client_session(state: str, chunks: list[bytes]) -> None:
 @given(streams())
 def test_server_session(chunks: list[bytes]) -> None:
     server_session_target(chunks)
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=200), max_size=6))
+def test_session_state(chunks: list[bytes]) -> None:
+    state_target(chunks)

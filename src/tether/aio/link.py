@@ -86,6 +86,7 @@ class SessionRelay:
         self.local: LocalTransport | None = None
         self.link: asyncio.Transport | None = None
         self._local_reading_paused = False  # by us, for a full replay buffer
+        self._frozen = False  # a takeover: neither side is read, no timer runs
         self._local_writing_paused = False  # the local side cannot take more
         # The core's next deadline waits in a slot of the loop's shared ticker (ticker.py).
         self._ticker = Ticker.of(self.loop)
@@ -241,7 +242,12 @@ class SessionRelay:
                 self.on_server_draining(event)
         if received:
             self._deliver(received)
-        if self._local_reading_paused and core.send_capacity() > 0 and not core.closed:
+        if (
+            self._local_reading_paused
+            and not self._frozen
+            and core.send_capacity() > 0
+            and not core.closed
+        ):
             self._local_reading_paused = False
             if self.local is not None:
                 self.local.resume_reading()
@@ -299,6 +305,30 @@ class SessionRelay:
             exc_info=exc,
         )
         self.abort(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def freeze(self) -> None:
+        """A takeover (docs/design.md, "Takeover"): drop the link (the client resumes, on
+        whichever process then holds the listening socket) and stop reading the local
+        side, so that the session's stream stays as it is until it is exported, or until
+        :meth:`thaw`. Bytes already written to the local side keep draining; a detached
+        session's only timer is its expiry, which both processes would agree on."""
+        self._frozen = True
+        local = self.local
+        if local is not None and not local.is_closing():
+            local.pause_reading()
+        link, self.link = self.link, None
+        if link is not None:
+            link.abort()
+            self.core.link_lost(self.loop.time())
+        self.pump()
+
+    def thaw(self) -> None:
+        """The takeover failed: carry on (the link is gone; the client resumes here)."""
+        self._frozen = False
+        local = self.local
+        if local is not None and not local.is_closing() and not self._local_reading_paused:
+            local.resume_reading()
+        self.pump()
 
     def abort(self, code: CloseCode, reason: str) -> None:
         if not self.core.closed:

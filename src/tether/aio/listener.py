@@ -99,9 +99,19 @@ class LinkListener:
     def addresses(self) -> list[Address]:
         return [Address(*sock.getsockname()[:2]) for sock in self._sockets]
 
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return list(self._sockets)
+
     def open(self, address: Address) -> None:
         """Bind and listen (``[::]`` listens on IPv4 too). Raises :class:`ListenError`."""
         self._sockets.append(open_listening_socket(address))
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Accept on ``sock``, a listening socket another process handed over (a takeover);
+        the connections waiting in its backlog are ours."""
+        sock.setblocking(False)
+        self._sockets.append(sock)
 
     async def serve(self) -> None:
         """Accept until cancelled, on every socket."""

@@ -10,14 +10,20 @@ session's replay buffer up to its bound, then the backend is no longer read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import os
+import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 
 from .. import tls
 from ..config import ServerConfig, listen_addresses
 from ..credentials import ClientsFileError, ClientTokens
+from ..errors import StateError
 from ..logs import RateLimitedLog
 from ..protocol import routing
 from ..protocol.admission import HandshakeAdmission, MemoryBudget, MemoryStatistics
@@ -35,6 +41,7 @@ from ..protocol.handshake import ServerHandshake, SessionIds
 from ..protocol.router import Router
 from ..protocol.session import Session
 from ..resources import FdGuard
+from . import takeover
 from .gateway import read_routing_key
 from .link import LinkProtocol, LocalProtocol, LocalTransport, SessionRelay
 from .listener import BusyOwner, LinkListener
@@ -48,6 +55,11 @@ __all__ = ["Handler", "TetherServer"]
 
 logger = logging.getLogger("tether.server")
 
+# docs/operations.md, "Takeover": how long the backends may take to read the bytes the
+# clients already had acknowledged, before a takeover is refused and the server carries on.
+FLUSH_TIMEOUT = 5.0  # seconds
+FLUSH_POLL = 0.01  # seconds between looks at the backends' write buffers
+
 
 class _ServerSession(SessionRelay):
     def __init__(self, server: TetherServer, core: Session, peer: str) -> None:
@@ -56,6 +68,7 @@ class _ServerSession(SessionRelay):
         self.sid = core.session_id.hex()[:12]
         self.peer = peer  # the address of its current (or last) link
         self.local_address = "the handler" if server.handler else str(server.config.backend)
+        self.backend: _Backend | None = None  # the backend connection's protocol
 
     def fields(self, event: str, **more: object) -> dict[str, object]:
         """The structured fields of a session event (``--log-format json``)."""
@@ -86,12 +99,30 @@ class TetherServer(Service):
     role = "server"
     local_name = "backend"
 
-    def __init__(self, config: ServerConfig, *, handler: Handler | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        handler: Handler | None = None,
+        control: Path | None = None,
+        take_over: bool = False,
+    ) -> None:
         """Relay each session to ``config.backend``, or, with ``handler``, call
-        ``await handler(stream)`` for it (returning from the handler half-closes)."""
+        ``await handler(stream)`` for it (returning from the handler half-closes).
+        ``control``: the Unix socket where a successor may ask to take over (None: no
+        takeover); with ``take_over``, take over from the server that serves it there
+        first (docs/operations.md, "Takeover")."""
         super().__init__()
         self.config = config
         self.handler = handler
+        self._control_path = control
+        self._take_over = take_over
+        self._control: socket.socket | None = None
+        self._controlling: asyncio.Task[None] | None = None
+        self._control_inode = 0  # of the socket file we bound: we unlink only ours
+        self._handing_over = False
+        self._handed_sessions = self._handed_listening = 0
+        self.handed_over = asyncio.Event()  # set once a successor owns everything
         self._router = Router(
             config.session,
             max_sessions=config.max_sessions,
@@ -162,9 +193,15 @@ class TetherServer(Service):
         router = self._router
         self._fds = FdGuard.from_system()
         busy = BusyOwner()
+        context = self._tls_context()
+        inherited: takeover.Inherited | None = None
+        if self._take_over and self._control_path is not None:
+            inherited = await asyncio.to_thread(
+                takeover.receive, self._control_path, self.fingerprint or ""
+            )
         listener = LinkListener(
             lambda: LinkProtocol(self, router.open_link(loop.time())),
-            self._tls_context(),
+            context,
             handshake_timeout=self.config.session.handshake_timeout,
             admission=HandshakeAdmission(
                 self.config.max_handshakes,
@@ -177,16 +214,23 @@ class TetherServer(Service):
             # Near RLIMIT_NOFILE a TLS link is told REJECT(OVERLOADED) once TLS is up.
             busy=lambda: LinkProtocol(busy, router.open_link(loop.time())),
         )
-        try:
-            for address in listen_addresses(self.config.listen):
-                listener.open(address)
-        except OSError:
-            listener.close()
-            raise
+        if inherited is not None:
+            for sock in inherited.listening:
+                listener.adopt(sock)
+        else:
+            try:
+                for address in listen_addresses(self.config.listen):
+                    listener.open(address)
+            except OSError:
+                listener.close()
+                raise
         self.addresses = listener.addresses
         self._links = listener
+        if inherited is not None:
+            await self._adopt(inherited)
         self._accepting = self.spawn(listener.serve())
         self._summaries = self.spawn(self._summarise())
+        self._open_control(replace=inherited is not None)
         logger.info(
             "listening on %s, backend %s, timeout %gs, keepalive %gs; %s; %s",
             ", ".join(map(str, self.addresses)),
@@ -240,7 +284,250 @@ class TetherServer(Service):
             logger.warning("%s; keeping the clients read before", exc)
         return tokens.check(token)
 
+    # -- takeover (docs/design.md, "Takeover") --------------------------------------------
+
+    def _open_control(self, *, replace: bool = False) -> None:
+        path = self._control_path
+        if path is None or self.handler is not None:
+            return
+        try:
+            control = takeover.bind_control(path, replace=replace)
+        except OSError as exc:
+            logger.warning("takeover: cannot listen on %s (%s): no takeover", path, describe(exc))
+            return
+        if control is None:
+            logger.info(
+                "takeover: %s belongs to another running server: this one cannot be taken over",
+                path,
+            )
+            return
+        self._control = control
+        self._control_inode = os.stat(path).st_ino
+        self._controlling = self.spawn(self._serve_control(control))
+
+    def _close_control(self, *, unlink: bool) -> None:
+        control, self._control = self._control, None
+        if control is None:
+            return
+        task, self._controlling = self._controlling, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()  # a pending accept on a closed socket may never return (uvloop)
+        control.close()
+        path = self._control_path
+        if unlink and path is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == self._control_inode:
+                    path.unlink()
+
+    async def _serve_control(self, control: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while control.fileno() != -1:
+            try:
+                conn, _ = await loop.sock_accept(control)
+            except (OSError, ValueError):
+                if control.fileno() == -1:
+                    return  # closed: a takeover began, or the server stops
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                await self._answer_takeover(conn)
+            except Exception:  # a bug must cost this takeover only, never the server
+                logger.exception("takeover failed (a bug); serving on")
+                self._resume_after_takeover()
+            finally:
+                conn.close()
+
+    def _cannot_hand_over(self, request: takeover.TakeoverRequest) -> str | None:
+        if self.handler is not None:
+            return "this server runs a handler, not a backend"
+        if self.draining:
+            return "this server is draining"
+        if self._links is None or self._handing_over:
+            return "this server is not serving"
+        ours = self.fingerprint or ""
+        if request.fingerprint != ours:
+            theirs = request.fingerprint or "clear text"
+            return (
+                f"the new server's TLS identity ({theirs}) is not this one's "
+                f"({ours or 'clear text'}): its clients would refuse it"
+            )
+        return None
+
+    async def _answer_takeover(self, conn: socket.socket) -> None:
+        """Hand everything to the process at the other end of ``conn``, or refuse."""
+        pid, uid = takeover.peer_uid(conn)
+        if uid != os.getuid():
+            logger.warning(
+                "takeover: a request from pid %d (uid %d) refused: not this server's user",
+                pid,
+                uid,
+            )
+            return
+        request = await asyncio.to_thread(takeover.read_request, conn)
+        if request is None:  # another server starting beside us looks whether we answer
+            logger.debug("takeover: pid %d sent no takeover request; ignored", pid)
+            return
+        why = self._cannot_hand_over(request)
+        if why is not None:
+            logger.warning("takeover by pid %d refused: %s", pid, why)
+            await asyncio.to_thread(takeover.send_refusal, conn, why)
+            return
+        logger.info(
+            "takeover by pid %d: closing %d sessions' links and handing them over",
+            pid,
+            len(self._relays),
+        )
+        started = time.monotonic()
+        self._freeze()
+        handed = False
+        try:
+            handed = await self._hand_over(conn, pid)
+        finally:
+            if not handed:
+                self._resume_after_takeover()
+        if handed:
+            logger.info(
+                "handed over %d sessions and %d listening sockets to pid %d in %.2fs; exiting",
+                self._handed_sessions,
+                self._handed_listening,
+                pid,
+                time.monotonic() - started,
+            )
+
+    def _freeze(self) -> None:
+        """Stop accepting and taking setups, close every link, stop reading backends."""
+        self._handing_over = True
+        self._close_control(unlink=False)  # one at a time; re-opened if this one fails
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+        for relay in list(self._relays.values()):
+            if relay.link is not None:
+                self.note_detached(relay, "server handing over")
+            relay.freeze()
+
+    def _resume_after_takeover(self) -> None:
+        if not self._handing_over:
+            return
+        self._handing_over = False
+        for relay in list(self._relays.values()):
+            relay.thaw()
+        if self._links is not None and self._accepting is None:
+            self._accepting = self.spawn(self._links.serve())
+        if self._control is None:
+            self._open_control(replace=True)
+        logger.warning("takeover failed; serving on (clients resume here)")
+
+    async def _flushed(self) -> int:
+        """Wait (at most FLUSH_TIMEOUT) until every backend has taken the bytes written to
+        it (what the clients sent and were told had arrived); how many have not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FLUSH_TIMEOUT
+        while True:
+            waiting = 0
+            for relay in self._relays.values():
+                backend = relay.backend
+                transport = backend.transport if backend is not None else None
+                if transport is not None and transport.get_write_buffer_size() > 0:
+                    waiting += 1
+            if not waiting or loop.time() >= deadline:
+                return waiting
+            await asyncio.sleep(FLUSH_POLL)
+
+    async def _hand_over(self, conn: socket.socket, pid: int) -> bool:
+        """Send the listening sockets and the sessions; True once the successor has them
+        and was told BYE (this process then owns nothing)."""
+        waiting = await self._flushed()
+        if waiting:
+            why = f"{waiting} backends did not read what they were sent within {FLUSH_TIMEOUT:g}s"
+            logger.warning("takeover by pid %d refused: %s", pid, why)
+            await asyncio.to_thread(takeover.send_refusal, conn, why)
+            return False
+        assert self._links is not None
+        # Duplicates are sent, from a thread: whatever the loop closes meanwhile (a session
+        # that expires), the descriptor sent is still the socket exported, never a reused
+        # number; and the successor then holds it, so that close sends nothing.
+        dups: list[int] = []
+        try:
+            listening = [_dup(sock.fileno(), dups) for sock in self._links.sockets]
+            now = asyncio.get_running_loop().time()
+            records: list[takeover.Handed] = []
+            relays = list(self._relays.values())
+            for relay in relays:
+                sid = relay.core.session_id
+                backend = relay.backend
+                fd = -1
+                transport = backend.transport if backend is not None else None
+                if transport is not None and relay.local is not None and not transport.is_closing():
+                    sock = transport.get_extra_info("socket")
+                    fd = _dup(sock.fileno(), dups) if sock is not None else -1
+                state = relay.core.export_state(now)
+                source = self._router.source_of(sid)
+                records.append(takeover.Handed(source, relay.peer, state, fd=fd))
+            done = await asyncio.to_thread(_send_all, conn, listening, records)
+        finally:
+            for fd in dups:
+                os.close(fd)
+        if not done:
+            logger.warning("takeover by pid %d failed: it did not take everything", pid)
+            return False
+        # Committed: the successor serves from now on. Close our copies of the sockets
+        # (nothing is sent: the successor holds the same ones) and forget the sessions.
+        self._handed_sessions, self._handed_listening = len(records), len(listening)
+        for relay in relays:
+            backend = relay.backend
+            if backend is not None:
+                backend.relay = None
+                if backend.transport is not None:
+                    backend.transport.close()
+            relay.local = None
+            self._relays.pop(relay.core.session_id, None)
+        self.stop_listening()
+        self.handed_over.set()
+        return True
+
+    async def _adopt(self, inherited: takeover.Inherited) -> None:
+        """Serve the sessions a takeover brought, DETACHED until their clients resume."""
+        loop = asyncio.get_running_loop()
+        router = self._router
+        now = loop.time()
+        taken = 0
+        for handed in inherited.sessions:
+            try:
+                core = router.adopt(handed.state, now, handed.source)
+            except StateError as exc:
+                logger.error("takeover: a session from pid %d lost: %s", inherited.pid, exc)
+                if handed.backend is not None:
+                    handed.backend.close()
+                continue
+            relay = _ServerSession(self, core, handed.peer)
+            self._relays[core.session_id] = relay
+            relay.detached_at = core.detached_since
+            try:
+                if handed.backend is not None:
+                    fds = self._fds
+                    backend = _Backend(fds if fds is not None and fds.acquire() else None)
+                    await loop.connect_accepted_socket(_returning(backend), handed.backend)
+                    relay.backend = backend
+                    backend.bind(relay)
+                relay.pump()  # arms its expiry
+            except Exception:  # a bug must cost this session only, never the others
+                logger.exception("takeover: session %s lost", relay.sid)
+                if handed.backend is not None and relay.backend is None:
+                    handed.backend.close()
+                relay.abort(CloseCode.INTERNAL_ERROR, "internal error")
+                continue
+            taken += 1
+        logger.info(
+            "took over %d sessions and %d listening sockets from pid %d",
+            taken,
+            len(inherited.listening),
+            inherited.pid,
+        )
+
     def stop_listening(self) -> None:
+        if not self._handing_over:
+            self._close_control(unlink=True)
         for task in (self._accepting, self._summaries):
             if task is not None:
                 task.cancel()
@@ -261,7 +548,11 @@ class TetherServer(Service):
     def link_event(self, link: LinkProtocol, event: Event) -> None:
         handshake = link.handshake
         assert isinstance(handshake, ServerHandshake)
-        if isinstance(event, SetupRequested):
+        if self._handing_over and isinstance(event, SetupRequested | ResumeRequested):
+            # Transient for setups and resumes alike: the client comes back, to the successor.
+            link.why = "server handing over (takeover)"
+            handshake.reject(CloseCode.GOING_AWAY, "server restarting")
+        elif isinstance(event, SetupRequested):
             logger.debug("link %s: SETUP received", link.peer)
             refusal = self._router.admit_setup(handshake, link.source)
             if refusal is not None:
@@ -388,6 +679,7 @@ class TetherServer(Service):
         if relay is None:
             transport.close()  # the link died while we reached the backend
             return False
+        relay.backend = backend
         backend.bind(relay)  # what the backend already said follows the ACCEPT
         relay.log.info(
             "session %s: new from %s, backend %s",
@@ -404,6 +696,11 @@ class TetherServer(Service):
     ) -> _ServerSession | None:
         """Create the session and give it the link; None if the link died meanwhile."""
         if link.lost or hs.done:
+            return None
+        if self._handing_over:  # admitted before the takeover began: the client retries
+            link.why = "server handing over (takeover)"
+            hs.reject(CloseCode.GOING_AWAY, "server restarting")
+            link.pump_handshake()
             return None
         core = self._router.accept_setup(hs, asyncio.get_running_loop().time(), link.source)
         relay = _ServerSession(self, core, link.peer)
@@ -470,6 +767,36 @@ class _Backend(LocalProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed()
         super().connection_lost(exc)
+
+
+def _dup(fd: int, dups: list[int]) -> int:
+    """A duplicate of ``fd``, remembered in ``dups`` (closed by the caller)."""
+    dup = os.dup(fd)
+    dups.append(dup)
+    return dup
+
+
+def _returning(backend: _Backend) -> Callable[[], _Backend]:
+    return lambda: backend
+
+
+def _send_all(conn: socket.socket, listening: list[int], records: list[takeover.Handed]) -> bool:
+    """The old server's side of the exchange (blocking, in a thread): True once the
+    successor acknowledged everything and was told BYE."""
+    deadline = time.monotonic() + takeover.TAKEOVER_TIMEOUT
+    try:
+        hello = takeover.hello(os.getpid(), len(listening), len(records))
+        takeover.send_message(conn, takeover.HELLO, hello, listening, deadline)
+        for payload, fds in takeover.build_batches(records):
+            takeover.send_message(conn, takeover.SESSIONS, payload, fds, deadline)
+        takeover.send_message(conn, takeover.END, b"", [], deadline)
+        if takeover.recv_byte(conn, deadline) != takeover.ACK:
+            return False
+        takeover.send_byte(conn, takeover.BYE, deadline)
+    except OSError as exc:
+        logger.warning("takeover: %s", describe(exc))
+        return False
+    return True
 
 
 def _session_ids(config: ServerConfig) -> SessionIds | None:

@@ -323,6 +323,12 @@ class SessionAdmission:
         self._admitted += 1
         return Admission.ADMIT
 
+    def adopt(self, source: str) -> None:
+        """Count a session that exists already (handed over by another process, a
+        takeover) for ``source``, past the limits if need be: refusing it would end it."""
+        self._sources.add(self._sources.key(source))
+        self._sessions += 1
+
     def release(self, source: str) -> None:
         """The session admitted for ``source`` ended, or its setup failed after admission."""
         self._sources.remove(self._sources.key(source), "a session")
@@ -465,6 +471,18 @@ class MemoryBudget:
         if window is None:
             self._refused += 1
             return None
+        reserved = min(self.floor, window)
+        self._committed += reserved
+        self._sessions += 1
+        return Account(self, window, reserved)
+
+    def adopt(self, window: int) -> Account:
+        """Open an account for a session that exists already (a takeover) with the
+        ``window`` its client was told, whatever the budget holds: its bytes were within
+        the old process's budget, and refusing it would end it. Charge its bytes with
+        :meth:`Account.follow` (an overdraft until acknowledgements bring it back)."""
+        if window < 1:
+            raise ValueError("window must be at least 1 byte")
         reserved = min(self.floor, window)
         self._committed += reserved
         self._sessions += 1

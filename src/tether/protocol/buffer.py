@@ -40,6 +40,15 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self._end - self._start
 
+    @classmethod
+    def restored(cls, start: int, data: bytes) -> ReplayBuffer:
+        """A buffer holding ``data`` at offsets ``[start, start + len(data))``: a session's
+        unacknowledged bytes, handed over by another process (Session.restore)."""
+        buffer = cls()
+        buffer._start = buffer._end = start
+        buffer.append(data)
+        return buffer
+
     def append(self, data: Chunk) -> None:
         if data:
             self._chunks.append(data)

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import StateError
 from .admission import Account, MemoryBudget, SessionAdmission
 from .codes import CloseCode
 from .frames import Resume, Setup
@@ -161,6 +162,29 @@ class Router:
             handshake.reject(code, "no such session" if code is CloseCode.UNKNOWN_SESSION else "")
             return None
         return session if handshake.accept_resume(session, now) else None
+
+    def adopt(self, state: bytes, now: float, source: str = "?") -> Session:
+        """Take over a session another process exported (docs/design.md, "Takeover"): it
+        is restored DETACHED with the time it had left, counted for ``source`` and charged
+        to the memory budget, past their limits if need be (it exists already). Raises
+        :class:`~tether.errors.StateError` for a malformed state or an id held already."""
+        session = Session.restore(state, self.config, now)
+        sid = session.session_id
+        if sid in self.sessions:
+            raise StateError(f"session {sid.hex()[:12]} handed over twice")
+        self._ended.pop(sid, None)
+        self.admission.adopt(source)
+        if self.memory is not None:
+            session.charge_to(self.memory.adopt(session.config.window))
+        self.sessions[sid] = session
+        self._sources[sid] = source
+        if self.draining:
+            session.drain(now, self.drain_deadline)
+        return session
+
+    def source_of(self, session_id: bytes) -> str:
+        """The source the session ``session_id`` is counted for ("?" if none)."""
+        return self._sources.get(session_id, "?")
 
     def forget(self, session: Session) -> None:
         """``session`` ended: drop it, and remember how for a late resume."""

@@ -24,20 +24,25 @@ The API is sans-I/O (CONTRIBUTING.md, "Layers" L2):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import math
+import struct
+from dataclasses import dataclass, replace
 
-from ..errors import InvalidState, ProtocolError
+from ..errors import InvalidState, ProtocolError, StateError
 from . import events
 from .admission import Account
 from .buffer import ReplayBuffer
 from .codes import CloseCode
 from .frames import (
     DRAINING_VERSION,
+    KEY_SIZE,
     MAX_DATA_CHUNK,
     MAX_WINDOW,
     MIN_PROTOCOL_VERSION,
     MIN_WINDOW,
     NO_DEADLINE,
+    PROTOCOL_VERSION,
+    SESSION_ID_SIZE,
     Ack,
     Close,
     Data,
@@ -79,6 +84,22 @@ JOIN_BELOW = 4096  # DATA pieces of one read averaging fewer bytes are delivered
 # the ACCEPT (its setup link died first) waits this long for a resume, not the timeout.
 ORPHAN_GRACE = 10.0  # seconds
 ORPHANED = "orphaned setup: the client was never heard from after ACCEPT"  # its end reason
+# docs/design.md, "Takeover": a server session's state, handed to another process.
+# magic | format u8 | protocol version u8 | session id | secret | _STATE_BODY | the
+# unacknowledged outbound bytes. Checked like peer input (it crossed a process boundary).
+STATE_MAGIC = b"TTS\x00"
+STATE_FORMAT = 1
+_STATE_HEAD = struct.Struct(f"!4sBB{SESSION_ID_SIZE}s{KEY_SIZE}s")
+# window, peer_window u32 | peer_timeout f64 | buffer start, peer_acked, sent_high,
+# received u64 | flags u8 | expires_in, detached_for, drain_in f64 | links, resumes u32 |
+# replayed u64 | unacknowledged bytes u32
+_STATE_BODY = struct.Struct("!IIdQQQQBdddIIQI")
+_EOF_SENT, _EOF_RECEIVED, _CONFIRMED, _DRAINING, _DRAIN_DEADLINE = (1, 2, 4, 8, 16)
+MAX_OFFSET = 1 << 62  # no stream gets near it; an offset past it is a forged state
+# docs/protocol.md, "Limits": a replay buffer may exceed its bound by one write (a read of
+# the local side, at most 256 KiB in aio/link.py).
+STATE_SLACK = 256 * 1024
+MAX_STATE_TIME = 7 * 86400.0  # seconds: SessionConfig's longest timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +402,131 @@ class Session:
             detached_since=self._detached_since,
             expires_at=self._expire_at,
         )
+
+    # -- takeover (docs/design.md, "Takeover") ----------------------------------------
+
+    def export_state(self, now: float) -> bytes:
+        """This server session as bytes another process can :meth:`restore`: identity,
+        secret, offsets both ways, EOFs, the unacknowledged bytes, and its deadlines as
+        durations from ``now``. An attached session is exported as if its link were lost
+        at ``now`` (the driver closes every link before a takeover). The state holds the
+        session secret: it goes only to a process of the same user (docs/security.md)."""
+        if self.role is not Role.SERVER:
+            raise InvalidState("export_state() of a client session")
+        if self.state not in (SessionState.ATTACHED, SessionState.DETACHED):
+            raise InvalidState(f"export_state() of a {self.state.value} session")
+        if self._expire_at is None or self.state is SessionState.ATTACHED:
+            wait = min(self.config.timeout, self._peer_timeout)
+            expires_in = min(wait, ORPHAN_GRACE) if not self._confirmed else wait
+            detached_for = 0.0
+        else:
+            expires_in = max(0.0, self._expire_at - now)
+            since = self._detached_since
+            detached_for = max(0.0, now - since) if since is not None else 0.0
+        flags = (
+            (_EOF_SENT if self._eof else 0)
+            | (_EOF_RECEIVED if self._peer_eof else 0)
+            | (_CONFIRMED if self._confirmed else 0)
+            | (_DRAINING if self._draining else 0)
+            | (_DRAIN_DEADLINE if self._drain_at is not None else 0)
+        )
+        drain_in = max(0.0, self._drain_at - now) if self._drain_at is not None else 0.0
+        pending = b"".join(self.pending())  # one copy, at takeover only
+        head = _STATE_HEAD.pack(
+            STATE_MAGIC, STATE_FORMAT, self.version, self.session_id, self._secret
+        )
+        body = _STATE_BODY.pack(
+            self.config.window,
+            self._peer_window,
+            self._peer_timeout,
+            self._buffer.start,
+            self._peer_acked,
+            self._sent_high,
+            self._received,
+            flags,
+            expires_in,
+            detached_for,
+            drain_in,
+            self._links,
+            self._resumes,
+            self._replayed,
+            len(pending),
+        )
+        return head + body + pending
+
+    @classmethod
+    def restore(cls, state: bytes, config: SessionConfig, now: float) -> Session:
+        """A DETACHED server session from :meth:`export_state` (another process's), with
+        ``config`` but the window its client was told, waiting for a resume until the time
+        it had left. Raises :class:`~tether.errors.StateError` for anything malformed."""
+        fixed = _STATE_HEAD.size + _STATE_BODY.size
+        if len(state) < fixed:
+            raise StateError(f"session state of {len(state)} bytes, at least {fixed} expected")
+        magic, form, version, session_id, secret = _STATE_HEAD.unpack_from(state)
+        if magic != STATE_MAGIC or form != STATE_FORMAT:
+            raise StateError("not a session state of this format")
+        if not MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
+            raise StateError(f"session state of protocol version {version}")
+        (
+            window,
+            peer_window,
+            peer_timeout,
+            start,
+            peer_acked,
+            sent_high,
+            received,
+            flags,
+            expires_in,
+            detached_for,
+            drain_in,
+            links,
+            resumes,
+            replayed,
+            size,
+        ) = _STATE_BODY.unpack_from(state, _STATE_HEAD.size)
+        if len(state) != fixed + size:
+            raise StateError(f"session state of {len(state)} bytes, {fixed + size} expected")
+        for name, value in (("window", window), ("peer window", peer_window)):
+            if not MIN_WINDOW <= value <= MAX_WINDOW:
+                raise StateError(f"session state: {name} {value} out of range")
+        if size > window + STATE_SLACK:
+            raise StateError(f"session state: {size} bytes held, window {window}")
+        for name, seconds in (
+            ("peer timeout", peer_timeout),
+            ("expiry", expires_in),
+            ("detached time", detached_for),
+            ("drain deadline", drain_in),
+        ):
+            if not (math.isfinite(seconds) and 0 <= seconds <= MAX_STATE_TIME):
+                raise StateError(f"session state: {name} {seconds!r} out of range")
+        if peer_timeout <= 0 or flags >= 2 * _DRAIN_DEADLINE:
+            raise StateError("session state: bad timeout or flags")
+        eof, peer_eof = bool(flags & _EOF_SENT), bool(flags & _EOF_RECEIVED)
+        end = start + size
+        top = end + 1 if eof else end  # the EOF takes one offset
+        if not (
+            max(start, peer_acked, sent_high, received) < MAX_OFFSET
+            and start == min(peer_acked, end)
+            and peer_acked <= sent_high <= top
+            and (received >= 1 or not peer_eof)
+        ):
+            raise StateError("session state: inconsistent offsets")
+        session = cls(Role.SERVER, replace(config, window=window), now)
+        session.state = SessionState.DETACHED
+        session.session_id, session.version, session._secret = session_id, version, secret
+        session._buffer = ReplayBuffer.restored(start, state[fixed:])
+        session._eof, session._peer_eof = eof, peer_eof
+        session._peer_acked, session._sent_high = peer_acked, sent_high
+        session._send_next = sent_high
+        session._received = session._acked = received
+        session._peer_window, session._peer_timeout = peer_window, peer_timeout
+        session._confirmed = bool(flags & _CONFIRMED)
+        session._draining = bool(flags & _DRAINING)
+        session._drain_at = now + drain_in if flags & _DRAIN_DEADLINE else None
+        session._expire_at = now + expires_in
+        session._detached_since = now - detached_for
+        session._links, session._resumes, session._replayed = links, resumes, replayed
+        return session
 
     # -- outputs -------------------------------------------------------------------
 
