@@ -417,12 +417,15 @@ def test_a_backend_that_does_not_read_makes_the_takeover_wait_then_refuse(
 ) -> None:
     """Bytes the client was told had arrived, still waiting for a backend that does not
     read, exist only in the old server: it refuses the takeover rather than lose them, and
-    carries on; once the backend reads, every byte is there."""
+    carries on; once the backend reads, every byte is there. While it waits, the admin
+    endpoint will neither end a session nor start a drain (409): the session may be in the
+    successor's hands already."""
 
     async def main() -> None:
         state = tmp_path / "state"
         async with Backend(seed=7, size=0, eof=False) as backend:
-            old = await _server(backend, state, tmp_path)
+            old = await _server(backend, state, tmp_path, "--admin", "127.0.0.1:0")
+            admin = await admin_url(old)
             client = await _client(old, tmp_path)
             try:
                 app = await connect_app(client.address, seed=8, size=0, eof=False)
@@ -434,17 +437,31 @@ def test_a_backend_that_does_not_read_makes_the_takeover_wait_then_refuse(
                 for _ in range(2048):  # 8 MiB: more than the kernel's buffers take
                     up.tick()
                 host, port = backend.address
-                done = await asyncio.to_thread(
-                    subprocess.run,
-                    [
-                        *(sys.executable, "-m", "tether", "server", "--takeover"),
-                        *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
-                        *("--state-dir", str(state), "--buffer", "256K", *FAST),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
+                successor = asyncio.ensure_future(
+                    asyncio.to_thread(
+                        subprocess.run,
+                        [
+                            *(sys.executable, "-m", "tether", "server", "--takeover"),
+                            *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
+                            *("--state-dir", str(state), "--buffer", "256K", *FAST),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                    )
                 )
+
+                async def handing_over() -> bool:
+                    return "closing 1 sessions' links and handing them over" in old.log()
+
+                await poll("the hand-over to begin", handing_over, limit=400)
+                status, body, _ = await request("GET", admin + "api/sessions")
+                (listed,) = json.loads(body)["sessions"]
+                status, body, _ = await request("DELETE", admin + f"api/sessions/{listed['id']}")
+                assert status == 409 and b"takeover" in body, (status, body)
+                status, body, _ = await request("POST", admin + "api/drain")
+                assert status == 409 and b"takeover" in body, (status, body)
+                done = await successor
                 assert done.returncode == 1, done.stderr
                 assert "did not read what they were sent within 5s" in done.stderr
                 assert "takeover failed; serving on" in old.log()

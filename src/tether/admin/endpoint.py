@@ -259,6 +259,10 @@ class AdminEndpoint:
         if isinstance(relay, web.Response):
             return relay
         sid = relay.core.session_id.hex()
+        if self.service.handing_over:  # its state may be with the successor already
+            return web.json_response(
+                {"error": "a takeover is under way: ask the new server"}, status=409
+            )
         who = self._who(request)
         logger.warning(
             "session %s: ended by the admin endpoint, asked by %s%s",
@@ -288,6 +292,10 @@ class AdminEndpoint:
         """Start a drain, as SIGTERM does (guarded as DELETE is: token, Host, Origin)."""
         service = self.service
         already = service.draining
+        if service.handing_over:
+            return web.json_response(
+                {"error": "a takeover is under way: ask the new server"}, status=409
+            )
         if not service.drain():
             return web.json_response({"error": "only a server drains"}, status=409)
         if not already:

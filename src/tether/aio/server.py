@@ -164,6 +164,10 @@ class TetherServer(Service):
     def draining(self) -> bool:
         return self._router.draining
 
+    @property
+    def handing_over(self) -> bool:
+        return self._handing_over
+
     def drain(self) -> bool:
         """Refuse new sessions (REJECT GOING_AWAY) and keep the live ones; resumes of them
         are still accepted. Whoever runs the server waits on :attr:`drain_requested` and
@@ -227,6 +231,14 @@ class TetherServer(Service):
         self.addresses = listener.addresses
         self._links = listener
         if inherited is not None:
+            wanted = {str(a) for a in listen_addresses(self.config.listen) if a.port}
+            if wanted and wanted != {str(a) for a in listener.addresses}:
+                logger.warning(
+                    "takeover: listening on %s, as the server taken over did; --listen %s "
+                    "takes effect only at a restart",
+                    ", ".join(map(str, listener.addresses)),
+                    ", ".join(sorted(wanted)),
+                )
             await self._adopt(inherited)
         self._accepting = self.spawn(listener.serve())
         self._summaries = self.spawn(self._summarise())

@@ -170,6 +170,11 @@ class Service:
         return None
 
     @property
+    def handing_over(self) -> bool:
+        """A takeover is moving the sessions to another process (only a server's)."""
+        return False
+
+    @property
     def draining(self) -> bool:
         """Refusing new sessions while the live ones finish (a server's drain)."""
         return False
