@@ -497,9 +497,19 @@ def test_the_successor_takes_the_admin_port_once_the_old_server_lets_it_go(
                 assert (await admin_url(old)) == f"http://127.0.0.1:{port}/"
                 app = await connect_app(client.address, seed=8, size=1024, eof=False)
                 far = await backend.serving(1024)
-                started.append(await _server(backend, state, tmp_path, "--takeover", *admin))
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    elsewhere = f"127.0.0.1:{probe.getsockname()[1]}"
+                started.append(
+                    await _server(
+                        backend, state, tmp_path, "--takeover", *admin, "--listen", elsewhere
+                    )
+                )
                 new = started[0]
                 assert (await admin_url(new)) == f"http://127.0.0.1:{port}/"
+                # It listens where the old server did, and says its own --listen waits.
+                assert new.address == old.address
+                assert f"--listen {elsewhere} takes effect only at a restart" in new.log()
                 assert await _exit(old, 30) == 0, old.log()
                 status, body, _ = await request("GET", f"http://127.0.0.1:{port}/api/sessions")
                 assert status == 200 and len(json.loads(body)["sessions"]) == 1, body
