@@ -942,14 +942,29 @@ def _setup_logging(level: str, log_format: str) -> None:
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     _tune_malloc()
+    finished: list[int] = []
+
+    async def recorded() -> int:
+        code = await main()
+        finished.append(code)
+        return code
+
+    run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     if not os.environ.get("TETHER_NO_UVLOOP"):
         try:
             import uvloop
         except ImportError:
             pass
         else:
-            return uvloop.run(main())
-    return asyncio.run(main())
+            run = uvloop.run
+    try:
+        return run(recorded())
+    except KeyboardInterrupt:
+        # A SIGINT after the work was done, while the loop was closing (it had let go of
+        # its signal handlers): a stop asked for while stopping, not an error.
+        if finished:
+            return finished[0]
+        raise
 
 
 def _tune_malloc() -> None:

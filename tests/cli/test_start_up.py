@@ -507,3 +507,39 @@ def test_check_config_prints_a_listen_list_and_a_reload_says_it_needs_a_restart(
     changes = reloader.changes(old, new)
     assert changes == [("listen", "0.0.0.0:2598", '["[::]:2598", "127.0.0.1:7000"]')]
     assert "listen" in RESTART_KEYS
+
+
+def test_a_sigint_while_the_loop_closes_after_the_work_is_done_is_not_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SIGINT that lands while the loop closes (its signal handlers gone, so Python raises
+    KeyboardInterrupt) after the service finished keeps the exit code; one that lands
+    before the work is done still interrupts."""
+    import asyncio
+    from collections.abc import Coroutine
+
+    from tether import cli
+
+    def closing_interrupted(coro: Coroutine[object, object, int]) -> int:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(coro)
+        finally:
+            loop.close()
+        raise KeyboardInterrupt  # as if SIGINT came during the loop's own shutdown
+
+    monkeypatch.setenv("TETHER_NO_UVLOOP", "1")
+    monkeypatch.setattr(cli.asyncio, "run", closing_interrupted)
+
+    async def done() -> int:
+        return 3
+
+    assert cli._run(done) == 3
+
+    def interrupted_at_once(coro: Coroutine[object, object, int]) -> int:
+        coro.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.asyncio, "run", interrupted_at_once)
+    with pytest.raises(KeyboardInterrupt):
+        cli._run(done)
