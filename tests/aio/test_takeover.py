@@ -10,6 +10,7 @@ asserted (T7)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,24 @@ async def _client(server: Proc, tmp: Path) -> Proc:
         *FAST,
         tmp=str(tmp),
     )
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    tmp: Path, *, size: int, server_args: tuple[str, ...] = (), server_first: bool = False
+) -> AsyncIterator[tuple[Path, Backend, Proc, Proc]]:
+    """A backend, a tether server for it (state in ``tmp/state``) and a client; both
+    processes must exit 0 when stopped (the server first with ``server_first``: a
+    draining server exits on its own once the client's session ends)."""
+    state = tmp / "state"
+    async with Backend(seed=7, size=size, eof=False) as backend:
+        old = await _server(backend, state, tmp, *server_args)
+        client = await _client(old, tmp)
+        try:
+            yield state, backend, old, client
+        finally:
+            procs = (old, client) if server_first else (client, old)
+            assert [stop(proc) for proc in procs] == [0, 0]
 
 
 async def _exit(proc: Proc, limit: float) -> int:
@@ -257,91 +276,79 @@ def test_a_takeover_with_no_server_to_take_over_fails_with_exit_1(tmp_path: Path
 
 def test_a_bad_request_is_refused_and_the_server_serves_on(tmp_path: Path) -> None:
     async def main() -> None:
-        state = tmp_path / "state"
-        async with Backend(seed=7, size=1024, eof=False) as backend:
-            old = await _server(backend, state, tmp_path)
-            client = await _client(old, tmp_path)
-            try:
-                app = await connect_app(client.address, seed=8, size=1024, eof=False)
-                far = await backend.serving(1024)
+        async with _running(tmp_path, size=1024) as (state, backend, old, client):
+            app = await connect_app(client.address, seed=8, size=1024, eof=False)
+            far = await backend.serving(1024)
 
-                def ask(payload: bytes) -> bytes:
-                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                        sock.settimeout(10)
-                        sock.connect(str(_control(state)))
-                        sock.sendall(payload)
-                        sock.shutdown(socket.SHUT_WR)
-                        answer = b""
-                        try:
-                            while chunk := sock.recv(65536):
-                                answer += chunk
-                        except ConnectionResetError:  # closed with our bytes unread
-                            pass
-                        return answer
+            def ask(payload: bytes) -> bytes:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(10)
+                    sock.connect(str(_control(state)))
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    answer = b""
+                    try:
+                        while chunk := sock.recv(65536):
+                            answer += chunk
+                    except ConnectionResetError:  # closed with our bytes unread
+                        pass
+                    return answer
 
-                assert await asyncio.to_thread(ask, b"GET / HTTP/1.0\r\n\r\n") == b""
-                answer = await asyncio.to_thread(ask, _request("sha256:" + "0" * 64))
-                assert answer[:1] == b"\x04", answer  # REFUSED, with the reason
-                assert b"TLS identity" in answer
+            assert await asyncio.to_thread(ask, b"GET / HTTP/1.0\r\n\r\n") == b""
+            answer = await asyncio.to_thread(ask, _request("sha256:" + "0" * 64))
+            assert answer[:1] == b"\x04", answer  # REFUSED, with the reason
+            assert b"TLS identity" in answer
 
-                async def refused() -> bool:
-                    return "takeover by pid" in old.log() and "refused" in old.log()
+            async def refused() -> bool:
+                return "takeover by pid" in old.log() and "refused" in old.log()
 
-                await poll("the refusal to be logged", refused)
-                assert old.popen.poll() is None
-                assert "closing" not in old.log()  # nothing was frozen
-                assert app.transport is not None and far.transport is not None
-                app.transport.write(b"still here")
-                await poll("the session to carry on", _at_least(far, 1024 + 10))
-            finally:
-                assert (stop(client), stop(old)) == (0, 0)
+            await poll("the refusal to be logged", refused)
+            assert old.popen.poll() is None
+            assert "closing" not in old.log()  # nothing was frozen
+            assert app.transport is not None and far.transport is not None
+            app.transport.write(b"still here")
+            await poll("the session to carry on", _at_least(far, 1024 + 10))
 
     run(main())
 
 
 def test_a_successor_that_dies_half_way_leaves_the_server_serving(tmp_path: Path) -> None:
     async def main() -> None:
-        state = tmp_path / "state"
-        async with Backend(seed=7, size=1024, eof=False) as backend:
-            old = await _server(backend, state, tmp_path)
-            client = await _client(old, tmp_path)
-            try:
-                app = await connect_app(client.address, seed=8, size=1024, eof=False)
-                far = await backend.serving(1024)
-                await poll("the backend's bytes at the application", _at_least(app, 1024))
+        async with _running(tmp_path, size=1024) as (state, backend, old, client):
+            app = await connect_app(client.address, seed=8, size=1024, eof=False)
+            far = await backend.serving(1024)
+            await poll("the backend's bytes at the application", _at_least(app, 1024))
 
-                def half_way() -> int:
-                    """Ask, read the first message (with its descriptors), then vanish."""
-                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                        sock.settimeout(10)
-                        sock.connect(str(_control(state)))
-                        sock.sendall(_request(_fingerprint(old)))
-                        _, fds, _, _ = socket.recv_fds(sock, 9, 16)
-                        for fd in fds:
-                            os.close(fd)  # the old server holds them: nothing is sent
-                        return len(fds)
+            def half_way() -> int:
+                """Ask, read the first message (with its descriptors), then vanish."""
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(10)
+                    sock.connect(str(_control(state)))
+                    sock.sendall(_request(_fingerprint(old)))
+                    _, fds, _, _ = socket.recv_fds(sock, 9, 16)
+                    for fd in fds:
+                        os.close(fd)  # the old server holds them: nothing is sent
+                    return len(fds)
 
-                assert await asyncio.to_thread(half_way) == 1  # the listening socket
+            assert await asyncio.to_thread(half_way) == 1  # the listening socket
 
-                async def serving_on() -> bool:
-                    return "takeover failed; serving on" in old.log()
+            async def serving_on() -> bool:
+                return "takeover failed; serving on" in old.log()
 
-                await poll("the old server to carry on", serving_on)
-                assert old.popen.poll() is None
-                # Its links were closed: the session resumes here and goes on, both ways.
-                assert app.transport is not None and far.transport is not None
-                app.transport.write(b"u" * 5000)
-                far.transport.write(b"d" * 5000)
-                await poll("bytes up after the failed takeover", _at_least(far, 1024 + 5000))
-                await poll("bytes down after the failed takeover", _at_least(app, 1024 + 5000))
-                assert "resumed from" in old.log()
-                assert len(backend.connections) == 1
-                # And a new session is taken, on the same listening socket.
-                late = await connect_app(client.address, seed=9, size=100, eof=False)
-                await backend.serving(100)
-                assert late.exc is None
-            finally:
-                assert (stop(client), stop(old)) == (0, 0)
+            await poll("the old server to carry on", serving_on)
+            assert old.popen.poll() is None
+            # Its links were closed: the session resumes here and goes on, both ways.
+            assert app.transport is not None and far.transport is not None
+            app.transport.write(b"u" * 5000)
+            far.transport.write(b"d" * 5000)
+            await poll("bytes up after the failed takeover", _at_least(far, 1024 + 5000))
+            await poll("bytes down after the failed takeover", _at_least(app, 1024 + 5000))
+            assert "resumed from" in old.log()
+            assert len(backend.connections) == 1
+            # And a new session is taken, on the same listening socket.
+            late = await connect_app(client.address, seed=9, size=100, eof=False)
+            await backend.serving(100)
+            assert late.exc is None
 
     run(main())
 
@@ -422,56 +429,52 @@ def test_a_backend_that_does_not_read_makes_the_takeover_wait_then_refuse(
     successor's hands already."""
 
     async def main() -> None:
-        state = tmp_path / "state"
-        async with Backend(seed=7, size=0, eof=False) as backend:
-            old = await _server(backend, state, tmp_path, "--admin", "127.0.0.1:0")
+        admin_args = ("--admin", "127.0.0.1:0")
+        async with _running(tmp_path, size=0, server_args=admin_args) as running:
+            state, backend, old, client = running
             admin = await admin_url(old)
-            client = await _client(old, tmp_path)
-            try:
-                app = await connect_app(client.address, seed=8, size=0, eof=False)
-                up = Paced(app, 8)
+            app = await connect_app(client.address, seed=8, size=0, eof=False)
+            up = Paced(app, 8)
+            up.tick()
+            far = await backend.serving(PACE)
+            assert far.transport is not None
+            far.transport.pause_reading()  # the backend stops reading
+            for _ in range(2048):  # 8 MiB: more than the kernel's buffers take
                 up.tick()
-                far = await backend.serving(PACE)
-                assert far.transport is not None
-                far.transport.pause_reading()  # the backend stops reading
-                for _ in range(2048):  # 8 MiB: more than the kernel's buffers take
-                    up.tick()
-                host, port = backend.address
-                successor = asyncio.ensure_future(
-                    asyncio.to_thread(
-                        subprocess.run,
-                        [
-                            *(sys.executable, "-m", "tether", "server", "--takeover"),
-                            *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
-                            *("--state-dir", str(state), "--buffer", "256K", *FAST),
-                        ],
-                        capture_output=True,
-                        text=True,
-                        timeout=60,
-                    )
+            host, port = backend.address
+            successor = asyncio.ensure_future(
+                asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        *(sys.executable, "-m", "tether", "server", "--takeover"),
+                        *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
+                        *("--state-dir", str(state), "--buffer", "256K", *FAST),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
                 )
+            )
 
-                async def handing_over() -> bool:
-                    return "closing 1 sessions' links and handing them over" in old.log()
+            async def handing_over() -> bool:
+                return "closing 1 sessions' links and handing them over" in old.log()
 
-                await poll("the hand-over to begin", handing_over, limit=400)
-                status, body, _ = await request("GET", admin + "api/sessions")
-                (listed,) = json.loads(body)["sessions"]
-                status, body, _ = await request("DELETE", admin + f"api/sessions/{listed['id']}")
-                assert status == 409 and b"takeover" in body, (status, body)
-                status, body, _ = await request("POST", admin + "api/drain")
-                assert status == 409 and b"takeover" in body, (status, body)
-                done = await successor
-                assert done.returncode == 1, done.stderr
-                assert "did not read what they were sent within 5s" in done.stderr
-                assert "takeover failed; serving on" in old.log()
-                far.transport.resume_reading()
-                await poll("every byte at the backend", _at_least(far, up.sent), limit=1200)
-                assert far.received == up.sent
-                assert far.digest.hexdigest() == up.digest.hexdigest()
-                assert len(backend.connections) == 1
-            finally:
-                assert (stop(client), stop(old)) == (0, 0)
+            await poll("the hand-over to begin", handing_over, limit=400)
+            status, body, _ = await request("GET", admin + "api/sessions")
+            (listed,) = json.loads(body)["sessions"]
+            status, body, _ = await request("DELETE", admin + f"api/sessions/{listed['id']}")
+            assert status == 409 and b"takeover" in body, (status, body)
+            status, body, _ = await request("POST", admin + "api/drain")
+            assert status == 409 and b"takeover" in body, (status, body)
+            done = await successor
+            assert done.returncode == 1, done.stderr
+            assert "did not read what they were sent within 5s" in done.stderr
+            assert "takeover failed; serving on" in old.log()
+            far.transport.resume_reading()
+            await poll("every byte at the backend", _at_least(far, up.sent), limit=1200)
+            assert far.received == up.sent
+            assert far.digest.hexdigest() == up.digest.hexdigest()
+            assert len(backend.connections) == 1
 
     run(main())
 
@@ -526,38 +529,31 @@ def test_the_successor_takes_the_admin_port_once_the_old_server_lets_it_go(
 
 def test_a_draining_server_refuses_a_takeover(tmp_path: Path) -> None:
     async def main() -> None:
-        state = tmp_path / "state"
-        async with Backend(seed=7, size=1024, eof=False) as backend:
-            old = await _server(backend, state, tmp_path)
-            client = await _client(old, tmp_path)
-            try:
-                await connect_app(client.address, seed=8, size=1024, eof=False)
-                await backend.serving(1024)
-                old.popen.send_signal(signal.SIGTERM)
+        async with _running(tmp_path, size=1024, server_first=True) as running:
+            state, backend, old, client = running
+            await connect_app(client.address, seed=8, size=1024, eof=False)
+            await backend.serving(1024)
+            old.popen.send_signal(signal.SIGTERM)
 
-                async def draining() -> bool:
-                    return "draining: new sessions refused" in old.log()
+            async def draining() -> bool:
+                return "draining: new sessions refused" in old.log()
 
-                await poll("the drain to start", draining)
-                host, port = backend.address
-                done = await asyncio.to_thread(
-                    subprocess.run,
-                    [
-                        *(sys.executable, "-m", "tether", "server", "--takeover"),
-                        *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
-                        *("--state-dir", str(state)),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                )
-                assert done.returncode == 1, done.stderr
-                assert "refused: this server is draining" in done.stderr
-                assert old.popen.poll() is None  # it drains on, its session kept
-                assert "closing" not in old.log()
-            finally:
-                # The server first: stopping the client first ends the last session, and
-                # the draining server would be exiting on its own when it is told to stop.
-                assert (stop(old), stop(client)) == (0, 0)
+            await poll("the drain to start", draining)
+            host, port = backend.address
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    *(sys.executable, "-m", "tether", "server", "--takeover"),
+                    *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
+                    *("--state-dir", str(state)),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 1, done.stderr
+            assert "refused: this server is draining" in done.stderr
+            assert old.popen.poll() is None  # it drains on, its session kept
+            assert "closing" not in old.log()
 
     run(main())
