@@ -36,6 +36,7 @@ import contextvars
 import datetime
 import hashlib
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -66,6 +67,7 @@ __all__ = [
     "TrustResult",
     "check_private_file",
     "client_context",
+    "configured_identity",
     "create_tls_connection",
     "default_known_servers",
     "default_state_dir",
@@ -162,6 +164,23 @@ def load_identity(cert_path: Path, key_path: Path) -> ServerIdentity:
     check_private_file(key_path)
     _load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert_path, key_path)
     return ServerIdentity(cert_path, key_path, fingerprint_of_file(cert_path))
+
+
+def configured_identity(
+    cert_path: Path | None, key_path: Path | None, state_dir: Path | None, role: str
+) -> ServerIdentity:
+    """A server's or gateway's identity: ``cert_path`` and ``key_path`` when both are given,
+    else the one made (once) in ``state_dir`` (default: :func:`default_state_dir`), whose
+    creation is logged on ``tether.ROLE``."""
+    if cert_path is not None and key_path is not None:
+        return load_identity(cert_path, key_path)
+    state = state_dir or default_state_dir()
+    identity, created = load_or_create_identity(state)
+    if created:
+        logging.getLogger(f"tether.{role}").info(
+            "created this %s's TLS key and certificate in %s", role, state
+        )
+    return identity
 
 
 def load_or_create_identity(state_dir: Path) -> tuple[ServerIdentity, bool]:

@@ -367,13 +367,10 @@ def admin_tls(config: ServerConfig | ClientConfig) -> tuple[ssl.SSLContext, str]
         return None
     elif not isinstance(config, ServerConfig):  # ClientConfig refuses this
         raise ValueError("not loopback: the admin endpoint needs admin_tls_cert")
-    elif config.tls_cert is not None and config.tls_key is not None:
-        identity = tls.load_identity(config.tls_cert, config.tls_key)
     else:
-        state = config.state_dir or tls.default_state_dir()
-        identity, created = tls.load_or_create_identity(state)
-        if created:
-            logger.info("created this server's TLS key and certificate in %s", state)
+        identity = tls.configured_identity(
+            config.tls_cert, config.tls_key, config.state_dir, "server"
+        )
     return tls.server_context(identity), identity.fingerprint
 
 

@@ -598,13 +598,7 @@ def _server_context(config: GatewayConfig) -> ssl.SSLContext | None:
 def _identity(config: GatewayConfig) -> tuple[ssl.SSLContext, str]:
     """The clients' TLS and its certificate's fingerprint: the configured certificate, or
     the one made (once) in the state directory. Read again on every call (a reload)."""
-    if config.tls_cert is not None and config.tls_key is not None:
-        identity = tls.load_identity(config.tls_cert, config.tls_key)
-    else:
-        state = config.state_dir or tls.default_state_dir()
-        identity, created = tls.load_or_create_identity(state)
-        if created:
-            logger.info("created this gateway's TLS key and certificate in %s", state)
+    identity = tls.configured_identity(config.tls_cert, config.tls_key, config.state_dir, "gateway")
     return tls.server_context(identity), identity.fingerprint
 
 

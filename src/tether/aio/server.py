@@ -266,13 +266,9 @@ class TetherServer(Service):
                     ", ".join(map(str, listen)),
                 )
             return None
-        if config.tls_cert is not None and config.tls_key is not None:
-            identity = tls.load_identity(config.tls_cert, config.tls_key)
-        else:
-            state = config.state_dir or tls.default_state_dir()
-            identity, created = tls.load_or_create_identity(state)
-            if created:
-                logger.info("created this server's TLS key and certificate in %s", state)
+        identity = tls.configured_identity(
+            config.tls_cert, config.tls_key, config.state_dir, "server"
+        )
         self.fingerprint = identity.fingerprint
         return tls.server_context(identity, client_ca=config.tls_client_ca)
 
