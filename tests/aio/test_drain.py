@@ -179,10 +179,7 @@ def test_clients_are_told_and_take_new_sessions_to_the_next_server(tmp_path: Pat
 
     async def main() -> None:
         async with Backend(seed=1, size=1024, eof=False) as backend:
-            other = await start_tether(
-                "server", "--listen", "127.0.0.1:0", "--backend",
-                f"{backend.address[0]}:{backend.address[1]}", *FAST, tmp=str(tmp_path),
-            )  # fmt: skip
+            other = await _another_server(backend, tmp_path)
             second = f"127.0.0.1:{other.address[1]}"
             late_client = None
             try:
@@ -252,10 +249,7 @@ def test_clients_are_told_and_take_new_sessions_to_the_next_server(tmp_path: Pat
 def test_a_client_moves_on_from_a_server_that_is_not_there(tmp_path: Path) -> None:
     async def main() -> None:
         async with Backend(seed=1, size=64, eof=False) as backend:
-            server = await start_tether(
-                "server", "--listen", "127.0.0.1:0", "--backend",
-                f"{backend.address[0]}:{backend.address[1]}", *FAST, tmp=str(tmp_path),
-            )  # fmt: skip
+            server = await _another_server(backend, tmp_path)
             with socket.socket() as closed:  # a port nothing listens on
                 closed.bind(("127.0.0.1", 0))
                 nobody = f"127.0.0.1:{closed.getsockname()[1]}"
@@ -280,6 +274,14 @@ def test_a_client_moves_on_from_a_server_that_is_not_there(tmp_path: Path) -> No
                 assert codes == [0] * len(codes)
 
     run(main())
+
+
+async def _another_server(backend: Backend, tmp: Path) -> Proc:
+    """A second tether server for ``backend`` (the tests' own, outside ``tethers``)."""
+    host, port = backend.address
+    return await start_tether(
+        "server", "--listen", "127.0.0.1:0", "--backend", f"{host}:{port}", *FAST, tmp=str(tmp)
+    )
 
 
 async def _read(path: Path) -> list[str]:
