@@ -85,6 +85,21 @@ async def server(
         yield running
 
 
+@contextlib.asynccontextmanager
+async def two_servers(
+    site: dict[str, Any],
+) -> AsyncIterator[tuple[Backend, Backend, TetherServer, TetherServer, TetherGateway]]:
+    """Servers 1 and 2, each with its backend, behind one gateway."""
+    async with (
+        Backend(1, SIZE, eof=False) as b1,
+        Backend(1, SIZE, eof=False) as b2,
+        server(site, 1, b1) as s1,
+        server(site, 2, b2) as s2,
+        TetherGateway(gateway_config(site, [s1, s2])) as gw,
+    ):
+        yield b1, b2, s1, s2, gw
+
+
 def gateway_config(
     site: dict[str, Any], servers: list[TetherServer], port: int = 0
 ) -> GatewayConfig:
@@ -270,11 +285,7 @@ def test_a_draining_server_gets_no_new_sessions_and_keeps_its_own(
 
     async def main() -> None:
         async with (
-            Backend(1, SIZE, eof=False) as b1,
-            Backend(1, SIZE, eof=False) as b2,
-            server(site, 1, b1) as s1,
-            server(site, 2, b2) as s2,
-            TetherGateway(gateway_config(site, [s1, s2])) as gw,
+            two_servers(site) as (b1, b2, _, s2, gw),
             TetherClient(client_config(gw, tmp_path)) as client,
         ):
             assert gw.snapshot() == {1: (True, 0), 2: (True, 0)}
@@ -310,13 +321,7 @@ def test_a_resume_whose_server_is_out_of_reach_is_told_so(
     client keeps trying and its end reason says why; server 1's session resumes."""
 
     async def main() -> None:
-        async with (
-            Backend(1, SIZE, eof=False) as b1,
-            Backend(1, SIZE, eof=False) as b2,
-            server(site, 1, b1) as s1,
-            server(site, 2, b2) as s2,
-            TetherGateway(gateway_config(site, [s1, s2])) as gw,
-        ):
+        async with two_servers(site) as (_, _, s1, s2, gw):
             config = replace(client_config(gw, tmp_path), session=replace(FAST, timeout=3.0))
             async with TetherClient(config) as client:
                 await open_apps(client, 2)  # one on each
