@@ -195,6 +195,7 @@ class Session:
         "_control",
         "_detached_since",
         "_drain_at",
+        "_drain_told",
         "_draining",
         "_end_code",
         "_eof",
@@ -285,9 +286,10 @@ class Session:
         self._confirmed = role is Role.CLIENT
         # Drain (docs/protocol.md, "Drain"). Server: it drains, and ends what is left at
         # ``_drain_at`` (None: no limit); each link of a version-4 session is told so.
-        # Client: its server said so, last on link number ``_drain_at``.
+        # Client: its server said so, last on link number ``_drain_told``.
         self._draining = False
         self._drain_at: float | None = None
+        self._drain_told = 0
 
     @classmethod
     def client(cls, config: SessionConfig, now: float) -> Session:
@@ -431,7 +433,7 @@ class Session:
             | (_DRAIN_DEADLINE if self._drain_at is not None else 0)
         )
         drain_in = max(0.0, self._drain_at - now) if self._drain_at is not None else 0.0
-        pending = b"".join(self.pending())  # one copy, at takeover only
+        pending = self.pending()  # views: joined once, with the header, below
         head = _STATE_HEAD.pack(
             STATE_MAGIC, STATE_FORMAT, self.version, self.session_id, self._secret
         )
@@ -450,9 +452,9 @@ class Session:
             self._links,
             self._resumes,
             self._replayed,
-            len(pending),
+            sum(map(len, pending)),
         )
-        return head + body + pending
+        return b"".join([head, body, *pending])  # the one copy of the unacknowledged bytes
 
     @classmethod
     def restore(cls, state: bytes, config: SessionConfig, now: float) -> Session:
@@ -821,8 +823,8 @@ class Session:
             if self.role is Role.SERVER or self.version < DRAINING_VERSION:
                 raise ProtocolError(f"unexpected DRAINING in a version-{self.version} session")
             self._control_frame()
-            if self._drain_at != self._links:  # reported once per link
-                self._draining, self._drain_at = True, self._links
+            if self._drain_told != self._links:  # reported once per link
+                self._draining, self._drain_told = True, self._links
                 within = None if frame.deadline_ms == NO_DEADLINE else frame.deadline_ms / 1000
                 self._events.append(events.ServerDraining(within))
         else:
