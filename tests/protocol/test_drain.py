@@ -149,3 +149,14 @@ def test_wire_form() -> None:
 def test_a_client_session_cannot_drain() -> None:
     with pytest.raises(Exception, match="client"):
         Session.client(SessionConfig(), 0.0).drain(0.0, None)
+
+
+def test_the_documented_example_is_what_the_core_writes() -> None:
+    """docs/protocol.md, "Drain": its example (300 s left) is DRAINING as serialized here."""
+    from pathlib import Path
+
+    from .test_vectors import hexdump
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    section = doc[doc.index("\n## Drain\n") : doc.index("\n## Acknowledgement and replay\n")]
+    assert f"```\n{hexdump(Draining(300_000).serialize())}\n```" in section
