@@ -79,6 +79,14 @@ PEERS: dict[str, Peer] = {
             label="tether client + server (uvloop) from the checkout in $TBENCH_BASE_SRC (A/B)",
         ),
         Peer(
+            "tether-tls-base",
+            "tether",
+            2,
+            tls=True,
+            env={"PYTHONPATH": os.environ.get("TBENCH_BASE_SRC", "")},
+            label="tether-tls from the checkout in $TBENCH_BASE_SRC (A/B)",
+        ),
+        Peer(
             "tether-asyncio",
             "tether",
             2,
@@ -138,7 +146,7 @@ def available(peer: Peer) -> str | None:
         return "socat is not installed (apt-get install socat)"
     if peer.kind == "stunnel" and stunnel_command() is None:
         return "stunnel is not installed (apt-get install stunnel4)"
-    if peer.name == "tether-base" and not os.path.isdir(peer.env["PYTHONPATH"]):
+    if peer.name.endswith("-base") and not os.path.isdir(peer.env["PYTHONPATH"]):
         return "set TBENCH_BASE_SRC to the src/ directory of the baseline checkout (A/B)"
     if peer.kind == "tether" and tether_command() is None:
         return "the tether CLI is not installed or `tether server --help` fails"
