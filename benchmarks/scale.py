@@ -130,10 +130,13 @@ def run_b4(
 
 
 def session_limit() -> int:
-    """Sessions one relay process can hold: two descriptors each, under RLIMIT_NOFILE."""
+    """Sessions one relay process can hold: two descriptors each, under RLIMIT_NOFILE less
+    what a tether server keeps in reserve (its FdGuard: 1/16 of the limit,
+    tether.resources.default_fd_reserve; beyond that it refuses setups OVERLOADED) and
+    64 for its listening sockets, logs and the like."""
     raise_nofile()
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return (soft - 64) // 2
+    return (soft - soft // 16 - 64) // 2
 
 
 def _idle(kind: str, scale: Scale, logdir: Path, result: Result) -> None:

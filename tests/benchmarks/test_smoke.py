@@ -213,3 +213,21 @@ def test_smoke_b6_without_haproxy(tmp_path: Path) -> None:
     b6 = _smoke_b6(tmp_path, "path", env=dict(os.environ, PATH=path))
     assert b6["skipped"] == {"haproxy": "haproxy is not installed (apt-get install haproxy)"}
     _check_paths(b6, {"direct", "gateway"})
+
+
+def test_session_memory_reports_both_ends(tmp_path: Path) -> None:
+    """``benchmarks.session_memory`` in its smallest run: both tethers report traced bytes
+    per session, by site and by type, and every session's objects are counted (a session
+    and a link each, on each side)."""
+    out = tmp_path / "memory.json"
+    argv = [sys.executable, "-m", "benchmarks.session_memory", "--warm", "5", "--sessions", "20"]
+    done = _run([*argv, "--settle", "0.2", "--json", str(out)], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = json.loads(out.read_text())
+    for name, relay in (("server", "_ServerSession"), ("client", "_ClientSession")):
+        report = reports[name]
+        assert report["traced"] > 0 and report["sites"], name
+        counts = {type_name: count for _, count, type_name in report["types"]}
+        assert counts.get(f"tether.aio.{name}.{relay}") == 1.0, (name, report["types"][:10])
+        assert counts.get("tether.protocol.session.Session") == 1.0, name
+        assert counts.get("tether.aio.link.LinkProtocol") == 1.0, name

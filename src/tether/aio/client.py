@@ -22,6 +22,7 @@ import errno
 import itertools
 import logging
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -62,6 +63,27 @@ DRAIN_MEMORY_MIN = 5.0
 class _ClientSession(SessionRelay):
     """One session of the client: its relay, its links' owner, and its life."""
 
+    # One per session (B4): without __slots__ these attributes and the relay's overflow
+    # the shared-key instance dict into a 1.5 KiB dict of its own.
+    __slots__ = (
+        "_candidates",
+        "_detached_at",
+        "_failure",
+        "_fallback",
+        "_last_error",
+        "_outcome",
+        "_ready",
+        "_ready_future",
+        "_trying",
+        "_wake",
+        "_woken",
+        "app",
+        "client",
+        "dialer",
+        "name",
+        "server",
+    )
+
     def __init__(self, client: TetherClient, app: _AppProtocol | None, number: int) -> None:
         loop = asyncio.get_running_loop()
         super().__init__(Session.client(client.config.session, loop.time()), logger)
@@ -74,23 +96,47 @@ class _ClientSession(SessionRelay):
         self.dialer = Dialer(
             client.config,
             self.server,
-            lambda: LinkProtocol(self),
+            self._new_link,  # a bound method: smaller than a closure (B4)
             self._note_failure,
             client.tls_policy,
         )
-        self.ready: asyncio.Future[bool] = loop.create_future()  # established, or not
-        self._detached = asyncio.Event()  # the link was lost: time to reconnect
+        # Established (True) or not (False), once known; the future of :attr:`ready` is
+        # made only for whoever waits (open_stream), not for each idle session (B4).
+        self._ready: bool | None = None
+        self._ready_future: asyncio.Future[bool] | None = None
+        # The link was lost (or the session ended): time for the session's task to look.
+        # A flag and the future the task waits on, not an asyncio.Event (0.8 KiB with its
+        # deque) for each idle session.
+        self._woken = False
+        self._wake: asyncio.Future[None] | None = None
         self._trying: LinkProtocol | None = None  # the link whose handshake runs now
         self._outcome: asyncio.Future[bool] | None = None  # of that handshake
         self._failure: HandshakeFailed | None = None  # why the last link failed
         self._last_error = ""
         self._detached_at: float | None = None
         self._fallback: tuple[Splice, Splice] | None = None
-        self.peer = str(self.server)
+        self.peer = sys.intern(str(self.server))  # one string for all its sessions
         if app is not None and app.transport is not None:
             application = app.transport.get_extra_info("peername")
             if application:
                 self.local_address = str(Address(*application[:2]))
+
+    @property
+    def ready(self) -> asyncio.Future[bool]:
+        """Done once the session is established (True) or will not be (False)."""
+        future = self._ready_future
+        if future is None:
+            future = self._ready_future = self.loop.create_future()
+            if self._ready is not None:
+                future.set_result(self._ready)
+        return future
+
+    def _set_ready(self, up: bool) -> None:
+        if self._ready is None:
+            self._ready = up
+            future = self._ready_future
+            if future is not None and not future.done():
+                future.set_result(up)
 
     # -- the relay's hooks -------------------------------------------------------------
 
@@ -104,8 +150,7 @@ class _ClientSession(SessionRelay):
         )
         self.client.note_new(self)
         self.client.takes_new_sessions(self.server)
-        if not self.ready.done():
-            self.ready.set_result(True)
+        self._set_ready(True)
         self._settle(True)
 
     def on_resumed(self, event: SessionResumed) -> None:
@@ -138,7 +183,7 @@ class _ClientSession(SessionRelay):
             left = max(expires - self._detached_at, 0.0) if expires is not None else 0.0
             self._hook("detach", reason, outage_seconds="0.0", expires_seconds=f"{left:.1f}")
         self.client.note_detached(self, reason)
-        self._detached.set()
+        self._wake_up()
 
     def on_server_draining(self, event: ServerDraining) -> None:
         within = event.within
@@ -155,11 +200,10 @@ class _ClientSession(SessionRelay):
         self._hook("drain", "server draining", drain_seconds=seconds)
 
     def on_ended(self, event: SessionEnded) -> None:
-        if not self.ready.done():
-            self.ready.set_result(False)
+        self._set_ready(False)
         self.dialer.cancel()
         self._settle(False)
-        self._detached.set()  # wakes the session's task to finish
+        self._wake_up()  # the session's task finishes
         if self._fallback is not None:
             return  # the application carries on over the fallback connection
         self.client.counters.ended_total += 1
@@ -229,9 +273,18 @@ class _ClientSession(SessionRelay):
         self._failure = HandshakeFailed(CloseCode.LINK_LOST, reason, tether)
         self._settle(False)
 
+    def _wake_up(self) -> None:
+        self._woken = True
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
     def _settle(self, up: bool) -> None:
         if self._outcome is not None and not self._outcome.done():
             self._outcome.set_result(up)
+
+    def _new_link(self) -> LinkProtocol:
+        return LinkProtocol(self)
 
     def _note_failure(self, why: str) -> None:
         """A reconnect attempt failed: log each new kind of failure once, not every try."""
@@ -242,8 +295,23 @@ class _ClientSession(SessionRelay):
     # -- the session's life ------------------------------------------------------------
 
     async def run(self) -> None:
+        # One coroutine for the session's whole life: each idle session's task holds one
+        # suspended frame, not two (B4).
         try:
-            await self._run()
+            if not await self._setup():
+                if self._fallback is not None:
+                    await self._fallback[1].done.wait()
+                return
+            while not self.core.closed:
+                if not self._woken:
+                    self._wake = self.loop.create_future()
+                    try:
+                        await self._wake
+                    finally:
+                        self._wake = None
+                self._woken = False
+                if self.core.state is SessionState.DETACHED:
+                    await self._reconnect()
         except Exception as exc:  # a bug must cost this session only, never the client
             self.log.exception("session %s: internal error", self.name)
             self.abort(CloseCode.INTERNAL_ERROR, f"internal error: {exc!r}")
@@ -253,17 +321,6 @@ class _ClientSession(SessionRelay):
             if self.link is not None:
                 self.link.abort()
             self.client._live.discard(self)
-
-    async def _run(self) -> None:
-        if not await self._setup():
-            if self._fallback is not None:
-                await self._fallback[1].done.wait()
-            return
-        while not self.core.closed:
-            await self._detached.wait()
-            self._detached.clear()
-            if self.core.state is SessionState.DETACHED:
-                await self._reconnect()
 
     async def _use(self, transport: asyncio.Transport, link: LinkProtocol) -> bool:
         """Run the handshake on a connected link. True once the session is on it."""
@@ -352,7 +409,7 @@ class _ClientSession(SessionRelay):
             server,
         )
         self.server = self.dialer.server = server
-        self.peer = str(server)
+        self.peer = sys.intern(str(server))
 
     async def _give_up(self, why: str, no_tether: bool) -> None:
         if no_tether and self._can_fall_back():
@@ -442,6 +499,8 @@ class _ClientSession(SessionRelay):
 
 class _AppProtocol(LocalProtocol):
     """An application's connection to the client's listener: each starts a session."""
+
+    __slots__ = ("client",)
 
     def __init__(self, client: TetherClient) -> None:
         super().__init__(CloseCode.APPLICATION_RESET)

@@ -88,6 +88,8 @@ class TLSPolicy:
 class Dialer:
     """Connections from a client to ``server``; ``link`` makes each link's protocol."""
 
+    __slots__ = ("_link", "_on_failure", "_tls", "_winner", "config", "server")  # one a session
+
     def __init__(
         self,
         config: ClientConfig,

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -79,6 +80,29 @@ JOIN_WRITES_BELOW = 4096
 class SessionRelay:
     """Drives one core session between a local transport and a link transport."""
 
+    # One per session, so no per-instance dict (B4, idle memory per session). A subclass
+    # declares its own attributes in its own __slots__; an attribute added here needs
+    # its name here.
+    __slots__ = (
+        "_ended",
+        "_ended_event",
+        "_frozen",
+        "_local_reading_paused",
+        "_local_writing_paused",
+        "_ticker",
+        "_timer_due",
+        "_timer_slot",
+        "core",
+        "detached_at",
+        "link",
+        "local",
+        "local_address",
+        "log",
+        "loop",
+        "peer",
+        "started_at",
+    )
+
     def __init__(self, core: Session, log: logging.Logger) -> None:
         self.core = core
         self.log = log
@@ -92,7 +116,10 @@ class SessionRelay:
         self._ticker = Ticker.of(self.loop)
         self._timer_slot: float | None = None
         self._timer_due = 0.0  # the deadline that slot was chosen for
-        self.ended = asyncio.Event()
+        # ``ended``'s Event, made only when someone waits for the end: an asyncio.Event
+        # and its deque of waiters are about 0.8 KiB, which no idle session needs.
+        self._ended = False
+        self._ended_event: asyncio.Event | None = None
         # For operators (the admin endpoint): set by the roles, read by aio/service.py.
         self.started_at = self.loop.time()
         self.detached_at: float | None = None  # when the current outage began
@@ -102,6 +129,16 @@ class SessionRelay:
     @property
     def close_code(self) -> CloseCode | None:
         return self.core.close_code
+
+    @property
+    def ended(self) -> asyncio.Event:
+        """Set once the session is over (made on first use)."""
+        event = self._ended_event
+        if event is None:
+            event = self._ended_event = asyncio.Event()
+            if self._ended:
+                event.set()
+        return event
 
     # -- hooks for the roles -----------------------------------------------------
 
@@ -279,7 +316,9 @@ class SessionRelay:
                 local.close()
         self.link = None
         self._ticker.cancel(self)
-        self.ended.set()
+        self._ended = True
+        if self._ended_event is not None:
+            self._ended_event.set()
         self.on_ended(event)
 
     def _arm(self, when: float | None) -> None:
@@ -349,6 +388,17 @@ class LocalProtocol(asyncio.BufferedProtocol):
     and a fresh buffer takes its place, a smaller one is copied out (so a few bytes
     never pin 256 KiB). Idle connections therefore hold no read buffer at all.
     """
+
+    # One per session (B4): no per-instance dict. A subclass declares its own attributes.
+    __slots__ = (
+        "_early",
+        "_early_eof",
+        "_lost",
+        "_lost_exc",
+        "_reset_code",
+        "relay",
+        "transport",
+    )
 
     def __init__(self, reset_code: CloseCode) -> None:
         self.relay: SessionRelay | None = None
@@ -448,6 +498,24 @@ MAX_EARLY_LINK_BYTES = 64 * 1024  # bytes a peer may send before our handshake s
 class LinkProtocol(asyncio.Protocol):
     """One link transport, on either side. Its handshake owns it until :meth:`hand_over`."""
 
+    # One per session (B4): no per-instance dict; an attribute added needs its name here.
+    __slots__ = (
+        "_early",
+        "_timer",
+        "_writing_paused",
+        "handshake",
+        "lost",
+        "on_closed",
+        "opened_at",
+        "owner",
+        "peer",
+        "relay",
+        "settled",
+        "source",
+        "transport",
+        "why",
+    )
+
     def __init__(
         self, owner: LinkOwner, handshake: ServerHandshake | ClientHandshake | None = None
     ) -> None:
@@ -474,7 +542,8 @@ class LinkProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer:
-            host = self.source = peer[0]
+            # Interned: every link from one host shares one string (B4).
+            host = self.source = sys.intern(peer[0])
             self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
         # Cap TCP's retransmission backoff on links at 1 s (default 120 s): after a
         # short outage the link's own retransmission, not a resume, carries on at once.
@@ -549,6 +618,9 @@ class LinkProtocol(asyncio.Protocol):
         assert self.handshake.stage is HandshakeStage.DONE
         self._cancel_timer()
         self._settle()
+        # Done with: about 1.4 KiB (its buffers, frames, keys, event deque) that an idle
+        # session would otherwise keep for as long as the link lives (B4).
+        self.handshake = None
         self.relay = relay
         relay.set_link(self.transport, writable=not self._writing_paused)
         relay.pump()

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -62,13 +63,22 @@ FLUSH_POLL = 0.01  # seconds between looks at the backends' write buffers
 
 
 class _ServerSession(SessionRelay):
+    __slots__ = ("backend", "server")  # one per session (B4): no per-instance dict
+
     def __init__(self, server: TetherServer, core: Session, peer: str) -> None:
         super().__init__(core, logger)
         self.server = server
-        self.sid = core.session_id.hex()[:12]
         self.peer = peer  # the address of its current (or last) link
-        self.local_address = "the handler" if server.handler else str(server.config.backend)
+        # The same for every session: one string, not one each (sys.intern).
+        self.local_address = sys.intern(
+            "the handler" if server.handler else str(server.config.backend)
+        )
         self.backend: _Backend | None = None  # the backend connection's protocol
+
+    @property
+    def sid(self) -> str:
+        """The session id as the log shows it (made when logged, not kept: B4)."""
+        return self.core.session_id.hex()[:12]
 
     def fields(self, event: str, **more: object) -> dict[str, object]:
         """The structured fields of a session event (``--log-format json``)."""
@@ -761,6 +771,8 @@ class TetherServer(Service):
 
 class _Backend(LocalProtocol):
     """A session's backend connection, whose descriptor the server's FdGuard counts."""
+
+    __slots__ = ("_fds",)
 
     def __init__(self, fds: FdGuard | None) -> None:
         super().__init__(CloseCode.BACKEND_RESET)
