@@ -41,7 +41,7 @@ from ..protocol.events import (
     SessionResumed,
 )
 from ..protocol.handshake import ClientHandshake, HandshakeStage, ServerHandshake
-from ..protocol.session import Session
+from ..protocol.session import Session, SessionState
 from .ticker import Ticker
 from .util import describe
 
@@ -124,7 +124,7 @@ class SessionRelay:
 
     def local_data(self, data: bytes | memoryview) -> None:
         core = self.core
-        if core.closed:
+        if core.state is SessionState.CLOSED:  # core.closed, without the property's call
             return
         core.send(data)
         if core.send_capacity() <= 0 and self.local is not None:
@@ -205,7 +205,7 @@ class SessionRelay:
                 link.writelines(out)
         received: list[bytes | memoryview] = []
         while (event := core.next_event()) is not None:
-            if isinstance(event, DataReceived):
+            if type(event) is DataReceived:
                 received.append(event.data)  # written below in one gathering write
                 continue
             if received:
