@@ -562,6 +562,21 @@ class Session:
         self._event_head = head
         return event
 
+    def next_events(self) -> list[events.Event]:
+        """Every event not yet taken, oldest first, in one call: what ``next_event()``
+        gives one at a time (a driver's pump takes a read's events in one go)."""
+        queue = self._events
+        if not queue:  # next_event() empties the list once its head reaches the end
+            return []
+        head = self._event_head
+        if head:
+            taken = queue[head:]
+            queue.clear()
+            self._event_head = 0
+            return taken
+        self._events = []
+        return queue
+
     def next_timer(self) -> float | None:
         tick, expire = self._tick_at, self._expire_at
         if tick is None:
