@@ -19,11 +19,14 @@ from tether.protocol.frames import (
     MAX_REASON_BYTES,
     NONCE_SIZE,
     SERVER_HELLO_SIZE,
+    Ack,
     Close,
     ControlFrame,
     Data,
     FrameType,
     Reject,
+    ack_frame,
+    check_header,
     client_hello,
     data_header,
     parse_client_hello,
@@ -225,6 +228,31 @@ def test_reader_rejects(name: str) -> None:
     with pytest.raises(ProtocolError):  # the error comes at some byte
         for i in range(len(raw)):
             reader.feed(raw[i : i + 1])
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_ack_frame_is_an_acks_serialization(offset: int) -> None:
+    assert ack_frame(offset) == Ack(offset).serialize()
+
+
+@pytest.mark.parametrize(
+    "word",
+    [
+        (FrameType.DATA << 24) | 8,
+        (FrameType.DATA << 24) | (8 + MAX_DATA_CHUNK + 1),
+        (FrameType.DATA << 24) | 0xFFFFFF,
+        (FrameType.ACK << 24) | (MAX_CONTROL_PAYLOAD + 1),
+        (0x7F << 24) | 0xFFFFFF,
+    ],
+)
+def test_reader_refuses_a_whole_header_in_check_headers_words(word: int) -> None:
+    """The reader inlines check_header's accepting cases for whole headers; what it
+    refuses is still refused by check_header, with the same error."""
+    with pytest.raises(ProtocolError) as direct:
+        check_header(word)
+    with pytest.raises(ProtocolError) as read:
+        FrameReader().feed(struct.pack("!I", word) + bytes(16))
+    assert str(read.value) == str(direct.value)
 
 
 @pytest.mark.parametrize("length", [MAX_CONTROL_PAYLOAD + 1, 0xFFFFFF])

@@ -24,6 +24,8 @@ from tether.protocol.frames import (
     MAX_DATA_CHUNK,
     NONCE_SIZE,
     PROTOCOL_VERSION,
+    Data,
+    Eof,
     FrameType,
     Ping,
     Reject,
@@ -887,3 +889,23 @@ def test_a_late_resume_of_a_session_that_ended_normally_is_told_normal() -> None
     sid = p.client.session_id
     assert sid not in p.sessions
     assert p.router._ended[sid] is CloseCode.NORMAL
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+def test_next_events_takes_what_next_event_gives_one_by_one() -> None:
+    # A read of DATA, a PING, more DATA and the EOF: three events, in order.
+    raw = b"".join(frame.serialize() for frame in (Data(0, b"ab"), Ping(1), Data(2, b"cd"), Eof(4)))
+    one, batch, mixed = Pair(CONFIG), Pair(CONFIG), Pair(CONFIG)
+    for p in (one, batch, mixed):
+        p.establish()
+        p.client.receive_data(raw, 0.0)
+    singly = list(iter(one.client.next_event, None))
+    assert [type(e) for e in singly] == [DataReceived, DataReceived, EofReceived]
+    assert batch.client.next_events() == singly
+    assert batch.client.next_events() == [] and batch.client.next_event() is None
+    # Taking the first one alone leaves the rest for next_events(), and nothing after.
+    assert mixed.client.next_event() == singly[0]
+    assert mixed.client.next_events() == singly[1:]
+    assert mixed.client.next_events() == [] and mixed.client.next_event() is None

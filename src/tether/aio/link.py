@@ -42,7 +42,7 @@ from ..protocol.events import (
     SessionResumed,
 )
 from ..protocol.handshake import ClientHandshake, HandshakeStage, ServerHandshake
-from ..protocol.session import Session
+from ..protocol.session import Session, SessionState
 from .ticker import Ticker
 from .util import describe
 
@@ -161,7 +161,7 @@ class SessionRelay:
 
     def local_data(self, data: bytes | memoryview) -> None:
         core = self.core
-        if core.closed:
+        if core.state is SessionState.CLOSED:  # core.closed, without the property's call
             return
         core.send(data)
         if core.send_capacity() <= 0 and self.local is not None:
@@ -240,45 +240,52 @@ class SessionRelay:
                 link.write(b"".join(out))  # CONTRIBUTING.md D2: small, so one copy is cheaper
             else:
                 link.writelines(out)
-        received: list[bytes | memoryview] = []
-        while (event := core.next_event()) is not None:
-            if isinstance(event, DataReceived):
-                received.append(event.data)  # written below in one gathering write
-                continue
+        # A read's events in one call; a hook (not a DataReceived) may make the core report
+        # more, which are taken before the pump returns, as with next_event() one by one.
+        batch = core.next_events()
+        while batch:
+            received: list[bytes | memoryview] = []
+            hooks = False
+            for event in batch:
+                if type(event) is DataReceived:
+                    received.append(event.data)  # written below in one gathering write
+                    continue
+                hooks = True
+                if received:
+                    self._deliver(received)
+                    received = []
+                if isinstance(event, EofReceived):
+                    local = self.local
+                    if local is not None and not local.is_closing() and local.can_write_eof():
+                        local.write_eof()
+                elif isinstance(event, SessionEstablished):
+                    self.on_established(event)
+                elif isinstance(event, SessionResumed):
+                    self.on_resumed(event)
+                elif isinstance(event, LinkLost):
+                    if self.log.isEnabledFor(logging.DEBUG):
+                        stats = core.statistics()
+                        self.log.debug(
+                            "session %s: core gave up the link (%s): %d bytes sent, %d acked, "
+                            "%d held for replay, %d received",
+                            stats.session_id[:12],
+                            event.reason,
+                            stats.bytes_sent,
+                            stats.bytes_acked,
+                            stats.replay_buffered,
+                            stats.bytes_received,
+                        )
+                    if self.link is not None:
+                        self.link.abort()
+                        self.link = None
+                    self.on_link_lost(event.reason)
+                elif isinstance(event, SessionEnded):
+                    self._finish(event)
+                elif isinstance(event, ServerDraining):
+                    self.on_server_draining(event)
             if received:
                 self._deliver(received)
-                received = []
-            if isinstance(event, EofReceived):
-                local = self.local
-                if local is not None and not local.is_closing() and local.can_write_eof():
-                    local.write_eof()
-            elif isinstance(event, SessionEstablished):
-                self.on_established(event)
-            elif isinstance(event, SessionResumed):
-                self.on_resumed(event)
-            elif isinstance(event, LinkLost):
-                if self.log.isEnabledFor(logging.DEBUG):
-                    stats = core.statistics()
-                    self.log.debug(
-                        "session %s: core gave up the link (%s): %d bytes sent, %d acked, "
-                        "%d held for replay, %d received",
-                        stats.session_id[:12],
-                        event.reason,
-                        stats.bytes_sent,
-                        stats.bytes_acked,
-                        stats.replay_buffered,
-                        stats.bytes_received,
-                    )
-                if self.link is not None:
-                    self.link.abort()
-                    self.link = None
-                self.on_link_lost(event.reason)
-            elif isinstance(event, SessionEnded):
-                self._finish(event)
-            elif isinstance(event, ServerDraining):
-                self.on_server_draining(event)
-        if received:
-            self._deliver(received)
+            batch = core.next_events() if hooks else []
         if (
             self._local_reading_paused
             and not self._frozen

@@ -17,50 +17,45 @@ Chunk = bytes | memoryview
 
 
 class ReplayBuffer:
-    __slots__ = ("_chunks", "_end", "_head", "_start")
+    """``start`` and ``end`` are plain attributes, not properties: the session reads them
+    several times per message (a property is a Python call each time). Read them; only
+    the buffer's own methods change them."""
+
+    __slots__ = ("_chunks", "_head", "end", "start")
 
     def __init__(self) -> None:
         # A list with a moving head rather than a deque: an idle session's empty list
         # costs 56 bytes, a deque over 600 (B4 counts bytes per idle session).
         self._chunks: list[Chunk] = []
         self._head = 0  # index of the oldest chunk still held
-        self._start = 0
-        self._end = 0
-
-    @property
-    def start(self) -> int:
-        """Offset of the oldest byte still held (everything before it was acknowledged)."""
-        return self._start
-
-    @property
-    def end(self) -> int:
-        """Offset one past the newest byte written."""
-        return self._end
+        # Offset of the oldest byte still held (everything before it was acknowledged).
+        self.start = 0
+        self.end = 0  # offset one past the newest byte written
 
     def __len__(self) -> int:
-        return self._end - self._start
+        return self.end - self.start
 
     @classmethod
     def restored(cls, start: int, data: bytes) -> ReplayBuffer:
         """A buffer holding ``data`` at offsets ``[start, start + len(data))``: a session's
         unacknowledged bytes, handed over by another process (Session.restore)."""
         buffer = cls()
-        buffer._start = buffer._end = start
+        buffer.start = buffer.end = start
         buffer.append(data)
         return buffer
 
     def append(self, data: Chunk) -> None:
         if data:
             self._chunks.append(data)
-            self._end += len(data)
+            self.end += len(data)
 
     def discard_until(self, offset: int) -> None:
         """Forget every byte below ``offset`` (start <= offset <= end)."""
-        if not self._start <= offset <= self._end:
-            raise ValueError(f"offset {offset} outside [{self._start}, {self._end}]")
+        if not self.start <= offset <= self.end:
+            raise ValueError(f"offset {offset} outside [{self.start}, {self.end}]")
         chunks = self._chunks
         head = self._head
-        drop = offset - self._start
+        drop = offset - self.start
         while drop:
             chunk = chunks[head]
             if len(chunk) <= drop:
@@ -77,13 +72,13 @@ class ReplayBuffer:
             del chunks[:head]
             head = 0
         self._head = head
-        self._start = offset
+        self.start = offset
 
     def views(self, offset: int, max_piece: int) -> Iterator[tuple[int, memoryview]]:
         """Yield (offset, piece) covering ``[offset, end)``, each piece at most ``max_piece``."""
-        if not self._start <= offset <= self._end:
-            raise ValueError(f"offset {offset} outside [{self._start}, {self._end}]")
-        at = self._start
+        if not self.start <= offset <= self.end:
+            raise ValueError(f"offset {offset} outside [{self.start}, {self.end}]")
+        at = self.start
         for index in range(self._head, len(self._chunks)):
             chunk = self._chunks[index]
             size = len(chunk)

@@ -48,6 +48,7 @@ __all__ = [
     "Resumed",
     "Route",
     "Setup",
+    "ack_frame",
     "check_header",
     "check_magic",
     "check_window",
@@ -118,7 +119,9 @@ class FrameType(enum.IntEnum):
 def check_header(word: int) -> tuple[int, int, int]:
     """Split a frame header's u32 into (type, length, bytes to read before the frame can
     be handled: the offset too for DATA, the whole payload otherwise); raise
-    ProtocolError when the length is outside its limit. The one place headers are read."""
+    ProtocolError when the length is outside its limit. The one place header errors are
+    worded; ``FrameReader.feed`` inlines its two accepting cases for whole headers (the
+    per-message path) and calls it for everything else."""
     ftype, length = word >> 24, word & 0xFFFFFF
     if ftype == FrameType.DATA:
         if not 8 < length <= 8 + MAX_DATA_CHUNK:
@@ -151,6 +154,17 @@ def _frame(ftype: FrameType, payload: bytes) -> bytes:
 def data_header(offset: int, length: int) -> bytes:
     """Header of a DATA frame carrying ``length`` bytes at stream ``offset``."""
     return _DATA_HEADER.pack((FrameType.DATA << 24) | (8 + length), offset)
+
+
+_ACK_FRAME = struct.Struct("!IQ")
+_ACK_WORD = (FrameType.ACK << 24) | _U64.size
+
+
+def ack_frame(offset: int) -> bytes:
+    """``Ack(offset).serialize()`` in one call, without building the frame: the session
+    piggybacks one on nearly every small message it answers (docs/protocol.md, "When ACKs
+    are sent")."""
+    return _ACK_FRAME.pack(_ACK_WORD, offset)
 
 
 def _check_reason(reason: str) -> bytes:
@@ -333,7 +347,9 @@ ControlFrame = (
     Setup | Accept | Resume | Route | Resumed | Reject | Ack | Eof | Ping | Pong | Close | Draining
 )
 
-_FIXED: dict[FrameType, struct.Struct] = {
+# Keyed by FrameType, looked up by the header's plain int (an IntEnum hashes and compares
+# as its value): no enum conversion per frame on the per-message path.
+_FIXED: dict[int, struct.Struct] = {
     FrameType.ACCEPT: _ACCEPT,
     FrameType.RESUME: _RESUME,
     FrameType.RESUMED: _RESUMED,
@@ -344,7 +360,7 @@ _FIXED: dict[FrameType, struct.Struct] = {
     FrameType.PONG: _U64,
     FrameType.DRAINING: _U32,
 }
-_CLASSES: dict[FrameType, type] = {
+_CLASSES: dict[int, type] = {
     FrameType.ACCEPT: Accept,
     FrameType.RESUME: Resume,
     FrameType.RESUMED: Resumed,
@@ -359,18 +375,18 @@ _CLASSES: dict[FrameType, type] = {
 
 def parse_control(ftype: int, payload: bytes) -> ControlFrame:
     """Parse a complete control frame payload; raise ProtocolError when malformed."""
+    layout = _FIXED.get(ftype)
+    if layout is not None:
+        if len(payload) != layout.size:
+            raise ProtocolError(
+                f"{FrameType(ftype).name} frame of {len(payload)} bytes, expected {layout.size}"
+            )
+        frame: ControlFrame = _CLASSES[ftype](*layout.unpack(payload))
+        return frame
     try:
         kind = FrameType(ftype)
     except ValueError:
         raise ProtocolError(f"unknown frame type 0x{ftype:02x}") from None
-    layout = _FIXED.get(kind)
-    if layout is not None:
-        if len(payload) != layout.size:
-            raise ProtocolError(
-                f"{kind.name} frame of {len(payload)} bytes, expected {layout.size}"
-            )
-        frame: ControlFrame = _CLASSES[kind](*layout.unpack(payload))
-        return frame
     if kind is FrameType.SETUP:
         if len(payload) <= _SETUP.size or len(payload) != _SETUP.size + 1 + payload[_SETUP.size]:
             raise ProtocolError(f"SETUP frame of {len(payload)} bytes")

@@ -19,6 +19,8 @@ import struct
 from ..errors import ProtocolError
 from .frames import (
     FRAME_HEADER_SIZE,
+    MAX_CONTROL_PAYLOAD,
+    MAX_DATA_CHUNK,
     ControlFrame,
     Data,
     FrameType,
@@ -30,6 +32,12 @@ __all__ = ["FrameReader", "take_control_frame"]
 
 _HEADER = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
+_DATA = int(FrameType.DATA)
+_OFFSET_SIZE = _U64.size  # a DATA payload starts with its stream offset
+_DATA_PREFIX = FRAME_HEADER_SIZE + _OFFSET_SIZE
+# docs/protocol.md, "Limits": a DATA frame's length counts its offset and 1..MAX_DATA_CHUNK
+_MIN_DATA_LENGTH = _OFFSET_SIZE
+_MAX_DATA_LENGTH = _OFFSET_SIZE + MAX_DATA_CHUNK
 
 
 class FrameReader:
@@ -49,7 +57,9 @@ class FrameReader:
         end = len(view)
         while pos < end:
             if self._data_remaining:
-                take = min(self._data_remaining, end - pos)
+                take = self._data_remaining
+                if take > end - pos:
+                    take = end - pos
                 out.append(Data(self._data_offset, view[pos : pos + take]))
                 self._data_offset += take
                 self._data_remaining -= take
@@ -72,15 +82,37 @@ class FrameReader:
             if end - pos < FRAME_HEADER_SIZE:
                 partial += view[pos:end]
                 break
+            # A whole header: check_header's two accepting cases, inlined (a small message
+            # is one DATA frame and often an ACK: this is the per-message path). Anything
+            # else goes to check_header, which words the error.
             (word,) = _HEADER.unpack_from(view, pos)
-            _, _, total = check_header(word)
-            if end - pos < total:
+            ftype = word >> 24
+            length = word & 0xFFFFFF
+            if ftype == _DATA:
+                if not _MIN_DATA_LENGTH < length <= _MAX_DATA_LENGTH:
+                    check_header(word)  # raises
+                start = pos + _DATA_PREFIX
+                if start > end:
+                    partial += view[pos:end]
+                    break
+                (offset,) = _U64.unpack_from(view, pos + FRAME_HEADER_SIZE)
+                stop = start + length - _OFFSET_SIZE
+                if stop > end:  # the rest of the payload comes in later reads
+                    self._data_offset = offset + (end - start)
+                    self._data_remaining = stop - end
+                    stop = end
+                if stop > start:
+                    out.append(Data(offset, view[start:stop]))
+                pos = stop
+                continue
+            if length > MAX_CONTROL_PAYLOAD:
+                check_header(word)  # raises
+            stop = pos + FRAME_HEADER_SIZE + length
+            if stop > end:
                 partial += view[pos:end]
                 break
-            frame = self._complete(view, pos)
-            pos += total
-            if frame is not None:
-                out.append(frame)
+            out.append(parse_control(ftype, bytes(view[pos + FRAME_HEADER_SIZE : stop])))
+            pos = stop
         return out
 
     @staticmethod

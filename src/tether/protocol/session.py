@@ -50,6 +50,7 @@ from .frames import (
     Eof,
     Ping,
     Pong,
+    ack_frame,
     data_header,
 )
 from .ratelimit import TokenBucket
@@ -359,7 +360,8 @@ class Session:
         With a memory account (:meth:`charge_to`), also no more than the server's budget
         gives it now: above the budget's high-water mark a session past its fair share
         gets 0 (backpressure on its sender until its own peer acknowledges)."""
-        room = self.config.window - len(self._buffer)
+        buffer = self._buffer
+        room = self.config.window - (buffer.end - buffer.start)
         account = self._account
         if account is None:
             return room
@@ -542,7 +544,7 @@ class Session:
                 out.append(Pong(self._pong_token).serialize())
                 self._pong_token = None
             if out and self._received > self._acked:
-                out.append(Ack(self._received).serialize())  # piggyback
+                out.append(ack_frame(self._received))  # piggyback
                 self._acked = self._received
         self._out = []
         return out
@@ -559,6 +561,21 @@ class Session:
             head = 0
         self._event_head = head
         return event
+
+    def next_events(self) -> list[events.Event]:
+        """Every event not yet taken, oldest first, in one call: what ``next_event()``
+        gives one at a time (a driver's pump takes a read's events in one go)."""
+        queue = self._events
+        if not queue:  # next_event() empties the list once its head reaches the end
+            return []
+        head = self._event_head
+        if head:
+            taken = queue[head:]
+            queue.clear()
+            self._event_head = 0
+            return taken
+        self._events = []
+        return queue
 
     def next_timer(self) -> float | None:
         tick, expire = self._tick_at, self._expire_at
@@ -611,13 +628,20 @@ class Session:
             raise InvalidState("send() after send_eof()")
         if not data:
             return
-        start = self._buffer.end
-        self._buffer.append(data)
+        buffer = self._buffer
+        start = buffer.end
+        buffer.append(data)
+        end = buffer.end
         if self._account is not None:
-            self._account.follow(self._buffer.end - self._buffer.start)
+            self._account.follow(end - buffer.start)
         if self._send_next == start and self._writable and self.state is SessionState.ATTACHED:
-            self._frame(start, memoryview(data))
-            self._send_next = self._sent_high = self._buffer.end
+            if end - start <= MAX_DATA_CHUNK:  # one frame: _frame's first case, inlined
+                out = self._out
+                out.append(data_header(start, end - start))
+                out.append(data)
+            else:
+                self._frame(start, memoryview(data))
+            self._send_next = self._sent_high = end
 
     def send_eof(self) -> None:
         """Half-close: the peer's application sees EOF after every byte sent so far."""
@@ -659,15 +683,29 @@ class Session:
                     run.append(frame.payload)
                     continue
                 if run:
-                    self._deliver(run)
+                    if len(run) == 1:  # _deliver's first case, inlined: one small message
+                        self._events.append(events.DataReceived(run[0]))
+                    else:
+                        self._deliver(run)
                     run = []
-                self._handle_frame(frame)
+                if type(frame) is Ack:  # the control frame of the per-message path
+                    self._handle_ack(frame.offset)
+                else:
+                    self._handle_frame(frame)
                 if self.state is not SessionState.ATTACHED:
                     return
             if run:
-                self._deliver(run)
-            if self._writable and self._received - self._acked >= self._ack_threshold():
-                self._send_ack()
+                if len(run) == 1:  # _deliver's first case, inlined: one small message
+                    self._events.append(events.DataReceived(run[0]))
+                else:
+                    self._deliver(run)
+            unacked = self._received - self._acked
+            if unacked and self._writable:
+                # ACK once unacked >= max(1, min(a quarter of the peer's window, the cap))
+                # (docs/design.md, "ACK thresholds"); unacked >= 1 already, so max(1, ...)
+                quarter = self._peer_window // ACK_FRACTION
+                if unacked >= (quarter if quarter < MAX_ACK_THRESHOLD else MAX_ACK_THRESHOLD):
+                    self._send_ack()
         except _ControlFlood:
             if run:
                 self._deliver(run)
@@ -796,9 +834,8 @@ class Session:
             raise _ControlFlood
 
     def _handle_frame(self, frame: object) -> None:
-        if isinstance(frame, Ack):
-            self._handle_ack(frame.offset)
-        elif isinstance(frame, Ping):
+        # ACK does not come here: receive_data() hands it to _handle_ack() itself.
+        if isinstance(frame, Ping):
             self._control_frame()
             # One answer pending at most, sent when the link is writable: a peer that
             # pings without reading our answers cannot make us queue more of them.
@@ -837,22 +874,22 @@ class Session:
             self._control_frame()  # acknowledges nothing new
             return
         self._peer_acked = offset
-        self._buffer.discard_until(min(offset, self._buffer.end))
+        buffer = self._buffer
+        end = buffer.end
+        buffer.discard_until(offset if offset < end else end)
         if self._account is not None:
-            self._account.follow(len(self._buffer))
-        self._check_finished()
+            self._account.follow(end - buffer.start)
+        if self._peer_eof:  # _check_finished() can only end a session after the peer's EOF
+            self._check_finished()
 
     def _check_finished(self) -> None:
         finished = self._peer_eof and self._eof and self._peer_acked > self._buffer.end
         if finished and self.state is not SessionState.CLOSED:
             self._end(CloseCode.NORMAL, "both directions finished", False)
 
-    def _ack_threshold(self) -> int:
-        return max(1, min(self._peer_window // ACK_FRACTION, MAX_ACK_THRESHOLD))
-
     def _send_ack(self) -> None:
         if self._received > self._acked and self.state is SessionState.ATTACHED:
-            self._out.append(Ack(self._received).serialize())
+            self._out.append(ack_frame(self._received))
             self._acked = self._received
 
     def _frame(self, offset: int, view: memoryview) -> None:
