@@ -27,6 +27,7 @@ import contextlib
 import logging
 import socket
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -46,7 +47,14 @@ from ..protocol.session import Session, SessionState
 from .ticker import Ticker
 from .util import describe
 
-__all__ = ["LinkOwner", "LinkProtocol", "LocalProtocol", "LocalTransport", "SessionRelay"]
+__all__ = [
+    "LinkOwner",
+    "LinkProtocol",
+    "LinkReads",
+    "LocalProtocol",
+    "LocalTransport",
+    "SessionRelay",
+]
 
 logger = logging.getLogger("tether.link")
 
@@ -207,7 +215,7 @@ class SessionRelay:
         if not writable:
             self.core.link_writable(False)
 
-    def link_data(self, transport: asyncio.Transport | None, data: bytes) -> None:
+    def link_data(self, transport: asyncio.Transport | None, data: bytes | memoryview) -> None:
         if transport is self.link:
             self.core.receive_data(data, self.loop.time())
             self.pump()
@@ -501,13 +509,75 @@ TCP_RTO_MAX_MS = 44  # <linux/tcp.h>, Linux 6.15 and later
 LINK_RTO_MAX_MS = 1000
 MAX_EARLY_LINK_BYTES = 64 * 1024  # bytes a peer may send before our handshake starts
 
+LINK_READ_SIZE = 256 * 1024  # one read from a link, at most
+# A link read of at least this many bytes is handed on as a view of the read buffer; a
+# smaller one is copied out (as the event loop itself would have), so that a few bytes a
+# slow local side holds never pin the buffer: only reads of a quarter of it or more do.
+LINK_VIEW_FROM = LINK_READ_SIZE // 4
+LINK_MIN_READ = 64 * 1024  # the rest of a held buffer is read into while it is this large
 
-class LinkProtocol(asyncio.Protocol):
-    """One link transport, on either side. Its handshake owns it until :meth:`hand_over`."""
+
+class LinkReads:
+    """The read buffer the links of one event loop share (:meth:`of`): the loop reads
+    one transport at a time, and a read is handled before the next one starts.
+    ``LinkProtocol.get_buffer`` offers ``buf[start:]``; its ``buffer_updated`` hands a
+    read of :data:`LINK_VIEW_FROM` bytes or more on as a view (and moves ``start`` past
+    it), a smaller one as a copy (the buffer stays free).
+
+    Ownership (docs/design.md, "The path of one byte"): the core's ``FrameReader``
+    returns DATA payloads as views of what it is fed, and a local transport that cannot
+    write them at once keeps them (uvloop does not copy), so bytes handed on as views
+    must not be read over while any view of them is alive. A ``bytearray`` with a live
+    view cannot be resized: ``pop()`` raises ``BufferError`` then, in O(1) (``append``
+    puts the byte back, within the allocation), whoever holds the view. So before a read
+    that follows views, :meth:`reclaim` tries the buffer: free, it is read into from its
+    start again; still held, the next read goes after the bytes handed out (while
+    :data:`LINK_MIN_READ` remain), else into a fresh buffer, and the held one is freed
+    with its last view.
+    """
+
+    __slots__ = ("buf", "start")
+
+    def __init__(self) -> None:
+        self.buf = bytearray(LINK_READ_SIZE)
+        self.start = 0  # bytes at the front handed out as views since it was last free
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> LinkReads:
+        reads = _link_reads.get(loop)
+        if reads is None:
+            reads = _link_reads[loop] = cls()
+        return reads
+
+    def reclaim(self) -> None:
+        """Before a read, when views were handed out (``start > 0``)."""
+        buf = self.buf
+        try:
+            buf.pop()  # BufferError while a view of it is alive (see above)
+        except BufferError:
+            if LINK_READ_SIZE - self.start < LINK_MIN_READ:
+                self.buf = bytearray(LINK_READ_SIZE)
+                self.start = 0
+        else:
+            buf.append(0)
+            self.start = 0
+
+
+_link_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LinkReads] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class LinkProtocol(asyncio.BufferedProtocol):
+    """One link transport, on either side. Its handshake owns it until :meth:`hand_over`.
+
+    Reads go into the loop's :class:`LinkReads` buffer, not into a new ``bytes`` per
+    read (under TLS too: the TLS layer decrypts straight into it)."""
 
     # One per session (B4): no per-instance dict; an attribute added needs its name here.
     __slots__ = (
         "_early",
+        "_reads",
         "_timer",
         "_writing_paused",
         "handshake",
@@ -540,7 +610,9 @@ class LinkProtocol(asyncio.Protocol):
         self.on_closed: Callable[[], None] | None = None
         self.lost = False
         # Made once TCP is connected, before TLS: a resume's duration is counted from here.
-        self.opened_at = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self.opened_at = loop.time()
+        self._reads = LinkReads.of(loop)
         self._early = bytearray()  # bytes before start(): a server that speaks first
         self._timer: asyncio.TimerHandle | None = None
         self._writing_paused = False  # the transport's write buffer is above its limit
@@ -582,7 +654,30 @@ class LinkProtocol(asyncio.Protocol):
             handshake.receive_data(early)
         self.pump_handshake()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        reads = self._reads
+        if reads.start:
+            reads.reclaim()
+        return memoryview(reads.buf)[reads.start :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reads = self._reads
+        start = reads.start
+        data: bytes | memoryview
+        if nbytes < LINK_VIEW_FROM:  # copied: a few bytes never pin the whole buffer
+            data = bytes(memoryview(reads.buf)[start : start + nbytes])
+        else:  # handed on as is: LinkReads.reclaim() sees whether views of it remain
+            reads.start = start + nbytes
+            data = memoryview(reads.buf)[start : start + nbytes]
+        relay = self.relay
+        if relay is not None:
+            relay.link_data(self.transport, data)
+        else:
+            self.data_received(data)
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from the link (``buffer_updated`` hands them on). The handshake and
+        ``_early`` copy what they keep; the relay's core returns views of them."""
         relay = self.relay
         if relay is not None:
             relay.link_data(self.transport, data)

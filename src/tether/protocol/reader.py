@@ -3,9 +3,11 @@
 Feed it bytes as they arrive; it returns the frames they complete. DATA payloads
 are never buffered: each piece of a DATA frame is returned as soon as it arrives,
 as a zero-copy ``memoryview`` slice of the input, wrapped in a :class:`Data` that
-carries its own stream offset. Control frames are buffered until whole, and no
-frame may claim more than its limit, so the reader holds at most
-``FRAME_HEADER_SIZE + MAX_CONTROL_PAYLOAD`` bytes between calls.
+carries its own stream offset. Those views are the input's bytes: whoever feeds a
+buffer it reuses must not read into it again while any of them is alive (the reader
+itself keeps none: what it holds between calls is copied). Control frames are
+buffered until whole, and no frame may claim more than its limit, so the reader holds
+at most ``FRAME_HEADER_SIZE + MAX_CONTROL_PAYLOAD`` bytes between calls.
 
 :func:`take_control_frame` reads exactly one control frame off the front of a
 buffer: the handshakes use it, so that the bytes after their one frame stay raw for

@@ -1,0 +1,294 @@
+"""Link reads into a reused buffer (aio/link.py ``LinkReads``; docs/design.md, "The path of
+one byte"): bytes still held as views by a slow local side are never overwritten by later
+reads. The buffer's rules on their own, then real tether servers and clients in this
+process, clear text and TLS, under asyncio and uvloop, over loopback (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import pytest
+
+from tether.aio.client import TetherClient
+from tether.aio.link import (
+    LINK_MIN_READ,
+    LINK_READ_SIZE,
+    LINK_VIEW_FROM,
+    LinkOwner,
+    LinkProtocol,
+    SessionRelay,
+)
+from tether.aio.server import TetherServer
+from tether.config import Address, ClientConfig, ServerConfig
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - the test extra installs it
+    uvloop = None  # type: ignore[assignment]
+
+T = TypeVar("T")
+Run = Callable[[Coroutine[Any, Any, T]], T]
+
+
+class _Keeper:
+    """Stands in for a link's relay: keeps every read it is handed, as a local transport
+    that cannot write keeps the views it was given."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes | memoryview] = []
+
+    def link_data(self, transport: object, data: bytes | memoryview) -> None:
+        self.got.append(data)
+
+
+def _link() -> tuple[LinkProtocol, _Keeper]:
+    """A link past its handshake (no transport: reads are driven by hand)."""
+    link = LinkProtocol(cast(LinkOwner, None))
+    keeper = _Keeper()
+    link.relay = cast(SessionRelay, keeper)
+    return link, keeper
+
+
+def _read(link: tuple[LinkProtocol, _Keeper], payload: bytes) -> bytes | memoryview:
+    """One read of ``payload``, as an event loop does it: get_buffer, fill, buffer_updated."""
+    protocol, keeper = link
+    buf = protocol.get_buffer(-1)
+    assert len(buf) >= len(payload)
+    buf[: len(payload)] = payload
+    del buf  # the loop drops its view once buffer_updated returns
+    protocol.buffer_updated(len(payload))
+    return keeper.got.pop()
+
+
+# -- the buffer's rules ----------------------------------------------------------------------
+
+
+def test_a_free_buffer_is_read_into_again_from_its_start(run: Run[Any]) -> None:
+    async def main() -> None:
+        link = _link()
+        first = _read(link, b"a" * LINK_VIEW_FROM)
+        assert isinstance(first, memoryview)  # a large read is handed on uncopied
+        storage = first.obj
+        del first  # nothing holds it any more
+        second = _read(link, b"b" * LINK_VIEW_FROM)
+        assert isinstance(second, memoryview)
+        assert second.obj is storage  # the same buffer, from its start
+        assert bytes(second) == b"b" * LINK_VIEW_FROM
+
+    run(main())
+
+
+def test_bytes_still_held_are_never_read_over(run: Run[Any]) -> None:
+    async def main() -> None:
+        one, other = _link(), _link()  # two links of one loop share the buffer
+        first = _read(one, b"a" * LINK_VIEW_FROM)
+        held = cast(memoryview, first)[100:200]  # a DATA payload a local transport kept
+        del first
+        second = _read(other, b"b" * LINK_VIEW_FROM)  # after the held bytes, same buffer
+        assert bytes(held) == b"a" * 100
+        assert isinstance(second, memoryview) and second.obj is held.obj
+        del second
+        # Until less than LINK_MIN_READ is left: then a fresh buffer.
+        third = _read(one, b"c" * (LINK_READ_SIZE - 2 * LINK_VIEW_FROM - LINK_MIN_READ + 1))
+        assert bytes(held) == b"a" * 100
+        fourth = other[0].get_buffer(-1)
+        assert fourth.obj is not held.obj and len(fourth) == LINK_READ_SIZE
+        fourth[:] = b"d" * LINK_READ_SIZE
+        assert bytes(held) == b"a" * 100
+        del third, fourth
+
+    run(main())
+
+
+def test_small_reads_are_copied_and_leave_the_buffer_free(run: Run[Any]) -> None:
+    async def main() -> None:
+        link = _link()
+        small = _read(link, b"x" * (LINK_VIEW_FROM - 1))
+        assert type(small) is bytes
+        big = _read(link, b"y" * LINK_VIEW_FROM)
+        assert isinstance(big, memoryview)
+        storage = big.obj
+        small = _read(link, b"z" * 10)  # while the big one is held: copied, not over it
+        assert small == b"z" * 10 and bytes(big) == b"y" * LINK_VIEW_FROM
+        del big
+        assert cast(memoryview, _read(link, b"w" * LINK_VIEW_FROM)).obj is storage
+
+    run(main())
+
+
+def test_views_held_by_a_transport_that_cannot_write_keep_the_buffer(run: Run[Any]) -> None:
+    """What a local transport does with the views it cannot write yet: uvloop keeps them
+    (asyncio 3.11 copies them into its own buffer; later versions keep views too)."""
+
+    async def main() -> None:
+        link = _link()
+        loop = asyncio.get_running_loop()
+        sink, source = socket.socketpair()
+        sink.setblocking(False)
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, source)
+        try:
+            assert LINK_MIN_READ >= LINK_VIEW_FROM
+            pattern = random.Random(1).randbytes(LINK_MIN_READ)
+            writes = 0
+            while transport.get_write_buffer_size() < 4 * LINK_READ_SIZE:
+                # Until the socket's buffer is full, each read is written at once and the
+                # buffer is free again; then the transport keeps the views it was given.
+                transport.write(_read(link, pattern))
+                writes += 1
+            for _ in range(8):  # later reads, while those views are held
+                assert _read(link, b"\0" * LINK_VIEW_FROM) == b"\0" * LINK_VIEW_FROM
+            transport.write_eof()
+            got = bytearray()
+            while chunk := await loop.sock_recv(sink, 1 << 20):
+                got += chunk
+            assert len(got) == writes * len(pattern)
+            assert got == pattern * writes  # everything arrives as written
+        finally:
+            transport.abort()
+            sink.close()
+
+    run(main())
+
+
+# -- real tethers with a slow local side --------------------------------------------------------
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run[Any]:
+    if request.param == "uvloop" and uvloop is None:
+        pytest.skip("uvloop is not installed")
+    factory = uvloop.new_event_loop if request.param == "uvloop" else None
+
+    def run(coro: Coroutine[Any, Any, T]) -> T:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(asyncio.wait_for(coro, 120))
+
+    return run
+
+
+SIZE = 48 * 1024 * 1024  # well beyond what loopback's socket buffers absorb
+
+
+class _Slow(asyncio.Protocol):
+    """An end that sends ``SIZE`` seeded bytes (then EOF) and does not read until
+    :meth:`resume`; hashes what it then reads."""
+
+    def __init__(self, seed: int) -> None:
+        self.data = random.Random(seed).randbytes(SIZE)
+        self.digest = hashlib.sha256()
+        self.received = 0
+        self.eof = asyncio.Event()
+        self.resumed = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.data)
+        self.transport.write_eof()
+        self.transport.pause_reading()
+        # uvloop starts reading after connection_made returns, whatever it was told.
+        asyncio.get_running_loop().call_soon(self._pause)
+
+    def _pause(self) -> None:
+        if not self.resumed and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        assert self.transport is not None
+        self.resumed = True
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.received += len(data)
+
+    def eof_received(self) -> bool:
+        self.eof.set()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof.set()
+
+
+async def _until(what: str, check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(60):  # bounded (CONTRIBUTING.md T6), never a timing claim
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def _tethers(tls: bool) -> AsyncIterator[tuple[TetherServer, TetherClient, list[_Slow]]]:
+    loop = asyncio.get_running_loop()
+    backends: list[_Slow] = []
+
+    def backend() -> _Slow:
+        backends.append(_Slow(seed=1))
+        return backends[-1]
+
+    listener = await loop.create_server(backend, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    server_config = ServerConfig(
+        listen=Address("127.0.0.1", 0), backend=Address("127.0.0.1", port), plaintext=not tls
+    )
+    try:
+        async with TetherServer(server_config) as server:
+            client_config = ClientConfig(
+                listen=Address("127.0.0.1", 0),
+                server=Address("127.0.0.1", server.addresses[0].port),
+                plaintext=not tls,
+            )
+            async with TetherClient(client_config) as client:
+                yield server, client, backends
+    finally:
+        listener.close()
+        for end in backends:
+            if end.transport is not None:
+                end.transport.abort()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
+def test_a_local_side_that_stops_reading_gets_every_byte_intact(
+    run: Run[Any], tls: bool, tmp_path: Path
+) -> None:
+    """Both the application and the backend send 48 MiB and read nothing until their
+    tether's local transport holds bytes it could not write (views of link reads, under
+    uvloop), then read everything: each must get the other's stream byte for byte."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with _tethers(tls) as (server, client, backends):
+            _, app = await loop.create_connection(
+                lambda: _Slow(seed=2), client.addresses[0].host, client.addresses[0].port
+            )
+            try:
+                await _until("the backend connection", lambda: bool(backends))
+                far = backends[0]
+
+                def held() -> bool:
+                    relays = [*server.relays(), *client.relays()]
+                    sizes = [
+                        cast(asyncio.Transport, r.local).get_write_buffer_size()
+                        for r in relays
+                        if r.local is not None
+                    ]
+                    return len(sizes) == 2 and min(sizes) > 0
+
+                await _until("both local transports to hold bytes", held)
+                app.resume()
+                far.resume()
+                await _until("both streams", lambda: app.eof.is_set() and far.eof.is_set())
+                assert (app.received, far.received) == (SIZE, SIZE)
+                assert app.digest.digest() == hashlib.sha256(far.data).digest()
+                assert far.digest.digest() == hashlib.sha256(app.data).digest()
+            finally:
+                assert app.transport is not None
+                app.transport.abort()
+
+    run(main())
