@@ -23,6 +23,7 @@ Flow control, end to end:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -392,6 +393,30 @@ class SessionRelay:
 
 READ_SIZE = 256 * 1024  # one read from the local side, at most
 _scratch = bytearray(READ_SIZE)  # shared read buffer: one event loop reads one socket at a time
+# Read buffers handed over whole (to the replay buffer, as views), oldest first, to be used
+# again once nothing holds them (CONTRIBUTING.md D3): a new bytearray is zero-filled (a
+# 256 KiB memset per read) and freed once its bytes are acknowledged; a recycled one costs
+# neither. A bytearray with a live view refuses to resize (the test LinkReads.reclaim uses
+# too), so the oldest is taken only when every view of it (the replay buffer's, a transport
+# write queue's) is gone. At most RECYCLE_MAX are kept: past that the oldest is let go and
+# its last holder frees it, so a process keeps at most 8 MiB of spare read buffers.
+RECYCLE_MAX = 32  # more than one session's default window of reads (16) in flight
+_handed: collections.deque[bytearray] = collections.deque()
+
+
+def _next_read_buffer() -> bytearray:
+    """A read buffer for the next large local read: the oldest handed over, if free."""
+    if _handed:
+        buf = _handed[0]
+        try:
+            buf.pop()  # BufferError while a view of it is alive
+        except BufferError:
+            pass
+        else:
+            buf.append(0)
+            _handed.popleft()
+            return buf
+    return bytearray(READ_SIZE)
 
 
 class LocalProtocol(asyncio.BufferedProtocol):
@@ -400,8 +425,9 @@ class LocalProtocol(asyncio.BufferedProtocol):
     Reads go into a buffer no larger than the replay buffer's remaining capacity, so a
     session never holds more than its bound (the rest waits in the kernel). The read
     buffer is shared; a read of half a buffer or more is handed over whole (no copy)
-    and a fresh buffer takes its place, a smaller one is copied out (so a few bytes
-    never pin 256 KiB). Idle connections therefore hold no read buffer at all.
+    and another takes its place (the oldest handed over whose views are all gone, else a
+    new one: ``_next_read_buffer``), a smaller one is copied out (so a few bytes never
+    pin 256 KiB). Idle connections therefore hold no read buffer at all.
     """
 
     # One per session (B4): no per-instance dict. A subclass declares its own attributes.
@@ -440,7 +466,10 @@ class LocalProtocol(asyncio.BufferedProtocol):
         data: bytes | memoryview
         if nbytes >= READ_SIZE // 2:
             data = memoryview(_scratch)[:nbytes]
-            _scratch = bytearray(READ_SIZE)
+            if len(_handed) >= RECYCLE_MAX:
+                _handed.popleft()
+            _handed.append(_scratch)
+            _scratch = _next_read_buffer()
         else:
             data = bytes(memoryview(_scratch)[:nbytes])
         relay = self.relay

@@ -1,0 +1,89 @@
+"""Local reads handed over whole are recycled (aio/link.py ``_next_read_buffer``): a
+buffer is read into again only once no view of it is alive, and the spare ones are
+bounded. Driven by hand through ``LocalProtocol``'s buffer protocol, as an event loop
+does it; what the relay keeps stands in for the replay buffer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+
+from tether.aio import link
+from tether.aio.link import READ_SIZE, RECYCLE_MAX, LocalProtocol, SessionRelay
+from tether.protocol.codes import CloseCode
+
+
+class _Keeper:
+    """Stands in for a relay: keeps each read's view, as the replay buffer does until the
+    peer acknowledges it."""
+
+    def __init__(self) -> None:
+        self.core = self
+        self.got: list[bytes | memoryview] = []
+
+    def send_capacity(self) -> int:
+        return READ_SIZE
+
+    def local_data(self, data: bytes | memoryview) -> None:
+        self.got.append(data)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pool() -> Iterator[None]:
+    saved = list(link._handed)
+    link._handed.clear()
+    yield
+    link._handed.clear()
+    link._handed.extend(saved)
+
+
+def _protocol() -> tuple[LocalProtocol, _Keeper]:
+    protocol = LocalProtocol(CloseCode.APPLICATION_RESET)
+    keeper = _Keeper()
+    protocol.relay = cast(SessionRelay, keeper)
+    return protocol, keeper
+
+
+def _read(protocol: LocalProtocol, fill: int) -> bytearray:
+    """One whole-buffer read of byte ``fill``; returns the buffer it went into."""
+    view = protocol.get_buffer(-1)
+    view[:] = bytes([fill]) * len(view)
+    target = cast(bytearray, view.obj)
+    protocol.buffer_updated(len(view))
+    return target
+
+
+def test_a_buffer_is_reused_only_after_its_views_are_gone() -> None:
+    protocol, keeper = _protocol()
+    first = _read(protocol, 1)
+    second = _read(protocol, 2)
+    assert second is not first  # the first is still held (the keeper's view)
+    assert bytes(keeper.got[0]) == b"\x01" * READ_SIZE
+    del keeper.got[0]  # "acknowledged": the last view of the first buffer is gone
+    _read(protocol, 3)  # hands the current buffer over and takes the oldest free one
+    fourth = _read(protocol, 4)
+    assert fourth is first
+    assert len(fourth) == READ_SIZE
+    # every byte still held is intact: reuse never wrote into a held buffer
+    assert [bytes(v[:1]) for v in keeper.got] == [b"\x02", b"\x03", b"\x04"]
+    assert all(bytes(v) == bytes(v[:1]) * READ_SIZE for v in keeper.got)
+
+
+def test_spare_buffers_are_bounded() -> None:
+    protocol, keeper = _protocol()
+    for i in range(RECYCLE_MAX + 10):
+        _read(protocol, i % 256)
+    assert len(link._handed) <= RECYCLE_MAX
+    keeper.got.clear()  # everything acknowledged
+    assert len(link._handed) <= RECYCLE_MAX
+
+
+def test_small_reads_are_copied_and_hand_nothing_over() -> None:
+    protocol, keeper = _protocol()
+    view = protocol.get_buffer(-1)
+    view[:5] = b"hello"
+    protocol.buffer_updated(5)
+    assert keeper.got == [b"hello"] and isinstance(keeper.got[0], bytes)
+    assert not link._handed
