@@ -73,11 +73,22 @@ def test_a_buffer_is_reused_only_after_its_views_are_gone() -> None:
 
 def test_spare_buffers_are_bounded() -> None:
     protocol, keeper = _protocol()
-    for i in range(RECYCLE_MAX + 10):
+    for i in range(RECYCLE_MAX + 10):  # every read still held: none can be reused
         _read(protocol, i % 256)
-    assert len(link._handed) <= RECYCLE_MAX
-    keeper.got.clear()  # everything acknowledged
-    assert len(link._handed) <= RECYCLE_MAX
+    assert len(link._handed) == RECYCLE_MAX
+    assert len(keeper.got) == RECYCLE_MAX + 10  # the ones let go are still the keeper's
+
+
+def test_unheld_sees_any_view_and_leaves_the_buffer_as_it_was() -> None:
+    buf = bytearray(b"abc")
+    view = memoryview(buf)[1:]
+    slice_of_slice = view[1:]
+    del view
+    assert not link.unheld(buf)  # a slice of a dropped slice still holds it
+    del slice_of_slice
+    assert link.unheld(buf)
+    assert buf == b"abc"[:2] + b"\x00"  # its last byte is not kept: contents do not matter
+    assert len(buf) == 3
 
 
 def test_small_reads_are_copied_and_hand_nothing_over() -> None:

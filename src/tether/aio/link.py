@@ -391,31 +391,35 @@ class SessionRelay:
             self.pump()
 
 
+def unheld(buf: bytearray) -> bool:
+    """True when no view of ``buf`` is alive, so it may be read into again. A bytearray
+    with a live view refuses to resize: ``pop()`` raises ``BufferError`` then, in O(1),
+    whoever holds the view (the replay buffer, a transport's write queue, an event);
+    ``append`` puts the byte back, within the allocation. The one test of "held" for
+    every reused read buffer (CONTRIBUTING.md D3)."""
+    try:
+        buf.pop()
+    except BufferError:
+        return False
+    buf.append(0)
+    return True
+
+
 READ_SIZE = 256 * 1024  # one read from the local side, at most
 _scratch = bytearray(READ_SIZE)  # shared read buffer: one event loop reads one socket at a time
 # Read buffers handed over whole (to the replay buffer, as views), oldest first, to be used
-# again once nothing holds them (CONTRIBUTING.md D3): a new bytearray is zero-filled (a
-# 256 KiB memset per read) and freed once its bytes are acknowledged; a recycled one costs
-# neither. A bytearray with a live view refuses to resize (the test LinkReads.reclaim uses
-# too), so the oldest is taken only when every view of it (the replay buffer's, a transport
-# write queue's) is gone. At most RECYCLE_MAX are kept: past that the oldest is let go and
-# its last holder frees it, so a process keeps at most 8 MiB of spare read buffers.
+# again once :func:`unheld` (CONTRIBUTING.md D3): a new bytearray is zero-filled (a 256 KiB
+# memset per read) and freed once its bytes are acknowledged; a recycled one costs neither.
+# At most RECYCLE_MAX are kept: past that the oldest is let go and its last holder frees
+# it, so a process keeps at most 8 MiB of spare read buffers.
 RECYCLE_MAX = 32  # more than one session's default window of reads (16) in flight
 _handed: collections.deque[bytearray] = collections.deque()
 
 
 def _next_read_buffer() -> bytearray:
-    """A read buffer for the next large local read: the oldest handed over, if free."""
-    if _handed:
-        buf = _handed[0]
-        try:
-            buf.pop()  # BufferError while a view of it is alive
-        except BufferError:
-            pass
-        else:
-            buf.append(0)
-            _handed.popleft()
-            return buf
+    """A read buffer for the next large local read: the oldest handed over, if unheld."""
+    if _handed and unheld(_handed[0]):
+        return _handed.popleft()
     return bytearray(READ_SIZE)
 
 
@@ -556,12 +560,11 @@ class LinkReads:
     Ownership (docs/design.md, "The path of one byte"): the core's ``FrameReader``
     returns DATA payloads as views of what it is fed, and a local transport that cannot
     write them at once keeps them (uvloop does not copy), so bytes handed on as views
-    must not be read over while any view of them is alive. A ``bytearray`` with a live
-    view cannot be resized: ``pop()`` raises ``BufferError`` then, in O(1) (``append``
-    puts the byte back, within the allocation), whoever holds the view. So before a read
-    that follows views, :meth:`reclaim` tries the buffer: free, it is read into from its
-    start again; still held, the next read goes after the bytes handed out (while
-    :data:`LINK_MIN_READ` remain), else into a fresh buffer, and the held one is freed
+    must not be read over while any view of them is alive (:func:`unheld` tells). So
+    before a read that follows views, :meth:`reclaim` tries the buffer: free, it is
+    read into from its start again; still held, the next read goes after the bytes
+    handed out (while :data:`LINK_MIN_READ` remain), else into a fresh buffer, and the
+    held one is freed
     with its last view.
     """
 
@@ -580,15 +583,10 @@ class LinkReads:
 
     def reclaim(self) -> None:
         """Before a read, when views were handed out (``start > 0``)."""
-        buf = self.buf
-        try:
-            buf.pop()  # BufferError while a view of it is alive (see above)
-        except BufferError:
-            if LINK_READ_SIZE - self.start < LINK_MIN_READ:
-                self.buf = bytearray(LINK_READ_SIZE)
-                self.start = 0
-        else:
-            buf.append(0)
+        if unheld(self.buf):
+            self.start = 0
+        elif LINK_READ_SIZE - self.start < LINK_MIN_READ:
+            self.buf = bytearray(LINK_READ_SIZE)
             self.start = 0
 
 
