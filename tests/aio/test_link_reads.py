@@ -10,9 +10,9 @@ import contextlib
 import hashlib
 import random
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
 
@@ -28,13 +28,7 @@ from tether.aio.link import (
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - the test extra installs it
-    uvloop = None  # type: ignore[assignment]
-
-T = TypeVar("T")
-Run = Callable[[Coroutine[Any, Any, T]], T]
+from ..loops import LOOPS, Run, runner
 
 
 class _Keeper:
@@ -160,17 +154,9 @@ def test_views_held_by_a_transport_that_cannot_write_keep_the_buffer(run: Run[An
 # -- real tethers with a slow local side --------------------------------------------------------
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=LOOPS)
 def run(request: pytest.FixtureRequest) -> Run[Any]:
-    if request.param == "uvloop" and uvloop is None:
-        pytest.skip("uvloop is not installed")
-    factory = uvloop.new_event_loop if request.param == "uvloop" else None
-
-    def run(coro: Coroutine[Any, Any, T]) -> T:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(asyncio.wait_for(coro, 120))
-
-    return run
+    return runner(request.param, 120)
 
 
 SIZE = 48 * 1024 * 1024  # well beyond what loopback's socket buffers absorb

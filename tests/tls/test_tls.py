@@ -10,9 +10,9 @@ import re
 import ssl
 import stat
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
@@ -40,30 +40,16 @@ from tether.tls import (
     verify_server,
 )
 
+from ..loops import LOOPS, Run, runner
 from .pki import CA
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - the test extra installs it
-    uvloop = None  # type: ignore[assignment]
-
-T = TypeVar("T")
-Run = Callable[[Coroutine[Any, Any, T]], T]
 POSIX = os.name == "posix"
 FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=LOOPS)
 def run(request: pytest.FixtureRequest) -> Run[Any]:
-    if request.param == "uvloop" and uvloop is None:
-        pytest.skip("uvloop is not installed")
-    factory = uvloop.new_event_loop if request.param == "uvloop" else None
-
-    def run(coro: Coroutine[Any, Any, T]) -> T:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(asyncio.wait_for(coro, 20))
-
-    return run
+    return runner(request.param, 20)
 
 
 @pytest.fixture
