@@ -795,6 +795,7 @@ def write_docs(results: Path, docs: Path, plots: bool = True) -> Path:
 BASELINES = {"tether-tls": "stunnel2", "tether": "socat2-b256k"}
 TLS_BEGIN = "<!-- section: tls, `python -m benchmarks report --tls --out DIR` -->"
 TLS_END = "<!-- end of section: tls -->"
+PROFILE_MARKER = "\n## Profile: "  # the profile sections follow the TLS section
 
 
 def has_tls_runs(benches: dict[str, Any]) -> bool:
@@ -980,53 +981,19 @@ def tls_section(page: Page, benches: dict[str, Any], img: Path | None) -> None:
     page.lines.extend(body.lines)
 
 
-def splice_tls(results: Path, docs: Path, plots: bool = True) -> Path:
-    """Put the TLS section rendered from ``results`` into docs/benchmarks.md in place of
-    the previous one (before the profiles), and the analysis again after it: every other
+def _splice(docs: Path, begin: str, end: str, lines: list[str], before: tuple[str, ...]) -> Path:
+    """Put ``lines`` (a section between the markers ``begin`` and ``end``) into
+    docs/benchmarks.md in place of the previous one, else before the first of the ``before``
+    markers found, else at the end; then the analysis again at the end. Every other
     section keeps its figures and its "Made with" line."""
-    data = json.loads(results.read_text())
-    img = docs / "img"
-    if plots:
-        img.mkdir(parents=True, exist_ok=True)
-    section = Page()
-    tls_section(section, data.get("benchmarks", {}), img if plots else None)
     out = docs / "benchmarks.md"
     text = out.read_text()
-    if TLS_BEGIN in text:
-        before, _, rest = text.partition(TLS_BEGIN)
-        text = before.rstrip() + "\n\n" + rest.partition(TLS_END)[2].lstrip()
+    if begin in text:
+        head, _, rest = text.partition(begin)
+        text = head.rstrip() + "\n\n" + rest.partition(end)[2].lstrip()
     text = text.partition("\n## Analysis\n")[0].rstrip() + "\n"
-    block = "\n".join([TLS_BEGIN, "", *section.lines, TLS_END, ""])
-    marker = "\n## Profile: "
-    if marker in text:
-        head, _, tail = text.partition(marker)
-        text = head.rstrip() + "\n\n" + block + marker + tail
-    else:
-        text = text.rstrip() + "\n\n" + block
-    if ANALYSIS.exists():
-        text = text.rstrip() + "\n\n" + ANALYSIS.read_text().rstrip() + "\n"
-    out.write_text(text)
-    return out
-
-
-def splice_b6(results: Path, docs: Path) -> Path:
-    """Put the B6 section rendered from ``results`` into docs/benchmarks.md in place of the
-    previous one (or after B5, before the TLS section and the profiles), and the analysis
-    again at the end: every other section keeps its figures and its "Made with" line."""
-    data = json.loads(results.read_text())
-    b = data.get("benchmarks", {}).get("B6")
-    if b is None:
-        raise SystemExit(f"{results} holds no B6 results")
-    section = Page()
-    b6(section, b, None)
-    out = docs / "benchmarks.md"
-    text = out.read_text()
-    if B6_BEGIN in text:
-        before, _, rest = text.partition(B6_BEGIN)
-        text = before.rstrip() + "\n\n" + rest.partition(B6_END)[2].lstrip()
-    text = text.partition("\n## Analysis\n")[0].rstrip() + "\n"
-    block = "\n".join(section.lines).rstrip() + "\n\n"
-    for marker in (TLS_BEGIN, "\n## Profile: "):
+    block = "\n".join(lines).rstrip() + "\n\n"
+    for marker in before:
         if marker in text:
             head, _, tail = text.partition(marker)
             text = head.rstrip() + "\n\n" + block + marker.lstrip("\n") + tail
@@ -1037,3 +1004,28 @@ def splice_b6(results: Path, docs: Path) -> Path:
         text = text.rstrip() + "\n\n" + ANALYSIS.read_text().rstrip() + "\n"
     out.write_text(text)
     return out
+
+
+def splice_tls(results: Path, docs: Path, plots: bool = True) -> Path:
+    """The TLS section rendered from ``results`` in place of the previous one (before the
+    profiles), every other section as it is (:func:`_splice`)."""
+    data = json.loads(results.read_text())
+    img = docs / "img"
+    if plots:
+        img.mkdir(parents=True, exist_ok=True)
+    section = Page()
+    tls_section(section, data.get("benchmarks", {}), img if plots else None)
+    return _splice(docs, TLS_BEGIN, TLS_END, [TLS_BEGIN, "", *section.lines, TLS_END],
+                   (PROFILE_MARKER,))  # fmt: skip
+
+
+def splice_b6(results: Path, docs: Path) -> Path:
+    """The B6 section rendered from ``results`` in place of the previous one (or after B5,
+    before the TLS section and the profiles), every other section as it is."""
+    data = json.loads(results.read_text())
+    b = data.get("benchmarks", {}).get("B6")
+    if b is None:
+        raise SystemExit(f"{results} holds no B6 results")
+    section = Page()
+    b6(section, b, None)  # its lines begin with B6_BEGIN and end with B6_END
+    return _splice(docs, B6_BEGIN, B6_END, section.lines, (TLS_BEGIN, PROFILE_MARKER))
