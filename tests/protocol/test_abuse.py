@@ -249,6 +249,25 @@ def test_a_read_of_tiny_frames_costs_one_event_and_at_most_one_ack() -> None:
     assert server.statistics().bytes_received == 4 * count
 
 
+def test_acks_between_tiny_frames_do_not_split_the_reads_event() -> None:
+    """An ACK reports no event, so the DATA on both sides of it are one run: one event for
+    the read, and every ACK taken (the replay buffer shrinks to the last one)."""
+    p = established()
+    server = p.server
+    server.send(b"s" * 100)
+    server.data_to_send()
+    count = 50
+    read = b"".join(
+        data_header(i, 1) + bytes([i]) + Ack(2 * (i + 1)).serialize() for i in range(count)
+    )
+    server.receive_data(read, p.now)
+    got = events(server)
+    assert len(got) == 1 and isinstance(got[0], DataReceived)
+    assert bytes(got[0].data) == bytes(range(count))
+    assert server.statistics().bytes_acked == 2 * count
+    assert server.state is SessionState.ATTACHED
+
+
 def test_large_frames_are_still_delivered_as_views_of_the_read() -> None:
     p = established()
     server = p.server

@@ -682,15 +682,15 @@ class Session:
                     self._received += len(frame.payload)
                     run.append(frame.payload)
                     continue
-                if run:
-                    if len(run) == 1:  # _deliver's first case, inlined: one small message
-                        self._events.append(events.DataReceived(run[0]))
-                    else:
-                        self._deliver(run)
-                    run = []
-                if type(frame) is Ack:  # the control frame of the per-message path
+                if type(frame) is Ack:
+                    # The control frame of the per-message path. It reports no event, so the
+                    # run of DATA goes on past it; it can end the session only after the
+                    # peer's EOF, which delivered the run (and no DATA may follow an EOF).
                     self._handle_ack(frame.offset)
                 else:
+                    if run:  # this frame's events come after the DATA before it
+                        self._deliver(run)
+                        run = []
                     self._handle_frame(frame)
                 if self.state is not SessionState.ATTACHED:
                     return
