@@ -100,6 +100,24 @@ async def _exit(proc: Proc, limit: float) -> int:
         raise AssertionError(f"tether did not exit within {limit}s:\n{proc.log()}") from None
 
 
+async def _takeover_run(
+    backend: Backend, state: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``tether server --takeover`` run to its end (one that fails exits at once)."""
+    host, port = backend.address
+    return await asyncio.to_thread(
+        subprocess.run,
+        [
+            *(sys.executable, "-m", "tether", "server", "--takeover"),
+            *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
+            *("--state-dir", str(state), *extra),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def _control(state: Path) -> Path:
     return state / "takeover.sock"
 
@@ -254,19 +272,7 @@ def test_fifty_sessions_streaming_both_ways_survive_a_takeover(tmp_path: Path) -
 def test_a_takeover_with_no_server_to_take_over_fails_with_exit_1(tmp_path: Path) -> None:
     async def main() -> None:
         async with Backend(seed=1, size=16) as backend:
-            host, port = backend.address
-            done = await asyncio.to_thread(
-                subprocess.run,
-                [
-                    *(sys.executable, "-m", "tether", "server", "--takeover"),
-                    *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
-                    *("--state-dir", str(tmp_path / "empty")),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                env={**os.environ},
-            )
+            done = await _takeover_run(backend, tmp_path / "empty")
             assert done.returncode == 1, done.stderr
             assert "tether: error: --takeover " in done.stderr
             assert "no server to take over there" in done.stderr
@@ -441,19 +447,8 @@ def test_a_backend_that_does_not_read_makes_the_takeover_wait_then_refuse(
             far.transport.pause_reading()  # the backend stops reading
             for _ in range(2048):  # 8 MiB: more than the kernel's buffers take
                 up.tick()
-            host, port = backend.address
             successor = asyncio.ensure_future(
-                asyncio.to_thread(
-                    subprocess.run,
-                    [
-                        *(sys.executable, "-m", "tether", "server", "--takeover"),
-                        *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
-                        *("--state-dir", str(state), "--buffer", "256K", *FAST),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                )
+                _takeover_run(backend, state, "--buffer", "256K", *FAST)
             )
 
             async def handing_over() -> bool:
@@ -539,18 +534,7 @@ def test_a_draining_server_refuses_a_takeover(tmp_path: Path) -> None:
                 return "draining: new sessions refused" in old.log()
 
             await poll("the drain to start", draining)
-            host, port = backend.address
-            done = await asyncio.to_thread(
-                subprocess.run,
-                [
-                    *(sys.executable, "-m", "tether", "server", "--takeover"),
-                    *("--listen", "127.0.0.1:0", "--backend", f"{host}:{port}"),
-                    *("--state-dir", str(state)),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            done = await _takeover_run(backend, state)
             assert done.returncode == 1, done.stderr
             assert "refused: this server is draining" in done.stderr
             assert old.popen.poll() is None  # it drains on, its session kept
