@@ -572,7 +572,7 @@ def b6_paths(page: Page, runs: list[dict[str, Any]], cfg: dict[str, Any]) -> Non
     mib = _per_repeat(runs, "mib_s")
     both = [v for v in mib.values() if {"gateway", "haproxy", "direct"} <= set(v)]
     rows = [
-        [name, _ratio_text(rr), str(len(rr))]
+        [name, ratio_text(rr), str(len(rr))]
         for name, rr in (
             ("bulk throughput", [v["gateway"] / v["haproxy"] for v in both]),
             ("bulk throughput, gateway / direct", [v["gateway"] / v["direct"] for v in both]),
@@ -586,7 +586,7 @@ def b6_paths(page: Page, runs: list[dict[str, Any]], cfg: dict[str, Any]) -> Non
             for v in added[q].values()
             if {"gateway", "haproxy", "direct"} <= set(v) and v["haproxy"] > v["direct"]
         ]
-        rows.append([f"added latency {q[:3]}", _ratio_text(rr), str(len(rr))])
+        rows.append([f"added latency {q[:3]}", ratio_text(rr), str(len(rr))])
     page.add(
         "Gateway against HAProxy in the same place (gateway / HAProxy unless named), and the "
         "repeats each ratio could be taken from:",
@@ -806,8 +806,31 @@ def has_tls_runs(benches: dict[str, Any]) -> bool:
     )
 
 
-def _ratio_text(rr: list[float]) -> str:
+def ratio_text(rr: list[float]) -> str:
+    """Per-repeat ratios as "median (min-max)"; empty for none."""
     return f"{fmt(percentile(rr, 50))} ({fmt(min(rr))}-{fmt(max(rr))})" if rr else ""
+
+
+def added_latency(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]]:
+    """B2: peer -> "p50_us" / "p99_us" -> repeat -> its latency minus direct TCP's in that
+    repeat (what the peer *added*)."""
+    direct = {r["repeat"]: r for r in runs if r["peer"] == "direct"}
+    added: dict[str, dict[str, dict[int, float]]] = {}
+    for r in runs:
+        d = direct.get(r["repeat"])
+        if d is not None:
+            for q in ("p50_us", "p99_us"):
+                added.setdefault(r["peer"], {}).setdefault(q, {})[r["repeat"]] = r[q] - d[q]
+    return added
+
+
+def added_ratios(
+    added: dict[str, dict[str, dict[int, float]]], a: str, b: str, q: str
+) -> list[float]:
+    """Per-repeat ratio of ``a``'s added latency to ``b``'s; a repeat where ``b`` added
+    nothing measurable is left out (a ratio to zero or less means nothing)."""
+    mine, theirs = added.get(a, {}).get(q, {}), added.get(b, {}).get(q, {})
+    return [mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0]
 
 
 def tls_section(page: Page, benches: dict[str, Any], img: Path | None) -> None:
@@ -848,7 +871,7 @@ def tls_section(page: Page, benches: dict[str, Any], img: Path | None) -> None:
                 med, lo, hi = smm([r["gbps"] for r in cr if r["peer"] == p])
                 base = BASELINES.get(p)
                 rr = ratios(cr, "gbps", p, base, "repeat") if base else []
-                rows.append([label(p), med, lo, hi, f"/ {base}: {_ratio_text(rr)}" if rr else ""])
+                rows.append([label(p), med, lo, hi, f"/ {base}: {ratio_text(rr)}" if rr else ""])
                 if rr:
                     want = "stunnel two hops" if base == "stunnel2" else "socat -b 262144 two hops"
                     m = percentile(rr, 50)
@@ -899,14 +922,7 @@ def tls_section(page: Page, benches: dict[str, Any], img: Path | None) -> None:
         )
         skipped_lines(page, b2)
         peers = list(dict.fromkeys(r["peer"] for r in runs))
-        added: dict[str, dict[str, dict[int, float]]] = {}
-        for r in runs:
-            d = next(
-                (x for x in runs if x["repeat"] == r["repeat"] and x["peer"] == "direct"), None
-            )
-            if d is not None:
-                for q in ("p50_us", "p99_us"):
-                    added.setdefault(r["peer"], {}).setdefault(q, {})[r["repeat"]] = r[q] - d[q]
+        added = added_latency(runs)
         rows = []
         for p in peers:
             row = [label(p)]
@@ -921,8 +937,8 @@ def tls_section(page: Page, benches: dict[str, Any], img: Path | None) -> None:
             for q in ("p50_us", "p99_us"):
                 mine = added.get(p, {}).get(q, {})
                 theirs = added.get(base or "", {}).get(q, {})
-                rr = [mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0]
-                cells.append(_ratio_text(rr))
+                rr = added_ratios(added, p, base or "", q)
+                cells.append(ratio_text(rr))
                 if rr:
                     m = percentile(rr, 50)
                     am, bm = (

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from collections import defaultdict
 from pathlib import Path
+
+from benchmarks.common import percentile
+from benchmarks.report import added_latency, added_ratios, ratio_text, ratios
 
 __all__ = ["b1_ratios", "b2_ratios", "render"]
 
@@ -37,48 +38,33 @@ TARGET_B1 = {"socat2-b256k": 1.0, "stunnel2": 0.8}
 TARGET_B2 = 1.5
 
 
-def _summary(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
-
 def b1_ratios(runs: list[dict[str, object]]) -> dict[tuple[str, str], list[float]]:
-    """(peer, case) -> per-repeat GB/s ratios to the peer's B1 reference."""
-    speed: dict[tuple[str, str, int], float] = {}
-    for r in runs:
-        if r.get("intact", True) and "gbps" in r:
-            speed[str(r["peer"]), str(r["case"]), int(str(r["repeat"]))] = float(str(r["gbps"]))
-    out: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for (peer, case, repeat), gbps in sorted(speed.items()):
-        ref = REFERENCE.get(peer, (None, None))[0]
-        base = speed.get((str(ref), case, repeat))
-        if ref is not None and base:
-            out[peer, case].append(gbps / base)
+    """(peer, case) -> per-repeat GB/s ratios to the peer's B1 reference (broken runs
+    left out)."""
+    whole = [r for r in runs if r.get("intact", True)]
+    out: dict[tuple[str, str], list[float]] = {}
+    for case in dict.fromkeys(str(r["case"]) for r in whole):
+        of_case = [r for r in whole if r["case"] == case]
+        for peer in dict.fromkeys(str(r["peer"]) for r in of_case):
+            if peer in REFERENCE:
+                rr = ratios(of_case, "gbps", peer, REFERENCE[peer][0], "repeat")
+                if rr:
+                    out[peer, case] = rr
     return out
 
 
 def b2_ratios(runs: list[dict[str, object]]) -> dict[tuple[str, str], tuple[list[float], int]]:
-    """(peer, "p50"|"p99") -> (per-repeat added-latency ratios, repeats left out)."""
-    lat: dict[tuple[str, int], dict[str, object]] = {}
-    for r in runs:
-        lat[str(r["peer"]), int(str(r["repeat"]))] = r
+    """(peer, "p50"|"p99") -> (per-repeat added-latency ratios, repeats left out because
+    the reference added nothing)."""
+    added = added_latency(runs)
     out: dict[tuple[str, str], tuple[list[float], int]] = {}
-    for (peer, repeat), r in sorted(lat.items()):
-        ref = REFERENCE.get(peer, (None, None))[1]
-        direct, base = lat.get(("direct", repeat)), lat.get((str(ref), repeat))
-        if ref is None or direct is None or base is None:
-            continue
+    for peer, (_, ref) in REFERENCE.items():
         for q in ("p50", "p99"):
-            key = f"{q}_us"
-            d = float(str(direct[key]))
-            mine, theirs = float(str(r[key])) - d, float(str(base[key])) - d
-            ratios, skipped = out.get((peer, q), ([], 0))
-            if theirs > 0:
-                ratios.append(mine / theirs)
-            else:
-                skipped += 1
-            out[peer, q] = (ratios, skipped)
+            mine, theirs = added.get(peer, {}).get(f"{q}_us", {}), added.get(ref, {})
+            common = [k for k in mine if k in theirs.get(f"{q}_us", {})]
+            if common:
+                rr = added_ratios(added, peer, ref, f"{q}_us")
+                out[peer, q] = (rr, len(common) - len(rr))
     return out
 
 
@@ -99,18 +85,18 @@ def render(data: dict[str, object]) -> str:
         for (peer, case), values in sorted(ratios.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             ref = REFERENCE[peer][0]
             want = TARGET_B1[ref]
-            met = values and statistics.median(values) >= want
+            met = values and percentile(values, 50) >= want
             lines.append(
-                f"| B1 {case}, GB/s / {ref}'s | {peer} | {_summary(values)} | >= {want:.1f} "
-                f"| {'met' if met else 'missed'} |"
+                f"| B1 {case}, GB/s / {ref}'s | {peer} | {ratio_text(values) or 'n/a'} "
+                f"| >= {want:.1f} | {'met' if met else 'missed'} |"
             )
     if "B2" in benches:
         for (peer, q), (values, skipped) in sorted(b2_ratios(benches["B2"]["runs"]).items()):
             ref = REFERENCE[peer][1]
-            met = values and statistics.median(values) <= TARGET_B2
+            met = values and percentile(values, 50) <= TARGET_B2
             note = f" ({skipped} repeats left out)" if skipped else ""
             lines.append(
-                f"| B2 added {q} / {ref}'s | {peer} | {_summary(values)}{note} "
+                f"| B2 added {q} / {ref}'s | {peer} | {ratio_text(values) or 'n/a'}{note} "
                 f"| <= {TARGET_B2} | {'met' if met else 'missed'} |"
             )
     return "\n".join(lines) + "\n"
