@@ -1,5 +1,6 @@
 """The chains measured side by side: direct, socat one and two hops, tether client+server,
-and with TLS: stunnel two hops and tether with TLS.
+two bare uvloop relays (a Python relay's floor, with and without framing), and with TLS:
+stunnel two hops and tether with TLS.
 
 A chain sits in front of a backend address and returns the address the application
 connects to. With namespaces (B3), the server-side hop runs in ``server_ns`` listening on
@@ -42,13 +43,14 @@ SOCAT_BIG = 262144
 @dataclass(frozen=True)
 class Peer:
     name: str
-    kind: str  # "direct" | "socat" | "stunnel" | "tether"
+    kind: str  # "direct" | "socat" | "stunnel" | "tether" | "pyrelay"
     hops: int = 0
     socat_buffer: int | None = None  # None: socat's default (8192)
     env: dict[str, str] = field(default_factory=dict)
     label: str = ""
     variant: bool = False  # run through benchmarks/variant.py (a what-if experiment)
     tls: bool = False  # tether: its default TLS instead of --plaintext
+    framed: bool = False  # pyrelay: the link between its two hops carries framed messages
 
     def describe(self) -> str:
         return self.label or self.name
@@ -64,6 +66,19 @@ PEERS: dict[str, Peer] = {
         Peer("socat2-b256k", "socat", 2, SOCAT_BIG, label="socat -b 262144, two hops"),
         Peer("stunnel2", "stunnel", 2, label="stunnel client + server, two hops, TLS 1.3"),
         Peer("tether", "tether", 2, label="tether client + server (uvloop)"),
+        Peer(
+            "pyrelay2",
+            "pyrelay",
+            2,
+            label="two bare uvloop Protocol relays (benchmarks/pyrelay.py): a Python relay's floor",
+        ),
+        Peer(
+            "pyrelay2-framed",
+            "pyrelay",
+            2,
+            framed=True,
+            label="pyrelay2 with a 12-byte header per message on the link between its hops",
+        ),
         Peer(
             "tether-tls",
             "tether",
@@ -178,6 +193,16 @@ def _socat(
     return f"{listen_host}:{port}"
 
 
+def _pyrelay(
+    procs: Procs, listen_host: str, target: str, framed: str, name: str, netns: str | None
+) -> str:
+    """One hop of benchmarks/pyrelay.py; ``framed``: which of its sides speaks frames."""
+    argv = [PYTHON, "-m", "benchmarks.pyrelay", "--listen", f"{listen_host}:0"]
+    argv += ["--target", target, "--framed", framed]
+    _, entry = procs.start_ready(argv, name, netns=netns)
+    return entry
+
+
 def self_signed(directory: Path) -> tuple[Path, Path]:
     """A fresh EC P-256 key and a self-signed certificate for ``localhost``, 127.0.0.1 and
     the namespaces' server address; returns (certificate, key) files (the key mode 600)."""
@@ -283,6 +308,11 @@ def start_chain(
         if peer.hops == 2:
             entry = _socat(procs, peer.socat_buffer, "127.0.0.1", entry, "socat-c", client_ns)
         return entry
+    if peer.kind == "pyrelay":
+        entry = _pyrelay(procs, server_host, backend, "accepted" if peer.framed else "none",
+                         "pyrelay-s", server_ns)  # fmt: skip
+        return _pyrelay(procs, "127.0.0.1", entry, "target" if peer.framed else "none",
+                        "pyrelay-c", client_ns)  # fmt: skip
     if peer.kind == "stunnel":
         files = self_signed(Path(tempfile.mkdtemp(prefix="stunnel-", dir=scratch_home())))
         entry = _stunnel(procs, False, server_host, backend, "stunnel-s", server_ns, files)

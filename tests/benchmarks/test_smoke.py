@@ -89,7 +89,7 @@ def _smoke_b1_b2(tmp_path: Path, peers: list[str]) -> None:
 
 @pytest.mark.timeout(120)
 def test_smoke_run_writes_well_formed_results(tmp_path: Path) -> None:
-    peers = ["direct"]
+    peers = ["direct", "pyrelay2", "pyrelay2-framed"]  # a Python relay's floor (issue 12)
     if shutil.which("socat"):
         peers += ["socat1", "socat2", "socat2-b256k"]
     if _tether_available():

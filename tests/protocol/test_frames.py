@@ -210,6 +210,7 @@ BAD_FRAMES = {
     "unknown type": header(0x7F, 0),
     "type zero": header(0x00, 8) + bytes(8),
     "short ACK": header(FrameType.ACK, 7) + bytes(7),
+    "long ACK": header(FrameType.ACK, 9) + bytes(9),
     "long PING": header(FrameType.PING, 9) + bytes(9),
     "short SETUP": header(FrameType.SETUP, 10) + bytes(10),
     "long RESUME": header(FrameType.RESUME, 200) + bytes(200),
@@ -233,6 +234,20 @@ def test_reader_rejects(name: str) -> None:
 @given(st.integers(0, 2**64 - 1))
 def test_ack_frame_is_an_acks_serialization(offset: int) -> None:
     assert ack_frame(offset) == Ack(offset).serialize()
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 12), st.integers(1, 100))
+def test_reader_reads_a_whole_ack_as_parse_control_does(offset: int, cut: int, size: int) -> None:
+    """A whole ACK is read without parse_control (the reader's per-message path); it is
+    the frame parse_control gives, after a DATA frame too, and so is one split anywhere."""
+    raw = ack_frame(offset)
+    expected = parse_control(FrameType.ACK, raw[4:])
+    data = Data(5, bytes(size))
+    assert normalize(FrameReader().feed(data.serialize() + raw + raw)) == normalize(
+        [data, expected, expected]
+    )
+    reader = FrameReader()
+    assert reader.feed(raw[:cut]) + reader.feed(raw[cut:]) == [expected]
 
 
 @pytest.mark.parametrize(
