@@ -308,7 +308,10 @@ class SessionRelay:
         # chosen for: a message on a busy session costs one call and two comparisons.
         when = core.next_timer()
         if when is None or self._timer_slot is None or when < self._timer_due:
-            self._arm(when)
+            if when is not None:
+                self._ticker.schedule(self, when)  # _arm's case after every tick, inlined
+            else:
+                self._arm(when)
 
     def _deliver(self, pieces: list[bytes | memoryview]) -> None:
         """Stream bytes for the local side: the pieces of one read of the link (up to four

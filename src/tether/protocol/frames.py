@@ -57,6 +57,8 @@ __all__ = [
     "parse_client_hello",
     "parse_control",
     "parse_server_hello",
+    "ping_frame",
+    "pong_frame",
     "server_hello",
 ]
 
@@ -156,7 +158,7 @@ def data_header(offset: int, length: int) -> bytes:
     return _DATA_HEADER.pack((FrameType.DATA << 24) | (8 + length), offset)
 
 
-_ACK_FRAME = struct.Struct("!IQ")
+_U64_FRAME = struct.Struct("!IQ")  # a header and a u64 payload: ACK, PING, PONG
 _ACK_WORD = (FrameType.ACK << 24) | _U64.size
 
 
@@ -164,7 +166,22 @@ def ack_frame(offset: int) -> bytes:
     """``Ack(offset).serialize()`` in one call, without building the frame: the session
     piggybacks one on nearly every small message it answers (docs/protocol.md, "When ACKs
     are sent")."""
-    return _ACK_FRAME.pack(_ACK_WORD, offset)
+    return _U64_FRAME.pack(_ACK_WORD, offset)
+
+
+_PING_WORD = (FrameType.PING << 24) | _U64.size
+_PONG_WORD = (FrameType.PONG << 24) | _U64.size
+
+
+def ping_frame(token: int) -> bytes:
+    """``Ping(token).serialize()`` in one call, without building the frame: a session's
+    keepalive tick sends one (docs/protocol.md, "Keepalive")."""
+    return _U64_FRAME.pack(_PING_WORD, token)
+
+
+def pong_frame(token: int) -> bytes:
+    """``Pong(token).serialize()`` in one call: the answer to every PING received."""
+    return _U64_FRAME.pack(_PONG_WORD, token)
 
 
 def _check_reason(reason: str) -> bytes:

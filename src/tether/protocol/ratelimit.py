@@ -29,35 +29,36 @@ class TokenBucket:
         self._tokens = burst
         self._last: float | None = None  # the time of the first call sets the origin
 
-    def _refill(self, now: float) -> None:
+    def take(self, now: float, n: float = 1) -> bool:
+        """Take ``n`` tokens if there are that many; False (nothing taken) if not. More
+        than ``burst`` can never be taken. The one place tokens are refilled: a session
+        calls it for every control frame its peer sends, so it is one call, not two."""
+        if n < 0:
+            raise ValueError("take() of a negative number of tokens")
         last = self._last
-        if last is None or now <= last:
-            if last is None:
-                self._last = now
-            return
-        self._tokens = min(self.burst, self._tokens + (now - last) * self.rate)
-        self._last = now
+        tokens = self._tokens
+        if last is None:
+            self._last = now  # the time of the first call sets the origin
+        elif now > last:  # a clock that steps backwards adds nothing
+            tokens = tokens + (now - last) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+            self._last = now
+        if n <= self.burst and tokens + _SLACK >= n:
+            self._tokens = tokens - n if tokens > n else 0.0
+            return True
+        self._tokens = tokens
+        return False
 
     def tokens(self, now: float) -> float:
         """Tokens available at ``now``."""
-        self._refill(now)
+        self.take(now, 0)  # refills, takes nothing
         return self._tokens
-
-    def take(self, now: float, n: float = 1) -> bool:
-        """Take ``n`` tokens if there are that many; False (nothing taken) if not. More
-        than ``burst`` can never be taken."""
-        if n < 0:
-            raise ValueError("take() of a negative number of tokens")
-        self._refill(now)
-        if n <= self.burst and self._tokens + _SLACK >= n:
-            self._tokens = max(0.0, self._tokens - n)
-            return True
-        return False
 
     def delay(self, now: float, n: float = 1) -> float:
         """Seconds from ``now`` until ``take(n)`` would succeed: 0 if it would now, ``inf``
         if it never can (``n > burst``, or no refill at rate 0)."""
-        self._refill(now)
+        self.take(now, 0)  # refills, takes nothing
         missing = n - self._tokens
         if missing <= 0:
             return 0.0

@@ -52,6 +52,8 @@ from .frames import (
     Pong,
     ack_frame,
     data_header,
+    ping_frame,
+    pong_frame,
 )
 from .ratelimit import TokenBucket
 from .reader import FrameReader
@@ -541,7 +543,7 @@ class Session:
         if self._writable and self.state is SessionState.ATTACHED:
             if self._pong_token is not None:
                 # The answer to the newest PING: at most one is ever pending.
-                out.append(Pong(self._pong_token).serialize())
+                out.append(pong_frame(self._pong_token))
                 self._pong_token = None
             if out and self._received > self._acked:
                 out.append(ack_frame(self._received))  # piggyback
@@ -966,7 +968,7 @@ class Session:
             if self._paused_in_interval:
                 # The peer, whose PINGs we do not read, must hear that we are alive.
                 self._ping_token += 1
-                self._out.append(Ping(self._ping_token).serialize())
+                self._out.append(ping_frame(self._ping_token))
             self._heard = False
             self._ping_credit = 0
             self._misses = 0
@@ -977,8 +979,8 @@ class Session:
                 self._drop_link("keepalive timed out", now)
                 return
             self._ping_token += 1
-            self._out.append(Ping(self._ping_token).serialize())
-        if self._writable:
+            self._out.append(ping_frame(self._ping_token))
+        if self._writable and self._received > self._acked:
             self._send_ack()  # a delayed acknowledgement waits one tick at most
         self._tick_at = now + interval
 
