@@ -507,6 +507,14 @@ def _default(command: str, path: str) -> object:
     return functools.reduce(getattr, path.split("."), _DEFAULTS[command])
 
 
+def data_path_build() -> str:
+    """Whether the data path runs compiled (setup.py, TETHER_COMPILE=1) or as plain Python;
+    shown by ``tether --version`` (docs/design.md, "Compiled data path")."""
+    from .aio import link
+
+    return "pure Python" if link.__file__.endswith(".py") else "compiled with mypyc"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
@@ -514,7 +522,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_VALUES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-V", "--version", action="version", version=f"tether {__version__}")
+    parser.add_argument(
+        "-V", "--version", action="version", version=f"tether {__version__} ({data_path_build()})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "server": "relay tether sessions to a backend (the XTE role)",

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import tether
+from tether.aio import link
 from tether.cli import build_config, main, parse_args
 from tether.config import (
     Address,
@@ -254,7 +255,8 @@ def test_help_shows_every_default(
 @pytest.mark.parametrize("flag", ["-V", "--version"])
 def test_version(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([flag]) == 0
-    assert capsys.readouterr().out == f"tether {tether.__version__}\n"
+    build = "pure Python" if link.__file__.endswith(".py") else "compiled with mypyc"
+    assert capsys.readouterr().out == f"tether {tether.__version__} ({build})\n"
 
 
 def test_errors_are_returned_not_raised(capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,6 +32,8 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol, cast
 
+from mypy_extensions import mypyc_attr
+
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
     DataReceived,
@@ -86,6 +88,10 @@ class LocalTransport(Protocol):
 JOIN_WRITES_BELOW = 4096
 
 
+# This module may be compiled with mypyc (setup.py); the roles (aio/client.py, aio/server.py)
+# subclass SessionRelay and LocalProtocol in plain Python, which mypyc_attr allows. Without
+# mypyc the decorator does nothing.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SessionRelay:
     """Drives one core session between a local transport and a link transport."""
 
@@ -426,6 +432,7 @@ def _next_read_buffer() -> bytearray:
     return bytearray(READ_SIZE)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LocalProtocol(asyncio.BufferedProtocol):
     """The application (client) or the backend (server) connection of one session.
 
