@@ -180,12 +180,13 @@ def test_looking_up_a_tls_session_to_resume_costs_no_memory(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="F5: a TLS tether server under uvloop keeps ~5 KiB per fuzzed session (not with "
-    "TETHER_NO_UVLOOP=1); not narrowed down further yet",
-    strict=False,
-)
 def test_fuzzed_tls_sessions_cost_the_server_no_memory_for_good(tmp_path: Path) -> None:
+    """F5: 25 s of fuzzed TLS sessions took a server from 43 to 312 MiB, and it stayed
+    there once every connection had closed (the campaign's own check after the settle
+    time failed). Each link ended in a reference cycle (its protocol kept the TLS
+    transport, which keeps the protocol; an ended session's relay, local protocol and
+    transport, and its dialer's callbacks, likewise) that only a full collection freed,
+    TLS state and buffers included: tests/aio/test_cycles.py. Now 43 to 85-89 MiB."""
     figures = tmp_path / "figures.json"
     # fmt: off
     command = [
@@ -202,9 +203,13 @@ def test_fuzzed_tls_sessions_cost_the_server_no_memory_for_good(tmp_path: Path) 
         timeout=180,
         check=False,
     )  # fmt: skip
+    report = run.stdout + run.stderr[-20000:]
     phase = json.loads(figures.read_text())["phases"][0]
+    assert phase["inputs"] > 1000, report
+    assert phase["rss_after"] <= phase["rss_baseline"] + 64 * 1024 * 1024, report
     growth = phase["rss_end"] - phase["rss_mid"]
-    assert growth < 4 * 1024 * 1024, f"{growth >> 20} MiB in the second half\n{run.stdout}"
+    assert growth < 16 * 1024 * 1024, f"{growth >> 20} MiB in the second half\n{report}"
+    assert run.returncode == 0, report
 
 
 def test_a_server_stopped_while_clients_connect_exits_cleanly() -> None:

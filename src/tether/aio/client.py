@@ -320,6 +320,7 @@ class _ClientSession(SessionRelay):
                 self.abort(CloseCode.GOING_AWAY, "client shutting down")
             if self.link is not None:
                 self.link.abort()
+            self.dialer.close()
             self.client._live.discard(self)
 
     async def _use(self, transport: asyncio.Transport, link: LinkProtocol) -> bool:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from .. import tls
 from ..config import Address, ClientConfig
+from ..errors import InvalidState
 from .link import LinkProtocol
 from .util import describe
 
@@ -85,6 +86,14 @@ class TLSPolicy:
         return result
 
 
+def _no_link() -> LinkProtocol:
+    raise InvalidState("dialing for a session that has ended")
+
+
+def _no_failure(why: str) -> None:
+    """A closed dialer's failures are no one's (none can happen: it does not dial)."""
+
+
 class Dialer:
     """Connections from a client to ``server``; ``link`` makes each link's protocol."""
 
@@ -104,6 +113,13 @@ class Dialer:
         self._on_failure = on_failure
         self._tls = tls_policy
         self._winner: asyncio.Future[Connection | None] | None = None
+
+    def close(self) -> None:
+        """The session is over: let go of its callbacks (bound methods of the session,
+        which holds this dialer), so that the ended session is freed when it ends rather
+        than by the cyclic collector. Dialing after this is a bug."""
+        self._link = _no_link
+        self._on_failure = _no_failure
 
     def backoff(self) -> Backoff:
         return Backoff(self.config.backoff_initial, self.config.backoff_cap)

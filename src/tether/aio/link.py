@@ -503,6 +503,7 @@ class LocalProtocol(asyncio.BufferedProtocol):
             relay.local_eof()
         if self._lost:
             relay.local_lost(self._lost_exc, self._reset_code)
+            self._let_go()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -524,6 +525,14 @@ class LocalProtocol(asyncio.BufferedProtocol):
         self._lost, self._lost_exc = True, exc
         if self.relay is not None:
             self.relay.local_lost(exc, self._reset_code)
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """The connection is gone and the relay told: drop the references that made the
+        relay, this protocol and the transport a cycle (the relay keeps the transport), so
+        that an ended session is freed when it ends, not by the cyclic collector."""
+        self.relay = None
+        self.transport = None
 
     def pause_writing(self) -> None:
         if self.relay is not None:
@@ -739,6 +748,11 @@ class LinkProtocol(asyncio.BufferedProtocol):
             self.relay.link_closed(self.transport, exc)
         elif self.handshake is None or not self.handshake.failed:
             self.owner.link_lost(self, exc)
+        # A TLS transport and its protocol refer to each other (uvloop's and asyncio's
+        # SSLProtocol keep the application protocol): let go of ours, so that the pair,
+        # its TLS state and buffers are freed now rather than by the cyclic collector
+        # (tests/aio/test_cycles.py).
+        self.transport = None
 
     def pause_writing(self) -> None:
         self._writing_paused = True

@@ -1,0 +1,131 @@
+"""A closed connection is freed when it closes, not by the cyclic garbage collector.
+
+A TLS transport and its protocol refer to each other (asyncio's and uvloop's SSLProtocol
+keep the application protocol); a link protocol that kept its transport after the
+connection was lost made a cycle of about twenty objects per link, the TLS state and its
+buffers among them, which only a full collection freed. A burst of failed TLS links (F5 in
+tests/fuzz) left hundreds of MiB in use until then. Real tether servers and clients in
+this process, over loopback, under asyncio and uvloop; the collector is off while they run
+and the test then asks it what it would have had to free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import ssl
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+
+from tether.aio.client import TetherClient
+from tether.aio.server import TetherServer
+from tether.config import Address, ClientConfig, ServerConfig
+
+from ..loops import LOOPS, Run, runner
+
+LINKS = 20  # of each kind
+
+
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Run[Any]:
+    return runner(request.param, 120)
+
+
+@pytest.fixture
+def collector_off() -> Iterator[None]:
+    """The cyclic collector off (what it finds is then left for the test to see)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was_enabled:
+            gc.enable()
+
+
+def cyclic_garbage() -> collections.Counter[str]:
+    """Types of the objects the collector finds unreachable, by name, with counts."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    gc.collect()
+    found = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
+    gc.set_debug(0)
+    gc.garbage.clear()
+    return found
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+async def settle(check: Any) -> None:
+    async with asyncio.timeout(30):  # bounded (CONTRIBUTING.md T6), never a timing claim
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.usefixtures("collector_off")
+def test_links_and_sessions_that_end_leave_no_reference_cycle(run: Run[Any]) -> None:
+    """TLS links the server refuses, sessions ended by their application, and sessions
+    whose link was cut (resumed on a new one, then ended): once they are all over, and
+    while the server and the client still run, the collector finds nothing of theirs."""
+
+    async def main() -> collections.Counter[str]:
+        loop = asyncio.get_running_loop()
+        backend = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = backend.sockets[0].getsockname()[1]
+        config = ServerConfig(listen=Address("127.0.0.1", 0), backend=Address("127.0.0.1", port))
+        async with TetherServer(config) as server:
+            address = server.addresses[0]
+            # Links whose TLS handshake completes and then carry no tether hello.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            for _ in range(LINKS):
+                reader, writer = await asyncio.open_connection(
+                    address.host, address.port, ssl=context
+                )
+                writer.write(b"not a tether hello" * 4)
+                await reader.read()  # the server refuses and closes
+                writer.close()
+            await settle(lambda: server.counters.handshakes_failed >= LINKS)
+            client_config = ClientConfig(listen=Address("127.0.0.1", 0), server=address)
+            async with TetherClient(client_config) as client:
+                app_at = client.addresses[0]
+                for i in range(2 * LINKS):
+                    reader, writer = await asyncio.open_connection(app_at.host, app_at.port)
+                    writer.write(b"ping")
+                    assert await reader.readexactly(4) == b"ping"
+                    if i % 2:  # cut its link: the client resumes on a new one
+                        resumes = server.counters.resumes_total
+                        for relay in server.relays():
+                            if relay.link is not None:
+                                relay.link.abort()
+                        await settle(lambda r=resumes: server.counters.resumes_total > r)
+                        writer.write(b"pong")
+                        assert await reader.readexactly(4) == b"pong"
+                    writer.close()
+                    await writer.wait_closed()
+                    await settle(lambda n=i + 1: server.counters.ended_total == n)
+                await settle(lambda: client.counters.ended_total == 2 * LINKS)
+                await asyncio.sleep(0.1)  # the loop's last callbacks for closed transports
+                garbage = cyclic_garbage()  # with both still running
+        backend.close()
+        await backend.wait_closed()
+        return garbage
+
+    garbage = run(main())
+    ours = {
+        name: count
+        for name, count in garbage.items()
+        if name.startswith(("tether.", "ssl.", "_ssl.", "uvloop.", "asyncio.sslproto"))
+    }
+    assert not ours, sorted(ours.items())
