@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+import tether
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A module compiled with mypyc (scripts/setup.sh) shadows its source: if the source is
+    newer, the tests would run the old compiled code without a word. Refuse to start."""
+    package = Path(tether.__file__).parent
+    stale = []
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for compiled in package.rglob(f"*{suffix}"):
+            source = compiled.with_name(compiled.name[: -len(suffix)] + ".py")
+            if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
+                stale.append(str(source.relative_to(package.parent)))
+    if stale:
+        raise pytest.UsageError(
+            f"compiled modules older than their source: {', '.join(sorted(stale))}; "
+            "run ./scripts/setup.sh (or ./scripts/test.sh) to rebuild them, or delete the "
+            "*.so files under src/ to test the plain Python"
+        )
 
 
 @pytest.fixture(autouse=True, scope="session")
