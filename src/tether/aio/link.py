@@ -312,12 +312,12 @@ class SessionRelay:
                 self.local.resume_reading()
         # Re-arm only when the core's deadline moved earlier than the one its slot was
         # chosen for: a message on a busy session costs one call and two comparisons.
-        when = core.next_timer()
+        when: float | None = core.next_timer()  # mypyc infers None in the else below without it
         if when is None or self._timer_slot is None or when < self._timer_due:
             if when is not None:
                 self._ticker.schedule(self, when)  # _arm's case after every tick, inlined
             else:
-                self._arm(when)
+                self._arm(None)
 
     def _deliver(self, pieces: list[bytes | memoryview]) -> None:
         """Stream bytes for the local side: the pieces of one read of the link (up to four
