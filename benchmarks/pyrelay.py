@@ -25,32 +25,27 @@ import asyncio
 import struct
 import sys
 
+from . import relay
+from .relay import parse_addr
+
 HEADER = struct.Struct("!IQ")  # type << 24 | (8 + payload length), stream offset
 DATA = 1  # tether's FrameType.DATA
 JOIN_BELOW = 4096  # as tether's JOIN_WRITES_BELOW
 MAX_PAYLOAD = 64 * 1024
 
 
-def parse_addr(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-class Half(asyncio.Protocol):
-    """One side of a relayed pair. ``framed``: this side's bytes are frames (it reads
-    frames and the other side writes them to it)."""
+class Half(relay.Half):
+    """One side of a relayed pair (flow control, EOF and close as benchmarks/relay.py's,
+    without its byte counts). ``framed``: this side's bytes are frames (it reads frames and
+    the other side writes them to it)."""
 
     def __init__(self, framed: bool) -> None:
+        super().__init__(upward=False)
         self.framed = framed
-        self.transport: asyncio.Transport | None = None
         self.peer: Half | None = None
-        self.early: list[bytes] = []
         self.sent = 0  # stream offset of the next payload framed onto this side
         self.partial = b""  # a header split over reads
         self.remaining = 0  # payload bytes of the current frame still to come
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def send(self, data: bytes) -> None:
         """Write ``data`` (stream bytes) to this side, framed if it is framed."""
@@ -110,23 +105,6 @@ class Half(asyncio.Protocol):
             pos += HEADER.size
             self.remaining = size
         return out
-
-    def pause_writing(self) -> None:  # our send buffer is full: stop reading the other side
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.resume_reading()
-
-    def eof_received(self) -> bool:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.write_eof()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.close()
 
 
 class Accepted(Half):
