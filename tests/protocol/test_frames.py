@@ -24,6 +24,8 @@ from tether.protocol.frames import (
     ControlFrame,
     Data,
     FrameType,
+    Ping,
+    Pong,
     Reject,
     ack_frame,
     check_header,
@@ -32,6 +34,8 @@ from tether.protocol.frames import (
     parse_client_hello,
     parse_control,
     parse_server_hello,
+    ping_frame,
+    pong_frame,
     server_hello,
 )
 from tether.protocol.reader import FrameReader
@@ -234,6 +238,12 @@ def test_reader_rejects(name: str) -> None:
 @given(st.integers(0, 2**64 - 1))
 def test_ack_frame_is_an_acks_serialization(offset: int) -> None:
     assert ack_frame(offset) == Ack(offset).serialize()
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_ping_and_pong_frames_are_their_serializations(token: int) -> None:
+    assert ping_frame(token) == Ping(token).serialize()
+    assert pong_frame(token) == Pong(token).serialize()
 
 
 @given(st.integers(0, 2**64 - 1), st.integers(0, 12), st.integers(1, 100))

@@ -17,6 +17,7 @@ from ..errors import ProtocolError
 from .codes import CloseCode
 
 __all__ = [
+    "ACK_WORD",
     "CLIENT_HELLO_SIZE",
     "DRAINING_VERSION",
     "FRAME_HEADER_SIZE",
@@ -159,14 +160,16 @@ def data_header(offset: int, length: int) -> bytes:
 
 
 _U64_FRAME = struct.Struct("!IQ")  # a header and a u64 payload: ACK, PING, PONG
-_ACK_WORD = (FrameType.ACK << 24) | _U64.size
+# The whole header word of an ACK (its payload is exactly an offset): ack_frame writes it and
+# the reader (reader.py) recognises a whole ACK by it.
+ACK_WORD = (FrameType.ACK << 24) | _U64.size
 
 
 def ack_frame(offset: int) -> bytes:
     """``Ack(offset).serialize()`` in one call, without building the frame: the session
     piggybacks one on nearly every small message it answers (docs/protocol.md, "When ACKs
     are sent")."""
-    return _U64_FRAME.pack(_ACK_WORD, offset)
+    return _U64_FRAME.pack(ACK_WORD, offset)
 
 
 _PING_WORD = (FrameType.PING << 24) | _U64.size

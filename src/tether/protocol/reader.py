@@ -20,6 +20,7 @@ import struct
 
 from ..errors import ProtocolError
 from .frames import (
+    ACK_WORD,
     FRAME_HEADER_SIZE,
     MAX_CONTROL_PAYLOAD,
     MAX_DATA_CHUNK,
@@ -41,9 +42,8 @@ _DATA_PREFIX = FRAME_HEADER_SIZE + _OFFSET_SIZE
 # docs/protocol.md, "Limits": a DATA frame's length counts its offset and 1..MAX_DATA_CHUNK
 _MIN_DATA_LENGTH = _OFFSET_SIZE
 _MAX_DATA_LENGTH = _OFFSET_SIZE + MAX_DATA_CHUNK
-# The one whole-header word of an ACK (its payload is exactly an offset): the control frame
-# piggybacked on nearly every small message (docs/protocol.md, "When ACKs are sent").
-_ACK_WORD = (int(FrameType.ACK) << 24) | _OFFSET_SIZE
+# A whole ACK (frames.ACK_WORD, then its offset): the control frame piggybacked on nearly
+# every small message (docs/protocol.md, "When ACKs are sent").
 _ACK_SIZE = FRAME_HEADER_SIZE + _OFFSET_SIZE
 
 
@@ -112,7 +112,7 @@ class FrameReader:
                     out.append(Data(offset, view[start:stop]))
                 pos = stop
                 continue
-            if word == _ACK_WORD and pos + _ACK_SIZE <= end:
+            if word == ACK_WORD and pos + _ACK_SIZE <= end:
                 # parse_control's ACK case, inlined: no copy of its payload, no dispatch.
                 # It runs before the message it came with is delivered (issue 12, B2).
                 out.append(Ack(_U64.unpack_from(view, pos + FRAME_HEADER_SIZE)[0]))
