@@ -40,7 +40,7 @@ class Half(relay.Half):
     the other side writes them to it)."""
 
     def __init__(self, framed: bool) -> None:
-        super().__init__(upward=False)
+        relay.Half.__init__(self, upward=False)  # not super(): Accepted's next is relay.Accepted
         self.framed = framed
         self.peer: Half | None = None
         self.sent = 0  # stream offset of the next payload framed onto this side
@@ -107,33 +107,22 @@ class Half(relay.Half):
         return out
 
 
-class Accepted(Half):
+class Accepted(Half, relay.Accepted):
+    """The accepted side: connects to the target and pairs the two (relay.Accepted's)."""
+
     def __init__(self, target: tuple[str, int], framed: str) -> None:
-        super().__init__(framed=framed == "accepted")
+        Half.__init__(self, framed=framed == "accepted")
         self.target = target
         self.target_framed = framed == "target"
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        transport.pause_reading()  # type: ignore[attr-defined]
-        self.connecting = asyncio.ensure_future(self._connect())
+    def outbound(self) -> Half:
+        return Half(self.target_framed)
 
-    async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        out = Half(self.target_framed)
-        try:
-            await loop.create_connection(lambda: out, *self.target)
-        except OSError:
-            if self.transport is not None:
-                self.transport.close()
-            return
-        out.peer, self.peer = self, out
-        assert self.transport is not None
+    def paired(self, out: relay.Half) -> None:
         for half in (self, out):  # what either side sent before the pair was complete
             early, half.early = half.early, []
             for data in early:
                 half.data_received(data)
-        self.transport.resume_reading()
 
 
 async def run(args: argparse.Namespace) -> None:

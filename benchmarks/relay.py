@@ -76,9 +76,20 @@ class Accepted(Half):
         transport.pause_reading()  # type: ignore[attr-defined]
         self.connecting = asyncio.ensure_future(self._connect())
 
+    def outbound(self) -> Half:
+        """The protocol of the connection to the target."""
+        return Half(upward=False)
+
+    def paired(self, out: Half) -> None:
+        """Both sides are connected: pass on what arrived before."""
+        assert out.transport is not None
+        for data in self.early:
+            out.transport.write(data)
+        self.early.clear()
+
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        out = Half(upward=False)
+        out = self.outbound()
         try:
             await loop.create_connection(lambda: out, *self.target)
         except OSError:
@@ -86,10 +97,8 @@ class Accepted(Half):
                 self.transport.close()
             return
         out.peer, self.peer = self, out
-        assert self.transport is not None and out.transport is not None
-        for data in self.early:
-            out.transport.write(data)
-        self.early.clear()
+        assert self.transport is not None
+        self.paired(out)
         self.transport.resume_reading()
 
 
