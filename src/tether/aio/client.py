@@ -465,7 +465,8 @@ class _ClientSession(SessionRelay):
         target = config.fallback
         assert target is not None and self.app is not None
         app = self.app.transport
-        assert app is not None
+        if app is None:  # the application left while the session was set up (_let_go)
+            return
         if not app.is_closing():
             app.pause_reading()  # until the splice takes over
         early, early_eof = self.core.pending(), self.core.eof_sent
