@@ -8,6 +8,7 @@ application and an echo backend, strictly one message in flight::
     python -m benchmarks.cpu_per_rtt [--count 20000] [--runs 5]
     python -m benchmarks.cpu_per_rtt --base /other/checkout/src   # A/B, interleaved
     python -m benchmarks.cpu_per_rtt --calls [--base ...]   # Python calls per round trip
+    python -m benchmarks.cpu_per_rtt --tls [...]   # TLS 1.3 links (trust on first use)
 
 ``--calls`` counts instead of timing: the function calls both tether processes make per
 round trip (``sys.setprofile`` from a ``sitecustomize`` put on their ``PYTHONPATH``), the
@@ -16,8 +17,9 @@ shut-down cancel out. A deterministic figure where time is too noisy to show a c
 
 With ``--base``, each run measures the tether on the path and then the one in
 ``--base`` (``PYTHONPATH``), alternately, and prints both and their ratio. Links are
-clear text (``--plaintext``) when the tether under test has TLS. Loopback only; every
-loop is bounded by ``--count`` and the processes are stopped after each run.
+clear text (``--plaintext``) when the tether under test has TLS, unless ``--tls``.
+Loopback only; every loop is bounded by ``--count`` and the processes are stopped after
+each run.
 """
 
 from __future__ import annotations
@@ -154,8 +156,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--base", help="src/ of a baseline checkout: A/B, interleaved")
     parser.add_argument("--calls", action="store_true", help="count calls instead of time")
+    parser.add_argument("--tls", action="store_true", help="TLS 1.3 links (the default)")
     args = parser.parse_args()
-    extra = ["--plaintext"] if has_plaintext() else []
+    plaintext = has_plaintext()
+    if args.tls and not plaintext:
+        parser.error("--tls: the tether on the path has no TLS")
+    extra = ["--plaintext"] if plaintext and not args.tls else []
     home = Path(tempfile.mkdtemp(prefix="tbench-rtt-"))
     if args.calls:
         try:

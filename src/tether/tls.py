@@ -364,11 +364,35 @@ def _load_ca(context: ssl.SSLContext, ca: Path) -> None:
 # -- contexts ------------------------------------------------------------------------------
 
 
+class _SSLObject(ssl.SSLObject):
+    """An ``SSLObject`` whose ``read``, ``write`` and ``pending`` are the OpenSSL
+    object's own (C) methods rather than ``ssl.SSLObject``'s Python wrappers around them.
+
+    The event loop's TLS layer (uvloop's and asyncio's SSLProtocol) calls the three for
+    every record, with the arguments the C methods take (``read(n)``, ``read(n, buffer)``,
+    ``write(data)``, ``pending()``); the wrappers cost an interpreted frame each, four per
+    message in each process (``python -m benchmarks.cpu_per_rtt --calls --tls``). Nothing
+    else changes: the handshake, certificates and shutdown go through ``ssl.SSLObject``.
+    ``_create`` and ``_sslobj`` are ssl.py's own: where they are missing (another Python),
+    the object keeps the wrappers."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> _SSLObject:
+        self: _SSLObject = super()._create(*args, **kwargs)  # type: ignore[misc]
+        native = getattr(self, "_sslobj", None)
+        if native is not None:
+            self.read = native.read  # type: ignore[method-assign]
+            self.write = native.write  # type: ignore[method-assign]
+            self.pending = native.pending  # type: ignore[method-assign]
+        return self
+
+
 def server_context(identity: ServerIdentity, *, client_ca: Path | None = None) -> ssl.SSLContext:
     """TLS 1.3 only, this identity; with ``client_ca``, clients must present a certificate
     that CA signed (mutual TLS). Session tickets stay on (OpenSSL sends two per handshake),
     so reconnecting clients resume."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.sslobject_class = _SSLObject
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     _load_chain(context, identity.cert_path, identity.key_path)
     if client_ca is not None:
@@ -412,6 +436,7 @@ def client_context(
     :func:`create_tls_connection` does). ``cert`` and ``key``: the client's certificate
     for mutual TLS (``key`` None: the key is in ``cert``)."""
     context = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.sslobject_class = _SSLObject
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     if ca is not None:
         _load_ca(context, ca)  # PROTOCOL_TLS_CLIENT: CERT_REQUIRED and check_hostname

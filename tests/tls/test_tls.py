@@ -636,3 +636,60 @@ def test_session_cache_is_bounded_and_per_context(run: Run[Any], identity: Serve
             assert len(sessions) == 1
 
     run(main())
+
+
+class BufferedPeer(asyncio.BufferedProtocol):
+    """A client that reads through ``get_buffer``, as tether's links do (the TLS layer's
+    ``read(n, buffer)`` path; :class:`Peer` takes the ``read(n)`` one)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray(4096)  # smaller than a record: records span reads
+        self.received = bytearray()
+        self.arrived = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self.buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += self.buf[:nbytes]
+        self.arrived.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.arrived.set()
+
+
+def test_records_go_to_openssl_without_the_python_wrappers(
+    run: Run[Any], identity: ServerIdentity
+) -> None:
+    """Both contexts' SSL objects read, write and report pending bytes through OpenSSL's
+    own methods (tls._SSLObject), and a stream of many records still arrives whole both
+    ways, through a buffered reader and a plain one, on both loops."""
+    payload = os.urandom(300 * 1024)
+
+    def native(ssl_object: ssl.SSLObject) -> bool:
+        inner = ssl_object._sslobj  # type: ignore[attr-defined]
+        return all(
+            getattr(ssl_object, name).__self__ is inner for name in ("read", "write", "pending")
+        )
+
+    async def main() -> None:
+        async with serve(server_context(identity)) as (port, accepted):
+            transport, client = await create_tls_connection(
+                BufferedPeer, "127.0.0.1", port, context=client_context()
+            )
+            assert isinstance(client, BufferedPeer)
+            transport.write(payload)  # the server's Peer echoes it
+            while len(client.received) < len(payload) and not transport.is_closing():
+                client.arrived.clear()
+                await client.arrived.wait()
+            assert bytes(client.received) == payload
+            server_ssl = accepted[0].ssl_object
+            assert bytes(accepted[0].received) == payload
+            assert native(transport.get_extra_info("ssl_object")) and native(server_ssl)
+            transport.close()
+
+    run(main())
