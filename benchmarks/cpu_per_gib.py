@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -55,11 +56,15 @@ def has_plaintext() -> bool:
     return "--plaintext" in out.stdout
 
 
-def _start(args: list[str], home: Path) -> tuple[subprocess.Popen[bytes], int]:
+def _start(
+    args: list[str], home: Path, wrapper: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``tether *args`` (under ``wrapper``, e.g. valgrind, when given) and wait for
+    its READY line; returns the process and the port it listens on."""
     env = dict(os.environ, XDG_STATE_HOME=str(home / "state"))
     env["XDG_CONFIG_HOME"] = str(home / "config")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tether", *args, "-q"],
+        [*wrapper, sys.executable, "-m", "tether", *args, "-q"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,

@@ -8,12 +8,15 @@ application and an echo backend, strictly one message in flight::
     python -m benchmarks.cpu_per_rtt [--count 20000] [--runs 5]
     python -m benchmarks.cpu_per_rtt --base /other/checkout/src   # A/B, interleaved
     python -m benchmarks.cpu_per_rtt --calls [--base ...]   # Python calls per round trip
+    python -m benchmarks.cpu_per_rtt --instructions [--base ...]   # instructions (valgrind)
     python -m benchmarks.cpu_per_rtt --tls [...]   # TLS 1.3 links (trust on first use)
 
 ``--calls`` counts instead of timing: the function calls both tether processes make per
 round trip (``sys.setprofile`` from a ``sitecustomize`` put on their ``PYTHONPATH``), the
 difference between a run of 3x and one of 1x ``--count`` round trips, so start-up and
 shut-down cancel out. A deterministic figure where time is too noisy to show a change.
+``--instructions`` counts, the same way, the user-space instructions each process executes
+per round trip (valgrind's cachegrind): every cost in the process, not only Python calls.
 
 With ``--base``, each run measures the tether on the path and then the one in
 ``--base`` (``PYTHONPATH``), alternately, and prints both and their ratio. Links are
@@ -26,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.cpu_per_gib import _cpu_seconds, _start, has_plaintext
@@ -59,17 +64,23 @@ if _out and "tether" in sys.orig_argv and "--help" not in sys.orig_argv:
 """
 
 
-def run_once(count: int, home: Path, extra: list[str]) -> tuple[float, float]:
-    """(CPU us per round trip of both tether processes, p50 round trip in us)."""
+def run_once(
+    count: int, home: Path, extra: list[str], wrapper: Callable[[str], list[str]] | None = None
+) -> tuple[float, float]:
+    """(CPU us per round trip of both tether processes, p50 round trip in us).
+    ``wrapper(role)``: a command to run the ``server`` or ``client`` under (valgrind)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     server, server_port = _start(
-        ["server", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}", *extra], home
+        ["server", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}", *extra],
+        home,
+        wrapper("server") if wrapper else (),
     )
     try:
         client, client_port = _start(
             ["client", "--listen", "127.0.0.1:0", "--server", f"127.0.0.1:{server_port}", *extra],
             home,
+            wrapper("client") if wrapper else (),
         )
     except BaseException:
         server.terminate()
@@ -109,7 +120,7 @@ def run_once(count: int, home: Path, extra: list[str]) -> tuple[float, float]:
     finally:
         for proc in (client, server):
             proc.terminate()
-            proc.wait(10)
+            proc.wait(120 if wrapper else 10)  # valgrind takes its time to exit
         listener.close()
     return (cpu1 - cpu0) / count * 1e6, statistics.median(times) / 1000
 
@@ -141,6 +152,47 @@ def count_calls(count: int, home: Path, extra: list[str], src: str | None) -> di
     return {k: (high[k] - low.get(k, 0)) / (2 * count) for k in high}
 
 
+def count_instructions(
+    count: int, home: Path, extra: list[str], src: str | None
+) -> dict[str, float]:
+    """User-space instructions per round trip of each tether process (``server``,
+    ``client``): both run under valgrind's cachegrind (no cache simulation), once for
+    ``count`` and once for 3x ``count`` round trips, and the difference of their totals is
+    divided by 2x ``count``, so start-up and shut-down cancel out. The kernel's share is
+    not counted; the same on a busy machine as on an idle one."""
+    scratch = Path(tempfile.mkdtemp(prefix="tbench-instr-"))
+    saved = os.environ.get("PYTHONPATH")
+    totals: dict[str, list[int]] = {"server": [], "client": []}
+    try:
+        if src:
+            os.environ["PYTHONPATH"] = src
+        for n in (count, 3 * count):
+
+            def wrapper(role: str, n: int = n) -> list[str]:
+                return [
+                    "valgrind",
+                    "--tool=cachegrind",
+                    "--cache-sim=no",
+                    "--cachegrind-out-file=/dev/null",
+                    f"--log-file={scratch / f'{role}-{n}.log'}",
+                ]
+
+            run_once(n, home, extra, wrapper)
+            for role, seen in totals.items():
+                text = (scratch / f"{role}-{n}.log").read_text()
+                found = re.search(r"I\s+refs:\s+([\d,]+)", text)
+                if found is None:
+                    raise RuntimeError(f"no instruction count from valgrind: {text[-500:]}")
+                seen.append(int(found.group(1).replace(",", "")))
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {role: (high - low) / (2 * count) for role, (low, high) in totals.items()}
+
+
 def _print_calls(name: str, calls: dict[str, float]) -> None:
     python = sum(v for k, v in calls.items() if not k.startswith("C:"))
     builtin = sum(v for k, v in calls.items() if k.startswith("C:"))
@@ -157,12 +209,34 @@ def main() -> int:
     parser.add_argument("--base", help="src/ of a baseline checkout: A/B, interleaved")
     parser.add_argument("--calls", action="store_true", help="count calls instead of time")
     parser.add_argument("--tls", action="store_true", help="TLS 1.3 links (the default)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count user-space instructions per round trip (valgrind) instead of time",
+    )
     args = parser.parse_args()
     plaintext = has_plaintext()
     if args.tls and not plaintext:
         parser.error("--tls: the tether on the path has no TLS")
     extra = ["--plaintext"] if plaintext and not args.tls else []
     home = Path(tempfile.mkdtemp(prefix="tbench-rtt-"))
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            shutil.rmtree(home, ignore_errors=True)
+            parser.error("--instructions needs valgrind (apt-get install valgrind)")
+        try:
+            count = min(args.count, 1000)
+            for name, src in (("this", None), ("base", args.base)):
+                if name == "base" and not src:
+                    break
+                counts = count_instructions(count, home, extra, src)
+                print(
+                    f"{name}: instructions per round trip: server {counts['server']:.0f}, "
+                    f"client {counts['client']:.0f}"
+                )
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+        return 0
     if args.calls:
         try:
             count = min(args.count, 2000)
