@@ -30,7 +30,7 @@ import socket
 import sys
 import weakref
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 from mypy_extensions import mypyc_attr
 
@@ -59,9 +59,9 @@ __all__ = [
     "SessionRelay",
 ]
 
-logger = logging.getLogger("tether.link")
+logger: Final = logging.getLogger("tether.link")
 
-_RESET_CODES = frozenset(
+_RESET_CODES: Final = frozenset(
     {CloseCode.BACKEND_RESET, CloseCode.APPLICATION_RESET, CloseCode.PROTOCOL_ERROR}
 )
 
@@ -85,7 +85,7 @@ class LocalTransport(Protocol):
 # joined, as one bytes object: uvloop sends a single buffer straight with write(2), while a
 # list costs a memoryview cast per piece and a write context around writev(2). Larger ones
 # go out as the list, payloads uncopied (CONTRIBUTING.md D2).
-JOIN_WRITES_BELOW = 4096
+JOIN_WRITES_BELOW: Final = 4096
 
 
 # This module may be compiled with mypyc (setup.py); the roles (aio/client.py, aio/server.py)
@@ -414,14 +414,14 @@ def unheld(buf: bytearray) -> bool:
     return True
 
 
-READ_SIZE = 256 * 1024  # one read from the local side, at most
+READ_SIZE: Final = 256 * 1024  # one read from the local side, at most
 _scratch = bytearray(READ_SIZE)  # shared read buffer: one event loop reads one socket at a time
 # Read buffers handed over whole (to the replay buffer, as views), oldest first, to be used
 # again once :func:`unheld` (CONTRIBUTING.md D3): a new bytearray is zero-filled (a 256 KiB
 # memset per read) and freed once its bytes are acknowledged; a recycled one costs neither.
 # At most RECYCLE_MAX are kept: past that the oldest is let go and its last holder frees
 # it, so a process keeps at most 8 MiB of spare read buffers.
-RECYCLE_MAX = 32  # more than one session's default window of reads (16) in flight
+RECYCLE_MAX: Final = 32  # more than one session's default window of reads (16) in flight
 _handed: collections.deque[bytearray] = collections.deque()
 
 
@@ -557,16 +557,16 @@ class LinkOwner(Protocol):
         """The transport died before it joined a session."""
 
 
-TCP_RTO_MAX_MS = 44  # <linux/tcp.h>, Linux 6.15 and later
-LINK_RTO_MAX_MS = 1000
-MAX_EARLY_LINK_BYTES = 64 * 1024  # bytes a peer may send before our handshake starts
+TCP_RTO_MAX_MS: Final = 44  # <linux/tcp.h>, Linux 6.15 and later
+LINK_RTO_MAX_MS: Final = 1000
+MAX_EARLY_LINK_BYTES: Final = 64 * 1024  # bytes a peer may send before our handshake starts
 
-LINK_READ_SIZE = 256 * 1024  # one read from a link, at most
+LINK_READ_SIZE: Final = 256 * 1024  # one read from a link, at most
 # A link read of at least this many bytes is handed on as a view of the read buffer; a
 # smaller one is copied out (as the event loop itself would have), so that a few bytes a
 # slow local side holds never pin the buffer: only reads of a quarter of it or more do.
-LINK_VIEW_FROM = LINK_READ_SIZE // 4
-LINK_MIN_READ = 64 * 1024  # the rest of a held buffer is read into while it is this large
+LINK_VIEW_FROM: Final = LINK_READ_SIZE // 4
+LINK_MIN_READ: Final = 64 * 1024  # the rest of a held buffer is read into while it is this large
 
 
 class LinkReads:

@@ -20,15 +20,15 @@ import asyncio
 import logging
 import math
 import weakref
-from typing import Protocol
+from typing import Final, Protocol
 
 __all__ = ["MAX_SLACK", "Ticker", "slot_for"]
 
-logger = logging.getLogger("tether.ticker")
+logger: Final = logging.getLogger("tether.ticker")
 
-MAX_SLACK = 0.125  # seconds a timer may fire late, at most (a power of two: exact floats)
-SLACK_SHARE = 16  # ... and at most 1/16 of the time left until it
-MIN_STEP = 1.0 / 1024  # below this, no rounding (about 1 ms, the loop's own resolution)
+MAX_SLACK: Final = 0.125  # seconds a timer may fire late, at most (a power of two: exact floats)
+SLACK_SHARE: Final = 16  # ... and at most 1/16 of the time left until it
+MIN_STEP: Final = 1.0 / 1024  # below this, no rounding (about 1 ms, the loop's own resolution)
 
 
 class Timed(Protocol):

@@ -25,6 +25,7 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from random import random as _uniform
+from typing import Final
 
 from ..errors import InvalidState
 
@@ -42,9 +43,10 @@ __all__ = [
     "source_key",
 ]
 
-DEFAULT_FLOOR = 64 * 1024  # the smallest window a session is given, reserved for it up front
-DEFAULT_HIGH_WATER = 0.9  # above this fraction of the budget, no session may exceed its fair share
-DEFAULT_RATE = 30  # percent refused at ``start`` (OpenSSH's MaxStartups 10:30:100)
+DEFAULT_FLOOR: Final = 64 * 1024  # the smallest window a session is given, reserved for it up front
+# above this fraction of the budget, no session may exceed its fair share
+DEFAULT_HIGH_WATER: Final = 0.9
+DEFAULT_RATE: Final = 30  # percent refused at ``start`` (OpenSSH's MaxStartups 10:30:100)
 
 
 class Admission(enum.Enum):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 __all__ = ["LOCAL_ONLY", "CloseCode"]
 
@@ -44,4 +45,6 @@ class CloseCode(enum.IntEnum):
 
 
 # docs/protocol.md, "Reason codes": decided by an end itself, never sent.
-LOCAL_ONLY = frozenset({CloseCode.LINK_LOST, CloseCode.RESUME_FAILED, CloseCode.UNTRUSTED_SERVER})
+LOCAL_ONLY: Final = frozenset(
+    {CloseCode.LINK_LOST, CloseCode.RESUME_FAILED, CloseCode.UNTRUSTED_SERVER}
+)

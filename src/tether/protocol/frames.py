@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from ..errors import ProtocolError
 from .codes import CloseCode
@@ -64,41 +65,42 @@ __all__ = [
 ]
 
 # docs/protocol.md, "Link hello"
-MAGIC = b"\x89TETHER\n"  # 8 bytes: high bit and LF catch 7-bit and text mangling
-PROTOCOL_VERSION = 4  # 4: a draining server tells its sessions (DRAINING, "Drain")
+MAGIC: Final = b"\x89TETHER\n"  # 8 bytes: high bit and LF catch 7-bit and text mangling
+PROTOCOL_VERSION: Final = 4  # 4: a draining server tells its sessions (DRAINING, "Drain")
 # (3: a resume sends ROUTE with its hello, routing.py)
-DRAINING_VERSION = 4  # the first version whose sessions may receive DRAINING
-MIN_PROTOCOL_VERSION = 2  # 2: SETUP carries a credential; ACCEPT confirms the whole transcript
+DRAINING_VERSION: Final = 4  # the first version whose sessions may receive DRAINING
+# 2: SETUP carries a credential; ACCEPT confirms the whole transcript
+MIN_PROTOCOL_VERSION: Final = 2
 # docs/protocol.md, "Health probe": a client hello whose lowest version is 0 is a health
 # check's (no client sends it); a draining server answers it with version 0, others as usual.
-HEALTH_PROBE_VERSION = 0
-NONCE_SIZE = 32
-SESSION_ID_SIZE = 16
-KEY_SIZE = 32
-MAC_SIZE = 32
-CLIENT_HELLO_SIZE = len(MAGIC) + 2  # magic | min_version u8 | max_version u8
-SERVER_HELLO_SIZE = len(MAGIC) + 1 + NONCE_SIZE  # magic | version u8 | server_nonce
+HEALTH_PROBE_VERSION: Final = 0
+NONCE_SIZE: Final = 32
+SESSION_ID_SIZE: Final = 16
+KEY_SIZE: Final = 32
+MAC_SIZE: Final = 32
+CLIENT_HELLO_SIZE: Final = len(MAGIC) + 2  # magic | min_version u8 | max_version u8
+SERVER_HELLO_SIZE: Final = len(MAGIC) + 1 + NONCE_SIZE  # magic | version u8 | server_nonce
 
 # docs/protocol.md, "Limits"
-FRAME_HEADER_SIZE = 4
-MAX_DATA_CHUNK = 65536  # payload bytes in one DATA frame, after its offset
-MAX_CONTROL_PAYLOAD = 512  # every frame but DATA
-MAX_REASON_BYTES = 256  # UTF-8 reason text in CLOSE and REJECT
-MAX_TOKEN_BYTES = 255  # the client credential in SETUP (u8 length)
-MIN_WINDOW = 1024  # a replay buffer (window) announced in SETUP, ACCEPT or RESUME, bytes
-MAX_WINDOW = 1 << 30
+FRAME_HEADER_SIZE: Final = 4
+MAX_DATA_CHUNK: Final = 65536  # payload bytes in one DATA frame, after its offset
+MAX_CONTROL_PAYLOAD: Final = 512  # every frame but DATA
+MAX_REASON_BYTES: Final = 256  # UTF-8 reason text in CLOSE and REJECT
+MAX_TOKEN_BYTES: Final = 255  # the client credential in SETUP (u8 length)
+MIN_WINDOW: Final = 1024  # a replay buffer (window) announced in SETUP, ACCEPT or RESUME, bytes
+MAX_WINDOW: Final = 1 << 30
 
-_HEADER = struct.Struct("!I")
-_DATA_HEADER = struct.Struct("!IQ")
-_U64 = struct.Struct("!Q")
-_U32 = struct.Struct("!I")
-_SETUP = struct.Struct(f"!{KEY_SIZE}sII")
-_ACCEPT_FIELDS = struct.Struct(f"!{SESSION_ID_SIZE}s{KEY_SIZE}sIII")  # what confirm covers
-_ACCEPT = struct.Struct(f"!{_ACCEPT_FIELDS.format[1:]}{MAC_SIZE}s")
-_RESUME = struct.Struct(f"!{SESSION_ID_SIZE}s{NONCE_SIZE}sQII{MAC_SIZE}s")
-_RESUMED = struct.Struct(f"!Q{MAC_SIZE}s")
-_ROUTE = struct.Struct(f"!{SESSION_ID_SIZE}s")
-_CODE = struct.Struct("!H")
+_HEADER: Final = struct.Struct("!I")
+_DATA_HEADER: Final = struct.Struct("!IQ")
+_U64: Final = struct.Struct("!Q")
+_U32: Final = struct.Struct("!I")
+_SETUP: Final = struct.Struct(f"!{KEY_SIZE}sII")
+_ACCEPT_FIELDS: Final = struct.Struct(f"!{SESSION_ID_SIZE}s{KEY_SIZE}sIII")  # what confirm covers
+_ACCEPT: Final = struct.Struct(f"!{_ACCEPT_FIELDS.format[1:]}{MAC_SIZE}s")
+_RESUME: Final = struct.Struct(f"!{SESSION_ID_SIZE}s{NONCE_SIZE}sQII{MAC_SIZE}s")
+_RESUMED: Final = struct.Struct(f"!Q{MAC_SIZE}s")
+_ROUTE: Final = struct.Struct(f"!{SESSION_ID_SIZE}s")
+_CODE: Final = struct.Struct("!H")
 
 
 class FrameType(enum.IntEnum):
@@ -159,10 +161,10 @@ def data_header(offset: int, length: int) -> bytes:
     return _DATA_HEADER.pack((FrameType.DATA << 24) | (8 + length), offset)
 
 
-_U64_FRAME = struct.Struct("!IQ")  # a header and a u64 payload: ACK, PING, PONG
+_U64_FRAME: Final = struct.Struct("!IQ")  # a header and a u64 payload: ACK, PING, PONG
 # The whole header word of an ACK (its payload is exactly an offset): ack_frame writes it and
 # the reader (reader.py) recognises a whole ACK by it.
-ACK_WORD = (FrameType.ACK << 24) | _U64.size
+ACK_WORD: Final = (FrameType.ACK << 24) | _U64.size
 
 
 def ack_frame(offset: int) -> bytes:
@@ -172,8 +174,8 @@ def ack_frame(offset: int) -> bytes:
     return _U64_FRAME.pack(ACK_WORD, offset)
 
 
-_PING_WORD = (FrameType.PING << 24) | _U64.size
-_PONG_WORD = (FrameType.PONG << 24) | _U64.size
+_PING_WORD: Final = (FrameType.PING << 24) | _U64.size
+_PONG_WORD: Final = (FrameType.PONG << 24) | _U64.size
 
 
 def ping_frame(token: int) -> bytes:
@@ -337,7 +339,7 @@ class Pong:
         return _frame(FrameType.PONG, _U64.pack(self.token))
 
 
-NO_DEADLINE = 0xFFFFFFFF  # DRAINING: the server sets no time limit on its sessions
+NO_DEADLINE: Final = 0xFFFFFFFF  # DRAINING: the server sets no time limit on its sessions
 
 
 @dataclass(frozen=True, slots=True)

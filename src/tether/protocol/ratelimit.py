@@ -10,10 +10,11 @@ nothing rather than taking tokens away.
 from __future__ import annotations
 
 import math
+from typing import Final
 
 __all__ = ["TokenBucket"]
 
-_SLACK = 1e-9  # tokens: so that take() at now + delay(now) succeeds despite float rounding
+_SLACK: Final = 1e-9  # tokens: so that take() at now + delay(now) succeeds despite float rounding
 
 
 class TokenBucket:

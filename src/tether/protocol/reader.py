@@ -17,6 +17,7 @@ the session's own reader.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from ..errors import ProtocolError
 from .frames import (
@@ -34,17 +35,17 @@ from .frames import (
 
 __all__ = ["FrameReader", "take_control_frame"]
 
-_HEADER = struct.Struct("!I")
-_U64 = struct.Struct("!Q")
-_DATA = int(FrameType.DATA)
-_OFFSET_SIZE = _U64.size  # a DATA payload starts with its stream offset
-_DATA_PREFIX = FRAME_HEADER_SIZE + _OFFSET_SIZE
+_HEADER: Final = struct.Struct("!I")
+_U64: Final = struct.Struct("!Q")
+_DATA: Final = int(FrameType.DATA)
+_OFFSET_SIZE: Final = _U64.size  # a DATA payload starts with its stream offset
+_DATA_PREFIX: Final = FRAME_HEADER_SIZE + _OFFSET_SIZE
 # docs/protocol.md, "Limits": a DATA frame's length counts its offset and 1..MAX_DATA_CHUNK
-_MIN_DATA_LENGTH = _OFFSET_SIZE
-_MAX_DATA_LENGTH = _OFFSET_SIZE + MAX_DATA_CHUNK
+_MIN_DATA_LENGTH: Final = _OFFSET_SIZE
+_MAX_DATA_LENGTH: Final = _OFFSET_SIZE + MAX_DATA_CHUNK
 # A whole ACK (frames.ACK_WORD, then its offset): the control frame piggybacked on nearly
 # every small message (docs/protocol.md, "When ACKs are sent").
-_ACK_SIZE = FRAME_HEADER_SIZE + _OFFSET_SIZE
+_ACK_SIZE: Final = FRAME_HEADER_SIZE + _OFFSET_SIZE
 
 
 class FrameReader:

@@ -27,6 +27,7 @@ import enum
 import math
 import struct
 from dataclasses import dataclass, replace
+from typing import Final
 
 from ..errors import InvalidState, ProtocolError, StateError
 from . import events
@@ -67,42 +68,42 @@ __all__ = [
 ]
 
 # docs/protocol.md, "Limits" and "Keepalive"
-DEFAULT_WINDOW = 4 * 1024 * 1024  # replay buffer bound per direction, bytes
-DEFAULT_KEEPALIVE = 3.0  # seconds of silence before a PING
-DEFAULT_TIMEOUT = 180.0  # session-reliability timeout (Citrix's documented default)
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # one link handshake, seconds
-KEEPALIVE_MISSES = 2  # silent keepalive intervals after which a link is dead
-PING_CREDIT = 2  # intervals a received PING counts as heard: one side pings, not both
-SERVER_TICK_LAG = 1.5  # the server's first keepalive tick, in intervals after establishment
-ACK_FRACTION = 4  # acknowledge once a quarter of the peer's window is unacknowledged
-MAX_ACK_THRESHOLD = 1024 * 1024
+DEFAULT_WINDOW: Final = 4 * 1024 * 1024  # replay buffer bound per direction, bytes
+DEFAULT_KEEPALIVE: Final = 3.0  # seconds of silence before a PING
+DEFAULT_TIMEOUT: Final = 180.0  # session-reliability timeout (Citrix's documented default)
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0  # one link handshake, seconds
+KEEPALIVE_MISSES: Final = 2  # silent keepalive intervals after which a link is dead
+PING_CREDIT: Final = 2  # intervals a received PING counts as heard: one side pings, not both
+SERVER_TICK_LAG: Final = 1.5  # the server's first keepalive tick, in intervals after establishment
+ACK_FRACTION: Final = 4  # acknowledge once a quarter of the peer's window is unacknowledged
+MAX_ACK_THRESHOLD: Final = 1024 * 1024
 # docs/protocol.md, "Limits": control frames that carry no progress (PING, PONG, an ACK
 # of nothing new) a peer may send on one link. A tether peer sends at most one PING per
 # keepalive tick of its own (>= 0.05 s) and one PONG per PING of ours: under 40 a second.
-CONTROL_RATE = 64.0  # frames per second
-CONTROL_BURST = 128.0  # frames at once
-CONTROL_FLOOD = "peer sends control frames without reading"  # LinkLost reason
-JOIN_BELOW = 4096  # DATA pieces of one read averaging fewer bytes are delivered joined
+CONTROL_RATE: Final = 64.0  # frames per second
+CONTROL_BURST: Final = 128.0  # frames at once
+CONTROL_FLOOD: Final = "peer sends control frames without reading"  # LinkLost reason
+JOIN_BELOW: Final = 4096  # DATA pieces of one read averaging fewer bytes are delivered joined
 # docs/protocol.md, "Limits": a server session whose client was never heard from after
 # the ACCEPT (its setup link died first) waits this long for a resume, not the timeout.
-ORPHAN_GRACE = 10.0  # seconds
-ORPHANED = "orphaned setup: the client was never heard from after ACCEPT"  # its end reason
+ORPHAN_GRACE: Final = 10.0  # seconds
+ORPHANED: Final = "orphaned setup: the client was never heard from after ACCEPT"  # its end reason
 # docs/design.md, "Takeover": a server session's state, handed to another process.
 # magic | format u8 | protocol version u8 | session id | secret | _STATE_BODY | the
 # unacknowledged outbound bytes. Checked like peer input (it crossed a process boundary).
-STATE_MAGIC = b"TTS\x00"
-STATE_FORMAT = 1
-_STATE_HEAD = struct.Struct(f"!4sBB{SESSION_ID_SIZE}s{KEY_SIZE}s")
+STATE_MAGIC: Final = b"TTS\x00"
+STATE_FORMAT: Final = 1
+_STATE_HEAD: Final = struct.Struct(f"!4sBB{SESSION_ID_SIZE}s{KEY_SIZE}s")
 # window, peer_window u32 | peer_timeout f64 | buffer start, peer_acked, sent_high,
 # received u64 | flags u8 | expires_in, detached_for, drain_in f64 | links, resumes u32 |
 # replayed u64 | unacknowledged bytes u32
-_STATE_BODY = struct.Struct("!IIdQQQQBdddIIQI")
+_STATE_BODY: Final = struct.Struct("!IIdQQQQBdddIIQI")
 _EOF_SENT, _EOF_RECEIVED, _CONFIRMED, _DRAINING, _DRAIN_DEADLINE = (1, 2, 4, 8, 16)
-MAX_OFFSET = 1 << 62  # no stream gets near it; an offset past it is a forged state
+MAX_OFFSET: Final = 1 << 62  # no stream gets near it; an offset past it is a forged state
 # docs/protocol.md, "Limits": a replay buffer may exceed its bound by one write (a read of
 # the local side, at most 256 KiB in aio/link.py).
-STATE_SLACK = 256 * 1024
-MAX_STATE_TIME = 7 * 86400.0  # seconds: SessionConfig's longest timeout
+STATE_SLACK: Final = 256 * 1024
+MAX_STATE_TIME: Final = 7 * 86400.0  # seconds: SessionConfig's longest timeout
 
 
 @dataclass(frozen=True, slots=True)
