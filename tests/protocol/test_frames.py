@@ -296,3 +296,27 @@ def test_good_frames_before_a_bad_one_are_not_returned_twice() -> None:
     assert reader.feed(ping) == [fs.Ping(1)]
     with pytest.raises(ProtocolError):
         reader.feed(header(0x7F, 0))
+
+
+def test_per_message_classes_keep_the_frozen_dataclass_contract() -> None:
+    """Data, Ack and DataReceived are written out (CONTRIBUTING.md F1, D6), not frozen
+    dataclasses: equal by field and type, hashable alike, the same repr, and read-only
+    where compiled (plain Python leaves that to mypy's Final)."""
+    from tether.protocol.events import DataReceived
+
+    payload = b"abc"
+    cases: list[tuple[object, object, object, str]] = [
+        (Data(1, payload), Data(1, memoryview(payload)), Data(2, payload), "Data(offset=1, "),
+        (Ack(7), Ack(7), Ack(8), "Ack(offset=7)"),
+        (DataReceived(payload), DataReceived(bytes(payload)), DataReceived(b""), "DataReceived("),
+    ]
+    for value, same, other, shown in cases:
+        assert value == same and (value != same) is False
+        assert value != other and value != shown
+        assert repr(value).startswith(shown)
+        assert hash(value) == hash(same)
+        assert not hasattr(value, "__dict__")
+    assert Data(1, b"x") != Ack(1) and Ack(1) != Data(1, b"")
+    if not hasattr(Data.__init__, "__code__"):  # compiled: the fields refuse writes
+        with pytest.raises(AttributeError):
+            Ack(1).offset = 2  # type: ignore[misc]

@@ -7,6 +7,7 @@ protocol questions themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final, final
 
 from .codes import CloseCode
 
@@ -25,11 +26,26 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@final
 class DataReceived:
-    """Stream bytes for the local application, in order, each exactly once."""
+    """Stream bytes for the local application, in order, each exactly once. Written out
+    as ``frames.Data`` is (one per message; CONTRIBUTING.md F1, D6)."""
 
-    data: bytes | memoryview
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self.data: Final = data
+
+    def __repr__(self) -> str:
+        return f"DataReceived(data={self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DataReceived):
+            return NotImplemented
+        return self.data == other.data
+
+    def __hash__(self) -> int:
+        return hash((self.data,))
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, final
 
 from ..errors import ProtocolError
 from .codes import CloseCode
@@ -290,22 +290,57 @@ class Reject:
         return _frame(FrameType.REJECT, _CODE.pack(self.code) + _check_reason(self.reason))
 
 
-@dataclass(frozen=True, slots=True)
+@final
 class Data:
-    """Stream bytes starting at stream ``offset``."""
+    """Stream bytes starting at stream ``offset``.
 
-    offset: int
-    payload: bytes | memoryview
+    One of the three per-message value classes (with :class:`Ack` and
+    ``events.DataReceived``) written out rather than frozen dataclasses (CONTRIBUTING.md
+    F1, D6): compiled, a dataclass's generated ``__init__`` still runs interpreted. The
+    same contract: read-only fields (``Final``: mypy, and the compiled class), equality and
+    ``repr`` by field."""
+
+    __slots__ = ("offset", "payload")
+
+    def __init__(self, offset: int, payload: bytes | memoryview) -> None:
+        self.offset: Final = offset
+        self.payload: Final = payload
+
+    def __repr__(self) -> str:
+        return f"Data(offset={self.offset!r}, payload={self.payload!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Data):
+            return NotImplemented
+        return self.offset == other.offset and self.payload == other.payload
+
+    def __hash__(self) -> int:
+        return hash((self.offset, self.payload))
 
     def serialize(self) -> bytes:
         return data_header(self.offset, len(self.payload)) + self.payload
 
 
-@dataclass(frozen=True, slots=True)
+@final
 class Ack:
-    """Every stream byte (and the EOF) below ``offset`` has been received."""
+    """Every stream byte (and the EOF) below ``offset`` has been received. Written out
+    as :class:`Data` is."""
 
-    offset: int
+    __slots__ = ("offset",)
+
+    def __init__(self, offset: int) -> None:
+        self.offset: Final = offset
+
+    def __repr__(self) -> str:
+        return f"Ack(offset={self.offset!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ack):
+            return NotImplemented
+        return self.offset == other.offset
+
+    def __hash__(self) -> int:
+        return hash((self.offset,))
 
     def serialize(self) -> bytes:
         return _frame(FrameType.ACK, _U64.pack(self.offset))
