@@ -251,10 +251,14 @@ class SessionRelay:
         if out and link is not None and not link.is_closing():
             if len(out) == 1:
                 link.write(out[0])
-            elif sum(map(len, out)) < JOIN_WRITES_BELOW:
-                link.write(b"".join(out))  # CONTRIBUTING.md D2: small, so one copy is cheaper
             else:
-                link.writelines(out)
+                size = 0
+                for piece in out:  # a few pieces (headers, payloads, an ACK): compiled, a loop
+                    size += len(piece)  # is cheaper than sum(map(len, out)) (D6)
+                if size < JOIN_WRITES_BELOW:
+                    link.write(b"".join(out))  # CONTRIBUTING.md D2: small, so one copy is cheaper
+                else:
+                    link.writelines(out)
         # A read's events in one call; a hook (not a DataReceived) may make the core report
         # more, which are taken before the pump returns, as with next_event() one by one.
         batch = core.next_events()
@@ -414,15 +418,32 @@ def unheld(buf: bytearray) -> bool:
     return True
 
 
+# memoryview, bound once: compiled code (setup.py) looks a builtin it has no primitive for
+# up in the builtins module at every use, a Final name it reads directly (CONTRIBUTING.md D6).
+_memoryview: Final = memoryview
+
 READ_SIZE: Final = 256 * 1024  # one read from the local side, at most
-_scratch = bytearray(READ_SIZE)  # shared read buffer: one event loop reads one socket at a time
+
+
+class LocalReads:
+    """The read buffer the local connections of the process share (``_local_reads``): one
+    event loop reads one socket at a time. An object rather than a module global, which
+    compiled code would look up in the module's dict at every read (D6)."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = bytearray(READ_SIZE)
+
+
+_local_reads: Final = LocalReads()
 # Read buffers handed over whole (to the replay buffer, as views), oldest first, to be used
 # again once :func:`unheld` (CONTRIBUTING.md D3): a new bytearray is zero-filled (a 256 KiB
 # memset per read) and freed once its bytes are acknowledged; a recycled one costs neither.
 # At most RECYCLE_MAX are kept: past that the oldest is let go and its last holder frees
 # it, so a process keeps at most 8 MiB of spare read buffers.
 RECYCLE_MAX: Final = 32  # more than one session's default window of reads (16) in flight
-_handed: collections.deque[bytearray] = collections.deque()
+_handed: Final[collections.deque[bytearray]] = collections.deque()
 
 
 def _next_read_buffer() -> bytearray:
@@ -473,19 +494,21 @@ class LocalProtocol(asyncio.BufferedProtocol):
                 # A read already due when the replay buffer (or the server's memory
                 # budget) has no room: one byte, then the reader is paused.
                 size = capacity if capacity > 0 else 1
-        return memoryview(_scratch)[:size]
+        view = _memoryview(_local_reads.buf)
+        return view if size == READ_SIZE else view[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
-        global _scratch
+        reads = _local_reads
         data: bytes | memoryview
         if nbytes >= READ_SIZE // 2:
-            data = memoryview(_scratch)[:nbytes]
+            full = reads.buf
+            data = _memoryview(full)[:nbytes]
             if len(_handed) >= RECYCLE_MAX:
                 _handed.popleft()
-            _handed.append(_scratch)
-            _scratch = _next_read_buffer()
+            _handed.append(full)
+            reads.buf = _next_read_buffer()
         else:
-            data = bytes(memoryview(_scratch)[:nbytes])
+            data = bytes(_memoryview(reads.buf)[:nbytes])
         relay = self.relay
         if relay is not None:
             relay.local_data(data)
@@ -704,17 +727,18 @@ class LinkProtocol(asyncio.BufferedProtocol):
         reads = self._reads
         if reads.start:
             reads.reclaim()
-        return memoryview(reads.buf)[reads.start :]
+        start = reads.start
+        return _memoryview(reads.buf) if start == 0 else _memoryview(reads.buf)[start:]
 
     def buffer_updated(self, nbytes: int) -> None:
         reads = self._reads
         start = reads.start
         data: bytes | memoryview
         if nbytes < LINK_VIEW_FROM:  # copied: a few bytes never pin the whole buffer
-            data = bytes(memoryview(reads.buf)[start : start + nbytes])
+            data = bytes(_memoryview(reads.buf)[start : start + nbytes])
         else:  # handed on as is: LinkReads.reclaim() sees whether views of it remain
             reads.start = start + nbytes
-            data = memoryview(reads.buf)[start : start + nbytes]
+            data = _memoryview(reads.buf)[start : start + nbytes]
         relay = self.relay
         if relay is not None:
             relay.link_data(self.transport, data)

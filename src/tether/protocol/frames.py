@@ -156,12 +156,19 @@ def _frame(ftype: FrameType, payload: bytes) -> bytes:
     return _HEADER.pack((ftype << 24) | len(payload)) + payload
 
 
+# Bound and computed once: compiled code (setup.py) then neither looks the method up nor
+# shifts an enum member per frame (CONTRIBUTING.md D6).
+_pack_data_header: Final = _DATA_HEADER.pack
+_DATA_WORD: Final = int(FrameType.DATA) << 24
+
+
 def data_header(offset: int, length: int) -> bytes:
     """Header of a DATA frame carrying ``length`` bytes at stream ``offset``."""
-    return _DATA_HEADER.pack((FrameType.DATA << 24) | (8 + length), offset)
+    return _pack_data_header(_DATA_WORD | (8 + length), offset)
 
 
 _U64_FRAME: Final = struct.Struct("!IQ")  # a header and a u64 payload: ACK, PING, PONG
+_pack_u64_frame: Final = _U64_FRAME.pack  # bound once, as _pack_data_header
 # The whole header word of an ACK (its payload is exactly an offset): ack_frame writes it and
 # the reader (reader.py) recognises a whole ACK by it.
 ACK_WORD: Final = (FrameType.ACK << 24) | _U64.size
@@ -171,7 +178,7 @@ def ack_frame(offset: int) -> bytes:
     """``Ack(offset).serialize()`` in one call, without building the frame: the session
     piggybacks one on nearly every small message it answers (docs/protocol.md, "When ACKs
     are sent")."""
-    return _U64_FRAME.pack(ACK_WORD, offset)
+    return _pack_u64_frame(ACK_WORD, offset)
 
 
 _PING_WORD: Final = (FrameType.PING << 24) | _U64.size
@@ -181,12 +188,12 @@ _PONG_WORD: Final = (FrameType.PONG << 24) | _U64.size
 def ping_frame(token: int) -> bytes:
     """``Ping(token).serialize()`` in one call, without building the frame: a session's
     keepalive tick sends one (docs/protocol.md, "Keepalive")."""
-    return _U64_FRAME.pack(_PING_WORD, token)
+    return _pack_u64_frame(_PING_WORD, token)
 
 
 def pong_frame(token: int) -> bytes:
     """``Pong(token).serialize()`` in one call: the answer to every PING received."""
-    return _U64_FRAME.pack(_PONG_WORD, token)
+    return _pack_u64_frame(_PONG_WORD, token)
 
 
 def _check_reason(reason: str) -> bytes:

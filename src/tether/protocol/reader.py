@@ -37,6 +37,11 @@ __all__ = ["FrameReader", "take_control_frame"]
 
 _HEADER: Final = struct.Struct("!I")
 _U64: Final = struct.Struct("!Q")
+# Bound once: compiled code (setup.py) calls them directly rather than looking the method
+# or the builtin up at every use (CONTRIBUTING.md D6).
+_unpack_header: Final = _HEADER.unpack_from
+_unpack_u64: Final = _U64.unpack_from
+_memoryview: Final = memoryview
 _DATA: Final = int(FrameType.DATA)
 _OFFSET_SIZE: Final = _U64.size  # a DATA payload starts with its stream offset
 _DATA_PREFIX: Final = FRAME_HEADER_SIZE + _OFFSET_SIZE
@@ -60,7 +65,7 @@ class FrameReader:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[ControlFrame | Data]:
         out: list[ControlFrame | Data] = []
-        view = memoryview(data)
+        view = _memoryview(data)
         pos = 0
         end = len(view)
         while pos < end:
@@ -93,7 +98,7 @@ class FrameReader:
             # A whole header: check_header's two accepting cases, inlined (a small message
             # is one DATA frame and often an ACK: this is the per-message path). Anything
             # else goes to check_header, which words the error.
-            (word,) = _HEADER.unpack_from(view, pos)
+            (word,) = _unpack_header(view, pos)
             ftype = word >> 24
             length = word & 0xFFFFFF
             if ftype == _DATA:
@@ -103,7 +108,7 @@ class FrameReader:
                 if start > end:
                     partial += view[pos:end]
                     break
-                (offset,) = _U64.unpack_from(view, pos + FRAME_HEADER_SIZE)
+                (offset,) = _unpack_u64(view, pos + FRAME_HEADER_SIZE)
                 stop = start + length - _OFFSET_SIZE
                 if stop > end:  # the rest of the payload comes in later reads
                     self._data_offset = offset + (end - start)
@@ -116,7 +121,7 @@ class FrameReader:
             if word == ACK_WORD and pos + _ACK_SIZE <= end:
                 # parse_control's ACK case, inlined: no copy of its payload, no dispatch.
                 # It runs before the message it came with is delivered (issue 12, B2).
-                out.append(Ack(_U64.unpack_from(view, pos + FRAME_HEADER_SIZE)[0]))
+                out.append(Ack(_unpack_u64(view, pos + FRAME_HEADER_SIZE)[0]))
                 pos += _ACK_SIZE
                 continue
             if length > MAX_CONTROL_PAYLOAD:
