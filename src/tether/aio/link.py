@@ -418,22 +418,47 @@ def unheld(buf: bytearray) -> bool:
     return True
 
 
-# memoryview, bound once: compiled code (setup.py) looks a builtin it has no primitive for
-# up in the builtins module at every use, a Final name it reads directly (CONTRIBUTING.md D6).
-_memoryview: Final = memoryview
-
 READ_SIZE: Final = 256 * 1024  # one read from the local side, at most
 
 
 class LocalReads:
     """The read buffer the local connections of the process share (``_local_reads``): one
     event loop reads one socket at a time. An object rather than a module global, which
-    compiled code would look up in the module's dict at every read (D6)."""
+    compiled code would look up in the module's dict at every read (D6).
 
-    __slots__ = ("buf",)
+    ``view`` is a memoryview of ``buf`` made once and offered to every read, rather than
+    a new one per read. It is released when ``buf`` is handed over, so that
+    :func:`unheld` then sees only the views handed on; not at once but before the next
+    read (:meth:`offer`), because uvloop holds the buffer it read into until
+    ``buffer_updated`` has returned."""
+
+    __slots__ = ("buf", "stale", "view")
 
     def __init__(self) -> None:
         self.buf = bytearray(READ_SIZE)
+        self.view = memoryview(self.buf)
+        self.stale: memoryview | None = None  # the view of the buffer last handed over
+
+    def offer(self) -> memoryview:
+        """The view to read into (``LocalProtocol.get_buffer``)."""
+        stale = self.stale
+        if stale is not None:
+            self.stale = None
+            stale.release()
+        return self.view
+
+    def hand_over(self, nbytes: int) -> memoryview:
+        """The first ``nbytes`` of ``buf`` as a view for the replay buffer, and a buffer
+        in its place: the oldest handed over whose views are gone, else a new one."""
+        data = self.view[:nbytes]
+        full = self.buf
+        if len(_handed) >= RECYCLE_MAX:
+            _handed.popleft()
+        _handed.append(full)
+        self.stale = self.view
+        self.buf = _next_read_buffer()
+        self.view = memoryview(self.buf)
+        return data
 
 
 _local_reads: Final = LocalReads()
@@ -494,21 +519,15 @@ class LocalProtocol(asyncio.BufferedProtocol):
                 # A read already due when the replay buffer (or the server's memory
                 # budget) has no room: one byte, then the reader is paused.
                 size = capacity if capacity > 0 else 1
-        view = _memoryview(_local_reads.buf)
+        view = _local_reads.offer()
         return view if size == READ_SIZE else view[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
         reads = _local_reads
-        data: bytes | memoryview
-        if nbytes >= READ_SIZE // 2:
-            full = reads.buf
-            data = _memoryview(full)[:nbytes]
-            if len(_handed) >= RECYCLE_MAX:
-                _handed.popleft()
-            _handed.append(full)
-            reads.buf = _next_read_buffer()
-        else:
-            data = bytes(_memoryview(reads.buf)[:nbytes])
+        # Half a buffer or more is handed over whole; less is copied out (docstring).
+        data: bytes | memoryview = (
+            reads.hand_over(nbytes) if nbytes >= READ_SIZE // 2 else bytes(reads.view[:nbytes])
+        )
         relay = self.relay
         if relay is not None:
             relay.local_data(data)
@@ -610,10 +629,13 @@ class LinkReads:
     with its last view.
     """
 
-    __slots__ = ("buf", "start")
+    __slots__ = ("buf", "start", "view")
 
     def __init__(self) -> None:
         self.buf = bytearray(LINK_READ_SIZE)
+        # Made once and offered to every read (as LocalReads.view); released by reclaim()
+        # before unheld() looks, since it would otherwise always see the buffer held.
+        self.view = memoryview(self.buf)
         self.start = 0  # bytes at the front handed out as views since it was last free
 
     @classmethod
@@ -624,12 +646,15 @@ class LinkReads:
         return reads
 
     def reclaim(self) -> None:
-        """Before a read, when views were handed out (``start > 0``)."""
+        """Before a read, when views were handed out (``start > 0``; the event loop has
+        let go of the last read's buffer by then)."""
+        self.view.release()
         if unheld(self.buf):
             self.start = 0
         elif LINK_READ_SIZE - self.start < LINK_MIN_READ:
             self.buf = bytearray(LINK_READ_SIZE)
             self.start = 0
+        self.view = memoryview(self.buf)
 
 
 _link_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LinkReads] = (
@@ -728,17 +753,17 @@ class LinkProtocol(asyncio.BufferedProtocol):
         if reads.start:
             reads.reclaim()
         start = reads.start
-        return _memoryview(reads.buf) if start == 0 else _memoryview(reads.buf)[start:]
+        return reads.view if start == 0 else reads.view[start:]
 
     def buffer_updated(self, nbytes: int) -> None:
         reads = self._reads
         start = reads.start
         data: bytes | memoryview
         if nbytes < LINK_VIEW_FROM:  # copied: a few bytes never pin the whole buffer
-            data = bytes(_memoryview(reads.buf)[start : start + nbytes])
+            data = bytes(reads.view[start : start + nbytes])
         else:  # handed on as is: LinkReads.reclaim() sees whether views of it remain
             reads.start = start + nbytes
-            data = _memoryview(reads.buf)[start : start + nbytes]
+            data = reads.view[start : start + nbytes]
         relay = self.relay
         if relay is not None:
             relay.link_data(self.transport, data)
