@@ -40,7 +40,8 @@ _U64: Final = struct.Struct("!Q")
 # Bound once: compiled code (setup.py) calls them directly rather than looking the method
 # or the builtin up at every use (CONTRIBUTING.md D6).
 _unpack_header: Final = _HEADER.unpack_from
-_unpack_u64: Final = _U64.unpack_from
+# A header word and the u64 after it: a DATA frame's offset, or a whole ACK's payload.
+_unpack_word_u64: Final = struct.Struct("!IQ").unpack_from
 _memoryview: Final = memoryview
 _DATA: Final = int(FrameType.DATA)
 _OFFSET_SIZE: Final = _U64.size  # a DATA payload starts with its stream offset
@@ -97,8 +98,13 @@ class FrameReader:
                 break
             # A whole header: check_header's two accepting cases, inlined (a small message
             # is one DATA frame and often an ACK: this is the per-message path). Anything
-            # else goes to check_header, which words the error.
-            (word,) = _unpack_header(view, pos)
+            # else goes to check_header, which words the error. With 12 bytes or more
+            # left, the u64 that follows comes in the same call: DATA's offset, ACK's.
+            if end - pos >= _DATA_PREFIX:
+                word, first = _unpack_word_u64(view, pos)
+            else:
+                (word,) = _unpack_header(view, pos)
+                first = 0  # not read: fewer than 12 bytes left
             ftype = word >> 24
             length = word & 0xFFFFFF
             if ftype == _DATA:
@@ -108,7 +114,7 @@ class FrameReader:
                 if start > end:
                     partial += view[pos:end]
                     break
-                (offset,) = _unpack_u64(view, pos + FRAME_HEADER_SIZE)
+                offset = first
                 stop = start + length - _OFFSET_SIZE
                 if stop > end:  # the rest of the payload comes in later reads
                     self._data_offset = offset + (end - start)
@@ -121,7 +127,7 @@ class FrameReader:
             if word == ACK_WORD and pos + _ACK_SIZE <= end:
                 # parse_control's ACK case, inlined: no copy of its payload, no dispatch.
                 # It runs before the message it came with is delivered (issue 12, B2).
-                out.append(Ack(_unpack_u64(view, pos + FRAME_HEADER_SIZE)[0]))
+                out.append(Ack(first))
                 pos += _ACK_SIZE
                 continue
             if length > MAX_CONTROL_PAYLOAD:
