@@ -41,6 +41,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -454,25 +455,50 @@ def client_context(
 # -- session resumption --------------------------------------------------------------------
 
 
+# CPython before the fix of gh-116810 (3.12.8 and 3.13.1; never in 3.11) leaks a copy of
+# the session, about 6 KiB, at every read of ``SSLObject.session`` (docs/fuzzing.md, F3).
+# Where it does, a process reads it at most SESSION_READ_LIMIT times (about 6 MiB), then
+# resumes no more: a full handshake costs the server a signature, not a round trip.
+SESSION_GETTER_LEAKS = sys.version_info < (3, 12, 8) or (3, 13) <= sys.version_info < (3, 13, 1)
+SESSION_READ_LIMIT = 1024
+
+
+class _Latest:
+    """One server's latest connection, until its session (with a ticket) is read; then
+    that session."""
+
+    __slots__ = ("context", "session", "ssl_object")
+
+    def __init__(self, ssl_object: ssl.SSLObject) -> None:
+        self.ssl_object: ssl.SSLObject | None = ssl_object
+        self.context = ssl_object.context
+        self.session: ssl.SSLSession | None = None
+
+
 class SessionCache:
     """The latest TLS connection to each server (``host``, ``port``), from which a
     reconnect takes a session ticket.
 
-    It keeps the SSL object, not its session: TLS 1.3 tickets arrive after the handshake,
-    so the session is read when it is needed. Bounded: the least recently used server
-    goes first.
+    It keeps the SSL object until its session is first needed (TLS 1.3 tickets arrive
+    after the handshake) and reads the session then; once one with a ticket is read, it
+    keeps that session and lets the SSL object go, and every later attempt to the server
+    resumes with it until a newer connection replaces it. Reads are counted process-wide
+    (:data:`SESSION_READ_LIMIT`, where :data:`SESSION_GETTER_LEAKS`). Bounded: the least
+    recently used server goes first.
     """
+
+    reads = 0  # SSLObject.session reads by every cache of the process
 
     def __init__(self, max_servers: int = 64) -> None:
         self._max = max_servers
-        self._latest: OrderedDict[tuple[str, int], ssl.SSLObject] = OrderedDict()
+        self._latest: OrderedDict[tuple[str, int], _Latest] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._latest)
 
     def remember(self, host: str, port: int, ssl_object: ssl.SSLObject) -> None:
         key = (host.lower(), port)
-        self._latest[key] = ssl_object
+        self._latest[key] = _Latest(ssl_object)
         self._latest.move_to_end(key)
         while len(self._latest) > self._max:
             self._latest.popitem(last=False)
@@ -482,12 +508,28 @@ class SessionCache:
 
     def session(self, host: str, port: int, context: ssl.SSLContext) -> ssl.SSLSession | None:
         """A session to resume with ``context``, or None (a full handshake follows)."""
-        ssl_object = self._latest.get((host.lower(), port))
-        if ssl_object is None or ssl_object.context is not context:
+        latest = self._latest.get((host.lower(), port))
+        if latest is None or latest.context is not context:
             return None  # OpenSSL refuses a session made under another context
-        session = ssl_object.session
-        if session is None or not session.has_ticket:
-            return None
+        session = latest.session
+        if session is None:
+            ssl_object = latest.ssl_object
+            assert ssl_object is not None  # let go of only once a session is kept
+            if SESSION_GETTER_LEAKS and SessionCache.reads >= SESSION_READ_LIMIT:
+                if SessionCache.reads == SESSION_READ_LIMIT:
+                    SessionCache.reads += 1  # say it once
+                    logging.getLogger("tether.client").warning(
+                        "TLS session resumption is off from now on: this Python (%s) leaks "
+                        "memory at every session read (CPython gh-116810, fixed in 3.12.8 "
+                        "and 3.13.1); reconnects make full TLS handshakes",
+                        sys.version.split()[0],
+                    )
+                return None
+            SessionCache.reads += 1
+            session = ssl_object.session
+            if session is None or not session.has_ticket:
+                return None  # no ticket (yet): read again next time
+            latest.session, latest.ssl_object = session, None
         if time.time() > session.time + session.timeout:
             return None  # the server would refuse it anyway
         return session

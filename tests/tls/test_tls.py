@@ -693,3 +693,69 @@ def test_records_go_to_openssl_without_the_python_wrappers(
             transport.close()
 
     run(main())
+
+
+class _Session:
+    """Stands in for an ssl.SSLSession: a ticket, valid for an hour."""
+
+    has_ticket = True
+    timeout = 3600
+
+    def __init__(self) -> None:
+        import time
+
+        self.time = int(time.time())
+
+
+class _Connection:
+    """Stands in for a connection's ssl.SSLObject; counts reads of ``session``."""
+
+    def __init__(self, context: ssl.SSLContext, ticket: bool = True) -> None:
+        self.context = context
+        self.reads = 0
+        self.ticket = ticket
+
+    @property
+    def session(self) -> _Session | None:
+        self.reads += 1
+        return _Session() if self.ticket else None
+
+
+def test_a_session_is_read_once_per_connection_and_reads_are_capped_where_they_leak(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/fuzzing.md, F3: where reading SSLObject.session leaks (CPython gh-116810), a
+    process reads it at most SESSION_READ_LIMIT times, then resumes no more and says so
+    once; everywhere, a connection's session is read once, not once per attempt."""
+    import tether.tls as tls_module
+
+    monkeypatch.setattr(tls_module, "SESSION_GETTER_LEAKS", True)
+    monkeypatch.setattr(tls_module, "SESSION_READ_LIMIT", 3)
+    monkeypatch.setattr(SessionCache, "reads", 0)
+    context, sessions = client_context(), SessionCache()
+
+    early = _Connection(context, ticket=False)  # its ticket has not arrived yet
+    sessions.remember("h", 1, cast(ssl.SSLObject, early))
+    assert sessions.session("h", 1, context) is None
+    early.ticket = True
+    first = sessions.session("h", 1, context)
+    assert first is not None and early.reads == 2  # read again until one has a ticket
+    for _ in range(100):  # reconnect attempts reuse it
+        assert sessions.session("h", 1, context) is first
+    assert early.reads == 2
+
+    later = _Connection(context)
+    sessions.remember("h", 1, cast(ssl.SSLObject, later))
+    assert sessions.session("h", 1, context) is not first and later.reads == 1
+
+    capped = _Connection(context)  # a fourth read would pass the limit of 3
+    sessions.remember("h", 1, cast(ssl.SSLObject, capped))
+    with caplog.at_level("WARNING", logger="tether.client"):
+        for _ in range(10):
+            assert sessions.session("h", 1, context) is None
+    assert capped.reads == 0
+    warnings = [r for r in caplog.records if "resumption is off" in r.getMessage()]
+    assert len(warnings) == 1 and "gh-116810" in warnings[0].getMessage()
+
+    monkeypatch.setattr(tls_module, "SESSION_GETTER_LEAKS", False)  # a fixed Python
+    assert sessions.session("h", 1, context) is not None and capped.reads == 1
