@@ -427,25 +427,15 @@ class LocalReads:
     compiled code would look up in the module's dict at every read (D6).
 
     ``view`` is a memoryview of ``buf`` made once and offered to every read, rather than
-    a new one per read. It is released when ``buf`` is handed over, so that
-    :func:`unheld` then sees only the views handed on; not at once but before the next
-    read (:meth:`offer`), because uvloop holds the buffer it read into until
-    ``buffer_updated`` has returned."""
+    a new one per read. When ``buf`` is handed over, the view is dropped with it: freed
+    once the event loop lets go of the read (uvloop holds it until ``buffer_updated``
+    returns), so that :func:`unheld` then sees only the views handed on."""
 
-    __slots__ = ("buf", "stale", "view")
+    __slots__ = ("buf", "view")
 
     def __init__(self) -> None:
         self.buf = bytearray(READ_SIZE)
         self.view = memoryview(self.buf)
-        self.stale: memoryview | None = None  # the view of the buffer last handed over
-
-    def offer(self) -> memoryview:
-        """The view to read into (``LocalProtocol.get_buffer``)."""
-        stale = self.stale
-        if stale is not None:
-            self.stale = None
-            stale.release()
-        return self.view
 
     def hand_over(self, nbytes: int) -> memoryview:
         """The first ``nbytes`` of ``buf`` as a view for the replay buffer, and a buffer
@@ -455,7 +445,6 @@ class LocalReads:
         if len(_handed) >= RECYCLE_MAX:
             _handed.popleft()
         _handed.append(full)
-        self.stale = self.view
         self.buf = _next_read_buffer()
         self.view = memoryview(self.buf)
         return data
@@ -519,7 +508,7 @@ class LocalProtocol(asyncio.BufferedProtocol):
                 # A read already due when the replay buffer (or the server's memory
                 # budget) has no room: one byte, then the reader is paused.
                 size = capacity if capacity > 0 else 1
-        view = _local_reads.offer()
+        view = _local_reads.view
         return view if size == READ_SIZE else view[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
