@@ -28,6 +28,7 @@ each run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks.cpu_per_gib import _cpu_seconds, _start, has_plaintext
@@ -152,6 +153,22 @@ def count_calls(count: int, home: Path, extra: list[str], src: str | None) -> di
     return {k: (high[k] - low.get(k, 0)) / (2 * count) for k in high}
 
 
+@contextlib.contextmanager
+def _pythonpath(src: str | None) -> Iterator[None]:
+    """Run the tether in ``src`` (a checkout's src/) inside the block; None: the one on
+    the path. ``PYTHONPATH`` is put back after."""
+    saved = os.environ.get("PYTHONPATH")
+    if src:
+        os.environ["PYTHONPATH"] = src
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
 def count_instructions(
     count: int, home: Path, extra: list[str], src: str | None
 ) -> dict[str, float]:
@@ -160,12 +177,9 @@ def count_instructions(
     ``count`` and once for 3x ``count`` round trips, and the difference of their totals is
     divided by 2x ``count``, so start-up and shut-down cancel out. The kernel's share is
     not counted; the same on a busy machine as on an idle one."""
-    scratch = Path(tempfile.mkdtemp(prefix="tbench-instr-"))
-    saved = os.environ.get("PYTHONPATH")
     totals: dict[str, list[int]] = {"server": [], "client": []}
-    try:
-        if src:
-            os.environ["PYTHONPATH"] = src
+    with tempfile.TemporaryDirectory(prefix="tbench-instr-") as tmp, _pythonpath(src):
+        scratch = Path(tmp)
         for n in (count, 3 * count):
 
             def wrapper(role: str, n: int = n) -> list[str]:
@@ -184,12 +198,6 @@ def count_instructions(
                 if found is None:
                     raise RuntimeError(f"no instruction count from valgrind: {text[-500:]}")
                 seen.append(int(found.group(1).replace(",", "")))
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
-        shutil.rmtree(scratch, ignore_errors=True)
     return {role: (high - low) / (2 * count) for role, (low, high) in totals.items()}
 
 
@@ -248,19 +256,12 @@ def main() -> int:
         return 0
     here: list[tuple[float, float]] = []
     base: list[tuple[float, float]] = []
-    saved = os.environ.get("PYTHONPATH")
     try:
         for _ in range(args.runs):
             here.append(run_once(args.count, home, extra))
             if args.base:
-                os.environ["PYTHONPATH"] = args.base
-                try:
+                with _pythonpath(args.base):
                     base.append(run_once(args.count, home, extra))
-                finally:
-                    if saved is None:
-                        os.environ.pop("PYTHONPATH", None)
-                    else:
-                        os.environ["PYTHONPATH"] = saved
     finally:
         shutil.rmtree(home, ignore_errors=True)
     for name, runs in (("this", here), ("base", base)):
