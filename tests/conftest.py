@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,17 +30,40 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
-@pytest.fixture(autouse=True, scope="session")
-def tether_state_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+@pytest.fixture(autouse=True)
+def tether_state_dirs(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """TLS is on by default: every tether the tests start, in process or as a child, keeps
     its identity (server) and its known servers (client) in a temporary directory, never
-    in the user's own. Tests that bring other certificates pass their own paths."""
+    in the user's own. One per test: a server made with a fresh key on an ephemeral port
+    that an earlier test's server had used would otherwise meet that server's recorded
+    fingerprint and be refused as an interceptor (trust on first use doing its job). Tests
+    that bring other certificates pass their own paths."""
     base = tmp_path_factory.mktemp("xdg")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("XDG_STATE_HOME", str(base / "state"))
-    patch.setenv("XDG_CONFIG_HOME", str(base / "config"))
-    yield
-    patch.undo()
+    monkeypatch.setenv("XDG_STATE_HOME", str(base / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(base / "config"))
+
+
+LOG_TAIL = 8192  # bytes of each tether log a failed test's report shows
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that started tether processes (their logs, ``*.log``, are in its
+    ``tmp_path``) shows the end of each log in its report: CI keeps no temporary files."""
+    report = yield
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp, Path):
+        for log in sorted(tmp.rglob("*.log")):
+            with log.open("rb") as f:
+                size = f.seek(0, 2)
+                f.seek(max(0, size - LOG_TAIL))
+                tail = f.read().decode(errors="replace")
+            report.sections.append((f"log {log.relative_to(tmp)} (last {LOG_TAIL} bytes)", tail))
+    return report
 
 
 @pytest.fixture(autouse=True)
