@@ -25,6 +25,7 @@ import asyncio
 import os
 import random
 import re
+import ssl
 import subprocess
 import sys
 from collections.abc import Coroutine
@@ -50,8 +51,8 @@ FELL_BACK = "connecting directly to fallback"  # the client's WARNING when it fa
 
 @pytest.fixture(autouse=True)
 def own_xdg_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Default identity and known servers per test (the processes inherit them), so
-    that no test trusts, or distrusts, a server another test met on the same port."""
+    """Default identity and known servers in ``tmp_path`` (the processes inherit them):
+    conftest.py gives every test its own already; these tests look at them by path."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
 
@@ -587,6 +588,87 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_the_ca_signed(tmp_pat
                 tethers.stop(server)  # writes the summary of refusals from this source
                 assert lines(server, "TLS handshake failed: peer did not return a certificate")
                 assert lines(server, "TLS handshake failed: certificate verify failed")
+            finally:
+                tethers.stop_all()
+
+    run(main())
+
+
+class AnswersOnce:
+    """A server with ``issued``'s identity that completes one TLS handshake and closes the
+    link at once (as a tether server does to a client it refuses), then leaves every later
+    connection without a word: a client's attempts after the first run into its deadline."""
+
+    def __init__(self, issued: Any) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(issued.cert, issued.key)
+        self.connections = 0
+        self.held: list[asyncio.Transport] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, transport: asyncio.Transport) -> None:
+        protocol = cast(asyncio.BaseProtocol, transport.get_protocol())
+        loop = asyncio.get_running_loop()
+        tls_transport = await loop.start_tls(transport, protocol, self.context, server_side=True)
+        assert tls_transport is not None
+        tls_transport.close()
+
+    def _make(self) -> asyncio.Protocol:
+        owner = self
+
+        class Once(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                owner.connections += 1
+                tcp = cast(asyncio.Transport, transport)
+                if owner.connections == 1:
+                    task = asyncio.ensure_future(owner._serve(tcp))
+                    owner.tasks.add(task)
+                    task.add_done_callback(owner.tasks.discard)
+                else:
+                    owner.held.append(tcp)
+
+        return Once()
+
+    async def __aenter__(self) -> AnswersOnce:
+        self.server = await asyncio.get_running_loop().create_server(self._make, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for transport in self.held:
+            transport.abort()
+        await self.server.wait_closed()
+
+
+def test_no_fallback_once_a_server_answered_even_when_a_later_attempt_times_out(
+    tmp_path: Path,
+) -> None:
+    """The server answered the first attempt (it refused this client); the next one, made
+    with little of the connect timeout left, times out. A timeout otherwise says that no
+    tether server is there, but not after one answered: no fallback, and the client says
+    what the server did (a CI failure of stop 17, on a loaded machine)."""
+    issued = CA(tmp_path).issue("server.test")
+    pin = tls.fingerprint_of_file(issued.cert)
+    tethers = Tethers(tmp_path)
+
+    async def main() -> None:
+        async with AnswersOnce(issued) as server, Listener() as fallback:
+            assert server.server is not None
+            where = at(cast(tuple[str, int], server.server.sockets[0].getsockname()[:2]))
+            try:
+                client = await tethers.client(
+                    where, "--server-fingerprint", pin, "--fallback", at(fallback.address),
+                    *FAIL_FAST,
+                )  # fmt: skip
+                await session_refused(client)
+                line = await log_line(client, r"ended \w+ .*application connection closed")
+                # What the server did ("connection closed", "... lost at once"): not "timed out".
+                assert re.search(r"did not take the session: connection (closed|lost)", line), line
+                assert server.connections >= 2, client.log()  # a later attempt was made
+                assert fallback.accepted == 0
+                assert lines(client, FELL_BACK) == []
             finally:
                 tethers.stop_all()
 

@@ -356,7 +356,8 @@ class _ClientSession(SessionRelay):
         no tether server is there: the connections are refused or time out, or the answer
         is not tether (docs/security.md, "No silent downgrade"), or every server that
         answered is going away; never when a server's identity does not verify, never
-        when one answered that it is busy or refuses this client.
+        once one answered that it is busy or refuses this client, whatever later
+        attempts of the same setup meet.
         """
         config = self.client.config
         deadline = self.loop.time() + config.connect_timeout
@@ -383,15 +384,19 @@ class _ClientSession(SessionRelay):
                 why, no_tether = describe_link_failure(exc), _no_tether_there(exc)
             if self.core.closed:
                 return False  # refused by the server; on_ended said why
+            # Once a server answered in this setup, a later attempt that times out (the
+            # deadline cut it short on a busy machine) or is refused does not make it
+            # absent: no fallback, and what it answered stays the reason to report.
+            if not (no_tether and tether_answered):
+                self._last_error = why
             tether_answered |= not (no_tether or going_away)
-            self._last_error = why
             if going_away:
                 self.client.note_draining(self.server, None)
             if (no_tether or going_away) and index + 1 < len(candidates):
                 index += 1  # the next server, at once
                 self._move_to(candidates[index], why)
                 continue
-            if no_tether and self._can_fall_back():
+            if no_tether and not tether_answered and self._can_fall_back():
                 await self._fall_back(why)
                 return False
             if index:
