@@ -594,18 +594,16 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_the_ca_signed(tmp_pat
     run(main())
 
 
-class AnswersOnce:
+class AnswersOnce(Listener):
     """A server with ``issued``'s identity that completes one TLS handshake and closes the
     link at once (as a tether server does to a client it refuses), then leaves every later
     connection without a word: a client's attempts after the first run into its deadline."""
 
     def __init__(self, issued: Any) -> None:
+        super().__init__()
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(issued.cert, issued.key)
-        self.connections = 0
-        self.held: list[asyncio.Transport] = []
         self.tasks: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
 
     async def _serve(self, transport: asyncio.Transport) -> None:
         protocol = cast(asyncio.BaseProtocol, transport.get_protocol())
@@ -619,27 +617,16 @@ class AnswersOnce:
 
         class Once(asyncio.Protocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                owner.connections += 1
+                owner.accepted += 1
                 tcp = cast(asyncio.Transport, transport)
-                if owner.connections == 1:
+                if owner.accepted == 1:
                     task = asyncio.ensure_future(owner._serve(tcp))
                     owner.tasks.add(task)
                     task.add_done_callback(owner.tasks.discard)
                 else:
-                    owner.held.append(tcp)
+                    owner.transports.append(tcp)  # held, silent; aborted at the end
 
         return Once()
-
-    async def __aenter__(self) -> AnswersOnce:
-        self.server = await asyncio.get_running_loop().create_server(self._make, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for transport in self.held:
-            transport.abort()
-        await self.server.wait_closed()
 
 
 def test_no_fallback_once_a_server_answered_even_when_a_later_attempt_times_out(
@@ -655,8 +642,7 @@ def test_no_fallback_once_a_server_answered_even_when_a_later_attempt_times_out(
 
     async def main() -> None:
         async with AnswersOnce(issued) as server, Listener() as fallback:
-            assert server.server is not None
-            where = at(cast(tuple[str, int], server.server.sockets[0].getsockname()[:2]))
+            where = at(server.address)
             try:
                 client = await tethers.client(
                     where, "--server-fingerprint", pin, "--fallback", at(fallback.address),
@@ -666,7 +652,7 @@ def test_no_fallback_once_a_server_answered_even_when_a_later_attempt_times_out(
                 line = await log_line(client, r"ended \w+ .*application connection closed")
                 # What the server did ("connection closed", "... lost at once"): not "timed out".
                 assert re.search(r"did not take the session: connection (closed|lost)", line), line
-                assert server.connections >= 2, client.log()  # a later attempt was made
+                assert server.accepted >= 2, client.log()  # a later attempt was made
                 assert fallback.accepted == 0
                 assert lines(client, FELL_BACK) == []
             finally:
