@@ -594,7 +594,25 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_the_ca_signed(tmp_pat
     run(main())
 
 
-class AnswersOnce(Listener):
+class Silent(Listener):
+    """Accepts TCP connections and never says a word (a hung server); they are aborted at
+    the end."""
+
+    def _make(self) -> asyncio.Protocol:
+        owner = self
+
+        class Hold(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                owner.accepted += 1
+                owner.connected(cast(asyncio.Transport, transport))
+
+        return Hold()
+
+    def connected(self, transport: asyncio.Transport) -> None:
+        self.transports.append(transport)
+
+
+class AnswersOnce(Silent):
     """A server with ``issued``'s identity that completes one TLS handshake and closes the
     link at once (as a tether server does to a client it refuses), then leaves every later
     connection without a word: a client's attempts after the first run into its deadline."""
@@ -605,28 +623,20 @@ class AnswersOnce(Listener):
         self.context.load_cert_chain(issued.cert, issued.key)
         self.tasks: set[asyncio.Task[None]] = set()
 
+    def connected(self, transport: asyncio.Transport) -> None:
+        if self.accepted > 1:
+            super().connected(transport)
+            return
+        task = asyncio.ensure_future(self._serve(transport))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     async def _serve(self, transport: asyncio.Transport) -> None:
         protocol = cast(asyncio.BaseProtocol, transport.get_protocol())
         loop = asyncio.get_running_loop()
         tls_transport = await loop.start_tls(transport, protocol, self.context, server_side=True)
         assert tls_transport is not None
         tls_transport.close()
-
-    def _make(self) -> asyncio.Protocol:
-        owner = self
-
-        class Once(asyncio.Protocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                owner.accepted += 1
-                tcp = cast(asyncio.Transport, transport)
-                if owner.accepted == 1:
-                    task = asyncio.ensure_future(owner._serve(tcp))
-                    owner.tasks.add(task)
-                    task.add_done_callback(owner.tasks.discard)
-                else:
-                    owner.transports.append(tcp)  # held, silent; aborted at the end
-
-        return Once()
 
 
 def test_no_fallback_once_a_server_answered_even_when_a_later_attempt_times_out(
@@ -655,6 +665,31 @@ def test_no_fallback_once_a_server_answered_even_when_a_later_attempt_times_out(
                 assert server.accepted >= 2, client.log()  # a later attempt was made
                 assert fallback.accepted == 0
                 assert lines(client, FELL_BACK) == []
+            finally:
+                tethers.stop_all()
+
+    run(main())
+
+
+def test_a_hung_first_server_leaves_time_for_the_next(tmp_path: Path) -> None:
+    """The first of two servers accepts TCP and then says nothing. The connect timeout is
+    shared among the servers a round has not tried: the session is set up through the
+    second, not sent to the fallback once the first has used all of it."""
+    tethers = Tethers(tmp_path)
+
+    async def main() -> None:
+        async with Silent() as hung, Listener() as backend, Listener() as fallback:
+            try:
+                server = await tethers.server(backend.address)
+                client = await tethers.client(
+                    at(hung.address), "--server", at(server.address),
+                    "--fallback", at(fallback.address), *FAIL_FAST,
+                )  # fmt: skip
+                await session_works(client, seed=11)
+                assert hung.accepted >= 1 and backend.accepted == 1
+                assert fallback.accepted == 0 and lines(client, FELL_BACK) == [], client.log()
+                line = await log_line(client, "did not take the session")
+                assert f"server {at(hung.address)} did not take the session (timed out)" in line
             finally:
                 tethers.stop_all()
 

@@ -352,26 +352,32 @@ class _ClientSession(SessionRelay):
 
         The servers are tried in order (those known to be draining last): the next one at
         once when one is out of reach or refuses the session as going away, round again
-        after a backoff step, until the connect timeout. The fallback is taken only when
-        no tether server is there: the connections are refused or time out, or the answer
-        is not tether (docs/security.md, "No silent downgrade"), or every server that
-        answered is going away; never when a server's identity does not verify, never
-        once one answered that it is busy or refuses this client, whatever later
-        attempts of the same setup meet.
+        after a backoff step, until the connect timeout; each attempt may take an equal
+        share of the time left among the servers this round has not tried. The fallback is
+        taken only when no tether server is there: the connections are refused or time
+        out, or the answer is not tether (docs/security.md, "No silent downgrade"), or
+        every server that answered is going away; never when a server's identity does not
+        verify, never once one answered that it is busy or refuses this client, whatever
+        later attempts of the same setup meet.
         """
         config = self.client.config
         deadline = self.loop.time() + config.connect_timeout
         backoff = self.dialer.backoff()
         candidates, index = self._candidates, 0
         tether_answered = False  # a tether server answered, and not with GOING_AWAY
+        answered = False  # a tether server answered, GOING_AWAY included
         while not self.core.closed:
             remaining = deadline - self.loop.time()
             if remaining <= 0:
                 await self._give_up(self._last_error or "timed out", not tether_answered)
                 return False
             going_away = False
+            # Each server left in this round gets an equal share of the time left: one that
+            # accepts TCP and then says nothing cannot use it all, leaving the others untried
+            # and the session to the fallback.
+            limit = remaining / (len(candidates) - index)
             try:
-                if await self._use(*await self.dialer.connect(remaining)):
+                if await self._use(*await self.dialer.connect(limit)):
                     return True
                 failure = self._failure
                 why = failure.reason if failure else "connection closed"
@@ -387,8 +393,9 @@ class _ClientSession(SessionRelay):
             # Once a server answered in this setup, a later attempt that times out (the
             # deadline cut it short on a busy machine) or is refused does not make it
             # absent: no fallback, and what it answered stays the reason to report.
-            if not (no_tether and tether_answered):
+            if not (no_tether and answered):
                 self._last_error = why
+            answered |= not no_tether
             tether_answered |= not (no_tether or going_away)
             if going_away:
                 self.client.note_draining(self.server, None)
