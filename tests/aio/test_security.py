@@ -627,16 +627,30 @@ class AnswersOnce(Silent):
         if self.accepted > 1:
             super().connected(transport)
             return
-        task = asyncio.ensure_future(self._serve(transport))
+        self._tls(transport, close=True)
+
+    def _tls(self, transport: asyncio.Transport, *, close: bool) -> None:
+        task = asyncio.ensure_future(self._serve(transport, close))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _serve(self, transport: asyncio.Transport) -> None:
+    async def _serve(self, transport: asyncio.Transport, close: bool) -> None:
         protocol = cast(asyncio.BaseProtocol, transport.get_protocol())
         loop = asyncio.get_running_loop()
         tls_transport = await loop.start_tls(transport, protocol, self.context, server_side=True)
         assert tls_transport is not None
-        tls_transport.close()
+        if close:
+            tls_transport.close()
+        else:
+            self.transports.append(tls_transport)
+
+
+class QuietAfterTLS(AnswersOnce):
+    """Completes the TLS handshake of every connection with ``issued``'s identity, then
+    says nothing: a tether server too busy to answer, as far as the client can tell."""
+
+    def connected(self, transport: asyncio.Transport) -> None:
+        self._tls(transport, close=False)
 
 
 def test_no_fallback_once_a_server_answered_even_when_a_later_attempt_times_out(
@@ -664,6 +678,35 @@ def test_no_fallback_once_a_server_answered_even_when_a_later_attempt_times_out(
                 assert re.search(r"did not take the session: connection (closed|lost)", line), line
                 assert server.accepted >= 2, client.log()  # a later attempt was made
                 assert fallback.accepted == 0
+                assert lines(client, FELL_BACK) == []
+            finally:
+                tethers.stop_all()
+
+    run(main())
+
+
+def test_a_verified_server_that_stays_silent_gets_no_fallback_and_no_more_time(
+    tmp_path: Path,
+) -> None:
+    """TLS verified the server's identity, then it never answers the SETUP. It is a tether
+    server that cannot take the session now (as when it drops the link): no fallback, and
+    the attempt ends with the connect timeout, not the longer handshake timeout."""
+    issued = CA(tmp_path).issue("server.test")
+    pin = tls.fingerprint_of_file(issued.cert)
+    tethers = Tethers(tmp_path)
+
+    async def main() -> None:
+        async with QuietAfterTLS(issued) as server, Listener() as fallback:
+            try:
+                client = await tethers.client(
+                    at(server.address), "--server-fingerprint", pin,
+                    "--fallback", at(fallback.address), "--handshake-timeout", "60",
+                    *FAIL_FAST,
+                )  # fmt: skip
+                await session_refused(client)  # within LIMIT (10 s), far below 60 s
+                line = await log_line(client, r"ended \w+ .*application connection closed")
+                assert "did not take the session: timed out" in line, line
+                assert server.accepted >= 1 and fallback.accepted == 0
                 assert lines(client, FELL_BACK) == []
             finally:
                 tethers.stop_all()

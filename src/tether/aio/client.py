@@ -323,8 +323,11 @@ class _ClientSession(SessionRelay):
             self.dialer.close()
             self.client._live.discard(self)
 
-    async def _use(self, transport: asyncio.Transport, link: LinkProtocol) -> bool:
-        """Run the handshake on a connected link. True once the session is on it."""
+    async def _use(
+        self, transport: asyncio.Transport, link: LinkProtocol, until: float | None = None
+    ) -> bool:
+        """Run the handshake on a connected link. True once the session is on it. With
+        ``until`` (loop time), the attempt fails as timed out then, if it is still on."""
         self._failure = None
         if self.core.closed:  # the session ended while this link was being made
             transport.close()
@@ -342,10 +345,22 @@ class _ClientSession(SessionRelay):
             "RESUME" if self.core.session_id else "SETUP",
         )
         link.start(ClientHandshake(self.core, self.loop.time(), token=self.client.token))
+        expiry = self.loop.call_at(until, self._expire, link) if until is not None else None
         try:
             return await self._outcome
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self._outcome = self._trying = None
+
+    def _expire(self, link: LinkProtocol) -> None:
+        """An attempt of a new session ran out of its share of the connect timeout."""
+        if link is self._trying and not self.core.closed:
+            tether = self.client.tls_policy is not None  # verified, as in link_lost
+            self._failure = HandshakeFailed(CloseCode.HANDSHAKE_TIMEOUT, "timed out", tether)
+            self._trying = None  # its connection_lost is not this attempt's news any more
+            link.abort()
+            self._settle(False)
 
     async def _setup(self) -> bool:
         """Reach a tether server for a new session, or fall back. True when established.
@@ -376,12 +391,17 @@ class _ClientSession(SessionRelay):
             # accepts TCP and then says nothing cannot use it all, leaving the others untried
             # and the session to the fallback.
             limit = remaining / (len(candidates) - index)
+            until = self.loop.time() + limit
             try:
-                if await self._use(*await self.dialer.connect(limit)):
+                if await self._use(*await self.dialer.connect(limit), until=until):
                     return True
                 failure = self._failure
                 why = failure.reason if failure else "connection closed"
                 no_tether = failure is None or not failure.peer_is_tether
+                if failure is not None and failure.code is CloseCode.HANDSHAKE_TIMEOUT:
+                    # A server whose identity TLS verified, then silent: a tether server
+                    # that cannot take the session now, as for a link lost (link_lost).
+                    no_tether = self.client.tls_policy is None
                 going_away = failure is not None and failure.code is CloseCode.GOING_AWAY
             except Untrusted as exc:
                 self._untrusted(exc)
