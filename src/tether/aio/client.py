@@ -240,8 +240,19 @@ class _ClientSession(SessionRelay):
 
     # -- its links, while their handshake runs (LinkOwner) -------------------------------
 
+    @property
+    def _verified(self) -> bool:
+        """Over TLS the server's identity is verified before a link starts: whatever then
+        ends the link (a refused client certificate, a busy or silent server) is our tether
+        server, not its absence."""
+        return self.client.tls_policy is not None
+
     def link_event(self, link: LinkProtocol, event: Event) -> None:
         if isinstance(event, HandshakeFailed) and link is self._trying:
+            if event.code is CloseCode.HANDSHAKE_TIMEOUT and self._verified:
+                # The core counts a peer as tether once it sent tether's magic; a verified
+                # server that said nothing yet is ours all the same (_verified).
+                event = HandshakeFailed(event.code, event.reason, peer_is_tether=True)
             self.log.debug(
                 "session %s: link %s: handshake failed: %s %s",
                 self.name,
@@ -266,10 +277,7 @@ class _ClientSession(SessionRelay):
             return  # an attempt that lost the race, closed by us
         handshake = link.handshake
         reason = describe_link_failure(exc) if exc is not None else "connection closed"
-        # Over TLS the server's identity was verified before the link started: whatever
-        # ends it now (a refused client certificate, a busy server) is our tether server.
-        verified = self.client.tls_policy is not None
-        tether = verified or (handshake.peer_is_tether if handshake is not None else False)
+        tether = self._verified or (handshake.peer_is_tether if handshake is not None else False)
         self._failure = HandshakeFailed(CloseCode.LINK_LOST, reason, tether)
         self._settle(False)
 
@@ -333,8 +341,9 @@ class _ClientSession(SessionRelay):
             transport.close()
             return False
         if link.lost or transport.is_closing():
-            tether = self.client.tls_policy is not None  # verified, as in link_lost
-            self._failure = HandshakeFailed(CloseCode.LINK_LOST, "connection lost at once", tether)
+            self._failure = HandshakeFailed(
+                CloseCode.LINK_LOST, "connection lost at once", self._verified
+            )
             return False
         self._outcome = self.loop.create_future()
         self._trying = link
@@ -356,8 +365,9 @@ class _ClientSession(SessionRelay):
     def _expire(self, link: LinkProtocol) -> None:
         """An attempt of a new session ran out of its share of the connect timeout."""
         if link is self._trying and not self.core.closed:
-            tether = self.client.tls_policy is not None  # verified, as in link_lost
-            self._failure = HandshakeFailed(CloseCode.HANDSHAKE_TIMEOUT, "timed out", tether)
+            self._failure = HandshakeFailed(
+                CloseCode.HANDSHAKE_TIMEOUT, "timed out", self._verified
+            )
             self._trying = None  # its connection_lost is not this attempt's news any more
             link.abort()
             self._settle(False)
@@ -398,10 +408,6 @@ class _ClientSession(SessionRelay):
                 failure = self._failure
                 why = failure.reason if failure else "connection closed"
                 no_tether = failure is None or not failure.peer_is_tether
-                if failure is not None and failure.code is CloseCode.HANDSHAKE_TIMEOUT:
-                    # A server whose identity TLS verified, then silent: a tether server
-                    # that cannot take the session now, as for a link lost (link_lost).
-                    no_tether = self.client.tls_policy is None
                 going_away = failure is not None and failure.code is CloseCode.GOING_AWAY
             except Untrusted as exc:
                 self._untrusted(exc)
