@@ -707,7 +707,8 @@ def test_a_verified_server_that_stays_silent_gets_no_fallback_and_no_more_time(
                 )  # fmt: skip
                 await session_refused(client)  # within LIMIT (10 s), far below 60 s
                 line = await log_line(client, r"ended \w+ .*application connection closed")
-                assert re.search(r"did not take the session: (link handshake )?timed out", line), line
+                said = re.search(r"did not take the session: (link handshake )?timed out", line)
+                assert said, line
                 assert server.accepted >= 1 and fallback.accepted == 0
                 assert lines(client, FELL_BACK) == []
             finally:
