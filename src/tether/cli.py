@@ -980,7 +980,7 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 def _tune_malloc() -> None:
     """Keep glibc from mapping and unmapping memory for every large read buffer.
 
-    Each 64-256 KiB object the data path allocates is above glibc's default mmap
+    Each 64 KiB-1 MiB object the data path allocates is above glibc's default mmap
     threshold, so it costs an mmap, page faults and an munmap; raising the thresholds
     lets freed chunks be reused (CONTRIBUTING.md, "Data path" D3; docs/benchmarks.md
     measures it).

@@ -324,8 +324,8 @@ class SessionRelay:
                 self._arm(None)
 
     def _deliver(self, pieces: list[bytes | memoryview]) -> None:
-        """Stream bytes for the local side: the pieces of one read of the link (up to four
-        64 KiB DATA frames per 256 KiB) go out in one writev under uvloop."""
+        """Stream bytes for the local side: the pieces of one read of the link (up to
+        sixteen 64 KiB DATA frames per 1 MiB) go out in one writev under uvloop."""
         local = self.local
         if local is not None and not local.is_closing():
             if len(pieces) == 1:
@@ -418,7 +418,12 @@ def unheld(buf: bytearray) -> bool:
     return True
 
 
-READ_SIZE: Final = 256 * 1024  # one read from the local side, at most
+# One read from the local side, at most. 1 MiB rather than socat's 256 KiB: a quarter of
+# the system calls, wake-ups and Python calls per byte, which bulk through both ends gains
+# about 10% from (issue 12; docs/benchmarks.md, "Issue 12, sixth round"). Only a read
+# that fills half of it is kept whole (LocalProtocol), and a session's replay buffer bounds
+# what it reads, so a larger buffer costs memory only while bytes stream.
+READ_SIZE: Final = 1024 * 1024
 
 
 class LocalReads:
@@ -452,11 +457,13 @@ class LocalReads:
 
 _local_reads: Final = LocalReads()
 # Read buffers handed over whole (to the replay buffer, as views), oldest first, to be used
-# again once :func:`unheld` (CONTRIBUTING.md D3): a new bytearray is zero-filled (a 256 KiB
+# again once :func:`unheld` (CONTRIBUTING.md D3): a new bytearray is zero-filled (a 1 MiB
 # memset per read) and freed once its bytes are acknowledged; a recycled one costs neither.
 # At most RECYCLE_MAX are kept: past that the oldest is let go and its last holder frees
-# it, so a process keeps at most 8 MiB of spare read buffers.
-RECYCLE_MAX: Final = 32  # more than one session's default window of reads (16) in flight
+# it, so a process keeps at most RECYCLE_BYTES of spare read buffers.
+RECYCLE_BYTES: Final = 8 * 1024 * 1024
+# 8: more than one session's default window of full reads (4) in flight
+RECYCLE_MAX: Final = RECYCLE_BYTES // READ_SIZE
 _handed: Final[collections.deque[bytearray]] = collections.deque()
 
 
@@ -476,7 +483,7 @@ class LocalProtocol(asyncio.BufferedProtocol):
     buffer is shared; a read of half a buffer or more is handed over whole (no copy)
     and another takes its place (the oldest handed over whose views are all gone, else a
     new one: ``_next_read_buffer``), a smaller one is copied out (so a few bytes never
-    pin 256 KiB). Idle connections therefore hold no read buffer at all.
+    pin 1 MiB). Idle connections therefore hold no read buffer at all.
     """
 
     # One per session (B4): no per-instance dict. A subclass declares its own attributes.
@@ -592,7 +599,7 @@ TCP_RTO_MAX_MS: Final = 44  # <linux/tcp.h>, Linux 6.15 and later
 LINK_RTO_MAX_MS: Final = 1000
 MAX_EARLY_LINK_BYTES: Final = 64 * 1024  # bytes a peer may send before our handshake starts
 
-LINK_READ_SIZE: Final = 256 * 1024  # one read from a link, at most
+LINK_READ_SIZE: Final = 1024 * 1024  # one read from a link, at most (as READ_SIZE, and why)
 # A link read of at least this many bytes is handed on as a view of the read buffer; a
 # smaller one is copied out (as the event loop itself would have), so that a few bytes a
 # slow local side holds never pin the buffer: only reads of a quarter of it or more do.

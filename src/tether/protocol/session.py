@@ -101,8 +101,8 @@ _STATE_BODY: Final = struct.Struct("!IIdQQQQBdddIIQI")
 _EOF_SENT, _EOF_RECEIVED, _CONFIRMED, _DRAINING, _DRAIN_DEADLINE = (1, 2, 4, 8, 16)
 MAX_OFFSET: Final = 1 << 62  # no stream gets near it; an offset past it is a forged state
 # docs/protocol.md, "Limits": a replay buffer may exceed its bound by one write (a read of
-# the local side, at most 256 KiB in aio/link.py).
-STATE_SLACK: Final = 256 * 1024
+# the local side, at most 1 MiB in aio/link.py).
+STATE_SLACK: Final = 1024 * 1024
 MAX_STATE_TIME: Final = 7 * 86400.0  # seconds: SessionConfig's longest timeout
 
 
