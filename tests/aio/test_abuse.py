@@ -25,6 +25,7 @@ from collections.abc import Coroutine
 from typing import Any, cast
 
 from tether.aio.client import TetherClient
+from tether.aio.link import READ_SIZE
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
 from tether.protocol.session import CONTROL_FLOOD, ORPHAN_GRACE, ORPHANED, SessionConfig
@@ -35,7 +36,9 @@ from .rawpeer import RawClient, RawServer, ping_block, read_stream, rss_bytes
 
 FLOOD_SECONDS = 4.0  # unfixed, a server kept ~6 bytes per byte of PINGs: 100+ MiB by then
 RSS_BOUND = 32 * 1024 * 1024
-LINK_BUFFER_BOUND = 1024 * 1024  # high-water mark (64 KiB) + one read, with room to spare
+# The link's high-water mark (64 KiB) + one local read framed (its DATA headers included),
+# with room to spare.
+LINK_BUFFER_BOUND = 2 * READ_SIZE
 
 
 def run(coro: Coroutine[Any, Any, None], limit: float = 120) -> None:

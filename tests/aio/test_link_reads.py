@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import random
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -21,12 +22,14 @@ from tether.aio.link import (
     LINK_MIN_READ,
     LINK_READ_SIZE,
     LINK_VIEW_FROM,
+    READ_SIZE,
     LinkOwner,
     LinkProtocol,
     SessionRelay,
 )
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
+from tether.protocol.session import STATE_SLACK, Role, Session, SessionConfig
 
 from ..loops import LOOPS, Run, runner
 
@@ -67,6 +70,12 @@ def _read(link: tuple[LinkProtocol, _Keeper], payload: bytes) -> bytes | memoryv
 # -- the buffer's rules ----------------------------------------------------------------------
 
 
+def test_a_saved_session_may_hold_one_local_read_past_its_window() -> None:
+    """Session.restore() (a takeover) accepts a replay buffer up to STATE_SLACK past its
+    window, which one local read may put it (the core never refuses send())."""
+    assert STATE_SLACK >= READ_SIZE
+
+
 def test_a_free_buffer_is_read_into_again_from_its_start(run: Run[Any]) -> None:
     async def main() -> None:
         link = _link()
@@ -104,6 +113,66 @@ def test_bytes_still_held_are_never_read_over(run: Run[Any]) -> None:
     run(main())
 
 
+def test_a_held_buffer_with_less_than_a_view_left_is_not_read_into(run: Run[Any]) -> None:
+    """With less than LINK_VIEW_FROM left after held bytes, the next read gets a whole
+    fresh buffer: a read into the rest could only be copied, and the rest would never be
+    used up while the held bytes live, so every read of the loop would be a copy."""
+
+    async def main() -> None:
+        link = _link()
+        first = _read(link, b"a" * LINK_VIEW_FROM)
+        second = _read(link, b"b" * (LINK_READ_SIZE - 2 * LINK_VIEW_FROM + 1))
+        held = cast(memoryview, second)[:1]
+        del first, second
+        offered = link[0].get_buffer(-1)
+        assert len(offered) == LINK_READ_SIZE and offered.obj is not held.obj
+        del offered
+
+    run(main())
+
+
+class _Behind:
+    """A local transport with ``backlog`` bytes not yet written; keeps what it is handed."""
+
+    def __init__(self, backlog: int) -> None:
+        self.backlog = backlog
+        self.got: list[bytes | memoryview] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.got.append(data)
+
+    def writelines(self, pieces: list[bytes | memoryview]) -> None:
+        self.got.extend(pieces)
+
+    def get_write_buffer_size(self) -> int:
+        return self.backlog
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("backlog", [0, 1])
+def test_a_local_side_that_is_behind_is_handed_copies(run: Run[Any], backlog: int) -> None:
+    """What a local transport queues behind earlier bytes must not keep the link's read
+    buffer: with a backlog the relay hands over one copy; without, the views as they are."""
+
+    async def main() -> None:
+        link = _link()
+        read = cast(memoryview, _read(link, b"d" * LINK_VIEW_FROM))
+        pieces: list[bytes | memoryview] = [read[:10], read[100:200]]
+        del read
+        relay = SessionRelay(Session(Role.SERVER, SessionConfig(), 0.0), logging.getLogger())
+        local = _Behind(backlog)
+        relay.local = local
+        relay._deliver(pieces)
+        if backlog:
+            assert local.got == [b"d" * 110] and type(local.got[0]) is bytes
+        else:
+            assert local.got == pieces and all(type(p) is memoryview for p in local.got)
+
+    run(main())
+
+
 def test_small_reads_are_copied_and_leave_the_buffer_free(run: Run[Any]) -> None:
     async def main() -> None:
         link = _link()
@@ -131,7 +200,8 @@ def test_views_held_by_a_transport_that_cannot_write_keep_the_buffer(run: Run[An
         sink.setblocking(False)
         transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, source)
         try:
-            pattern = random.Random(1).randbytes(LINK_VIEW_FROM)  # handed on as a view
+            assert LINK_MIN_READ >= LINK_VIEW_FROM
+            pattern = random.Random(1).randbytes(LINK_MIN_READ)
             writes = 0
             while transport.get_write_buffer_size() < 4 * LINK_READ_SIZE:
                 # Until the socket's buffer is full, each read is written at once and the

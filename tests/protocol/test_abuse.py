@@ -38,7 +38,7 @@ from .pair import Pair
 KEEPALIVE = 3.0
 CONFIG = SessionConfig(window=256 * 1024, keepalive=KEEPALIVE, timeout=60.0)
 PING = Ping(5).serialize()
-READ = 256 * 1024  # one read of the link, as the drivers do them
+READ = 1024 * 1024  # one read of the link, as the drivers do them (aio/link.py)
 
 
 def established() -> Pair:

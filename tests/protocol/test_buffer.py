@@ -94,3 +94,20 @@ def test_model(ops: list[tuple[str, object]], piece: int) -> None:
         assert (buffer.start, buffer.end, len(buffer)) == (start, len(stream), len(stream) - start)
         for offset in {start, (start + len(stream)) // 2, len(stream)}:
             assert contents(buffer, offset, piece) == stream[offset:]
+
+
+def test_a_small_tail_left_by_an_ack_does_not_pin_its_read_buffer() -> None:
+    """An ACK just short of a chunk's end: the few bytes left are copied, so the large
+    read buffer the chunk was a view of is free again (a bytearray with a live view
+    refuses to resize); a large tail stays a view (no copy)."""
+    read_buffer = bytearray(b"r" * 1000)
+    buffer = ReplayBuffer()
+    buffer.append(memoryview(read_buffer)[:800])
+    buffer.discard_until(300)  # 500 of the buffer's 1000 bytes left: still a view
+    with pytest.raises(BufferError):
+        read_buffer.pop()
+    buffer.discard_until(790)  # 10 left
+    read_buffer.pop()  # nothing holds it any more
+    assert contents(buffer, 790) == b"r" * 10
+    buffer.discard_until(800)
+    assert len(buffer) == 0

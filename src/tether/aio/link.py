@@ -72,6 +72,7 @@ class LocalTransport(Protocol):
 
     def write(self, data: bytes | memoryview) -> None: ...
     def writelines(self, pieces: list[bytes | memoryview]) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
     def can_write_eof(self) -> bool: ...
     def write_eof(self) -> None: ...
     def is_closing(self) -> bool: ...
@@ -328,7 +329,13 @@ class SessionRelay:
         sixteen 64 KiB DATA frames per 1 MiB) go out in one writev under uvloop."""
         local = self.local
         if local is not None and not local.is_closing():
-            if len(pieces) == 1:
+            if local.get_write_buffer_size():
+                # The local side is behind, so what it is handed now waits in its transport:
+                # copied, one join, so that a stalled local side holds the bytes it was sent
+                # and not the link's read buffers (a byte of DATA among filler frames would
+                # otherwise keep a quarter of a 1 MiB buffer per read). CONTRIBUTING.md D3.
+                local.write(b"".join(pieces))
+            elif len(pieces) == 1:
                 local.write(pieces[0])
             else:
                 local.writelines(pieces)
@@ -604,7 +611,10 @@ LINK_READ_SIZE: Final = 1024 * 1024  # one read from a link, at most (as READ_SI
 # smaller one is copied out (as the event loop itself would have), so that a few bytes a
 # slow local side holds never pin the buffer: only reads of a quarter of it or more do.
 LINK_VIEW_FROM: Final = LINK_READ_SIZE // 4
-LINK_MIN_READ: Final = 64 * 1024  # the rest of a held buffer is read into while it is this large
+# The rest of a held buffer is read into while it is this large: no smaller than
+# LINK_VIEW_FROM, or every read into the rest would be copied (and the rest never used up)
+# for as long as a view of the buffer lives.
+LINK_MIN_READ: Final = LINK_VIEW_FROM
 
 
 class LinkReads:

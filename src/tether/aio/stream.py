@@ -64,6 +64,9 @@ class _LocalEnd:
         for piece in pieces:
             self._stream._reader.feed_data(piece)
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # feed_data() copies: nothing the relay hands over is held
+
     def can_write_eof(self) -> bool:
         return True
 

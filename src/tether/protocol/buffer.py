@@ -4,7 +4,8 @@
 Bytes are addressed by 64-bit stream offset. The buffer holds ``[start, end)``:
 ``start`` is what the peer has acknowledged, ``end`` is everything the
 application has written. Chunks are kept as the caller handed them (no copy);
-acknowledging into the middle of a chunk keeps a memoryview of its tail.
+acknowledging into the middle of a chunk keeps a memoryview of its tail, or a copy of it
+when the tail is under a quarter of the object it would keep alive.
 """
 
 from __future__ import annotations
@@ -63,7 +64,16 @@ class ReplayBuffer:
                 head += 1
                 drop -= len(chunk)
             else:
-                chunks[head] = memoryview(chunk)[drop:]
+                view = memoryview(chunk)
+                tail = view[drop:]
+                # A tail under a quarter of the object it keeps alive is copied, once: an
+                # ACK just short of a chunk's end must not pin a whole read buffer (up to
+                # 1 MiB) for a few bytes the memory budget counts as a few bytes.
+                base = view.obj
+                if isinstance(base, (bytes, bytearray)) and len(tail) * 4 < len(base):
+                    chunks[head] = bytes(tail)
+                else:
+                    chunks[head] = tail
                 drop = 0
         if head == len(chunks):
             chunks.clear()
