@@ -409,17 +409,21 @@ class _ClientSession(SessionRelay):
                 why = failure.reason if failure else "connection closed"
                 no_tether = failure is None or not failure.peer_is_tether
                 going_away = failure is not None and failure.code is CloseCode.GOING_AWAY
+                # A verified server that said nothing in time (link_event): not an answer.
+                silent = failure is not None and failure.code is CloseCode.HANDSHAKE_TIMEOUT
             except Untrusted as exc:
                 self._untrusted(exc)
                 return False
             except (OSError, TimeoutError) as exc:
                 why, no_tether = describe_link_failure(exc), _no_tether_there(exc)
+                silent = isinstance(exc, TimeoutError)
             if self.core.closed:
                 return False  # refused by the server; on_ended said why
             # Once a server answered in this setup, a later attempt that times out (the
-            # deadline cut it short on a busy machine) or is refused does not make it
-            # absent: no fallback, and what it answered stays the reason to report.
-            if not (no_tether and answered):
+            # deadline cut it short on a busy machine, before or after TLS) or is refused
+            # does not make it absent: no fallback, and what it answered stays the reason
+            # to report.
+            if not ((no_tether or silent) and answered):
                 self._last_error = why
             answered |= not no_tether
             tether_answered |= not (no_tether or going_away)
