@@ -24,6 +24,7 @@ transfer per run, bounded by ``--bytes``; the hop is killed at the end::
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import socket
@@ -34,7 +35,6 @@ import time
 
 READ_SIZE = 256 * 1024
 PIPE_SIZE = 1 << 20
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in the fcntl module from Python 3.10 on Linux
 
 
 def hop(mode: str, listen_port: int, target_port: int, args: argparse.Namespace) -> None:
@@ -52,9 +52,7 @@ def hop(mode: str, listen_port: int, target_port: int, args: argparse.Namespace)
             i = (i + 1) % len(bufs)
     else:
         r, w = os.pipe()
-        import fcntl
-
-        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         header = bytearray(12)
         while True:
             if args.header and not a.recv_into(header):

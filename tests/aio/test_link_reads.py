@@ -19,7 +19,6 @@ import pytest
 
 from tether.aio.client import TetherClient
 from tether.aio.link import (
-    LINK_MIN_READ,
     LINK_READ_SIZE,
     LINK_VIEW_FROM,
     READ_SIZE,
@@ -101,8 +100,8 @@ def test_bytes_still_held_are_never_read_over(run: Run[Any]) -> None:
         assert bytes(held) == b"a" * 100
         assert isinstance(second, memoryview) and second.obj is held.obj
         del second
-        # Until less than LINK_MIN_READ is left: then a fresh buffer.
-        third = _read(one, b"c" * (LINK_READ_SIZE - 2 * LINK_VIEW_FROM - LINK_MIN_READ + 1))
+        # Until less than LINK_VIEW_FROM is left: then a fresh buffer.
+        third = _read(one, b"c" * (LINK_READ_SIZE - 3 * LINK_VIEW_FROM + 1))
         assert bytes(held) == b"a" * 100
         fourth = other[0].get_buffer(-1)
         assert fourth.obj is not held.obj and len(fourth) == LINK_READ_SIZE
@@ -200,8 +199,7 @@ def test_views_held_by_a_transport_that_cannot_write_keep_the_buffer(run: Run[An
         sink.setblocking(False)
         transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, source)
         try:
-            assert LINK_MIN_READ >= LINK_VIEW_FROM
-            pattern = random.Random(1).randbytes(LINK_MIN_READ)
+            pattern = random.Random(1).randbytes(LINK_VIEW_FROM)  # each read a view
             writes = 0
             while transport.get_write_buffer_size() < 4 * LINK_READ_SIZE:
                 # Until the socket's buffer is full, each read is written at once and the

@@ -425,9 +425,10 @@ def unheld(buf: bytearray) -> bool:
     return True
 
 
-# One read from the local side, at most. 1 MiB rather than socat's 256 KiB: a quarter of
-# the system calls, wake-ups and Python calls per byte, which bulk through both ends gains
-# about 10% from (issue 12; docs/benchmarks.md, "Issue 12, sixth round"). Only a read
+# One read from the local side, at most. 1 MiB rather than 256 KiB (B1's peer, socat -b
+# 262144): a quarter of the reads per byte, and of the system calls, wake-ups and Python
+# calls that go with each read; bulk gains 9-18% (issue 12; docs/benchmarks.md, "Issue
+# 12, sixth round"). Only a read
 # that fills half of it is kept whole (LocalProtocol), and a session's replay buffer bounds
 # what it reads, so a larger buffer costs memory only while bytes stream.
 READ_SIZE: Final = 1024 * 1024
@@ -610,11 +611,10 @@ LINK_READ_SIZE: Final = 1024 * 1024  # one read from a link, at most (as READ_SI
 # A link read of at least this many bytes is handed on as a view of the read buffer; a
 # smaller one is copied out (as the event loop itself would have), so that a few bytes a
 # slow local side holds never pin the buffer: only reads of a quarter of it or more do.
+# The rest of a held buffer is read into while at least this much is left, and no less: a
+# read into a smaller rest could only be copied, and the rest would never be used up while
+# a view of the buffer lives.
 LINK_VIEW_FROM: Final = LINK_READ_SIZE // 4
-# The rest of a held buffer is read into while it is this large: no smaller than
-# LINK_VIEW_FROM, or every read into the rest would be copied (and the rest never used up)
-# for as long as a view of the buffer lives.
-LINK_MIN_READ: Final = LINK_VIEW_FROM
 
 
 class LinkReads:
@@ -630,7 +630,7 @@ class LinkReads:
     must not be read over while any view of them is alive (:func:`unheld` tells). So
     before a read that follows views, :meth:`reclaim` tries the buffer: free, it is
     read into from its start again; still held, the next read goes after the bytes
-    handed out (while :data:`LINK_MIN_READ` remain), else into a fresh buffer, and the
+    handed out (while :data:`LINK_VIEW_FROM` remain), else into a fresh buffer, and the
     held one is freed
     with its last view.
     """
@@ -657,7 +657,7 @@ class LinkReads:
         self.view.release()
         if unheld(self.buf):
             self.start = 0
-        elif LINK_READ_SIZE - self.start < LINK_MIN_READ:
+        elif LINK_READ_SIZE - self.start < LINK_VIEW_FROM:
             self.buf = bytearray(LINK_READ_SIZE)
             self.start = 0
         self.view = memoryview(self.buf)

@@ -66,9 +66,10 @@ class ReplayBuffer:
             else:
                 view = memoryview(chunk)
                 tail = view[drop:]
-                # A tail under a quarter of the object it keeps alive is copied, once: an
-                # ACK just short of a chunk's end must not pin a whole read buffer (up to
-                # 1 MiB) for a few bytes the memory budget counts as a few bytes.
+                # A tail under a quarter of the object it keeps alive is copied (each copy
+                # is at most a quarter of the last, so a chunk costs a third more at most):
+                # an ACK just short of a chunk's end must not pin a whole read buffer (up
+                # to 1 MiB) for a few bytes the memory budget counts as a few bytes.
                 base = view.obj
                 if isinstance(base, (bytes, bytearray)) and len(tail) * 4 < len(base):
                     chunks[head] = bytes(tail)
