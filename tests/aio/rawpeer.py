@@ -13,6 +13,7 @@ a memory budget; ``none`` runs it without one, that is with a budget of 1 TiB)::
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -215,35 +216,82 @@ class RawServer:
         self.listener.close()
 
 
+def _echo(conn: socket.socket, stop: threading.Event) -> None:
+    """Echo ``conn`` until ``stop`` or its end (a backend for the neighbour's round trips)."""
+    conn.settimeout(0.5)
+    with conn:
+        while not stop.is_set():
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            conn.sendall(data)
+
+
+def _round_trips(
+    client: RawClient, seconds: float, done: threading.Event | None = None
+) -> list[float]:
+    """64-byte round trips through ``client``'s session, one in flight, for ``seconds``
+    or until ``done`` (and at most 100,000); their times in seconds."""
+    times: list[float] = []
+    session, sock = client.session, client.sock
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and len(times) < 100_000:
+        if done is not None and done.is_set():
+            break
+        t0 = time.perf_counter()
+        session.send(b"p" * 64)
+        sock.sendall(b"".join(session.data_to_send()))
+        read_stream(sock, session, 64, 10.0)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(times: list[float]) -> str:
+    ordered = sorted(times)
+    p50 = ordered[len(ordered) // 2] * 1e3
+    p99 = ordered[len(ordered) * 99 // 100] * 1e3
+    return f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {ordered[-1] * 1e3:.2f} ms ({len(times)})"
+
+
 def _tiny(mib: float) -> None:
-    """CPU a tether server spends per MiB of 1-byte DATA frames (13 bytes each)."""
+    """CPU a tether server spends per MiB of 1-byte DATA frames (13 bytes each), and what
+    a flood of them does to another session's round trips through the same server (the
+    neighbour waits for whatever the server's event loop does between its reads)."""
     backend = socket.create_server(("127.0.0.1", 0))
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tether",
-            "server",
-            "-q",
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            f"127.0.0.1:{backend.getsockname()[1]}",
-        ],
+        [sys.executable, "-m", "tether", "server", "-q", "--plaintext",
+         "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend.getsockname()[1]}"],
         stdout=subprocess.PIPE,
-    )
+    )  # fmt: skip
+    stop = threading.Event()
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline().split()[1].rsplit(b":", 1)[1])
         raw = RawClient(("127.0.0.1", port))
         back, _ = backend.accept()
         back.settimeout(30)
+        neighbour = RawClient(("127.0.0.1", port))
+        echo, _ = backend.accept()
+        echoer = threading.Thread(target=_echo, args=(echo, stop), daemon=True)
+        echoer.start()
+        quiet = _round_trips(neighbour, 1.0)
+        during: list[float] = []
+        flooded = threading.Event()
+        prober = threading.Thread(
+            target=lambda: during.extend(_round_trips(neighbour, 60.0, flooded)), daemon=True
+        )
         frames = 20_000
         total = int(mib * 1024 * 1024) // 13 // frames * frames
         cpu0 = cpu_seconds(server.pid)
         t0 = time.perf_counter()
         got = 0
         offset = 0
+        prober.start()
         while offset < total:
             raw.sock.sendall(tiny_data_block(offset, frames))
             offset += frames
@@ -253,14 +301,20 @@ def _tiny(mib: float) -> None:
             got += len(back.recv(1 << 20))
         cpu = cpu_seconds(server.pid) - cpu0
         wall = time.perf_counter() - t0
+        flooded.set()
+        prober.join(70)
         wire = total * 13 / 1024 / 1024
         print(
             f"{total} one-byte DATA frames ({wire:.1f} MiB on the wire): server CPU "
             f"{cpu:.2f} s = {cpu / wire:.3f} s per MiB, {wall:.1f} s wall"
         )
+        print(f"another session's 64-byte round trips, quiet: {_summary(quiet)}")
+        print(f"the same, during the flood: {_summary(during)}")
         raw.close()
+        neighbour.close()
     finally:
-        server.terminate()
+        stop.set()
+        server.send_signal(signal.SIGINT)  # stop now (SIGTERM would drain first)
         server.wait(10)
 
 
@@ -326,7 +380,7 @@ def _budget(budget: str, sessions: int) -> None:
     finally:
         for client in clients:
             client.close()
-        server.terminate()
+        server.send_signal(signal.SIGINT)  # stop now (SIGTERM would drain first)
         server.wait(10)
         stop.set()
         backend.close()
