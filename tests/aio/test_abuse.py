@@ -24,10 +24,13 @@ import socket
 from collections.abc import Coroutine
 from typing import Any, cast
 
+import pytest
+
 from tether.aio.client import TetherClient
-from tether.aio.link import READ_SIZE
+from tether.aio.link import FRAMES_PER_TURN, READ_SIZE, SessionRelay
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
+from tether.protocol.frames import data_header
 from tether.protocol.session import CONTROL_FLOOD, ORPHAN_GRACE, ORPHANED, SessionConfig
 
 from .endpoints import Backend, close_all, connect_app, stream_digest
@@ -111,6 +114,69 @@ def test_a_ping_flood_from_a_server_that_never_reads_costs_the_client_no_memory(
             app.close()
             raw.close()
             assert stop(client) == 0, client.log()
+
+    run(main())
+
+
+# -- a read of tiny frames ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
+def test_a_read_of_tiny_frames_is_handled_over_many_turns_of_the_loop(
+    tls: bool, tmp_path: Any
+) -> None:
+    """A peer that sends one-byte DATA frames as fast as it can: the server handles at most
+    FRAMES_PER_TURN of them per turn of its event loop (docs/design.md, "Dense reads"),
+    where one 1 MiB read of them used to keep every other session waiting 70-190 ms
+    (``python -m tests.aio.rawpeer tiny``). Counted in turns, not time: a callback that
+    re-schedules itself runs once per turn and looks at what the session received since
+    the last one (a byte per frame). And every byte arrives, in order."""
+    count = 200_000  # 2.6 MB on the wire, sent faster than the server takes it
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        relays: list[SessionRelay] = []
+        seen = most = turns = 0
+        ticking = True
+
+        def tick() -> None:
+            nonlocal seen, most, turns
+            turns += 1
+            if relays:
+                received = relays[0].core.statistics().bytes_received
+                most = max(most, received - seen)
+                seen = received
+            if ticking:
+                loop.call_soon(tick)
+
+        async with Backend(seed=0, size=0, eof=False) as backend:
+            config = ServerConfig(
+                listen=Address("127.0.0.1", 0),
+                backend=Address(*backend.address),
+                plaintext=not tls,
+                state_dir=tmp_path,
+            )
+            async with TetherServer(config) as server:
+                address = server.addresses[0]
+                pin = server.fingerprint if tls else None
+                raw = await asyncio.to_thread(RawClient, (address.host, address.port), pin=pin)
+                try:
+                    block = b"".join(data_header(i, 1) + bytes([i % 251]) for i in range(count))
+                    relays += server.relays()
+                    tick()
+                    await asyncio.to_thread(raw.sock.sendall, block)
+                    async with asyncio.timeout(60):
+                        while not backend.connections or backend.connections[0].received < count:
+                            await asyncio.sleep(0.01)
+                    ticking = False
+                finally:
+                    ticking = False
+                    raw.close()
+                (connection,) = backend.connections
+                expected = hashlib.sha256(bytes(i % 251 for i in range(count))).hexdigest()
+                assert connection.digest.hexdigest() == expected
+                # A part of a read per turn, and a new read once the last part is taken.
+                assert most <= 2 * FRAMES_PER_TURN, f"{most} frames in one turn of {turns}"
 
     run(main())
 

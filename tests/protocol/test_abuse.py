@@ -249,6 +249,29 @@ def test_a_read_of_tiny_frames_costs_one_event_and_at_most_one_ack() -> None:
     assert server.statistics().bytes_received == 4 * count
 
 
+def test_a_read_of_tiny_frames_is_taken_in_parts_with_max_frames() -> None:
+    """With ``max_frames``, a read of many frames is handled that many at a time: the
+    core returns how many bytes it left, and the stream is whole once they are fed again
+    (the driver does so on the event loop's next turn: docs/design.md, "Dense reads")."""
+    p = established()
+    server = p.server
+    count = 10_000
+    data = memoryview(tiny_frames(0, count))
+    parts = 0
+    got: list[bytes] = []
+    while data:
+        left = server.receive_data(data, p.now, 1024)
+        parts += 1
+        got += [bytes(e.data) for e in events(server) if isinstance(e, DataReceived)]
+        assert server.statistics().bytes_received == min(count, 1024 * parts)
+        assert left == len(data) - 13 * 1024 or (left == 0 and len(data) <= 13 * 1024)
+        data = data[len(data) - left :] if left else data[:0]
+    assert parts == -(-count // 1024)
+    assert b"".join(got) == bytes(i % 251 for i in range(count))
+    assert server.receive_data(tiny_frames(count, 5000), p.now) == 0  # no limit: all of it
+    assert server.statistics().bytes_received == count + 5000
+
+
 def test_acks_between_tiny_frames_do_not_split_the_reads_event() -> None:
     """An ACK reports no event, so the DATA on both sides of it are one run: one event for
     the read, and every ACK taken (the replay buffer shrinks to the last one)."""

@@ -181,6 +181,31 @@ def test_reader_is_split_invariant(frames: list[ControlFrame | Data], data: st.D
     assert normalize(read_all(data.draw(fs.splits(stream)))) == whole
 
 
+@settings(max_examples=100)
+@given(st.lists(fs.frames, max_size=12), st.data(), st.integers(1, 4))
+def test_a_reader_with_a_limit_leaves_the_rest_and_reads_the_same(
+    frames: list[ControlFrame | Data], data: st.DataObject, limit: int
+) -> None:
+    """``feed(chunk, limit)`` returns at most ``limit`` frames and says how many bytes it
+    left unread; fed again, before the next chunk (as the driver does), the stream reads
+    as it does without a limit (docs/design.md, "Dense reads")."""
+    stream = b"".join(frame.serialize() for frame in frames)
+    reader = FrameReader()
+    got: list[ControlFrame | Data] = []
+    for chunk in data.draw(fs.splits(stream)):
+        for _ in range(len(chunk) + 1):  # each pass takes a frame or ends the chunk
+            if not chunk:
+                break
+            out = reader.feed(chunk, limit)
+            assert len(out) <= limit
+            assert 0 <= reader.unread <= len(chunk)
+            assert reader.unread == 0 or len(out) == limit  # stopped only by the limit
+            got += [Data(f.offset, bytes(f.payload)) if isinstance(f, Data) else f for f in out]
+            chunk = chunk[len(chunk) - reader.unread :] if reader.unread else b""
+        assert not chunk
+    assert normalize(got) == normalize(list(frames))
+
+
 @settings(max_examples=20)
 @given(
     st.lists(

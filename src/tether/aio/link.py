@@ -88,6 +88,12 @@ class LocalTransport(Protocol):
 # go out as the list, payloads uncopied (CONTRIBUTING.md D2).
 JOIN_WRITES_BELOW: Final = 4096
 
+# A link read is handled at most this many frames at a time; the rest waits for the event
+# loop's next turn with the link not read meanwhile, so that a read of tiny frames (a 1 MiB
+# read holds 80,000 one-byte DATA frames) cannot keep every other session on the loop
+# waiting. A bulk read has 16 (CONTRIBUTING.md D7; docs/design.md, "Dense reads").
+FRAMES_PER_TURN: Final = 1024
+
 
 # This module may be compiled with mypyc (setup.py); the roles (aio/client.py, aio/server.py)
 # subclass SessionRelay and LocalProtocol in plain Python, which mypyc_attr allows. Without
@@ -100,6 +106,7 @@ class SessionRelay:
     # declares its own attributes in its own __slots__; an attribute added here needs
     # its name here.
     __slots__ = (
+        "_deferred",
         "_ended",
         "_ended_event",
         "_frozen",
@@ -128,6 +135,8 @@ class SessionRelay:
         self._local_reading_paused = False  # by us, for a full replay buffer
         self._frozen = False  # a takeover: neither side is read, no timer runs
         self._local_writing_paused = False  # the local side cannot take more
+        # The end of a link read the core left for the loop's next turn (FRAMES_PER_TURN).
+        self._deferred: memoryview | None = None
         # The core's next deadline waits in a slot of the loop's shared ticker (ticker.py).
         self._ticker = Ticker.of(self.loop)
         self._timer_slot: float | None = None
@@ -207,8 +216,9 @@ class SessionRelay:
     def local_resume_writing(self) -> None:
         self._local_writing_paused = False
         self.core.pause_receiving(False)
-        if self.link is not None and not self.link.is_closing():
-            self.link.resume_reading()
+        link = self.link
+        if link is not None and not link.is_closing() and self._deferred is None:
+            link.resume_reading()  # else _take_deferred resumes it, once the read is done
 
     # -- link side ---------------------------------------------------------------
 
@@ -216,8 +226,10 @@ class SessionRelay:
         """Make ``transport`` the session's link, closing the one it replaces.
         ``writable``: its write buffer is below its high-water mark."""
         old, self.link = self.link, transport
-        if old is not None and old is not transport:
-            old.abort()  # superseded by a newer resume of the same session
+        if old is not transport:
+            self._deferred = None  # the end of a read of an old link: sent again on this one
+            if old is not None:
+                old.abort()  # superseded by a newer resume of the same session
         if self._local_writing_paused:
             transport.pause_reading()
         if not writable:
@@ -225,8 +237,44 @@ class SessionRelay:
 
     def link_data(self, transport: asyncio.Transport | None, data: bytes | memoryview) -> None:
         if transport is self.link:
-            self.core.receive_data(data, self.loop.time())
-            self.pump()
+            deferred = self._deferred
+            if deferred is not None:  # rare: a read came while the last one's end waits
+                data = b"".join((deferred, data))
+                self._deferred = None
+            self._feed(transport, data)
+
+    def _feed(self, transport: asyncio.Transport | None, data: bytes | memoryview) -> bool:
+        """Hand ``data`` to the core; True when it left the end of it for the loop's next
+        turn (FRAMES_PER_TURN): then the link is not read until that is taken
+        (docs/design.md, "Dense reads")."""
+        left = self.core.receive_data(data, self.loop.time(), FRAMES_PER_TURN)
+        self.pump()
+        if left and transport is not None and transport is self.link:
+            # A view: the bytes stay whoever's they were (the link's read buffer is not
+            # read over while a view of it lives).
+            view = memoryview(data)
+            self._deferred = view[len(view) - left :]
+            transport.pause_reading()
+            self.loop.call_soon(self._take_deferred, transport)
+            return True
+        return False
+
+    def _take_deferred(self, transport: asyncio.Transport) -> None:
+        rest, link = self._deferred, self.link
+        if rest is None:
+            return
+        if transport is not link or transport.is_closing():
+            if link is None or link is transport:
+                self._deferred = None  # its link is gone: the peer sends them again on the next
+            return  # (else a newer link's own rest, with its own call)
+        self._deferred = None
+        if (
+            not self._feed(transport, rest)
+            and not self._local_writing_paused
+            and transport is self.link
+            and not transport.is_closing()
+        ):
+            transport.resume_reading()
 
     def link_writable(self, transport: asyncio.Transport, writable: bool) -> None:
         """The link's write buffer went above its high-water mark, or drained below the

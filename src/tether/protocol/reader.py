@@ -57,19 +57,31 @@ _ACK_SIZE: Final = FRAME_HEADER_SIZE + _OFFSET_SIZE
 class FrameReader:
     """Turn a byte stream into frames. Raises ProtocolError on malformed input."""
 
-    __slots__ = ("_data_offset", "_data_remaining", "_partial")
+    __slots__ = ("_data_offset", "_data_remaining", "_partial", "unread")
 
     def __init__(self) -> None:
         self._partial = bytearray()
         self._data_remaining = 0  # bytes of the current DATA payload still to come
         self._data_offset = 0  # stream offset of the next of those bytes
+        # Bytes at the end of the last feed() left unread by its ``limit``: the caller
+        # feeds them again (and nothing else before them).
+        self.unread = 0
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[ControlFrame | Data]:
+    def feed(
+        self, data: bytes | bytearray | memoryview, limit: int = 0
+    ) -> list[ControlFrame | Data]:
+        """The frames (and DATA pieces) ``data`` completes, in order. With ``limit``, stop
+        once that many have been returned: :attr:`unread` says how many bytes at the end
+        of ``data`` were not looked at (a read of tiny frames is then handled in parts,
+        docs/design.md "Dense reads")."""
         out: list[ControlFrame | Data] = []
         view = _memoryview(data)
         pos = 0
         end = len(view)
         while pos < end:
+            if limit and len(out) >= limit:
+                self.unread = end - pos
+                return out
             if self._data_remaining:
                 take = self._data_remaining
                 if take > end - pos:
@@ -138,6 +150,7 @@ class FrameReader:
                 break
             out.append(parse_control(ftype, bytes(view[pos + FRAME_HEADER_SIZE : stop])))
             pos = stop
+        self.unread = 0
         return out
 
     @staticmethod

@@ -663,22 +663,28 @@ class Session:
 
     # -- link inputs (from the driver) -----------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview, now: float | None = None) -> None:
+    def receive_data(
+        self, data: bytes | bytearray | memoryview, now: float | None = None, max_frames: int = 0
+    ) -> int:
         """Bytes from the current link, read at ``now`` (without it: the latest time the
         core was given). Never raises on peer input.
 
         The work is linear in the frames and bounded by the bytes fed in: consecutive
         DATA pieces become one ``DataReceived`` each, or a single one joining them when
         they are small (so a read of tiny frames costs one event, not one per frame).
+        With ``max_frames``, at most that many frames are handled; the number returned is
+        how many bytes at the end of ``data`` were left for the caller to feed again,
+        before anything newer (docs/design.md, "Dense reads"). Without it: 0.
         """
         if self.state is not SessionState.ATTACHED or not data:
-            return
+            return 0
         if now is not None:
             self._now = now
         self._heard = self._confirmed = True
         run: list[bytes | memoryview] = []  # DATA pieces of this read not yet delivered
+        reader = self._reader
         try:
-            for frame in self._reader.feed(data):
+            for frame in reader.feed(data, max_frames):
                 if type(frame) is Data:
                     if frame.offset != self._received or self._peer_eof:
                         self._bad_data(frame.offset)
@@ -696,7 +702,7 @@ class Session:
                         run = []
                     self._handle_frame(frame)
                 if self.state is not SessionState.ATTACHED:
-                    return
+                    return 0
             if run:
                 if len(run) == 1:  # _deliver's first case, inlined: one small message
                     self._events.append(events.DataReceived(run[0]))
@@ -709,6 +715,7 @@ class Session:
                 quarter = self._peer_window // ACK_FRACTION
                 if unacked >= (quarter if quarter < MAX_ACK_THRESHOLD else MAX_ACK_THRESHOLD):
                     self._send_ack()
+            return reader.unread
         except _ControlFlood:
             if run:
                 self._deliver(run)
@@ -718,6 +725,7 @@ class Session:
                 self._deliver(run)
             # An authenticated peer that breaks the stream cannot be trusted with it.
             self._end(exc.code, str(exc), by_peer=False)
+        return 0
 
     def link_lost(self, now: float) -> None:
         """The current link's transport failed or closed (the driver saw it)."""
