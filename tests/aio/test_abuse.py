@@ -27,12 +27,13 @@ from typing import Any, cast
 import pytest
 
 from tether.aio.client import TetherClient
-from tether.aio.link import FRAMES_PER_TURN, READ_SIZE, SessionRelay
+from tether.aio.link import FRAMES_PER_TURN, READ_SIZE
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
 from tether.protocol.frames import data_header
 from tether.protocol.session import CONTROL_FLOOD, ORPHAN_GRACE, ORPHANED, SessionConfig
 
+from ..loops import LOOPS, runner
 from .endpoints import Backend, close_all, connect_app, stream_digest
 from .faultnet import start_tether, stop, tether_pair
 from .rawpeer import RawClient, RawServer, ping_block, read_stream, rss_bytes
@@ -121,64 +122,111 @@ def test_a_ping_flood_from_a_server_that_never_reads_costs_the_client_no_memory(
 # -- a read of tiny frames ------------------------------------------------------------------
 
 
+def dense_block(start: int, count: int, size: int) -> bytes:
+    """``count`` DATA frames of ``size`` bytes each, from stream offset ``start``; byte
+    ``i`` of the stream is ``i % 251``."""
+    stream = bytes(i % 251 for i in range(start, start + count * size))
+    return b"".join(
+        data_header(start + i * size, size) + stream[i * size : (i + 1) * size]
+        for i in range(count)
+    )
+
+
+class DenseFlood:
+    """An in-process server whose one session receives DATA frames from a raw client
+    (rawpeer.py), and a callback that runs once per turn of the loop and records the most
+    frames (``size`` bytes each) the session received in one turn."""
+
+    def __init__(self, server: TetherServer, raw: RawClient, size: int) -> None:
+        self.server, self.raw, self.size = server, raw, size
+        (self.relay,) = server.relays()
+        self.loop = asyncio.get_running_loop()
+        self.seen = self.most = self.turns = 0
+        self.backpressure = False  # the backend's transport was ever above its high mark
+        self.ticking = True
+        self.tick()
+
+    def tick(self) -> None:
+        self.turns += 1
+        received = self.relay.core.statistics().bytes_received
+        self.most = max(self.most, (received - self.seen) // self.size)
+        self.seen = received
+        self.backpressure = self.backpressure or self.relay._local_writing_paused
+        if self.ticking:
+            self.loop.call_soon(self.tick)
+
+
+async def dense_flood(
+    tls: bool, tmp_path: Any, count: int, size: int, *, backend_waits: bool = False
+) -> DenseFlood:
+    """Send ``count`` frames of ``size`` bytes at once; with ``backend_waits`` the backend
+    reads nothing until the server has stopped writing to it. Checks that every byte
+    arrives in order, and that the link is read again afterwards (one more frame)."""
+    async with Backend(seed=0, size=0, eof=False) as backend:
+        config = ServerConfig(
+            listen=Address("127.0.0.1", 0),
+            backend=Address(*backend.address),
+            plaintext=not tls,
+            state_dir=tmp_path,
+        )
+        async with TetherServer(config) as server:
+            address = server.addresses[0]
+            pin = server.fingerprint if tls else None
+            raw = await asyncio.to_thread(RawClient, (address.host, address.port), pin=pin)
+            try:
+                async with asyncio.timeout(60):
+                    while not backend.connections or backend.connections[0].transport is None:
+                        await asyncio.sleep(0.01)
+                connection = backend.connections[0]
+                assert connection.transport is not None
+                if backend_waits:
+                    connection.transport.pause_reading()
+                flood = DenseFlood(server, raw, size)
+                block = dense_block(0, count, size)
+                sending = asyncio.create_task(asyncio.to_thread(raw.sock.sendall, block))
+                async with asyncio.timeout(60):
+                    if backend_waits:
+                        while not flood.backpressure:
+                            await asyncio.sleep(0.01)
+                        connection.transport.resume_reading()
+                    await sending
+                    total = count * size
+                    while connection.received < total:
+                        await asyncio.sleep(0.01)
+                    raw.sock.sendall(dense_block(total, 1, size))  # the link is read again
+                    while connection.received < total + size:
+                        await asyncio.sleep(0.01)
+                flood.ticking = False
+                expected = bytes(i % 251 for i in range(total + size))
+                assert connection.digest.hexdigest() == hashlib.sha256(expected).hexdigest()
+                return flood
+            finally:
+                raw.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
 def test_a_read_of_tiny_frames_is_handled_over_many_turns_of_the_loop(
-    tls: bool, tmp_path: Any
+    loop: str, tls: bool, tmp_path: Any
 ) -> None:
     """A peer that sends one-byte DATA frames as fast as it can: the server handles at most
     FRAMES_PER_TURN of them per turn of its event loop (docs/design.md, "Dense reads"),
-    where one 1 MiB read of them used to keep every other session waiting 70-190 ms
-    (``python -m tests.aio.rawpeer tiny``). Counted in turns, not time: a callback that
-    re-schedules itself runs once per turn and looks at what the session received since
-    the last one (a byte per frame). And every byte arrives, in order."""
-    count = 200_000  # 2.6 MB on the wire, sent faster than the server takes it
+    where one read of them used to keep every other session waiting (p99 143-187 ms for
+    another session's round trips: ``python -m tests.aio.rawpeer tiny``). Counted in
+    turns, not time. And every byte arrives, in order."""
+    flood = runner(loop, 120)(dense_flood(tls, tmp_path, 200_000, 1))
+    # A part of a read per turn, and a new read once the last part is taken.
+    assert flood.most <= 2 * FRAMES_PER_TURN, f"{flood.most} frames in one turn of {flood.turns}"
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        relays: list[SessionRelay] = []
-        seen = most = turns = 0
-        ticking = True
 
-        def tick() -> None:
-            nonlocal seen, most, turns
-            turns += 1
-            if relays:
-                received = relays[0].core.statistics().bytes_received
-                most = max(most, received - seen)
-                seen = received
-            if ticking:
-                loop.call_soon(tick)
-
-        async with Backend(seed=0, size=0, eof=False) as backend:
-            config = ServerConfig(
-                listen=Address("127.0.0.1", 0),
-                backend=Address(*backend.address),
-                plaintext=not tls,
-                state_dir=tmp_path,
-            )
-            async with TetherServer(config) as server:
-                address = server.addresses[0]
-                pin = server.fingerprint if tls else None
-                raw = await asyncio.to_thread(RawClient, (address.host, address.port), pin=pin)
-                try:
-                    block = b"".join(data_header(i, 1) + bytes([i % 251]) for i in range(count))
-                    relays += server.relays()
-                    tick()
-                    await asyncio.to_thread(raw.sock.sendall, block)
-                    async with asyncio.timeout(60):
-                        while not backend.connections or backend.connections[0].received < count:
-                            await asyncio.sleep(0.01)
-                    ticking = False
-                finally:
-                    ticking = False
-                    raw.close()
-                (connection,) = backend.connections
-                expected = hashlib.sha256(bytes(i % 251 for i in range(count))).hexdigest()
-                assert connection.digest.hexdigest() == expected
-                # A part of a read per turn, and a new read once the last part is taken.
-                assert most <= 2 * FRAMES_PER_TURN, f"{most} frames in one turn of {turns}"
-
-    run(main())
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_dense_flood_into_a_backend_that_waits_arrives_whole(loop: str, tmp_path: Any) -> None:
+    """The parts of a read meet backpressure: the backend reads nothing until the server
+    has stopped writing to it (its transport above the high mark), so the link is paused
+    for both reasons at once. Every byte arrives once it reads, and the link is read again."""
+    flood = runner(loop, 120)(dense_flood(False, tmp_path, 65_536, 64, backend_waits=True))
+    assert flood.backpressure
+    assert flood.most <= 2 * FRAMES_PER_TURN, f"{flood.most} frames in one turn of {flood.turns}"
 
 
 # -- a link whose peer does not read --------------------------------------------------------

@@ -238,7 +238,9 @@ class SessionRelay:
     def link_data(self, transport: asyncio.Transport | None, data: bytes | memoryview) -> None:
         if transport is self.link:
             deferred = self._deferred
-            if deferred is not None:  # rare: a read came while the last one's end waits
+            if deferred is not None:
+                # Not seen: transports stop calling once paused. Kept in order all the same,
+                # and _take_deferred, already due, resumes reading if this takes it all.
                 data = b"".join((deferred, data))
                 self._deferred = None
             self._feed(transport, data)
@@ -260,21 +262,27 @@ class SessionRelay:
         return False
 
     def _take_deferred(self, transport: asyncio.Transport) -> None:
-        rest, link = self._deferred, self.link
-        if rest is None:
-            return
+        """The loop's next turn after ``_feed`` left a rest: the next part of it, or, once
+        none is left, reading the link again."""
+        link = self.link
         if transport is not link or transport.is_closing():
             if link is None or link is transport:
                 self._deferred = None  # its link is gone: the peer sends them again on the next
             return  # (else a newer link's own rest, with its own call)
-        self._deferred = None
-        if (
-            not self._feed(transport, rest)
-            and not self._local_writing_paused
-            and transport is self.link
-            and not transport.is_closing()
-        ):
-            transport.resume_reading()
+        try:
+            rest = self._deferred
+            if rest is not None:
+                self._deferred = None
+                if self._feed(transport, rest):
+                    return  # more left: the next call is due
+            if (
+                not self._local_writing_paused
+                and transport is self.link
+                and not transport.is_closing()
+            ):
+                transport.resume_reading()
+        except Exception as exc:  # not in a transport's callback, which would close the link
+            self._bug("handling a link read", exc)
 
     def link_writable(self, transport: asyncio.Transport, writable: bool) -> None:
         """The link's write buffer went above its high-water mark, or drained below the
@@ -422,9 +430,15 @@ class SessionRelay:
     def _timer_failed(self, exc: Exception) -> None:
         """``_on_timer`` raised: a bug. It costs this session only (CONTRIBUTING.md E4),
         never the other sessions woken by the same tick."""
+        self._bug("timer", exc)
+
+    def _bug(self, what: str, exc: Exception) -> None:
+        """``what`` raised, in a callback of ours (a transport's own would close its
+        transport): a bug, which costs this session only (CONTRIBUTING.md E4)."""
         self.log.error(
-            "session %s: timer failed (a bug), ending it with INTERNAL_ERROR",
+            "session %s: %s failed (a bug), ending it with INTERNAL_ERROR",
             self.core.session_id.hex()[:12],
+            what,
             exc_info=exc,
         )
         self.abort(CloseCode.INTERNAL_ERROR, "internal error")
