@@ -8,6 +8,8 @@
   transport's buffer can be inspected), and every byte arrives once the peer reads.
 - A backend that reads slowly while the client uploads: neither end may mistake the
   pauses for a dead link.
+- Reads full of small DATA frames: at most FRAMES_PER_TURN of them per turn of the
+  server's event loop, under asyncio and uvloop, with and without backpressure.
 
 The raw peers (rawpeer.py) speak the tether protocol in clear text, so the flood and
 the unread-link cases run with --plaintext on the tether end; the slow-backend case runs
