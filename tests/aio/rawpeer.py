@@ -21,6 +21,9 @@ import sys
 import threading
 import time
 
+from benchmarks.common import percentile
+from benchmarks.endpoint import serve_echo
+
 from tether.protocol.events import DataReceived
 from tether.protocol.frames import Ping, data_header
 from tether.protocol.handshake import ClientHandshake
@@ -32,10 +35,11 @@ __all__ = [
     "RawClient",
     "RawServer",
     "cpu_seconds",
+    "data_block",
     "ping_block",
     "read_stream",
     "rss_bytes",
-    "tiny_data_block",
+    "stream_bytes",
     "tls_client_context",
 ]
 
@@ -71,9 +75,23 @@ def ping_block(size: int = 256 * 1024) -> bytes:
     return ping * (size // len(ping))
 
 
-def tiny_data_block(offset: int, count: int) -> bytes:
-    """``count`` DATA frames of one byte each, from stream offset ``offset``."""
-    return b"".join(data_header(offset + i, 1) + b"x" for i in range(count))
+_PATTERN = bytes(range(251))
+
+
+def stream_bytes(start: int, size: int) -> bytes:
+    """Bytes ``start`` to ``start + size`` of the stream :func:`data_block` sends: byte
+    ``i`` is ``i % 251``."""
+    first = start % 251
+    return (_PATTERN * (size // 251 + 2))[first : first + size]
+
+
+def data_block(start: int, count: int, size: int = 1) -> bytes:
+    """``count`` DATA frames of ``size`` bytes each, from stream offset ``start``."""
+    stream = stream_bytes(start, count * size)
+    return b"".join(
+        data_header(start + i * size, size) + stream[i * size : (i + 1) * size]
+        for i in range(count)
+    )
 
 
 def _drive(sock: socket.socket, session: Session, hs: ClientHandshake, deadline: float) -> None:
@@ -216,22 +234,6 @@ class RawServer:
         self.listener.close()
 
 
-def _echo(conn: socket.socket, stop: threading.Event) -> None:
-    """Echo ``conn`` until ``stop`` or its end (a backend for the neighbour's round trips)."""
-    conn.settimeout(0.5)
-    with conn:
-        while not stop.is_set():
-            try:
-                data = conn.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            conn.sendall(data)
-
-
 def _round_trips(
     client: RawClient, seconds: float, done: threading.Event | None = None
 ) -> list[float]:
@@ -252,10 +254,8 @@ def _round_trips(
 
 
 def _summary(times: list[float]) -> str:
-    ordered = sorted(times)
-    p50 = ordered[len(ordered) // 2] * 1e3
-    p99 = ordered[len(ordered) * 99 // 100] * 1e3
-    return f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {ordered[-1] * 1e3:.2f} ms ({len(times)})"
+    p50, p99 = percentile(times, 50) * 1e3, percentile(times, 99) * 1e3
+    return f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {max(times) * 1e3:.2f} ms ({len(times)})"
 
 
 def _tiny(mib: float) -> None:
@@ -268,7 +268,6 @@ def _tiny(mib: float) -> None:
          "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend.getsockname()[1]}"],
         stdout=subprocess.PIPE,
     )  # fmt: skip
-    stop = threading.Event()
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline().split()[1].rsplit(b":", 1)[1])
@@ -277,8 +276,7 @@ def _tiny(mib: float) -> None:
         back.settimeout(30)
         neighbour = RawClient(("127.0.0.1", port))
         echo, _ = backend.accept()
-        echoer = threading.Thread(target=_echo, args=(echo, stop), daemon=True)
-        echoer.start()
+        threading.Thread(target=serve_echo, args=(echo,), daemon=True).start()
         quiet = _round_trips(neighbour, 1.0)
         during: list[float] = []
         flooded = threading.Event()
@@ -287,13 +285,15 @@ def _tiny(mib: float) -> None:
         )
         frames = 20_000
         total = int(mib * 1024 * 1024) // 13 // frames * frames
+        # Made before: the neighbour's thread shares this process's GIL with the sender.
+        blocks = [data_block(offset, frames) for offset in range(0, total, frames)]
         cpu0 = cpu_seconds(server.pid)
         t0 = time.perf_counter()
         got = 0
         offset = 0
         prober.start()
-        while offset < total:
-            raw.sock.sendall(tiny_data_block(offset, frames))
+        for block in blocks:
+            raw.sock.sendall(block)
             offset += frames
             while got < offset - 4 * frames:  # keep the backend drained
                 got += len(back.recv(1 << 20))
@@ -313,7 +313,6 @@ def _tiny(mib: float) -> None:
         raw.close()
         neighbour.close()
     finally:
-        stop.set()
         server.send_signal(signal.SIGINT)  # stop now (SIGTERM would drain first)
         server.wait(10)
 

@@ -32,13 +32,20 @@ from tether.aio.client import TetherClient
 from tether.aio.link import FRAMES_PER_TURN, READ_SIZE
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
-from tether.protocol.frames import data_header
 from tether.protocol.session import CONTROL_FLOOD, ORPHAN_GRACE, ORPHANED, SessionConfig
 
 from ..loops import LOOPS, runner
 from .endpoints import Backend, close_all, connect_app, stream_digest
 from .faultnet import start_tether, stop, tether_pair
-from .rawpeer import RawClient, RawServer, ping_block, read_stream, rss_bytes
+from .rawpeer import (
+    RawClient,
+    RawServer,
+    data_block,
+    ping_block,
+    read_stream,
+    rss_bytes,
+    stream_bytes,
+)
 
 FLOOD_SECONDS = 4.0  # unfixed, a server kept ~6 bytes per byte of PINGs: 100+ MiB by then
 RSS_BOUND = 32 * 1024 * 1024
@@ -124,16 +131,6 @@ def test_a_ping_flood_from_a_server_that_never_reads_costs_the_client_no_memory(
 # -- a read of tiny frames ------------------------------------------------------------------
 
 
-def dense_block(start: int, count: int, size: int) -> bytes:
-    """``count`` DATA frames of ``size`` bytes each, from stream offset ``start``; byte
-    ``i`` of the stream is ``i % 251``."""
-    stream = bytes(i % 251 for i in range(start, start + count * size))
-    return b"".join(
-        data_header(start + i * size, size) + stream[i * size : (i + 1) * size]
-        for i in range(count)
-    )
-
-
 class DenseFlood:
     """An in-process server whose one session receives DATA frames from a raw client
     (rawpeer.py), and a callback that runs once per turn of the loop and records the most
@@ -184,7 +181,7 @@ async def dense_flood(
                 if backend_waits:
                     connection.transport.pause_reading()
                 flood = DenseFlood(server, raw, size)
-                block = dense_block(0, count, size)
+                block = data_block(0, count, size)
                 sending = asyncio.create_task(asyncio.to_thread(raw.sock.sendall, block))
                 async with asyncio.timeout(60):
                     if backend_waits:
@@ -195,12 +192,12 @@ async def dense_flood(
                     total = count * size
                     while connection.received < total:
                         await asyncio.sleep(0.01)
-                    raw.sock.sendall(dense_block(total, 1, size))  # the link is read again
+                    raw.sock.sendall(data_block(total, 1, size))  # the link is read again
                     while connection.received < total + size:
                         await asyncio.sleep(0.01)
                 flood.ticking = False
-                expected = bytes(i % 251 for i in range(total + size))
-                assert connection.digest.hexdigest() == hashlib.sha256(expected).hexdigest()
+                expected = hashlib.sha256(stream_bytes(0, total + size)).hexdigest()
+                assert connection.digest.hexdigest() == expected
                 return flood
             finally:
                 raw.close()
@@ -213,7 +210,7 @@ def test_a_read_of_tiny_frames_is_handled_over_many_turns_of_the_loop(
 ) -> None:
     """A peer that sends one-byte DATA frames as fast as it can: the server handles at most
     FRAMES_PER_TURN of them per turn of its event loop (docs/design.md, "Dense reads"),
-    where one read of them used to keep every other session waiting (p99 143-187 ms for
+    where one read of them used to keep every other session waiting (p99 135-207 ms for
     another session's round trips: ``python -m tests.aio.rawpeer tiny``). Counted in
     turns, not time. And every byte arrives, in order."""
     flood = runner(loop, 120)(dense_flood(tls, tmp_path, 200_000, 1))
