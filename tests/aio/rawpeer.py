@@ -144,12 +144,17 @@ class RawClient:
         timeout: float = 10.0,
         source: str | None = None,
         pin: str | None = None,
+        window: int | None = None,
     ) -> None:
         """``source``: the local address to connect from (127.0.0.0/8 has plenty).
         ``pin``: speak TLS 1.3, and check that the server's certificate has this
-        fingerprint (``sha256:HEX``) before a byte of tether, as the real client does."""
+        fingerprint (``sha256:HEX``) before a byte of tether, as the real client does.
+        ``window``: the one announced (the server keeps to the smaller of the two)."""
         now = time.monotonic()
-        self.session = Session.client(SessionConfig(keepalive=3600), now)
+        config = SessionConfig(keepalive=3600)
+        if window is not None:
+            config = SessionConfig(keepalive=3600, window=window)
+        self.session = Session.client(config, now)
         hs = ClientHandshake(self.session, now)
         bind = (source, 0) if source is not None else None
         sock = socket.create_connection(address, timeout=timeout, source_address=bind)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import random
 import socket
@@ -252,7 +253,9 @@ def test_the_server_frames_nothing_more_for_a_link_that_is_not_read() -> None:
             )
             async with TetherServer(config) as server:
                 address = server.addresses[0]
-                raw = await asyncio.to_thread(RawClient, (address.host, address.port))
+                raw = await asyncio.to_thread(
+                    functools.partial(RawClient, window=WINDOW), (address.host, address.port)
+                )
                 try:
                     (relay,) = server.relays()
                     for _ in range(400):  # until the backend's bytes are all in the session

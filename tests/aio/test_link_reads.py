@@ -19,6 +19,7 @@ import pytest
 
 from tether.aio.client import TetherClient
 from tether.aio.link import (
+    HOLD_SLACK,
     LINK_READ_SIZE,
     LINK_VIEW_FROM,
     READ_SIZE,
@@ -343,6 +344,190 @@ def test_a_local_side_that_stops_reading_gets_every_byte_intact(
                 assert (app.received, far.received) == (SIZE, SIZE)
                 assert app.digest.digest() == hashlib.sha256(far.data).digest()
                 assert far.digest.digest() == hashlib.sha256(app.data).digest()
+            finally:
+                assert app.transport is not None
+                app.transport.abort()
+
+    run(main())
+
+
+class _WritesFirst(asyncio.Protocol):
+    """A backend that sends ``SIZE`` seeded bytes and reads nothing until all of them are
+    in its kernel (a blocking program that answers before it reads, say a server sending a
+    large result to a client that pipelines its next requests); then reads everything."""
+
+    def __init__(self) -> None:
+        self.data = random.Random(1).randbytes(SIZE)
+        self.digest = hashlib.sha256()
+        self.received = 0
+        self.eof = asyncio.Event()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=1, low=0)  # resume_writing once all sent
+        self.transport.pause_reading()
+        self.transport.write(self.data)
+        self.transport.write_eof()
+        asyncio.get_running_loop().call_soon(self._pause)
+
+    def _pause(self) -> None:  # uvloop starts reading after connection_made, whatever it was told
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.received += len(data)
+
+    def eof_received(self) -> bool:
+        self.eof.set()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof.set()
+
+
+class _Reads(asyncio.Protocol):
+    """An application that sends ``SIZE`` seeded bytes (then EOF) and reads all along."""
+
+    def __init__(self) -> None:
+        self.data = random.Random(2).randbytes(SIZE)
+        self.digest = hashlib.sha256()
+        self.received = 0
+        self.eof = asyncio.Event()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.data)
+        self.transport.write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.received += len(data)
+
+    def eof_received(self) -> bool:
+        self.eof.set()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof.set()
+
+
+@pytest.mark.parametrize("path", ["direct", "clear", "tls"])
+def test_a_backend_that_answers_before_it_reads_is_not_deadlocked(
+    run: Run[Any], path: str, tmp_path: Path
+) -> None:
+    """The backend writes 48 MiB before it reads anything, while the application uploads
+    48 MiB and reads all along. Over plain TCP ("direct") both finish. Through tether the
+    server's backend stops taking bytes, yet the server must go on reading the link: the
+    client's acknowledgements of the backend's bytes travel behind the upload, and without
+    them the server's window stays full, it stops reading the backend, and the backend,
+    blocked in its write, never starts reading (docs/design.md, "Flow control")."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        backends: list[_WritesFirst] = []
+
+        def backend() -> _WritesFirst:
+            backends.append(_WritesFirst())
+            return backends[-1]
+
+        listener = await loop.create_server(backend, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        app: _Reads | None = None
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if path == "direct":
+                    host = "127.0.0.1"
+                else:
+                    tls = path == "tls"
+                    server = await stack.enter_async_context(
+                        TetherServer(
+                            ServerConfig(
+                                listen=Address("127.0.0.1", 0),
+                                backend=Address("127.0.0.1", port),
+                                plaintext=not tls,
+                            )
+                        )
+                    )
+                    client = await stack.enter_async_context(
+                        TetherClient(
+                            ClientConfig(
+                                listen=Address("127.0.0.1", 0),
+                                server=Address("127.0.0.1", server.addresses[0].port),
+                                plaintext=not tls,
+                            )
+                        )
+                    )
+                    host, port = client.addresses[0].host, client.addresses[0].port
+                _, app = await loop.create_connection(_Reads, host, port)
+                await _until("the backend connection", lambda: bool(backends))
+                far = backends[0]
+                await _until("both streams", lambda: app.eof.is_set() and far.eof.is_set())
+                assert (app.received, far.received) == (SIZE, SIZE)
+                assert app.digest.digest() == hashlib.sha256(far.data).digest()
+                assert far.digest.digest() == hashlib.sha256(app.data).digest()
+        finally:
+            listener.close()
+            if app is not None and app.transport is not None:
+                app.transport.abort()
+            for end in backends:
+                if end.transport is not None:
+                    end.transport.abort()
+
+    run(main())
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
+def test_a_backend_that_reads_nothing_holds_a_bounded_amount_across_resumes(
+    run: Run[Any], tls: bool, tmp_path: Path
+) -> None:
+    """The backend reads nothing while the application uploads 48 MiB. Each resume tells
+    the client where the server is, which frees the client to send a window more, so
+    after a few cuts the backend's transport holds past the window and HOLD_SLACK: the
+    server then stops reading the link (TCP pushes back) and holds no more than that and
+    one read. Once the backend reads, every byte arrives intact."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with _tethers(tls) as (server, client, backends):
+            _, app = await loop.create_connection(
+                lambda: _Slow(seed=2), client.addresses[0].host, client.addresses[0].port
+            )
+            try:
+                app.resume()
+                await _until("the backend connection", lambda: bool(backends))
+                far = backends[0]
+                await _until("the server's session", lambda: bool(list(server.relays())))
+                relay = next(iter(server.relays()))
+                local = cast(asyncio.Transport, relay.local)
+                window = relay.core.config.window
+                for cut in range(1, 6):
+                    await _until(
+                        "the backend's transport to hold half a window",
+                        lambda: local.get_write_buffer_size() >= window // 2,
+                    )
+                    if relay._link_held:
+                        break
+                    assert relay.link is not None
+                    relay.link.abort()
+                    await _until("the resume", lambda n=cut: relay.core.statistics().resumes == n)
+                await _until("the link to be held", lambda: relay._link_held)
+                held = local.get_write_buffer_size()
+                await asyncio.sleep(0.5)  # held: nothing more is read
+                assert local.get_write_buffer_size() == held
+                assert held <= window + HOLD_SLACK + LINK_READ_SIZE
+                far.resume()
+                await _until("both streams", lambda: app.eof.is_set() and far.eof.is_set())
+                assert (app.received, far.received) == (SIZE, SIZE)
+                assert app.digest.digest() == hashlib.sha256(far.data).digest()
+                assert far.digest.digest() == hashlib.sha256(app.data).digest()
+                assert not relay._link_held
             finally:
                 assert app.transport is not None
                 app.transport.abort()

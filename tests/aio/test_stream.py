@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 
 import tether
 from tether import Address, ClientConfig, CloseCode, ServerConfig, SessionClosed, SessionConfig
+from tether.aio.link import HOLD_SLACK, LINK_READ_SIZE
 
 from .faultnet import FaultRelay
 
@@ -120,5 +121,75 @@ def test_connect_to_nothing_raises_a_clear_error() -> None:
             async with tether.connect(f"127.0.0.1:{port}", config=config):
                 pass
         assert info.value.code is CloseCode.RESUME_FAILED
+
+    run(main())
+
+
+async def _until(what: str, check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(60):  # bounded (CONTRIBUTING.md T6), never a timing claim
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def test_a_stream_that_does_not_read_holds_a_bounded_amount_across_resumes() -> None:
+    """The server's handler reads nothing while its client uploads 48 MiB, and the link is
+    cut now and then: the reader's buffer is the local side (docs/protocol.md, "Flow
+    control"), so past the window and HOLD_SLACK the link is not read; once the handler
+    reads, every byte arrives intact."""
+    size = 48 * 1024 * 1024
+    payload = random.Random(8).randbytes(size)
+
+    async def main() -> None:
+        streams: list[tether.TetherStream] = []
+        go = asyncio.Event()
+        got = hashlib.sha256()
+        count = 0
+
+        async def handler(stream: tether.TetherStream) -> None:
+            nonlocal count
+            streams.append(stream)
+            await go.wait()
+            while data := await stream.read(1 << 20):
+                got.update(data)
+                count += len(data)
+
+        config = ServerConfig(listen=Address("127.0.0.1", 0), session=FAST)
+        async with (
+            tether.TetherServer(config, handler=handler) as server,
+            tether.connect(str(server.addresses[0]), config=ClientConfig(session=FAST)) as stream,
+        ):
+
+            async def upload() -> None:
+                view = memoryview(payload)
+                for lo in range(0, size, 1 << 18):
+                    stream.write(bytes(view[lo : lo + (1 << 18)]))
+                    await stream.drain()
+                stream.write_eof()
+
+            uploading = asyncio.ensure_future(upload())
+            try:
+                await _until("the handler", lambda: bool(streams))
+                far = streams[0]
+                relay = far._relay
+                assert relay is not None
+                window = relay.core.config.window
+                for cut in range(1, 6):
+                    await _until("half a window held", lambda: far._unread >= window // 2)
+                    if relay._link_held:
+                        break
+                    assert relay.link is not None
+                    relay.link.abort()
+                    await _until("the resume", lambda n=cut: relay.core.statistics().resumes == n)
+                await _until("the link to be held", lambda: relay._link_held)
+                held = far._unread
+                await asyncio.sleep(0.5)  # held: nothing more is read
+                assert far._unread == held <= window + HOLD_SLACK + LINK_READ_SIZE
+                go.set()
+                await uploading
+                await _until("every byte", lambda: count == size)
+                assert got.digest() == hashlib.sha256(payload).digest()
+                assert not relay._link_held
+            finally:
+                uploading.cancel()
 
     run(main())

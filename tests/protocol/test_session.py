@@ -667,6 +667,49 @@ def test_capacity_recovers_on_acknowledgement(pair: Pair) -> None:
     assert pair.client.send_capacity() == CONFIG.window
 
 
+def test_a_slow_local_side_holds_back_acknowledgements_but_not_the_link(pair: Pair) -> None:
+    """While the backend is slow (local_writable(False)) the server acknowledges nothing
+    new, by threshold, timer or piggyback on its own DATA, so the client sends at most a
+    window more; the server still reads the link: the client's acknowledgements of the
+    server's bytes get through. Once the backend drains, one ACK covers everything."""
+    pair.server.local_writable(False)
+    window = CONFIG.window
+    pair.client_send(b"u" * window)
+    pair.server_send(b"d" * 1000)  # the server's DATA would carry an ACK
+    pair.advance(KEEPALIVE * 3)  # ticks would send the delayed one
+    assert pair.client.statistics().bytes_acked == 0
+    assert pair.client.send_capacity() <= 0  # the client's window is spent: it stops
+    assert len(pair.backend.received) == window  # every byte delivered all the same
+    assert pair.server.statistics().bytes_acked == 1000  # the client's ACK got through
+    assert pair.client.state is pair.server.state is SessionState.ATTACHED
+    pair.server.local_writable(True)
+    pair.transfer()
+    assert pair.client.statistics().bytes_acked == window
+    assert pair.client.send_capacity() == window
+
+
+def test_the_peer_s_eof_is_acknowledged_even_for_a_slow_local_side(pair: Pair) -> None:
+    """Nothing can follow an EOF, so acknowledging it holds nothing more back, and the
+    session can finish."""
+    pair.server.local_writable(False)
+    pair.client_send(b"x" * 100)
+    pair.client_eof()
+    pair.server_eof()
+    pair.transfer()
+    assert pair.client.statistics().bytes_acked == 100
+    for end in (pair.app, pair.backend):
+        assert end.ended is not None and end.ended.code is CloseCode.NORMAL
+
+
+def test_a_sender_keeps_to_the_smaller_of_the_two_windows() -> None:
+    """What a session holds unacknowledged is bounded by its own window and by the
+    peer's, which bounds what the peer holds for a slow local side."""
+    p = Pair(CONFIG, SessionConfig(window=64 * 1024, keepalive=KEEPALIVE, timeout=TIMEOUT))
+    p.establish()
+    assert p.client.send_capacity() == 64 * 1024  # the server's window, not the client's
+    assert p.server.send_capacity() == 64 * 1024
+
+
 # -- statistics -------------------------------------------------------------------------------
 
 

@@ -17,7 +17,12 @@ Flow control, end to end:
   is told (``link_writable(False)``) and frames nothing new for it; the bytes wait in
   the replay buffer, which then fills and pauses the local side as above;
 - session -> local: when the local transport's write buffer is full
-  (``pause_writing``), the link stops being read, so TCP pushes back on the peer.
+  (``pause_writing``), the core is told (``local_writable(False)``) and acknowledges
+  nothing new, so the peer sends at most a window more; the link goes on being read, for
+  the peer's acknowledgements of our own bytes travel on it behind its data. Only if the
+  local transport comes to hold more than the window and HOLD_SLACK (a peer that does not
+  keep to the window) does the link stop being read, so TCP pushes back on the peer.
+  (docs/design.md, "Flow control".)
 """
 
 from __future__ import annotations
@@ -94,6 +99,12 @@ JOIN_WRITES_BELOW: Final = 4096
 # waiting. A bulk read has 16 (CONTRIBUTING.md D7; docs/design.md, "Dense reads").
 FRAMES_PER_TURN: Final = 1024
 
+# What a slow local side may hold past the session's window before the link stops being
+# read: the transport's high-water mark and one link read's delivery (LINK_READ_SIZE),
+# twice over. A peer that keeps to the window never reaches it (docs/design.md, "Flow
+# control"); one that does not is pushed back on by TCP.
+HOLD_SLACK: Final = 2 * 1024 * 1024
+
 
 # This module may be compiled with mypyc (setup.py); the roles (aio/client.py, aio/server.py)
 # subclass SessionRelay and LocalProtocol in plain Python, which mypyc_attr allows. Without
@@ -110,6 +121,7 @@ class SessionRelay:
         "_ended",
         "_ended_event",
         "_frozen",
+        "_link_held",
         "_local_reading_paused",
         "_local_writing_paused",
         "_ticker",
@@ -135,6 +147,7 @@ class SessionRelay:
         self._local_reading_paused = False  # by us, for a full replay buffer
         self._frozen = False  # a takeover: neither side is read, no timer runs
         self._local_writing_paused = False  # the local side cannot take more
+        self._link_held = False  # ... and holds more than HOLD_SLACK past the window: not read
         # The end of a link read the core left for the loop's next turn (FRAMES_PER_TURN).
         self._deferred: memoryview | None = None
         # The core's next deadline waits in a slot of the loop's shared ticker (ticker.py).
@@ -209,16 +222,28 @@ class SessionRelay:
 
     def local_pause_writing(self) -> None:
         self._local_writing_paused = True
-        self.core.pause_receiving(True)
-        if self.link is not None:
-            self.link.pause_reading()
+        self.core.local_writable(False)  # the link is still read: see _hold
 
     def local_resume_writing(self) -> None:
         self._local_writing_paused = False
-        self.core.pause_receiving(False)
-        link = self.link
-        if link is not None and not link.is_closing() and self._deferred is None:
-            link.resume_reading()  # else _take_deferred resumes it, once the read is done
+        self.core.local_writable(True)
+        if self._link_held:
+            self._link_held = False
+            self.core.pause_receiving(False)
+            link = self.link
+            if link is not None and not link.is_closing() and self._deferred is None:
+                link.resume_reading()  # else _take_deferred resumes it, once the read is done
+        self.pump()  # the acknowledgement held back meanwhile
+
+    def hold_link(self) -> None:
+        """The slow local side holds more than the window and HOLD_SLACK: stop reading the
+        link until it has drained (``local_resume_writing``)."""
+        if not self._link_held:
+            self._link_held = True
+            self.core.pause_receiving(True)
+            link = self.link
+            if link is not None:
+                link.pause_reading()
 
     # -- link side ---------------------------------------------------------------
 
@@ -230,7 +255,7 @@ class SessionRelay:
             self._deferred = None  # the end of a read of an old link: sent again on this one
             if old is not None:
                 old.abort()  # superseded by a newer resume of the same session
-        if self._local_writing_paused:
+        if self._link_held:
             transport.pause_reading()
         if not writable:
             self.core.link_writable(False)
@@ -251,6 +276,13 @@ class SessionRelay:
         (docs/design.md, "Dense reads")."""
         left = self.core.receive_data(data, self.loop.time(), FRAMES_PER_TURN)
         self.pump()
+        if self._local_writing_paused and not self._link_held:
+            local = self.local
+            if (
+                local is not None
+                and local.get_write_buffer_size() > self.core.config.window + HOLD_SLACK
+            ):
+                self.hold_link()
         if left and transport is not None and transport is self.link:
             # A view: the bytes stay whoever's they were (the link's read buffer is not
             # read over while a view of it lives).
@@ -275,11 +307,7 @@ class SessionRelay:
                 self._deferred = None
                 if self._feed(transport, rest):
                     return  # more left: the next call is due
-            if (
-                not self._local_writing_paused
-                and transport is self.link
-                and not transport.is_closing()
-            ):
+            if not self._link_held and transport is self.link and not transport.is_closing():
                 transport.resume_reading()
         except Exception as exc:  # not in a transport's callback, which would close the link
             self._bug("handling a link read", exc)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import SessionClosed
 from ..protocol.codes import CloseCode
 from ..protocol.session import SessionStatistics
+from .link import HOLD_SLACK
 
 if TYPE_CHECKING:
     from .link import SessionRelay
@@ -59,13 +60,19 @@ class _LocalEnd:
     # what the relay writes: bytes from the peer, for the application to read
     def write(self, data: bytes | memoryview) -> None:
         self._stream._reader.feed_data(data)
+        self._stream._fed(len(data))
 
     def writelines(self, pieces: list[bytes | memoryview]) -> None:
+        size = 0
         for piece in pieces:
             self._stream._reader.feed_data(piece)
+            size += len(piece)
+        self._stream._fed(size)
 
     def get_write_buffer_size(self) -> int:
-        return 0  # feed_data() copies: nothing the relay hands over is held
+        # feed_data() copies: no view the relay hands over is held. What the application
+        # has not read yet is bounded by TetherStream._fed instead.
+        return 0
 
     def can_write_eof(self) -> bool:
         return True
@@ -113,6 +120,17 @@ class TetherStream:
         self._writable = asyncio.Event()
         self._writable.set()
         self._relay: SessionRelay | None = None
+        self._unread = 0  # bytes fed to the reader and not yet read
+
+    def _fed(self, size: int) -> None:
+        """The relay handed the application ``size`` more bytes. While the application is
+        behind (the reader paused the relay), the peer sends at most a window more; past
+        the window and HOLD_SLACK (a peer that does not keep to it) the link stops being
+        read, as for a local transport (aio/link.py)."""
+        self._unread += size
+        relay = self._relay
+        if relay is not None and self._unread > relay.core.config.window + HOLD_SLACK:
+            relay.hold_link()
 
     def bind(self, relay: SessionRelay) -> None:
         """Become ``relay``'s local side (tether calls this once)."""
@@ -136,10 +154,14 @@ class TetherStream:
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all until EOF if ``n`` < 0); b"" at the peer's EOF."""
-        return await self._reader.read(n)
+        data = await self._reader.read(n)
+        self._unread -= len(data)
+        return data
 
     async def readexactly(self, n: int) -> bytes:
-        return await self._reader.readexactly(n)
+        data = await self._reader.readexactly(n)
+        self._unread -= len(data)
+        return data
 
     def at_eof(self) -> bool:
         return self._reader.at_eof()

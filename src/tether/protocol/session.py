@@ -16,7 +16,8 @@ The API is sans-I/O (CONTRIBUTING.md, "Layers" L2):
 
 - inputs: ``receive_data(data, now)``, ``link_lost(now)``, ``send(data)``, ``send_eof()``,
   ``close(code)``, ``handle_timer(now)``, and the driver's word on the link's flow in
-  each direction: ``pause_receiving(paused)`` and ``link_writable(writable)``;
+  each direction: ``pause_receiving(paused)`` and ``link_writable(writable)``, and on
+  the local side's: ``local_writable(writable)``;
 - outputs: ``data_to_send()``, ``next_event()``, ``next_timer()``, ``send_capacity()``
   and ``statistics()``.
 """
@@ -208,6 +209,7 @@ class Session:
         "_expire_at",
         "_heard",
         "_links",
+        "_local_writable",
         "_misses",
         "_now",
         "_out",
@@ -261,6 +263,7 @@ class Session:
         # Inbound stream.
         self._received = 0  # stream offset received, EOF included
         self._acked = 0  # what we last acknowledged
+        self._local_writable = True  # the local side takes what is delivered: acknowledge it
         self._peer_eof = False
         # The current link: its flow and what the peer may make us do on it.
         self._now = now  # the latest time the driver gave
@@ -364,7 +367,12 @@ class Session:
         gives it now: above the budget's high-water mark a session past its fair share
         gets 0 (backpressure on its sender until its own peer acknowledges)."""
         buffer = self._buffer
-        room = self.config.window - (buffer.end - buffer.start)
+        # The peer's window bounds what it will hold unacknowledged for a slow local side
+        # of its own, as ours bounds our replay buffer (docs/protocol.md, "Flow control").
+        window = self.config.window
+        if self._peer_window < window:
+            window = self._peer_window
+        room = window - (buffer.end - buffer.start)
         account = self._account
         if account is None:
             return room
@@ -546,7 +554,7 @@ class Session:
                 # The answer to the newest PING: at most one is ever pending.
                 out.append(pong_frame(self._pong_token))
                 self._pong_token = None
-            if out and self._received > self._acked:
+            if out and self._received > self._acked and self._local_writable:
                 out.append(ack_frame(self._received))  # piggyback
                 self._acked = self._received
         self._out = []
@@ -603,6 +611,22 @@ class Session:
         if paused:
             self._paused_in_interval = True
 
+    def local_writable(self, writable: bool) -> None:
+        """The driver's word on the local side's write buffer (the application's, the
+        backend's): False once it is above its high-water mark, True when it has drained.
+
+        While it is False the session acknowledges nothing new but the peer's EOF, so the
+        peer sends at most a window past the last acknowledgement, and the driver can go on
+        reading the link for everything else on it (the peer's acknowledgements of our own
+        bytes above all) while the slow local side holds at most that much. Acknowledging
+        resumes, for everything received, when it is True again (docs/protocol.md, "Flow
+        control")."""
+        if writable == self._local_writable:
+            return
+        self._local_writable = writable
+        if writable and self._writable and self.state is SessionState.ATTACHED:
+            self._send_ack()
+
     def link_writable(self, writable: bool) -> None:
         """The driver's word on the current link's write buffer: False once it is above
         its high-water mark (``pause_writing``), True when it has drained again
@@ -619,7 +643,8 @@ class Session:
         self._writable = writable
         if writable and self.state is SessionState.ATTACHED:
             self._flush()
-            self._send_ack()
+            if self._local_writable:
+                self._send_ack()
 
     # -- application inputs ------------------------------------------------------
 
@@ -709,7 +734,7 @@ class Session:
                 else:
                     self._deliver(run)
             unacked = self._received - self._acked
-            if unacked and self._writable:
+            if unacked and self._writable and self._local_writable:
                 # ACK once unacked >= max(1, min(a quarter of the peer's window, the cap))
                 # (docs/design.md, "ACK thresholds"); unacked >= 1 already, so max(1, ...)
                 quarter = self._peer_window // ACK_FRACTION
@@ -989,7 +1014,7 @@ class Session:
                 return
             self._ping_token += 1
             self._out.append(ping_frame(self._ping_token))
-        if self._writable and self._received > self._acked:
+        if self._writable and self._local_writable and self._received > self._acked:
             self._send_ack()  # a delayed acknowledgement waits one tick at most
         self._tick_at = now + interval
 
