@@ -94,6 +94,17 @@ def data_block(start: int, count: int, size: int = 1) -> bytes:
     )
 
 
+OVERRUN = 24 * 1024 * 1024  # a window of 4 MiB and HOLD_SLACK (aio/link.py), several times over
+
+
+def overrun(sock: socket.socket) -> None:
+    """Send OVERRUN bytes of DATA from offset 0 (:func:`stream_bytes`) on a link set up
+    by :class:`RawClient`, reading nothing: a peer that keeps to no window (an earlier
+    release keeps to its own only)."""
+    sock.settimeout(60)
+    sock.sendall(data_block(0, OVERRUN // 65536, 65536))
+
+
 def _drive(sock: socket.socket, session: Session, hs: ClientHandshake, deadline: float) -> None:
     """Exchange handshake bytes until ``session`` is attached."""
     while session.state is not SessionState.ATTACHED:

@@ -32,6 +32,7 @@ from tether.config import Address, ClientConfig, ServerConfig
 from tether.protocol.session import STATE_SLACK, Role, Session, SessionConfig
 
 from ..loops import LOOPS, Run, runner
+from .rawpeer import OVERRUN, RawClient, overrun, stream_bytes
 
 
 class _Keeper(SessionRelay):
@@ -484,52 +485,152 @@ def test_a_backend_that_answers_before_it_reads_is_not_deadlocked(
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
-def test_a_backend_that_reads_nothing_holds_a_bounded_amount_across_resumes(
+def test_a_backend_that_answers_before_it_reads_is_not_deadlocked_across_resumes(
     run: Run[Any], tls: bool, tmp_path: Path
 ) -> None:
-    """The backend reads nothing while the application uploads 48 MiB. Each resume tells
-    the client where the server is, which frees the client to send a window more, so
-    after a few cuts the backend's transport holds past the window and HOLD_SLACK: the
-    server then stops reading the link (TCP pushes back) and holds no more than that and
-    one read. Once the backend reads, every byte arrives intact."""
+    """The same exchange, with the link cut three times while the backend's transport
+    holds the client's bytes. A resume tells the client where the server is, which is an
+    acknowledgement: the server tells only what it acknowledged, so the client's window
+    stays spent, the server never holds past the window and HOLD_SLACK, and the link is
+    never left unread (which would bring the deadlock back for good)."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        async with _tethers(tls) as (server, client, backends):
-            _, app = await loop.create_connection(
-                lambda: _Slow(seed=2), client.addresses[0].host, client.addresses[0].port
+        backends: list[_WritesFirst] = []
+
+        def backend() -> _WritesFirst:
+            backends.append(_WritesFirst())
+            return backends[-1]
+
+        listener = await loop.create_server(backend, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        app: _Reads | None = None
+        try:
+            server_config = ServerConfig(
+                listen=Address("127.0.0.1", 0),
+                backend=Address("127.0.0.1", port),
+                plaintext=not tls,
             )
-            try:
-                app.resume()
-                await _until("the backend connection", lambda: bool(backends))
-                far = backends[0]
-                await _until("the server's session", lambda: bool(list(server.relays())))
-                relay = next(iter(server.relays()))
-                local = cast(asyncio.Transport, relay.local)
-                window = relay.core.config.window
-                for cut in range(1, 6):
-                    await _until(
-                        "the backend's transport to hold half a window",
-                        lambda: local.get_write_buffer_size() >= window // 2,
-                    )
-                    if relay._link_held:
-                        break
-                    assert relay.link is not None
-                    relay.link.abort()
-                    await _until("the resume", lambda n=cut: relay.core.statistics().resumes == n)
-                await _until("the link to be held", lambda: relay._link_held)
-                held = local.get_write_buffer_size()
-                await asyncio.sleep(0.5)  # held: nothing more is read
-                assert local.get_write_buffer_size() == held
-                assert held <= window + HOLD_SLACK + LINK_READ_SIZE
-                far.resume()
-                await _until("both streams", lambda: app.eof.is_set() and far.eof.is_set())
-                assert (app.received, far.received) == (SIZE, SIZE)
-                assert app.digest.digest() == hashlib.sha256(far.data).digest()
-                assert far.digest.digest() == hashlib.sha256(app.data).digest()
-                assert not relay._link_held
-            finally:
-                assert app.transport is not None
+            async with TetherServer(server_config) as server:
+                client_config = ClientConfig(
+                    listen=Address("127.0.0.1", 0),
+                    server=Address("127.0.0.1", server.addresses[0].port),
+                    plaintext=not tls,
+                )
+                async with TetherClient(client_config) as client:
+                    address = client.addresses[0]
+                    _, app = await loop.create_connection(_Reads, address.host, address.port)
+                    await _until("the server's session", lambda: bool(list(server.relays())))
+                    relay = next(iter(server.relays()))
+                    await _until("the backend connection", lambda: bool(backends))
+                    far = backends[0]
+                    window = relay.core.config.window
+                    local = cast(asyncio.Transport, relay.local)
+                    for cut in range(1, 4):
+                        await _until(
+                            "the backend's transport to hold half a window",
+                            lambda: local.get_write_buffer_size() >= window // 2,
+                        )
+                        assert not relay._link_held
+                        assert local.get_write_buffer_size() <= window + HOLD_SLACK + LINK_READ_SIZE
+                        assert relay.link is not None
+                        relay.link.abort()
+                        await _until(
+                            "the resume", lambda n=cut: relay.core.statistics().resumes == n
+                        )
+                    await _until("both streams", lambda: app.eof.is_set() and far.eof.is_set())
+                    assert (app.received, far.received) == (SIZE, SIZE)
+                    assert app.digest.digest() == hashlib.sha256(far.data).digest()
+                    assert far.digest.digest() == hashlib.sha256(app.data).digest()
+        finally:
+            listener.close()
+            if app is not None and app.transport is not None:
                 app.transport.abort()
+            for end in backends:
+                if end.transport is not None:
+                    end.transport.abort()
+
+    run(main())
+
+
+class _Sink(asyncio.Protocol):
+    """A backend that reads nothing until :meth:`resume`; then hashes what it reads."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.received = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._pause)
+
+    def _pause(self) -> None:  # uvloop starts reading after connection_made, whatever it was told
+        if self.transport is not None and not self.received:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.received += len(data)
+
+
+def test_a_peer_that_does_not_keep_to_the_window_is_held_past_it(run: Run[Any]) -> None:
+    """A peer that sends past the window while the backend reads nothing: the server
+    reads the link past the window (for the ACKs on it), then stops, holding no more than
+    the window, HOLD_SLACK and one read, and TCP pushes back; once the backend reads,
+    every byte arrives in order and the link is read again."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sinks: list[_Sink] = []
+
+        def backend() -> _Sink:
+            sinks.append(_Sink())
+            return sinks[-1]
+
+        listener = await loop.create_server(backend, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        config = ServerConfig(
+            listen=Address("127.0.0.1", 0),
+            backend=Address("127.0.0.1", port),
+            plaintext=True,
+            session=SessionConfig(keepalive=60),  # the raw peer answers no PING
+        )
+        try:
+            async with TetherServer(config) as server:
+                address = server.addresses[0]
+                raw = await asyncio.to_thread(RawClient, (address.host, address.port))
+                sending = asyncio.ensure_future(asyncio.to_thread(overrun, raw.sock))
+                try:
+                    await _until("the server's session", lambda: bool(list(server.relays())))
+                    relay = next(iter(server.relays()))
+                    window = relay.core.config.window
+                    await _until("the link to be held", lambda: relay._link_held)
+                    local = cast(asyncio.Transport, relay.local)
+                    held = local.get_write_buffer_size()
+                    await asyncio.sleep(0.5)  # held: nothing more is read
+                    assert local.get_write_buffer_size() == held
+                    assert window < held <= window + HOLD_SLACK + LINK_READ_SIZE
+                    sinks[0].resume()
+                    await sending
+                    await _until("every byte", lambda: sinks[0].received == OVERRUN)
+                    assert (
+                        sinks[0].digest.digest()
+                        == hashlib.sha256(stream_bytes(0, OVERRUN)).digest()
+                    )
+                    assert not relay._link_held
+                finally:
+                    raw.close()
+                    await asyncio.wait([sending])
+        finally:
+            listener.close()
+            for sink in sinks:
+                if sink.transport is not None:
+                    sink.transport.abort()
 
     run(main())

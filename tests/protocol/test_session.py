@@ -701,6 +701,50 @@ def test_the_peer_s_eof_is_acknowledged_even_for_a_slow_local_side(pair: Pair) -
         assert end.ended is not None and end.ended.code is CloseCode.NORMAL
 
 
+def test_a_resume_frees_no_window_for_bytes_a_slow_local_side_has_not_taken(
+    pair: Pair,
+) -> None:
+    """A resume tells the peer where this side is, which acknowledges: while the backend
+    is slow the server tells only what it acknowledged, the client sends the rest again,
+    and the server drops what it has: delivered once, and the client's window stays
+    spent until the backend takes the bytes."""
+    window = CONFIG.window
+    pair.server.local_writable(False)
+    pair.client_send(b"a" * (window // 2))
+    pair.transfer()
+    assert len(pair.backend.received) == window // 2
+    for _ in range(3):
+        pair.cut()
+        pair.reconnect()
+        pair.transfer()
+        assert pair.client.statistics().resumes >= 1
+        assert pair.client.statistics().bytes_acked == 0  # the resume acknowledged nothing
+        assert pair.client.send_capacity() == window - window // 2
+    pair.client_send(b"b" * 1000)  # after the sent-again bytes
+    pair.transfer()
+    assert pair.backend.received == b"a" * (window // 2) + b"b" * 1000  # each byte once
+    pair.server.local_writable(True)
+    pair.transfer()
+    assert pair.client.statistics().bytes_acked == window // 2 + 1000
+    assert pair.client.send_capacity() == window
+
+
+@pytest.mark.parametrize("offset", [1, 4096, 8193])
+def test_bytes_sent_again_must_start_where_the_resume_said(pair: Pair, offset: int) -> None:
+    """After such a resume only the peer's bytes from the offset told (here 0) are taken
+    as sent again, or the next new byte (8192); DATA from anywhere else is a protocol
+    error, as ever."""
+    pair.server.local_writable(False)
+    pair.client_send(b"a" * 8192)
+    pair.transfer()
+    pair.cut()
+    told = pair.server.resume_offset()
+    assert told == 0
+    pair.server.attach(pair.now, peer_received=0)
+    pair.server.receive_data(Data(offset, b"x" * 10).serialize(), pair.now)
+    assert pair.server.close_code is CloseCode.PROTOCOL_ERROR
+
+
 def test_a_sender_keeps_to_the_smaller_of_the_two_windows() -> None:
     """What a session holds unacknowledged is bounded by its own window and by the
     peer's, which bounds what the peer holds for a slow local side."""
@@ -708,6 +752,26 @@ def test_a_sender_keeps_to_the_smaller_of_the_two_windows() -> None:
     p.establish()
     assert p.client.send_capacity() == 64 * 1024  # the server's window, not the client's
     assert p.server.send_capacity() == 64 * 1024
+
+
+def test_a_receiver_with_the_smaller_window_acknowledges_without_waiting_for_a_tick() -> None:
+    """The client (4 MiB) uploads to a server granting 64 KiB: the server acknowledges a
+    quarter of the 64 KiB the client may send, not a quarter of the client's window (1
+    MiB, which 64 KiB in flight never reaches: one window per keepalive tick)."""
+    small = 64 * 1024
+    p = Pair(
+        SessionConfig(window=4 * 1024 * 1024, keepalive=KEEPALIVE, timeout=TIMEOUT),
+        SessionConfig(window=small, keepalive=KEEPALIVE, timeout=TIMEOUT),
+    )
+    p.establish()
+    sent = 0
+    for _ in range(64):  # 4 MiB, no time passing: no tick acknowledges anything
+        step = p.client.send_capacity()
+        assert step >= small // 2, "the client waits for an acknowledgement"
+        p.client_send(b"u" * step)
+        sent += step
+        p.transfer()
+    assert len(p.backend.received) == sent >= 64 * small // 2
 
 
 # -- statistics -------------------------------------------------------------------------------

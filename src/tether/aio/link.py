@@ -216,13 +216,17 @@ class SessionRelay:
         self.local = None
         if not self.core.closed:
             if exc is None and self.core.eof_sent:
-                return  # we closed it ourselves after its EOF; the session goes on
+                # We closed it ourselves after its EOF; the session goes on, and nothing
+                # waits for this side to take bytes any more.
+                if self._local_writing_paused:
+                    self.local_resume_writing()
+                return
             self.core.close(code, str(exc) if exc else "connection closed")
             self.pump()
 
     def local_pause_writing(self) -> None:
         self._local_writing_paused = True
-        self.core.local_writable(False)  # the link is still read: see _hold
+        self.core.local_writable(False)  # the link is still read: see _feed and hold_link
 
     def local_resume_writing(self) -> None:
         self._local_writing_paused = False

@@ -28,12 +28,13 @@ if TYPE_CHECKING:
 
 __all__ = ["TetherStream"]
 
-READ_LIMIT = 256 * 1024  # bytes buffered for the application before the link is paused
+READ_LIMIT = 256 * 1024  # bytes buffered for the application before acknowledging waits
 
 
 class _ReaderFlow(asyncio.ReadTransport):
     """What the stream's StreamReader calls when its buffer is too full or drained
-    again: the relay stops (or starts) reading the link."""
+    again: the relay's local side stops (or starts) taking bytes, so the session holds
+    back (or sends) its acknowledgements (docs/protocol.md, "Flow control")."""
 
     def __init__(self, stream: TetherStream) -> None:
         super().__init__()

@@ -375,10 +375,11 @@ class ServerHandshake(_Handshake):
         if not session.can_resume_from(request.received):
             self.reject(CloseCode.PROTOCOL_ERROR, "resume offset outside the replay buffer")
             return False
+        received = session.resume_offset()
         proof = crypto.server_resume_proof(
-            secret, request.session_id, self._nonce, request.client_nonce, session.received
+            secret, request.session_id, self._nonce, request.client_nonce, received
         )
-        self._out.append(Resumed(session.received, proof).serialize())
+        self._out.append(Resumed(received, proof).serialize())
         preamble, leftover = self._hand_over()
         session.attach(
             now, peer_received=request.received, peer_window=request.window, preamble=preamble
@@ -469,19 +470,20 @@ class ClientHandshake(_Handshake):
     def _send_resume(self) -> None:
         session, config = self.session, self.config
         self._client_nonce = self._random(NONCE_SIZE)
+        received = session.resume_offset()
         proof = crypto.client_resume_proof(
             session.secret,
             session.session_id,
             self._server_nonce,
             self._client_nonce,
-            session.received,
+            received,
             config.window,
             config.keepalive_ms,
         )
         resume = Resume(
             session.session_id,
             self._client_nonce,
-            session.received,
+            received,
             config.window,
             config.keepalive_ms,
             proof,

@@ -202,6 +202,7 @@ class Session:
         "_drain_at",
         "_drain_told",
         "_draining",
+        "_dup_next",
         "_end_code",
         "_eof",
         "_event_head",
@@ -230,6 +231,7 @@ class Session:
         "_send_next",
         "_sent_high",
         "_tick_at",
+        "_told",
         "_writable",
         "config",
         "role",
@@ -263,6 +265,11 @@ class Session:
         # Inbound stream.
         self._received = 0  # stream offset received, EOF included
         self._acked = 0  # what we last acknowledged
+        # A resume told the peer ``_told``; while below ``_received`` (the local side was
+        # slow, resume_offset()) the peer sends again from there: DATA at ``_dup_next``
+        # below ``_received`` is what we have already, dropped. None: no such overlap.
+        self._told = 0
+        self._dup_next: int | None = None
         self._local_writable = True  # the local side takes what is delivered: acknowledge it
         self._peer_eof = False
         # The current link: its flow and what the peer may make us do on it.
@@ -322,6 +329,17 @@ class Session:
     def received(self) -> int:
         """Stream offset received so far, the peer's EOF included: where a resume starts."""
         return self._received
+
+    def resume_offset(self) -> int:
+        """The offset to tell the peer in a RESUME or RESUMED (the handshake asks once per
+        link): everything received, or, while the local side is not taking bytes
+        (``local_writable(False)``), only what was acknowledged. The peer then sends the
+        rest again, which is dropped here: a resume must not free the peer's window for
+        bytes the local side has not taken, any more than an ACK may (docs/protocol.md,
+        "Flow control")."""
+        told = self._received if self._local_writable or self._peer_eof else self._acked
+        self._told = told
+        return told
 
     @property
     def eof_sent(self) -> bool:
@@ -554,7 +572,7 @@ class Session:
                 # The answer to the newest PING: at most one is ever pending.
                 out.append(pong_frame(self._pong_token))
                 self._pong_token = None
-            if out and self._received > self._acked and self._local_writable:
+            if out and self._received > self._acked and (self._local_writable or self._peer_eof):
                 out.append(ack_frame(self._received))  # piggyback
                 self._acked = self._received
         self._out = []
@@ -643,7 +661,7 @@ class Session:
         self._writable = writable
         if writable and self.state is SessionState.ATTACHED:
             self._flush()
-            if self._local_writable:
+            if self._local_writable or self._peer_eof:
                 self._send_ack()
 
     # -- application inputs ------------------------------------------------------
@@ -711,10 +729,13 @@ class Session:
         try:
             for frame in reader.feed(data, max_frames):
                 if type(frame) is Data:
+                    payload = frame.payload
                     if frame.offset != self._received or self._peer_eof:
-                        self._bad_data(frame.offset)
-                    self._received += len(frame.payload)
-                    run.append(frame.payload)
+                        payload = self._sent_again(frame.offset, payload)
+                        if not payload:
+                            continue
+                    self._received += len(payload)
+                    run.append(payload)
                     continue
                 if type(frame) is Ack:
                     # The control frame of the per-message path. It reports no event, so the
@@ -735,9 +756,13 @@ class Session:
                     self._deliver(run)
             unacked = self._received - self._acked
             if unacked and self._writable and self._local_writable:
-                # ACK once unacked >= max(1, min(a quarter of the peer's window, the cap))
-                # (docs/design.md, "ACK thresholds"); unacked >= 1 already, so max(1, ...)
-                quarter = self._peer_window // ACK_FRACTION
+                # ACK once unacked >= max(1, min(a quarter of what the peer may send, the
+                # cap)) (docs/design.md, "ACK thresholds"); unacked >= 1 already, so max(1,
+                # ...). The peer keeps to the smaller window (send_capacity()).
+                limit = self._peer_window
+                if self.config.window < limit:
+                    limit = self.config.window
+                quarter = limit // ACK_FRACTION
                 if unacked >= (quarter if quarter < MAX_ACK_THRESHOLD else MAX_ACK_THRESHOLD):
                     self._send_ack()
             return reader.unread
@@ -848,6 +873,20 @@ class Session:
             self._end(code, reason, by_peer=True)
 
     # -- internals: the established link ----------------------------------------------
+
+    def _sent_again(self, offset: int, payload: bytes | memoryview) -> bytes | memoryview:
+        """DATA at ``offset`` is not the next byte: after a resume that told the peer less
+        than was received (resume_offset()), the peer's bytes sent again, of which the part
+        past ``_received`` (maybe none) is returned; anything else is a protocol error."""
+        expected = self._dup_next
+        if expected is None or offset != expected or self._peer_eof:
+            self._bad_data(offset)
+        end = offset + len(payload)
+        if end < self._received:
+            self._dup_next = end
+            return payload[:0]
+        self._dup_next = None
+        return payload[self._received - offset :]
 
     def _bad_data(self, offset: int) -> None:
         if self._peer_eof:
@@ -986,7 +1025,11 @@ class Session:
         replayed = self._buffer.end - start
         self._replayed += replayed
         self._send_next = peer_received
-        self._acked = self._received  # the handshake told the peer where we are
+        # The handshake told the peer where we are (resume_offset()): that is acknowledged,
+        # and the peer sends again from there.
+        told = self._told if self._told < self._received else self._received
+        self._acked = told
+        self._dup_next = told if told < self._received else None
         self._flush()
         self._check_finished()
         return replayed
@@ -1014,7 +1057,11 @@ class Session:
                 return
             self._ping_token += 1
             self._out.append(ping_frame(self._ping_token))
-        if self._writable and self._local_writable and self._received > self._acked:
+        if (
+            self._writable
+            and (self._local_writable or self._peer_eof)
+            and self._received > self._acked
+        ):
             self._send_ack()  # a delayed acknowledgement waits one tick at most
         self._tick_at = now + interval
 
