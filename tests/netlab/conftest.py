@@ -171,7 +171,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if entry.get("result") in ("FAIL", "xfail", "XPASS") and reason:
             note = reason if note in reason else f"{note}; {reason}"
         note = note.replace("|", "\\|").replace("\n", " ")
-        command = f"`sudo .venv/bin/python -m pytest '{entry['nodeid']}'`"
+        env = f"{entry['env']} " if entry.get("env") else ""
+        command = f"`sudo {env}.venv/bin/python -m pytest '{entry['nodeid']}'`"
         lines.append(
             f"| {entry.get('title', entry['case'])} | {entry.get('result', '?')} "
             f"| {_fmt_bytes(entry.get('bytes'))} | {_fmt_resume(entry.get('resume'))} "

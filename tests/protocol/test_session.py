@@ -745,6 +745,21 @@ def test_bytes_sent_again_must_start_where_the_resume_said(pair: Pair, offset: i
     assert pair.server.close_code is CloseCode.PROTOCOL_ERROR
 
 
+def test_new_bytes_end_the_bytes_sent_again(pair: Pair) -> None:
+    """DATA at the offset received (the peer skipped what we have) is taken as ever, and
+    after it the bytes sent again are over: DATA from the offset told is an error."""
+    pair.server.local_writable(False)
+    pair.client_send(b"a" * 8192)
+    pair.transfer()
+    pair.cut()
+    assert pair.server.resume_offset() == 0
+    pair.server.attach(pair.now, peer_received=0)
+    pair.server.receive_data(Data(8192, b"b" * 10).serialize(), pair.now)
+    assert pair.server.close_code is None and pair.server.received == 8202
+    pair.server.receive_data(Data(0, b"a" * 10).serialize(), pair.now)
+    assert pair.server.close_code is CloseCode.PROTOCOL_ERROR
+
+
 def test_a_sender_keeps_to_the_smaller_of_the_two_windows() -> None:
     """What a session holds unacknowledged is bounded by its own window and by the
     peer's, which bounds what the peer holds for a slow local side."""

@@ -327,7 +327,8 @@ class Session:
 
     @property
     def received(self) -> int:
-        """Stream offset received so far, the peer's EOF included: where a resume starts."""
+        """Stream offset received so far, the peer's EOF included (a resume starts from
+        :meth:`resume_offset`, which may be less)."""
         return self._received
 
     def resume_offset(self) -> int:
@@ -337,7 +338,12 @@ class Session:
         rest again, which is dropped here: a resume must not free the peer's window for
         bytes the local side has not taken, any more than an ACK may (docs/protocol.md,
         "Flow control")."""
-        told = self._received if self._local_writable or self._peer_eof else self._acked
+        if self._local_writable or self._peer_eof:
+            told = self._received
+        else:
+            # Never less than an earlier attempt told: the peer may have taken it (and
+            # dropped its bytes below it) though its answer was lost.
+            told = self._acked if self._acked > self._told else self._told
         self._told = told
         return told
 
@@ -734,6 +740,8 @@ class Session:
                         payload = self._sent_again(frame.offset, payload)
                         if not payload:
                             continue
+                    elif self._dup_next is not None:
+                        self._dup_next = None  # the peer skipped the bytes sent again
                     self._received += len(payload)
                     run.append(payload)
                     continue
@@ -884,7 +892,7 @@ class Session:
         end = offset + len(payload)
         if end < self._received:
             self._dup_next = end
-            return payload[:0]
+            return b""
         self._dup_next = None
         return payload[self._received - offset :]
 
