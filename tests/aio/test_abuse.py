@@ -224,7 +224,9 @@ def test_a_dense_flood_into_a_backend_that_waits_arrives_whole(loop: str, tmp_pa
     """The parts of a read meet backpressure: the backend reads nothing until the server
     has stopped writing to it (its transport above the high mark), so the link is paused
     for both reasons at once. Every byte arrives once it reads, and the link is read again."""
-    flood = runner(loop, 120)(dense_flood(False, tmp_path, 65_536, 64, backend_waits=True))
+    # 10 MiB: more than the server's socket (4 MiB at most, tcp_wmem) and the backend's (which
+    # reads nothing, so its 128 KiB does not grow) take between them.
+    flood = runner(loop, 120)(dense_flood(False, tmp_path, 65_536, 160, backend_waits=True))
     assert flood.backpressure
     assert flood.most <= 2 * FRAMES_PER_TURN, f"{flood.most} frames in one turn of {flood.turns}"
 

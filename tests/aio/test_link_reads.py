@@ -554,15 +554,19 @@ def test_a_backend_that_answers_before_it_reads_is_not_deadlocked_across_resumes
 
 
 class _Sink(asyncio.Protocol):
-    """A backend that reads nothing until :meth:`resume`; then hashes what it reads."""
+    """A backend that sends 8 MiB at once (more than the server's window, which a raw peer
+    that never acknowledges leaves spent: the server reads the link for ACKs) and reads
+    nothing until :meth:`resume`; then hashes what it reads."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: int = 8 << 20) -> None:
+        self.answer = answer
         self.digest = hashlib.sha256()
         self.received = 0
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(b"s" * self.answer)
         self.transport.pause_reading()
         asyncio.get_running_loop().call_soon(self._pause)
 
@@ -579,11 +583,69 @@ class _Sink(asyncio.Protocol):
         self.received += len(data)
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
+def test_a_slow_backend_holds_little_when_the_server_waits_for_nothing(
+    run: Run[Any], tls: bool
+) -> None:
+    """The application uploads 48 MiB and the backend reads nothing and says nothing:
+    the server, whose window is not spent, stops reading the link (TCP pushes back on the
+    client) instead of taking a window into the backend's transport; once the backend
+    reads, every byte arrives."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sinks: list[_Sink] = []
+
+        def backend() -> _Sink:
+            sinks.append(_Sink(answer=0))
+            return sinks[-1]
+
+        listener = await loop.create_server(backend, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        app: _Reads | None = None
+        try:
+            server_config = ServerConfig(
+                listen=Address("127.0.0.1", 0),
+                backend=Address("127.0.0.1", port),
+                plaintext=not tls,
+            )
+            async with TetherServer(server_config) as server:
+                client_config = ClientConfig(
+                    listen=Address("127.0.0.1", 0),
+                    server=Address("127.0.0.1", server.addresses[0].port),
+                    plaintext=not tls,
+                )
+                async with TetherClient(client_config) as client:
+                    address = client.addresses[0]
+                    _, app = await loop.create_connection(_Reads, address.host, address.port)
+                    await _until("the server's session", lambda: bool(list(server.relays())))
+                    relay = next(iter(server.relays()))
+                    await _until("the link to stop", lambda: relay._link_stopped)
+                    await asyncio.sleep(0.5)
+                    local = cast(asyncio.Transport, relay.local)
+                    assert relay._link_stopped and not relay._link_held
+                    assert local.get_write_buffer_size() <= 2 * LINK_READ_SIZE
+                    assert relay.core.statistics().bytes_received < SIZE
+                    sinks[0].resume()
+                    await _until("every byte", lambda: sinks[0].received == SIZE)
+                    assert sinks[0].digest.digest() == hashlib.sha256(app.data).digest()
+        finally:
+            listener.close()
+            if app is not None and app.transport is not None:
+                app.transport.abort()
+            for sink in sinks:
+                if sink.transport is not None:
+                    sink.transport.abort()
+
+    run(main())
+
+
 def test_a_peer_that_does_not_keep_to_the_window_is_held_past_it(run: Run[Any]) -> None:
-    """A peer that sends past the window while the backend reads nothing: the server
-    reads the link past the window (for the ACKs on it), then stops, holding no more than
-    the window, HOLD_SLACK and one read, and TCP pushes back; once the backend reads,
-    every byte arrives in order and the link is read again."""
+    """A peer that sends past the window while the backend reads nothing, and the server
+    waits for its ACKs (its own window spent): the server reads the link past the window
+    (for the ACKs on it), then stops, holding no more than the window, HOLD_SLACK and one
+    read, and TCP pushes back; once the backend reads, every byte arrives in order and the
+    link is read again."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -626,7 +688,8 @@ def test_a_peer_that_does_not_keep_to_the_window_is_held_past_it(run: Run[Any]) 
                     assert not relay._link_held
                 finally:
                     raw.close()
-                    await asyncio.wait([sending])
+                    with contextlib.suppress(OSError):  # closed under the sender on failure
+                        await sending
         finally:
             listener.close()
             for sink in sinks:

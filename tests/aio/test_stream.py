@@ -4,6 +4,7 @@ fault-injecting relay."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 from collections.abc import Callable, Coroutine
@@ -133,9 +134,10 @@ async def _until(what: str, check: Callable[[], bool]) -> None:
 
 
 def test_a_stream_whose_peer_does_not_keep_to_the_window_is_held_past_it() -> None:
-    """The server's handler reads nothing while a peer sends past the window (an earlier
-    release keeps to its own): the reader's buffer is the local side (docs/protocol.md,
-    "Flow control"), so past the window and HOLD_SLACK the link is not read; once the
+    """The server's handler writes past its window and reads nothing, while a peer that
+    never acknowledges sends past the window (an earlier release keeps to its own): the
+    server reads the link for ACKs, the reader's buffer is the local side (docs/protocol.md,
+    "Flow control"), and past the window and HOLD_SLACK the link is not read; once the
     handler reads, every byte arrives in order."""
 
     async def main() -> None:
@@ -147,6 +149,7 @@ def test_a_stream_whose_peer_does_not_keep_to_the_window_is_held_past_it() -> No
         async def handler(stream: tether.TetherStream) -> None:
             nonlocal count
             streams.append(stream)
+            stream.write(b"s" * (8 << 20))  # past the window: the server waits for ACKs
             await go.wait()
             while count < OVERRUN and (data := await stream.read(1 << 20)):
                 got.update(data)
@@ -179,6 +182,7 @@ def test_a_stream_whose_peer_does_not_keep_to_the_window_is_held_past_it() -> No
                 assert not relay._link_held
             finally:
                 raw.close()
-                await asyncio.wait([sending])
+                with contextlib.suppress(OSError):  # closed under the sender on failure
+                    await sending
 
     run(main())

@@ -18,11 +18,12 @@ Flow control, end to end:
   the replay buffer, which then fills and pauses the local side as above;
 - session -> local: when the local transport's write buffer is full
   (``pause_writing``), the core is told (``local_writable(False)``) and acknowledges
-  nothing new, so the peer sends at most a window more; the link goes on being read, for
-  the peer's acknowledgements of our own bytes travel on it behind its data. Only if the
-  local transport comes to hold more than the window and HOLD_SLACK (a peer that does not
-  keep to the window) does the link stop being read, so TCP pushes back on the peer.
-  (docs/design.md, "Flow control".)
+  nothing new, so the peer sends at most a window more, and the link stops being read, so
+  TCP pushes back on the peer; but while this side's own window is spent (its local side
+  paused above), the link is read all the same, for the peer's acknowledgements of our
+  bytes travel on it behind its data. Read so, the local transport may come to hold up to
+  the window; past it and HOLD_SLACK (a peer that does not keep to the window) the link
+  stops being read whatever the window (docs/design.md, "Flow control").
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class SessionRelay:
         "_ended_event",
         "_frozen",
         "_link_held",
+        "_link_stopped",
         "_local_reading_paused",
         "_local_writing_paused",
         "_ticker",
@@ -148,6 +150,7 @@ class SessionRelay:
         self._frozen = False  # a takeover: neither side is read, no timer runs
         self._local_writing_paused = False  # the local side cannot take more
         self._link_held = False  # ... and holds more than HOLD_SLACK past the window: not read
+        self._link_stopped = False  # the link is not read, for either reason (_steer_link)
         # The end of a link read the core left for the loop's next turn (FRAMES_PER_TURN).
         self._deferred: memoryview | None = None
         # The core's next deadline waits in a slot of the loop's shared ticker (ticker.py).
@@ -205,6 +208,8 @@ class SessionRelay:
         if core.send_capacity() <= 0 and self.local is not None:
             self._local_reading_paused = True
             self.local.pause_reading()
+            if self._local_writing_paused:
+                self._steer_link()  # this side now waits for the peer's ACKs: read them
         self.pump()
 
     def local_eof(self) -> None:
@@ -226,28 +231,41 @@ class SessionRelay:
 
     def local_pause_writing(self) -> None:
         self._local_writing_paused = True
-        self.core.local_writable(False)  # the link is still read: see _feed and hold_link
+        self.core.local_writable(False)
+        self._steer_link()
 
     def local_resume_writing(self) -> None:
         self._local_writing_paused = False
+        self._link_held = False
         self.core.local_writable(True)
-        if self._link_held:
-            self._link_held = False
-            self.core.pause_receiving(False)
-            link = self.link
-            if link is not None and not link.is_closing() and self._deferred is None:
-                link.resume_reading()  # else _take_deferred resumes it, once the read is done
+        self._steer_link()
         self.pump()  # the acknowledgement held back meanwhile
 
     def hold_link(self) -> None:
         """The slow local side holds more than the window and HOLD_SLACK: stop reading the
-        link until it has drained (``local_resume_writing``)."""
+        link until it has drained (``local_resume_writing``), whatever the window."""
         if not self._link_held:
             self._link_held = True
-            self.core.pause_receiving(True)
-            link = self.link
-            if link is not None:
+            self._steer_link()
+
+    def _steer_link(self) -> None:
+        """Read the link or not (docs/design.md, "Flow control"). Not while the local side
+        is slow: TCP pushes back on the peer and nothing piles up here; unless this side
+        waits for the peer's ACKs (its window is spent, its local side paused), which
+        travel behind the peer's data: then read, with the peer held to a window by the
+        ACKs we hold back, until the hold. The core hears of every stop (keepalive)."""
+        stop = self._link_held or (self._local_writing_paused and not self._local_reading_paused)
+        if stop == self._link_stopped:
+            return
+        self._link_stopped = stop
+        self.core.pause_receiving(stop)
+        link = self.link
+        if link is not None and not link.is_closing() and self._deferred is None:
+            # (with a rest of a read pending, _take_deferred decides once it is taken)
+            if stop:
                 link.pause_reading()
+            else:
+                link.resume_reading()
 
     # -- link side ---------------------------------------------------------------
 
@@ -259,7 +277,7 @@ class SessionRelay:
             self._deferred = None  # the end of a read of an old link: sent again on this one
             if old is not None:
                 old.abort()  # superseded by a newer resume of the same session
-        if self._link_held:
+        if self._link_stopped:
             transport.pause_reading()
         if not writable:
             self.core.link_writable(False)
@@ -311,7 +329,7 @@ class SessionRelay:
                 self._deferred = None
                 if self._feed(transport, rest):
                     return  # more left: the next call is due
-            if not self._link_held and transport is self.link and not transport.is_closing():
+            if not self._link_stopped and transport is self.link and not transport.is_closing():
                 transport.resume_reading()
         except Exception as exc:  # not in a transport's callback, which would close the link
             self._bug("handling a link read", exc)
@@ -403,6 +421,8 @@ class SessionRelay:
             self._local_reading_paused = False
             if self.local is not None:
                 self.local.resume_reading()
+            if self._local_writing_paused:
+                self._steer_link()  # ACKs came: the slow local side stops the link again
         # Re-arm only when the core's deadline moved earlier than the one its slot was
         # chosen for: a message on a busy session costs one call and two comparisons.
         when: float | None = core.next_timer()  # mypyc infers None in the else below without it
