@@ -222,8 +222,9 @@ def test_a_read_of_tiny_frames_is_handled_over_many_turns_of_the_loop(
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_dense_flood_into_a_backend_that_waits_arrives_whole(loop: str, tmp_path: Any) -> None:
     """The parts of a read meet backpressure: the backend reads nothing until the server
-    has stopped writing to it (its transport above the high mark), so the link is paused
-    for both reasons at once. Every byte arrives once it reads, and the link is read again."""
+    has stopped writing to it (its transport above the high mark), so the link may be
+    paused for both reasons at once (not checked: the two may not overlap). Every byte
+    arrives once it reads, and the link is read again."""
     # 10 MiB: more than the server's socket (4 MiB at most, tcp_wmem) and the backend's (which
     # reads nothing, so its 128 KiB does not grow) take between them.
     flood = runner(loop, 120)(dense_flood(False, tmp_path, 65_536, 160, backend_waits=True))

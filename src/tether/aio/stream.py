@@ -125,9 +125,10 @@ class TetherStream:
 
     def _fed(self, size: int) -> None:
         """The relay handed the application ``size`` more bytes. While the application is
-        behind (the reader paused the relay), the peer sends at most a window more; past
-        the window and HOLD_SLACK (a peer that does not keep to it) the link stops being
-        read, as for a local transport (aio/link.py)."""
+        behind (the reader paused the relay), the link is read only while the session
+        waits for the peer's ACKs, and the peer sends at most a window more; past the
+        window and HOLD_SLACK (a peer that does not keep to it) the link stops being read
+        whatever the window, as for a local transport (aio/link.py)."""
         self._unread += size
         relay = self._relay
         if relay is not None and self._unread > relay.core.config.window + HOLD_SLACK:

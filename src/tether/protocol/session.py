@@ -640,9 +640,9 @@ class Session:
         backend's): False once it is above its high-water mark, True when it has drained.
 
         While it is False the session acknowledges nothing new but the peer's EOF, so the
-        peer sends at most a window past the last acknowledgement, and the driver can go on
-        reading the link for everything else on it (the peer's acknowledgements of our own
-        bytes above all) while the slow local side holds at most that much. Acknowledging
+        peer sends at most a window past the last acknowledgement, and a driver that waits
+        for the peer's acknowledgements of our own bytes can read the link for them while
+        the slow local side holds at most that much. Acknowledging
         resumes, for everything received, when it is True again (docs/protocol.md, "Flow
         control")."""
         if writable == self._local_writable:
