@@ -13,7 +13,7 @@ import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -234,34 +234,19 @@ def run(request: pytest.FixtureRequest) -> Run[Any]:
 SIZE = 48 * 1024 * 1024  # well beyond what loopback's socket buffers absorb
 
 
-class _Slow(asyncio.Protocol):
-    """An end that sends ``SIZE`` seeded bytes (then EOF) and does not read until
-    :meth:`resume`; hashes what it then reads."""
+class _End(asyncio.Protocol):
+    """A connection end with ``data`` to send (``size`` seeded bytes) that hashes what it
+    reads; ``eof`` is set at the peer's EOF or the end of the connection."""
 
-    def __init__(self, seed: int) -> None:
-        self.data = random.Random(seed).randbytes(SIZE)
+    def __init__(self, seed: int, size: int = SIZE) -> None:
+        self.data = random.Random(seed).randbytes(size)
         self.digest = hashlib.sha256()
         self.received = 0
         self.eof = asyncio.Event()
-        self.resumed = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.data)
-        self.transport.write_eof()
-        self.transport.pause_reading()
-        # uvloop starts reading after connection_made returns, whatever it was told.
-        asyncio.get_running_loop().call_soon(self._pause)
-
-    def _pause(self) -> None:
-        if not self.resumed and self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    def resume(self) -> None:
-        assert self.transport is not None
-        self.resumed = True
-        self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.digest.update(data)
@@ -275,27 +260,68 @@ class _Slow(asyncio.Protocol):
         self.eof.set()
 
 
+class _Slow(_End):
+    """Sends its data (then EOF) and does not read until :meth:`resume`."""
+
+    resumed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.write(self.data)
+        if self.data:
+            self.transport.write_eof()
+        self.transport.pause_reading()
+        # uvloop starts reading after connection_made returns, whatever it was told.
+        asyncio.get_running_loop().call_soon(self._pause)
+
+    def _pause(self) -> None:
+        if not self.resumed and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        assert self.transport is not None
+        self.resumed = True
+        self.transport.resume_reading()
+
+
 async def _until(what: str, check: Callable[[], bool]) -> None:
     async with asyncio.timeout(60):  # bounded (CONTRIBUTING.md T6), never a timing claim
         while not check():
             await asyncio.sleep(0.01)
 
 
+E = TypeVar("E", bound=_End)
+
+
 @contextlib.asynccontextmanager
-async def _tethers(tls: bool) -> AsyncIterator[tuple[TetherServer, TetherClient, list[_Slow]]]:
-    loop = asyncio.get_running_loop()
-    backends: list[_Slow] = []
+async def _backends(make: Callable[[], E]) -> AsyncIterator[tuple[int, list[E]]]:
+    """A listening backend on loopback: its port and the ends ``make`` made for it."""
+    ends: list[E] = []
 
-    def backend() -> _Slow:
-        backends.append(_Slow(seed=1))
-        return backends[-1]
+    def backend() -> E:
+        ends.append(make())
+        return ends[-1]
 
-    listener = await loop.create_server(backend, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    server_config = ServerConfig(
-        listen=Address("127.0.0.1", 0), backend=Address("127.0.0.1", port), plaintext=not tls
-    )
+    listener = await asyncio.get_running_loop().create_server(backend, "127.0.0.1", 0)
     try:
+        yield listener.sockets[0].getsockname()[1], ends
+    finally:
+        listener.close()
+        for end in ends:
+            if end.transport is not None:
+                end.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def _tethers(
+    tls: bool, make: Callable[[], E]
+) -> AsyncIterator[tuple[TetherServer, TetherClient, list[E]]]:
+    """A tether server in front of :func:`_backends` and a tether client of it."""
+    async with _backends(make) as (port, backends):
+        server_config = ServerConfig(
+            listen=Address("127.0.0.1", 0), backend=Address("127.0.0.1", port), plaintext=not tls
+        )
         async with TetherServer(server_config) as server:
             client_config = ClientConfig(
                 listen=Address("127.0.0.1", 0),
@@ -304,11 +330,12 @@ async def _tethers(tls: bool) -> AsyncIterator[tuple[TetherServer, TetherClient,
             )
             async with TetherClient(client_config) as client:
                 yield server, client, backends
-    finally:
-        listener.close()
-        for end in backends:
-            if end.transport is not None:
-                end.transport.abort()
+
+
+async def _relay(server: TetherServer) -> SessionRelay:
+    """The server's one session, once it has one."""
+    await _until("the server's session", lambda: bool(list(server.relays())))
+    return next(iter(server.relays()))
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
@@ -321,7 +348,7 @@ def test_a_local_side_that_stops_reading_gets_every_byte_intact(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        async with _tethers(tls) as (server, client, backends):
+        async with _tethers(tls, lambda: _Slow(seed=1)) as (server, client, backends):
             _, app = await loop.create_connection(
                 lambda: _Slow(seed=2), client.addresses[0].host, client.addresses[0].port
             )
@@ -352,20 +379,17 @@ def test_a_local_side_that_stops_reading_gets_every_byte_intact(
     run(main())
 
 
-class _WritesFirst(asyncio.Protocol):
-    """A backend that sends ``SIZE`` seeded bytes and reads nothing until all of them are
-    in its kernel (a blocking program that answers before it reads, say a server sending a
-    large result to a client that pipelines its next requests); then reads everything."""
+class _WritesFirst(_End):
+    """A backend that sends its data and reads nothing until all of it is in its kernel
+    (a blocking program that answers before it reads, say a server sending a large result
+    to a client that pipelines its next requests); then reads everything."""
 
     def __init__(self) -> None:
-        self.data = random.Random(1).randbytes(SIZE)
-        self.digest = hashlib.sha256()
-        self.received = 0
-        self.eof = asyncio.Event()
-        self.transport: asyncio.Transport | None = None
+        super().__init__(seed=1)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
+        assert self.transport is not None
         self.transport.set_write_buffer_limits(high=1, low=0)  # resume_writing once all sent
         self.transport.pause_reading()
         self.transport.write(self.data)
@@ -380,43 +404,25 @@ class _WritesFirst(asyncio.Protocol):
         assert self.transport is not None
         self.transport.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
-        self.digest.update(data)
-        self.received += len(data)
 
-    def eof_received(self) -> bool:
-        self.eof.set()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof.set()
-
-
-class _Reads(asyncio.Protocol):
-    """An application that sends ``SIZE`` seeded bytes (then EOF) and reads all along."""
+class _Reads(_End):
+    """An application that sends its data (then EOF) and reads all along."""
 
     def __init__(self) -> None:
-        self.data = random.Random(2).randbytes(SIZE)
-        self.digest = hashlib.sha256()
-        self.received = 0
-        self.eof = asyncio.Event()
-        self.transport: asyncio.Transport | None = None
+        super().__init__(seed=2)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
+        assert self.transport is not None
         self.transport.write(self.data)
         self.transport.write_eof()
 
-    def data_received(self, data: bytes) -> None:
-        self.digest.update(data)
-        self.received += len(data)
 
-    def eof_received(self) -> bool:
-        self.eof.set()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof.set()
+async def _exchange(app: _Reads, far: _WritesFirst) -> None:
+    await _until("both streams", lambda: app.eof.is_set() and far.eof.is_set())
+    assert (app.received, far.received) == (SIZE, SIZE)
+    assert app.digest.digest() == hashlib.sha256(far.data).digest()
+    assert far.digest.digest() == hashlib.sha256(app.data).digest()
 
 
 @pytest.mark.parametrize("path", ["direct", "clear", "tls"])
@@ -432,54 +438,22 @@ def test_a_backend_that_answers_before_it_reads_is_not_deadlocked(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        backends: list[_WritesFirst] = []
-
-        def backend() -> _WritesFirst:
-            backends.append(_WritesFirst())
-            return backends[-1]
-
-        listener = await loop.create_server(backend, "127.0.0.1", 0)
-        port = listener.sockets[0].getsockname()[1]
-        app: _Reads | None = None
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                if path == "direct":
-                    host = "127.0.0.1"
-                else:
-                    tls = path == "tls"
-                    server = await stack.enter_async_context(
-                        TetherServer(
-                            ServerConfig(
-                                listen=Address("127.0.0.1", 0),
-                                backend=Address("127.0.0.1", port),
-                                plaintext=not tls,
-                            )
-                        )
-                    )
-                    client = await stack.enter_async_context(
-                        TetherClient(
-                            ClientConfig(
-                                listen=Address("127.0.0.1", 0),
-                                server=Address("127.0.0.1", server.addresses[0].port),
-                                plaintext=not tls,
-                            )
-                        )
-                    )
-                    host, port = client.addresses[0].host, client.addresses[0].port
-                _, app = await loop.create_connection(_Reads, host, port)
+        async with contextlib.AsyncExitStack() as stack:
+            if path == "direct":
+                port, backends = await stack.enter_async_context(_backends(_WritesFirst))
+                host = "127.0.0.1"
+            else:
+                _, client, backends = await stack.enter_async_context(
+                    _tethers(path == "tls", _WritesFirst)
+                )
+                host, port = client.addresses[0].host, client.addresses[0].port
+            _, app = await loop.create_connection(_Reads, host, port)
+            try:
                 await _until("the backend connection", lambda: bool(backends))
-                far = backends[0]
-                await _until("both streams", lambda: app.eof.is_set() and far.eof.is_set())
-                assert (app.received, far.received) == (SIZE, SIZE)
-                assert app.digest.digest() == hashlib.sha256(far.data).digest()
-                assert far.digest.digest() == hashlib.sha256(app.data).digest()
-        finally:
-            listener.close()
-            if app is not None and app.transport is not None:
+                await _exchange(app, backends[0])
+            finally:
+                assert app.transport is not None
                 app.transport.abort()
-            for end in backends:
-                if end.transport is not None:
-                    end.transport.abort()
 
     run(main())
 
@@ -496,91 +470,37 @@ def test_a_backend_that_answers_before_it_reads_is_not_deadlocked_across_resumes
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        backends: list[_WritesFirst] = []
-
-        def backend() -> _WritesFirst:
-            backends.append(_WritesFirst())
-            return backends[-1]
-
-        listener = await loop.create_server(backend, "127.0.0.1", 0)
-        port = listener.sockets[0].getsockname()[1]
-        app: _Reads | None = None
-        try:
-            server_config = ServerConfig(
-                listen=Address("127.0.0.1", 0),
-                backend=Address("127.0.0.1", port),
-                plaintext=not tls,
-            )
-            async with TetherServer(server_config) as server:
-                client_config = ClientConfig(
-                    listen=Address("127.0.0.1", 0),
-                    server=Address("127.0.0.1", server.addresses[0].port),
-                    plaintext=not tls,
-                )
-                async with TetherClient(client_config) as client:
-                    address = client.addresses[0]
-                    _, app = await loop.create_connection(_Reads, address.host, address.port)
-                    await _until("the server's session", lambda: bool(list(server.relays())))
-                    relay = next(iter(server.relays()))
-                    await _until("the backend connection", lambda: bool(backends))
-                    far = backends[0]
-                    window = relay.core.config.window
-                    local = cast(asyncio.Transport, relay.local)
-                    for cut in range(1, 4):
-                        await _until(
-                            "the backend's transport to hold half a window",
-                            lambda: local.get_write_buffer_size() >= window // 2,
-                        )
-                        assert not relay._link_held
-                        assert local.get_write_buffer_size() <= window + HOLD_SLACK + LINK_READ_SIZE
-                        assert relay.link is not None
-                        relay.link.abort()
-                        await _until(
-                            "the resume", lambda n=cut: relay.core.statistics().resumes == n
-                        )
-                    await _until("both streams", lambda: app.eof.is_set() and far.eof.is_set())
-                    assert (app.received, far.received) == (SIZE, SIZE)
-                    assert app.digest.digest() == hashlib.sha256(far.data).digest()
-                    assert far.digest.digest() == hashlib.sha256(app.data).digest()
-        finally:
-            listener.close()
-            if app is not None and app.transport is not None:
+        async with _tethers(tls, _WritesFirst) as (server, client, backends):
+            address = client.addresses[0]
+            _, app = await loop.create_connection(_Reads, address.host, address.port)
+            try:
+                relay = await _relay(server)
+                await _until("the backend connection", lambda: bool(backends))
+                window = relay.core.config.window
+                local = cast(asyncio.Transport, relay.local)
+                for cut in range(1, 4):
+                    await _until(
+                        "the backend's transport to hold half a window",
+                        lambda: local.get_write_buffer_size() >= window // 2,
+                    )
+                    assert not relay._link_held
+                    assert local.get_write_buffer_size() <= window + HOLD_SLACK + LINK_READ_SIZE
+                    assert relay.link is not None
+                    relay.link.abort()
+                    await _until("the resume", lambda n=cut: relay.core.statistics().resumes == n)
+                await _exchange(app, backends[0])
+            finally:
+                assert app.transport is not None
                 app.transport.abort()
-            for end in backends:
-                if end.transport is not None:
-                    end.transport.abort()
 
     run(main())
 
 
-class _Sink(asyncio.Protocol):
-    """A backend that sends 8 MiB at once (more than the server's window, which a raw peer
-    that never acknowledges leaves spent: the server reads the link for ACKs) and reads
-    nothing until :meth:`resume`; then hashes what it reads."""
-
-    def __init__(self, answer: int = 8 << 20) -> None:
-        self.answer = answer
-        self.digest = hashlib.sha256()
-        self.received = 0
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(b"s" * self.answer)
-        self.transport.pause_reading()
-        asyncio.get_running_loop().call_soon(self._pause)
-
-    def _pause(self) -> None:  # uvloop starts reading after connection_made, whatever it was told
-        if self.transport is not None and not self.received:
-            self.transport.pause_reading()
-
-    def resume(self) -> None:
-        assert self.transport is not None
-        self.transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self.digest.update(data)
-        self.received += len(data)
+def _sink(answer: int = 8 << 20) -> _Slow:
+    """A backend that sends ``answer`` bytes at once (more than the server's window, which
+    a peer that never acknowledges leaves spent: the server reads the link for ACKs) and
+    reads nothing until ``resume()``."""
+    return _Slow(seed=3, size=answer)
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
@@ -594,48 +514,23 @@ def test_a_slow_backend_holds_little_when_the_server_waits_for_nothing(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        sinks: list[_Sink] = []
-
-        def backend() -> _Sink:
-            sinks.append(_Sink(answer=0))
-            return sinks[-1]
-
-        listener = await loop.create_server(backend, "127.0.0.1", 0)
-        port = listener.sockets[0].getsockname()[1]
-        app: _Reads | None = None
-        try:
-            server_config = ServerConfig(
-                listen=Address("127.0.0.1", 0),
-                backend=Address("127.0.0.1", port),
-                plaintext=not tls,
-            )
-            async with TetherServer(server_config) as server:
-                client_config = ClientConfig(
-                    listen=Address("127.0.0.1", 0),
-                    server=Address("127.0.0.1", server.addresses[0].port),
-                    plaintext=not tls,
-                )
-                async with TetherClient(client_config) as client:
-                    address = client.addresses[0]
-                    _, app = await loop.create_connection(_Reads, address.host, address.port)
-                    await _until("the server's session", lambda: bool(list(server.relays())))
-                    relay = next(iter(server.relays()))
-                    await _until("the link to stop", lambda: relay._link_stopped)
-                    await asyncio.sleep(0.5)
-                    local = cast(asyncio.Transport, relay.local)
-                    assert relay._link_stopped and not relay._link_held
-                    assert local.get_write_buffer_size() <= 2 * LINK_READ_SIZE
-                    assert relay.core.statistics().bytes_received < SIZE
-                    sinks[0].resume()
-                    await _until("every byte", lambda: sinks[0].received == SIZE)
-                    assert sinks[0].digest.digest() == hashlib.sha256(app.data).digest()
-        finally:
-            listener.close()
-            if app is not None and app.transport is not None:
+        async with _tethers(tls, lambda: _sink(answer=0)) as (server, client, sinks):
+            address = client.addresses[0]
+            _, app = await loop.create_connection(_Reads, address.host, address.port)
+            try:
+                relay = await _relay(server)
+                await _until("the link to stop", lambda: relay._link_stopped)
+                await asyncio.sleep(0.5)
+                local = cast(asyncio.Transport, relay.local)
+                assert relay._link_stopped and not relay._link_held
+                assert local.get_write_buffer_size() <= 2 * LINK_READ_SIZE
+                assert relay.core.statistics().bytes_received < SIZE
+                sinks[0].resume()
+                await _until("every byte", lambda: sinks[0].received == SIZE)
+                assert sinks[0].digest.digest() == hashlib.sha256(app.data).digest()
+            finally:
+                assert app.transport is not None
                 app.transport.abort()
-            for sink in sinks:
-                if sink.transport is not None:
-                    sink.transport.abort()
 
     run(main())
 
@@ -648,29 +543,19 @@ def test_a_peer_that_does_not_keep_to_the_window_is_held_past_it(run: Run[Any]) 
     link is read again."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        sinks: list[_Sink] = []
-
-        def backend() -> _Sink:
-            sinks.append(_Sink())
-            return sinks[-1]
-
-        listener = await loop.create_server(backend, "127.0.0.1", 0)
-        port = listener.sockets[0].getsockname()[1]
-        config = ServerConfig(
-            listen=Address("127.0.0.1", 0),
-            backend=Address("127.0.0.1", port),
-            plaintext=True,
-            session=SessionConfig(keepalive=60),  # the raw peer answers no PING
-        )
-        try:
+        async with _backends(_sink) as (port, sinks):
+            config = ServerConfig(
+                listen=Address("127.0.0.1", 0),
+                backend=Address("127.0.0.1", port),
+                plaintext=True,
+                session=SessionConfig(keepalive=60),  # the raw peer answers no PING
+            )
             async with TetherServer(config) as server:
                 address = server.addresses[0]
                 raw = await asyncio.to_thread(RawClient, (address.host, address.port))
                 sending = asyncio.ensure_future(asyncio.to_thread(overrun, raw.sock))
                 try:
-                    await _until("the server's session", lambda: bool(list(server.relays())))
-                    relay = next(iter(server.relays()))
+                    relay = await _relay(server)
                     window = relay.core.config.window
                     await _until("the link to be held", lambda: relay._link_held)
                     local = cast(asyncio.Transport, relay.local)
@@ -681,19 +566,12 @@ def test_a_peer_that_does_not_keep_to_the_window_is_held_past_it(run: Run[Any]) 
                     sinks[0].resume()
                     await sending
                     await _until("every byte", lambda: sinks[0].received == OVERRUN)
-                    assert (
-                        sinks[0].digest.digest()
-                        == hashlib.sha256(stream_bytes(0, OVERRUN)).digest()
-                    )
+                    expected = hashlib.sha256(stream_bytes(0, OVERRUN)).digest()
+                    assert sinks[0].digest.digest() == expected
                     assert not relay._link_held
                 finally:
                     raw.close()
                     with contextlib.suppress(OSError):  # closed under the sender on failure
                         await sending
-        finally:
-            listener.close()
-            for sink in sinks:
-                if sink.transport is not None:
-                    sink.transport.abort()
 
     run(main())
