@@ -763,10 +763,17 @@ def test_new_bytes_end_the_bytes_sent_again(pair: Pair) -> None:
 def test_a_sender_keeps_to_the_smaller_of_the_two_windows() -> None:
     """What a session holds unacknowledged is bounded by its own window and by the
     peer's, which bounds what the peer holds for a slow local side."""
-    p = Pair(CONFIG, SessionConfig(window=64 * 1024, keepalive=KEEPALIVE, timeout=TIMEOUT))
+    small = SessionConfig(window=64 * 1024, keepalive=KEEPALIVE, timeout=TIMEOUT)
+    p = Pair(CONFIG, small)
     p.establish()
     assert p.client.send_capacity() == 64 * 1024  # the server's window, not the client's
-    assert p.server.send_capacity() == 64 * 1024
+    p = Pair(small, CONFIG)
+    p.establish()
+    assert p.server.send_capacity() == 64 * 1024  # the client's window, not the server's
+    p.cut()
+    p.reconnect()
+    p.transfer()
+    assert p.server.send_capacity() == 64 * 1024  # as the RESUME announced it again
 
 
 def test_a_receiver_with_the_smaller_window_acknowledges_without_waiting_for_a_tick() -> None:

@@ -194,6 +194,7 @@ class Session:
 
     __slots__ = (
         "_account",
+        "_ack_held",
         "_acked",
         "_buffer",
         "_confirmed",
@@ -208,9 +209,9 @@ class Session:
         "_event_head",
         "_events",
         "_expire_at",
+        "_flow_window",
         "_heard",
         "_links",
-        "_local_writable",
         "_misses",
         "_now",
         "_out",
@@ -262,6 +263,9 @@ class Session:
         self._peer_acked = 0  # highest offset the peer acknowledged (the EOF counts)
         self._peer_timeout = config.timeout  # the client adopts the server's if shorter
         self._peer_window = DEFAULT_WINDOW
+        # What either end holds unacknowledged at most: the smaller window
+        # (docs/protocol.md, "Flow control"); set with _peer_window (_adopt_peer_window).
+        self._flow_window = min(config.window, DEFAULT_WINDOW)
         # Inbound stream.
         self._received = 0  # stream offset received, EOF included
         self._acked = 0  # what we last acknowledged
@@ -270,7 +274,9 @@ class Session:
         # below ``_received`` is what we have already, dropped. None: no such overlap.
         self._told = 0
         self._dup_next: int | None = None
-        self._local_writable = True  # the local side takes what is delivered: acknowledge it
+        # The local side is not taking what is delivered, and the peer's EOF (which is
+        # acknowledged at once, and after which nothing comes) has not arrived: no ACK.
+        self._ack_held = False
         self._peer_eof = False
         # The current link: its flow and what the peer may make us do on it.
         self._now = now  # the latest time the driver gave
@@ -338,7 +344,7 @@ class Session:
         rest again, which is dropped here: a resume must not free the peer's window for
         bytes the local side has not taken, any more than an ACK may (docs/protocol.md,
         "Flow control")."""
-        if self._local_writable or self._peer_eof:
+        if not self._ack_held:
             told = self._received
         else:
             # Never less than an earlier attempt told: the peer may have taken it (and
@@ -391,12 +397,7 @@ class Session:
         gives it now: above the budget's high-water mark a session past its fair share
         gets 0 (backpressure on its sender until its own peer acknowledges)."""
         buffer = self._buffer
-        # The peer's window bounds what it will hold unacknowledged for a slow local side
-        # of its own, as ours bounds our replay buffer (docs/protocol.md, "Flow control").
-        window = self.config.window
-        if self._peer_window < window:
-            window = self._peer_window
-        room = window - (buffer.end - buffer.start)
+        room = self._flow_window - (buffer.end - buffer.start)
         account = self._account
         if account is None:
             return room
@@ -558,7 +559,8 @@ class Session:
         session._peer_acked, session._sent_high = peer_acked, sent_high
         session._send_next = sent_high
         session._received = session._acked = received
-        session._peer_window, session._peer_timeout = peer_window, peer_timeout
+        session._adopt_peer_window(peer_window)
+        session._peer_timeout = peer_timeout
         session._confirmed = bool(flags & _CONFIRMED)
         session._draining = bool(flags & _DRAINING)
         session._drain_at = now + drain_in if flags & _DRAIN_DEADLINE else None
@@ -578,7 +580,7 @@ class Session:
                 # The answer to the newest PING: at most one is ever pending.
                 out.append(pong_frame(self._pong_token))
                 self._pong_token = None
-            if out and self._received > self._acked and (self._local_writable or self._peer_eof):
+            if out and self._received > self._acked and not self._ack_held:
                 out.append(ack_frame(self._received))  # piggyback
                 self._acked = self._received
         self._out = []
@@ -645,10 +647,11 @@ class Session:
         the slow local side holds at most that much. Acknowledging
         resumes, for everything received, when it is True again (docs/protocol.md, "Flow
         control")."""
-        if writable == self._local_writable:
+        held = not writable and not self._peer_eof
+        if held == self._ack_held:
             return
-        self._local_writable = writable
-        if writable and self._writable and self.state is SessionState.ATTACHED:
+        self._ack_held = held
+        if not held and self._writable and self.state is SessionState.ATTACHED:
             self._send_ack()
 
     def link_writable(self, writable: bool) -> None:
@@ -667,7 +670,7 @@ class Session:
         self._writable = writable
         if writable and self.state is SessionState.ATTACHED:
             self._flush()
-            if self._local_writable or self._peer_eof:
+            if not self._ack_held:
                 self._send_ack()
 
     # -- application inputs ------------------------------------------------------
@@ -763,14 +766,11 @@ class Session:
                 else:
                     self._deliver(run)
             unacked = self._received - self._acked
-            if unacked and self._writable and self._local_writable:
+            if unacked and self._writable and not self._ack_held:
                 # ACK once unacked >= max(1, min(a quarter of what the peer may send, the
                 # cap)) (docs/design.md, "ACK thresholds"); unacked >= 1 already, so max(1,
-                # ...). The peer keeps to the smaller window (send_capacity()).
-                limit = self._peer_window
-                if self.config.window < limit:
-                    limit = self.config.window
-                quarter = limit // ACK_FRACTION
+                # ...). The peer keeps to the smaller window, as we do (send_capacity()).
+                quarter = self._flow_window // ACK_FRACTION
                 if unacked >= (quarter if quarter < MAX_ACK_THRESHOLD else MAX_ACK_THRESHOLD):
                     self._send_ack()
             return reader.unread
@@ -825,7 +825,7 @@ class Session:
         self.session_id = session_id
         self.version = version
         self._secret = secret
-        self._peer_window = peer_window
+        self._adopt_peer_window(peer_window)
         if peer_timeout is not None:
             self._peer_timeout = peer_timeout
         self._start_link(now, 0, preamble)
@@ -847,7 +847,7 @@ class Session:
             raise InvalidState(f"attach() from offset {peer_received}, never sent")
         self._transition(_Input.ATTACH)
         if peer_window is not None:
-            self._peer_window = peer_window
+            self._adopt_peer_window(peer_window)
         self._resumes += 1
         self._confirmed = True  # the client proved it knows the session
         replayed = self._start_link(now, peer_received, preamble)
@@ -933,6 +933,7 @@ class Session:
                 raise ProtocolError(f"EOF at offset {frame.offset}, expected {self._received}")
             self._received += 1
             self._peer_eof = True
+            self._ack_held = False  # nothing can follow: acknowledging holds nothing back
             self._events.append(events.EofReceived())
             if self._writable:
                 self._send_ack()
@@ -969,6 +970,10 @@ class Session:
         finished = self._peer_eof and self._eof and self._peer_acked > self._buffer.end
         if finished and self.state is not SessionState.CLOSED:
             self._end(CloseCode.NORMAL, "both directions finished", False)
+
+    def _adopt_peer_window(self, window: int) -> None:
+        self._peer_window = window
+        self._flow_window = min(self.config.window, window)
 
     def _send_ack(self) -> None:
         if self._received > self._acked and self.state is SessionState.ATTACHED:
@@ -1065,11 +1070,7 @@ class Session:
                 return
             self._ping_token += 1
             self._out.append(ping_frame(self._ping_token))
-        if (
-            self._writable
-            and (self._local_writable or self._peer_eof)
-            and self._received > self._acked
-        ):
+        if self._writable and not self._ack_held and self._received > self._acked:
             self._send_ack()  # a delayed acknowledgement waits one tick at most
         self._tick_at = now + interval
 
