@@ -112,6 +112,10 @@ class FrameReader:
             # is one DATA frame and often an ACK: this is the per-message path). Anything
             # else goes to check_header, which words the error. With 12 bytes or more
             # left, the u64 that follows comes in the same call: DATA's offset, ACK's.
+            # Declared int: what unpack_from returns is untyped, and compiled code would
+            # otherwise do every operation below on boxed objects (CONTRIBUTING.md D6).
+            word: int
+            first: int
             if end - pos >= _DATA_PREFIX:
                 word, first = _unpack_word_u64(view, pos)
             else:
