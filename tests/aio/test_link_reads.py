@@ -27,6 +27,7 @@ from tether.aio.link import (
     LinkProtocol,
     SessionRelay,
 )
+from tether.aio.link import _deliver as deliver
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
 from tether.protocol.session import STATE_SLACK, Role, Session, SessionConfig
@@ -35,37 +36,19 @@ from ..loops import LOOPS, Run, runner
 from .rawpeer import OVERRUN, RawClient, overrun, stream_bytes
 
 
-class _Keeper(SessionRelay):
-    """Stands in for a link's relay: keeps every read it is handed, as a local transport
-    that cannot write keeps the views it was given. A SessionRelay (not a look-alike), as
-    the compiled link.py checks (setup.py); only link_data is ever called."""
-
-    __slots__ = ("got",)
-
-    def __init__(self) -> None:  # SessionRelay.__init__ is not run: no core is needed
-        self.got: list[bytes | memoryview] = []
-
-    def link_data(self, transport: object, data: bytes | memoryview) -> None:
-        self.got.append(data)
-
-
-def _link() -> tuple[LinkProtocol, _Keeper]:
+def _link() -> LinkProtocol:
     """A link past its handshake (no transport: reads are driven by hand)."""
-    link = LinkProtocol(cast(LinkOwner, None))
-    keeper = _Keeper()
-    link.relay = keeper
-    return link, keeper
+    return LinkProtocol(cast(LinkOwner, None))
 
 
-def _read(link: tuple[LinkProtocol, _Keeper], payload: bytes) -> bytes | memoryview:
-    """One read of ``payload``, as an event loop does it: get_buffer, fill, buffer_updated."""
-    protocol, keeper = link
+def _read(protocol: LinkProtocol, payload: bytes) -> bytes | memoryview:
+    """One read of ``payload``, as an event loop does it (get_buffer, fill), and what
+    ``buffer_updated`` hands the relay for it."""
     buf = protocol.get_buffer(-1)
     assert len(buf) >= len(payload)
     buf[: len(payload)] = payload
     del buf  # the loop drops its view once buffer_updated returns
-    protocol.buffer_updated(len(payload))
-    return keeper.got.pop()
+    return protocol.take_read(len(payload))
 
 
 # -- the buffer's rules ----------------------------------------------------------------------
@@ -105,7 +88,7 @@ def test_bytes_still_held_are_never_read_over(run: Run[Any]) -> None:
         # Until less than LINK_VIEW_FROM is left: then a fresh buffer.
         third = _read(one, b"c" * (LINK_READ_SIZE - 3 * LINK_VIEW_FROM + 1))
         assert bytes(held) == b"a" * 100
-        fourth = other[0].get_buffer(-1)
+        fourth = other.get_buffer(-1)
         assert fourth.obj is not held.obj and len(fourth) == LINK_READ_SIZE
         fourth[:] = b"d" * LINK_READ_SIZE
         assert bytes(held) == b"a" * 100
@@ -125,7 +108,7 @@ def test_a_held_buffer_with_less_than_a_view_left_is_not_read_into(run: Run[Any]
         second = _read(link, b"b" * (LINK_READ_SIZE - 2 * LINK_VIEW_FROM + 1))
         held = cast(memoryview, second)[:1]
         del first, second
-        offered = link[0].get_buffer(-1)
+        offered = link.get_buffer(-1)
         assert len(offered) == LINK_READ_SIZE and offered.obj is not held.obj
         del offered
 
@@ -165,7 +148,7 @@ def test_a_local_side_that_is_behind_is_handed_copies(run: Run[Any], backlog: in
         relay = SessionRelay(Session(Role.SERVER, SessionConfig(), 0.0), logging.getLogger())
         local = _Behind(backlog)
         relay.local = local
-        relay._deliver(pieces)
+        deliver(relay, pieces)
         if backlog:
             assert local.got == [b"d" * 110] and type(local.got[0]) is bytes
         else:

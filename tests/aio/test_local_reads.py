@@ -1,7 +1,8 @@
 """Local reads handed over whole are recycled (aio/link.py ``_next_read_buffer``): a
 buffer is read into again only once no view of it is alive, and the spare ones are
 bounded. Driven by hand through ``LocalProtocol``'s buffer protocol, as an event loop
-does it; what the relay keeps stands in for the replay buffer."""
+does it (``get_buffer``, then what ``buffer_updated`` takes from it); what the relay keeps
+stands in for the replay buffer."""
 
 from __future__ import annotations
 
@@ -17,18 +18,16 @@ from tether.protocol.session import Role, Session, SessionConfig
 
 
 class _Keeper(SessionRelay):
-    """Stands in for a relay: keeps each read's view, as the replay buffer does until the
-    peer acknowledges it. A SessionRelay (not a look-alike), as the compiled link.py
-    checks (setup.py); its core's empty replay buffer always has room for a read."""
+    """Stands in for a relay: keeps each read's view (what ``buffer_updated`` would hand
+    it), as the replay buffer does until the peer acknowledges it. A SessionRelay (not a
+    look-alike), as the compiled link.py checks (setup.py); its core's empty replay buffer
+    always has room for a read (``get_buffer`` asks)."""
 
     __slots__ = ("got",)
 
     def __init__(self) -> None:  # no event loop here: SessionRelay.__init__ is not run
         self.core = Session(Role.CLIENT, SessionConfig(), 0.0)
         self.got: list[bytes | memoryview] = []
-
-    def local_data(self, data: bytes | memoryview) -> None:
-        self.got.append(data)
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +51,10 @@ def _read(protocol: LocalProtocol, fill: int) -> bytearray:
     view = protocol.get_buffer(-1)
     view[:] = bytes([fill]) * len(view)
     target = cast(bytearray, view.obj)
-    protocol.buffer_updated(len(view))
+    keeper = cast(_Keeper, protocol.relay)
+    size = len(view)
+    del view  # the loop drops its view once buffer_updated returns
+    keeper.got.append(link._take_local_read(size))  # what buffer_updated hands the relay
     return target
 
 
@@ -96,6 +98,7 @@ def test_small_reads_are_copied_and_hand_nothing_over() -> None:
     protocol, keeper = _protocol()
     view = protocol.get_buffer(-1)
     view[:5] = b"hello"
-    protocol.buffer_updated(5)
+    del view
+    keeper.got.append(link._take_local_read(5))
     assert keeper.got == [b"hello"] and isinstance(keeper.got[0], bytes)
     assert not link._handed

@@ -201,21 +201,13 @@ class SessionRelay:
     # -- local side --------------------------------------------------------------
 
     def local_data(self, data: bytes | memoryview) -> None:
-        core = self.core
-        if core.state is SessionState.CLOSED:  # core.closed, without the property's call
-            return
-        core.send(data)
-        if core.send_capacity() <= 0 and self.local is not None:
-            self._local_reading_paused = True
-            self.local.pause_reading()
-            if self._local_writing_paused:
-                self._steer_link()  # this side now waits for the peer's ACKs: read them
-        self.pump()
+        """Bytes from the local side (``_local_data``)."""
+        _local_data(self, data)
 
     def local_eof(self) -> None:
         if not self.core.closed:
             self.core.send_eof()
-            self.pump()
+            _pump(self)
 
     def local_lost(self, exc: Exception | None, code: CloseCode) -> None:
         self.local = None
@@ -227,7 +219,7 @@ class SessionRelay:
                     self.local_resume_writing()
                 return
             self.core.close(code, str(exc) if exc else "connection closed")
-            self.pump()
+            _pump(self)
 
     def local_pause_writing(self) -> None:
         self._local_writing_paused = True
@@ -239,7 +231,7 @@ class SessionRelay:
         self._link_held = False
         self.core.local_writable(True)
         self._steer_link()
-        self.pump()  # the acknowledgement held back meanwhile
+        _pump(self)  # the acknowledgement held back meanwhile
 
     def hold_link(self) -> None:
         """The slow local side holds more than the window and HOLD_SLACK: stop reading the
@@ -283,37 +275,8 @@ class SessionRelay:
             self.core.link_writable(False)
 
     def link_data(self, transport: asyncio.Transport | None, data: bytes | memoryview) -> None:
-        if transport is self.link:
-            deferred = self._deferred
-            if deferred is not None:
-                # Not seen: transports stop calling once paused. Kept in order all the same,
-                # and _take_deferred, already due, resumes reading if this takes it all.
-                data = b"".join((deferred, data))
-                self._deferred = None
-            self._feed(transport, data)
-
-    def _feed(self, transport: asyncio.Transport | None, data: bytes | memoryview) -> bool:
-        """Hand ``data`` to the core; True when it left the end of it for the loop's next
-        turn (FRAMES_PER_TURN): then the link is not read until that is taken
-        (docs/design.md, "Dense reads")."""
-        left = self.core.receive_data(data, self.loop.time(), FRAMES_PER_TURN)
-        self.pump()
-        if self._local_writing_paused and not self._link_held:
-            local = self.local
-            if (
-                local is not None
-                and local.get_write_buffer_size() > self.core.config.window + HOLD_SLACK
-            ):
-                self.hold_link()
-        if left and transport is not None and transport is self.link:
-            # A view: the bytes stay whoever's they were (the link's read buffer is not
-            # read over while a view of it lives).
-            view = memoryview(data)
-            self._deferred = view[len(view) - left :]
-            transport.pause_reading()
-            self.loop.call_soon(self._take_deferred, transport)
-            return True
-        return False
+        """Bytes read from ``transport`` (``_link_data``)."""
+        _link_data(self, transport, data)
 
     def _take_deferred(self, transport: asyncio.Transport) -> None:
         """The loop's next turn after ``_feed`` left a rest: the next part of it, or, once
@@ -327,7 +290,7 @@ class SessionRelay:
             rest = self._deferred
             if rest is not None:
                 self._deferred = None
-                if self._feed(transport, rest):
+                if _feed(self, transport, rest):
                     return  # more left: the next call is due
             if not self._link_stopped and transport is self.link and not transport.is_closing():
                 transport.resume_reading()
@@ -340,113 +303,20 @@ class SessionRelay:
         if transport is self.link and not self.core.closed:
             self.core.link_writable(writable)
             if writable:
-                self.pump()
+                _pump(self)
 
     def link_closed(self, transport: asyncio.Transport, exc: Exception | None = None) -> None:
         if transport is self.link:
             self.link = None
             self.core.link_lost(self.loop.time())
             self.on_link_lost(describe(exc) if exc is not None else "connection closed")
-            self.pump()
+            _pump(self)
 
     # -- the pump ----------------------------------------------------------------
 
     def pump(self) -> None:
-        core = self.core
-        out = core.data_to_send()
-        link = self.link
-        if out and link is not None and not link.is_closing():
-            if len(out) == 1:
-                link.write(out[0])
-            else:
-                size = 0
-                for piece in out:  # a few pieces (headers, payloads, an ACK): compiled, a loop
-                    size += len(piece)  # is cheaper than sum(map(len, out)) (D6)
-                if size < JOIN_WRITES_BELOW:
-                    link.write(b"".join(out))  # CONTRIBUTING.md D2: small, so one copy is cheaper
-                else:
-                    link.writelines(out)
-        # A read's events in one call; a hook (not a DataReceived) may make the core report
-        # more, which are taken before the pump returns, as with next_event() one by one.
-        batch = core.next_events()
-        while batch:
-            received: list[bytes | memoryview] = []
-            hooks = False
-            for event in batch:
-                if type(event) is DataReceived:
-                    received.append(event.data)  # written below in one gathering write
-                    continue
-                hooks = True
-                if received:
-                    self._deliver(received)
-                    received = []
-                if isinstance(event, EofReceived):
-                    local = self.local
-                    if local is not None and not local.is_closing() and local.can_write_eof():
-                        local.write_eof()
-                elif isinstance(event, SessionEstablished):
-                    self.on_established(event)
-                elif isinstance(event, SessionResumed):
-                    self.on_resumed(event)
-                elif isinstance(event, LinkLost):
-                    if self.log.isEnabledFor(logging.DEBUG):
-                        stats = core.statistics()
-                        self.log.debug(
-                            "session %s: core gave up the link (%s): %d bytes sent, %d acked, "
-                            "%d held for replay, %d received",
-                            stats.session_id[:12],
-                            event.reason,
-                            stats.bytes_sent,
-                            stats.bytes_acked,
-                            stats.replay_buffered,
-                            stats.bytes_received,
-                        )
-                    if self.link is not None:
-                        self.link.abort()
-                        self.link = None
-                    self.on_link_lost(event.reason)
-                elif isinstance(event, SessionEnded):
-                    self._finish(event)
-                elif isinstance(event, ServerDraining):
-                    self.on_server_draining(event)
-            if received:
-                self._deliver(received)
-            batch = core.next_events() if hooks else []
-        if (
-            self._local_reading_paused
-            and not self._frozen
-            and core.send_capacity() > 0
-            and not core.closed
-        ):
-            self._local_reading_paused = False
-            if self.local is not None:
-                self.local.resume_reading()
-            if self._local_writing_paused:
-                self._steer_link()  # ACKs came: the slow local side stops the link again
-        # Re-arm only when the core's deadline moved earlier than the one its slot was
-        # chosen for: a message on a busy session costs one call and two comparisons.
-        when: float | None = core.next_timer()  # mypyc infers None in the else below without it
-        if when is None or self._timer_slot is None or when < self._timer_due:
-            if when is not None:
-                self._ticker.schedule(self, when)  # _arm's case after every tick, inlined
-            else:
-                self._arm(None)
-
-    def _deliver(self, pieces: list[bytes | memoryview]) -> None:
-        """Stream bytes for the local side: the pieces of one read of the link (up to
-        sixteen 64 KiB DATA frames per 1 MiB) go out in one writev under uvloop."""
-        local = self.local
-        if local is not None and not local.is_closing():
-            if local.get_write_buffer_size():
-                # The local side is behind, so what it is handed now waits in its transport:
-                # copied, one join, so that a stalled local side holds the bytes it was sent
-                # and not the link's read buffers (a byte of DATA among filler frames would
-                # otherwise keep a quarter of a 1 MiB buffer per read). CONTRIBUTING.md D3.
-                local.write(b"".join(pieces))
-            elif len(pieces) == 1:
-                local.write(pieces[0])
-            else:
-                local.writelines(pieces)
+        """Write what the core has for the link, and act on its events (``_pump``)."""
+        _pump(self)
 
     def _finish(self, event: SessionEnded) -> None:
         reset = event.code in _RESET_CODES
@@ -477,7 +347,7 @@ class SessionRelay:
     def _on_timer(self) -> None:
         """The ticker's wake-up (it has taken the relay out of its slot)."""
         self.core.handle_timer(self.loop.time())
-        self.pump()
+        _pump(self)
 
     def _timer_failed(self, exc: Exception) -> None:
         """``_on_timer`` raised: a bug. It costs this session only (CONTRIBUTING.md E4),
@@ -509,7 +379,7 @@ class SessionRelay:
         if link is not None:
             link.abort()
             self.core.link_lost(self.loop.time())
-        self.pump()
+        _pump(self)
 
     def thaw(self) -> None:
         """The takeover failed: carry on (the link is gone; the client resumes here)."""
@@ -517,12 +387,174 @@ class SessionRelay:
         local = self.local
         if local is not None and not local.is_closing() and not self._local_reading_paused:
             local.resume_reading()
-        self.pump()
+        _pump(self)
 
     def abort(self, code: CloseCode, reason: str) -> None:
         if not self.core.closed:
             self.core.close(code, reason)
-            self.pump()
+            _pump(self)
+
+
+# The relay's per-message path, as module functions rather than methods: a class that
+# allows interpreted subclasses (SessionRelay) has every call of a method of its own go
+# through the method's lookup by name, in case a subclass overrides it (about 360
+# instructions a call, five or six calls a message), while a call of a module function is
+# a direct C call in compiled code (CONTRIBUTING.md D6). The methods of the same names
+# call them; a subclass does not override them.
+
+
+def _local_data(relay: SessionRelay, data: bytes | memoryview) -> None:
+    """``SessionRelay.local_data``."""
+    core = relay.core
+    if core.state is SessionState.CLOSED:  # core.closed, without the property's call
+        return
+    core.send(data)
+    if core.send_capacity() <= 0 and relay.local is not None:
+        relay._local_reading_paused = True
+        relay.local.pause_reading()
+        if relay._local_writing_paused:
+            relay._steer_link()  # this side now waits for the peer's ACKs: read them
+    _pump(relay)
+
+
+def _link_data(
+    relay: SessionRelay, transport: asyncio.Transport | None, data: bytes | memoryview
+) -> None:
+    """``SessionRelay.link_data``."""
+    if transport is relay.link:
+        deferred = relay._deferred
+        if deferred is not None:
+            # Not seen: transports stop calling once paused. Kept in order all the same,
+            # and _take_deferred, already due, resumes reading if this takes it all.
+            data = b"".join((deferred, data))
+            relay._deferred = None
+        _feed(relay, transport, data)
+
+
+def _feed(
+    relay: SessionRelay, transport: asyncio.Transport | None, data: bytes | memoryview
+) -> bool:
+    """Hand ``data`` to the core; True when it left the end of it for the loop's next
+    turn (FRAMES_PER_TURN): then the link is not read until that is taken
+    (docs/design.md, "Dense reads")."""
+    left = relay.core.receive_data(data, relay.loop.time(), FRAMES_PER_TURN)
+    _pump(relay)
+    if relay._local_writing_paused and not relay._link_held:
+        local = relay.local
+        if (
+            local is not None
+            and local.get_write_buffer_size() > relay.core.config.window + HOLD_SLACK
+        ):
+            relay.hold_link()
+    if left and transport is not None and transport is relay.link:
+        # A view: the bytes stay whoever's they were (the link's read buffer is not
+        # read over while a view of it lives).
+        view = memoryview(data)
+        relay._deferred = view[len(view) - left :]
+        transport.pause_reading()
+        relay.loop.call_soon(relay._take_deferred, transport)
+        return True
+    return False
+
+
+def _pump(relay: SessionRelay) -> None:
+    """``SessionRelay.pump``."""
+    core = relay.core
+    out = core.data_to_send()
+    link = relay.link
+    if out and link is not None and not link.is_closing():
+        if len(out) == 1:
+            link.write(out[0])
+        else:
+            size = 0
+            for piece in out:  # a few pieces (headers, payloads, an ACK): compiled, a loop
+                size += len(piece)  # is cheaper than sum(map(len, out)) (D6)
+            if size < JOIN_WRITES_BELOW:
+                link.write(b"".join(out))  # CONTRIBUTING.md D2: small, so one copy is cheaper
+            else:
+                link.writelines(out)
+    # A read's events in one call; a hook (not a DataReceived) may make the core report
+    # more, which are taken before the pump returns, as with next_event() one by one.
+    batch = core.next_events()
+    while batch:
+        received: list[bytes | memoryview] = []
+        hooks = False
+        for event in batch:
+            if type(event) is DataReceived:
+                received.append(event.data)  # written below in one gathering write
+                continue
+            hooks = True
+            if received:
+                _deliver(relay, received)
+                received = []
+            if isinstance(event, EofReceived):
+                local = relay.local
+                if local is not None and not local.is_closing() and local.can_write_eof():
+                    local.write_eof()
+            elif isinstance(event, SessionEstablished):
+                relay.on_established(event)
+            elif isinstance(event, SessionResumed):
+                relay.on_resumed(event)
+            elif isinstance(event, LinkLost):
+                if relay.log.isEnabledFor(logging.DEBUG):
+                    stats = core.statistics()
+                    relay.log.debug(
+                        "session %s: core gave up the link (%s): %d bytes sent, %d acked, "
+                        "%d held for replay, %d received",
+                        stats.session_id[:12],
+                        event.reason,
+                        stats.bytes_sent,
+                        stats.bytes_acked,
+                        stats.replay_buffered,
+                        stats.bytes_received,
+                    )
+                if relay.link is not None:
+                    relay.link.abort()
+                    relay.link = None
+                relay.on_link_lost(event.reason)
+            elif isinstance(event, SessionEnded):
+                relay._finish(event)
+            elif isinstance(event, ServerDraining):
+                relay.on_server_draining(event)
+        if received:
+            _deliver(relay, received)
+        batch = core.next_events() if hooks else []
+    if (
+        relay._local_reading_paused
+        and not relay._frozen
+        and core.send_capacity() > 0
+        and not core.closed
+    ):
+        relay._local_reading_paused = False
+        if relay.local is not None:
+            relay.local.resume_reading()
+        if relay._local_writing_paused:
+            relay._steer_link()  # ACKs came: the slow local side stops the link again
+    # Re-arm only when the core's deadline moved earlier than the one its slot was
+    # chosen for: a message on a busy session costs one call and two comparisons.
+    when: float | None = core.next_timer()  # mypyc infers None in the else below without it
+    if when is None or relay._timer_slot is None or when < relay._timer_due:
+        if when is not None:
+            relay._ticker.schedule(relay, when)  # _arm's case after every tick, inlined
+        else:
+            relay._arm(None)
+
+
+def _deliver(relay: SessionRelay, pieces: list[bytes | memoryview]) -> None:
+    """Stream bytes for the local side: the pieces of one read of the link (up to
+    sixteen 64 KiB DATA frames per 1 MiB) go out in one writev under uvloop."""
+    local = relay.local
+    if local is not None and not local.is_closing():
+        if local.get_write_buffer_size():
+            # The local side is behind, so what it is handed now waits in its transport:
+            # copied, one join, so that a stalled local side holds the bytes it was sent
+            # and not the link's read buffers (a byte of DATA among filler frames would
+            # otherwise keep a quarter of a 1 MiB buffer per read). CONTRIBUTING.md D3.
+            local.write(b"".join(pieces))
+        elif len(pieces) == 1:
+            local.write(pieces[0])
+        else:
+            local.writelines(pieces)
 
 
 def unheld(buf: bytearray) -> bool:
@@ -589,6 +621,15 @@ RECYCLE_MAX: Final = RECYCLE_BYTES // READ_SIZE
 _handed: Final[collections.deque[bytearray]] = collections.deque()
 
 
+def _take_local_read(nbytes: int) -> bytes | memoryview:
+    """The ``nbytes`` a local read put in the shared buffer, as ``LocalProtocol`` hands them
+    on: half a buffer or more is handed over whole, less is copied out (its docstring)."""
+    reads = _local_reads
+    if nbytes >= READ_SIZE // 2:
+        return reads.hand_over(nbytes)
+    return bytes(reads.view[:nbytes])
+
+
 def _next_read_buffer() -> bytearray:
     """A read buffer for the next large local read: the oldest handed over, if unheld."""
     if _handed and unheld(_handed[0]):
@@ -641,14 +682,10 @@ class LocalProtocol(asyncio.BufferedProtocol):
         return view if size == READ_SIZE else view[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
-        reads = _local_reads
-        # Half a buffer or more is handed over whole; less is copied out (docstring).
-        data: bytes | memoryview = (
-            reads.hand_over(nbytes) if nbytes >= READ_SIZE // 2 else bytes(reads.view[:nbytes])
-        )
+        data = _take_local_read(nbytes)
         relay = self.relay
         if relay is not None:
-            relay.local_data(data)
+            _local_data(relay, data)
         else:
             self._early.append(data)
 
@@ -876,26 +913,29 @@ class LinkProtocol(asyncio.BufferedProtocol):
         return reads.view if start == 0 else reads.view[start:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        reads = self._reads
-        start = reads.start
-        data: bytes | memoryview
-        if nbytes < LINK_VIEW_FROM:  # copied: a few bytes never pin the whole buffer
-            data = bytes(reads.view[start : start + nbytes])
-        else:  # handed on as is: LinkReads.reclaim() sees whether views of it remain
-            reads.start = start + nbytes
-            data = reads.view[start : start + nbytes]
+        data = self.take_read(nbytes)
         relay = self.relay
         if relay is not None:
-            relay.link_data(self.transport, data)
+            _link_data(relay, self.transport, data)
         else:
             self.data_received(data)
+
+    def take_read(self, nbytes: int) -> bytes | memoryview:
+        """The ``nbytes`` a read put where :meth:`get_buffer` said, as they are handed on."""
+        reads = self._reads
+        start = reads.start
+        if nbytes < LINK_VIEW_FROM:  # copied: a few bytes never pin the whole buffer
+            return bytes(reads.view[start : start + nbytes])
+        # handed on as is: LinkReads.reclaim() sees whether views of it remain
+        reads.start = start + nbytes
+        return reads.view[start : start + nbytes]
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes from the link (``buffer_updated`` hands them on). The handshake and
         ``_early`` copy what they keep; the relay's core returns views of them."""
         relay = self.relay
         if relay is not None:
-            relay.link_data(self.transport, data)
+            _link_data(relay, self.transport, data)
             return
         handshake = self.handshake
         if handshake is None:
@@ -945,7 +985,7 @@ class LinkProtocol(asyncio.BufferedProtocol):
         self.handshake = None
         self.relay = relay
         relay.set_link(self.transport, writable=not self._writing_paused)
-        relay.pump()
+        _pump(relay)
 
     def close(self) -> None:
         """Send what the handshake still has (a REJECT) and close."""
