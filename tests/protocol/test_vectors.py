@@ -388,7 +388,7 @@ def expected() -> Expected:
     server = {
         "hello1": hello1,
         "accept": _frame(0x02, accept_fields + confirm),
-        "data hi+ack": _frame(0x10, _u64(0) + b"hi!\n") + _frame(0x11, _u64(6)),
+        "data hi+ack": _frame(0x11, _u64(6)) + _frame(0x10, _u64(0) + b"hi!\n"),
         "hello2": DOC_MAGIC + bytes((4,)) + SERVER_NONCE_2,
         "resumed": _frame(0x04, _u64(6) + server_proof),
         "ack 13": _frame(0x11, _u64(13)),

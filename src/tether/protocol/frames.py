@@ -181,6 +181,18 @@ def ack_frame(offset: int) -> bytes:
     return _pack_u64_frame(ACK_WORD, offset)
 
 
+# An ACK and then a DATA header, packed in one call: what a small message carries when it
+# piggybacks an acknowledgement (docs/protocol.md, "When ACKs are sent").
+_pack_ack_data_header: Final = struct.Struct("!IQIQ").pack
+
+
+def ack_and_data_header(acked: int, offset: int, length: int) -> bytes:
+    """``ack_frame(acked) + data_header(offset, length)`` in one call: a struct's pack
+    costs about as much for two frames' fields as for one's, and nearly every small
+    message piggybacks an ACK (issue 12, B2)."""
+    return _pack_ack_data_header(ACK_WORD, acked, _DATA_WORD | (8 + length), offset)
+
+
 _PING_WORD: Final = (FrameType.PING << 24) | _U64.size
 _PONG_WORD: Final = (FrameType.PONG << 24) | _U64.size
 

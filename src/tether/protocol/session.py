@@ -52,6 +52,7 @@ from .frames import (
     Eof,
     Ping,
     Pong,
+    ack_and_data_header,
     ack_frame,
     data_header,
     ping_frame,
@@ -692,7 +693,15 @@ class Session:
         if self._send_next == start and self._writable and self.state is SessionState.ATTACHED:
             if end - start <= MAX_DATA_CHUNK:  # one frame: _frame's first case, inlined
                 out = self._out
-                out.append(data_header(start, end - start))
+                received = self._received
+                if received > self._acked and not self._ack_held:
+                    # data_to_send()'s piggybacked ACK, here, so that it is packed with the
+                    # DATA header in one call and goes out before it (rule 2 of "When ACKs
+                    # are sent", docs/protocol.md).
+                    out.append(ack_and_data_header(received, start, end - start))
+                    self._acked = received
+                else:
+                    out.append(data_header(start, end - start))
                 out.append(data)
             else:
                 self._frame(start, memoryview(data))
