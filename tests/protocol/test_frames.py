@@ -27,6 +27,7 @@ from tether.protocol.frames import (
     Ping,
     Pong,
     Reject,
+    ack_and_data_header,
     ack_frame,
     check_header,
     client_hello,
@@ -204,6 +205,26 @@ def test_a_reader_with_a_limit_leaves_the_rest_and_reads_the_same(
             chunk = chunk[len(chunk) - reader.unread :] if reader.unread else b""
         assert not chunk
     assert normalize(got) == normalize(list(frames))
+
+
+@pytest.mark.parametrize("payload", [b"hi", b"a 64-byte message" * 4])
+def test_an_ack_before_a_data_frame_reads_as_two_frames(payload: bytes) -> None:
+    """A small message's piggybacked ACK goes before its DATA (``ack_and_data_header``),
+    and the reader takes both headers in one unpack: each is still a frame of its own,
+    however the bytes are split, and a limit of one stops between them."""
+    stream = ack_and_data_header(7, 3, len(payload)) + payload
+    assert stream == Ack(7).serialize() + Data(3, payload).serialize()
+    for cut in range(len(stream) + 1):
+        got = read_all([stream[:cut], stream[cut:]])  # a payload cut in two comes in pieces
+        assert normalize(got) == normalize([Ack(7), Data(3, payload)])
+    reader = FrameReader()
+    assert reader.feed(stream, 1) == [Ack(7)]
+    assert reader.unread == len(stream) - len(Ack(7).serialize())
+    rest = stream[len(stream) - reader.unread :]
+    assert [Data(f.offset, bytes(f.payload)) for f in reader.feed(rest, 1)] == [
+        Data(3, payload)
+    ]  # (a Data here: only a DATA frame is left)
+    assert reader.unread == 0
 
 
 @settings(max_examples=20)

@@ -42,6 +42,9 @@ _U64: Final = struct.Struct("!Q")
 _unpack_header: Final = _HEADER.unpack_from
 # A header word and the u64 after it: a DATA frame's offset, or a whole ACK's payload.
 _unpack_word_u64: Final = struct.Struct("!IQ").unpack_from
+# Two of them: an ACK and the DATA header after it (a struct's unpack costs about as much
+# for four fields as for two).
+_unpack_two_prefixes: Final = struct.Struct("!IQIQ").unpack_from
 _memoryview: Final = memoryview
 _DATA: Final = int(FrameType.DATA)
 _OFFSET_SIZE: Final = _U64.size  # a DATA payload starts with its stream offset
@@ -52,6 +55,7 @@ _MAX_DATA_LENGTH: Final = _OFFSET_SIZE + MAX_DATA_CHUNK
 # A whole ACK (frames.ACK_WORD, then its offset): the control frame piggybacked on nearly
 # every small message (docs/protocol.md, "When ACKs are sent").
 _ACK_SIZE: Final = FRAME_HEADER_SIZE + _OFFSET_SIZE
+_TWO_PREFIXES: Final = 2 * _DATA_PREFIX
 
 
 class FrameReader:
@@ -116,7 +120,21 @@ class FrameReader:
             # otherwise do every operation below on boxed objects (CONTRIBUTING.md D6).
             word: int
             first: int
-            if end - pos >= _DATA_PREFIX:
+            if end - pos >= _TWO_PREFIXES:
+                next_word: int
+                next_first: int
+                word, first, next_word, next_first = _unpack_two_prefixes(view, pos)
+                if word == ACK_WORD:
+                    # An ACK, and the header of the frame after it from the same call: a
+                    # message of one DATA frame piggybacks its ACK before it
+                    # (frames.ack_and_data_header). The ACK case below, inlined.
+                    out.append(Ack(first))
+                    pos += _ACK_SIZE
+                    if limit and len(out) >= limit:
+                        self.unread = end - pos
+                        return out
+                    word, first = next_word, next_first
+            elif end - pos >= _DATA_PREFIX:
                 word, first = _unpack_word_u64(view, pos)
             else:
                 (word,) = _unpack_header(view, pos)
