@@ -24,7 +24,7 @@ from ..protocol.admission import MemoryStatistics
 from ..protocol.codes import CloseCode
 from ..protocol.events import SessionResumed
 from ..protocol.session import SessionState, SessionStatistics
-from .link import SessionRelay
+from .link import SessionRelay, protocol_of
 from .listener import open_listening_socket
 
 __all__ = [
@@ -196,7 +196,7 @@ class Service:
     def note_resumed(self, relay: SessionRelay, event: SessionResumed) -> None:
         self.counters.resumes_total += 1
         now = relay.loop.time()
-        link = relay.link.get_protocol() if relay.link is not None else None
+        link = protocol_of(relay.link) if relay.link is not None else None
         opened_at: float | None = getattr(link, "opened_at", None)
         if opened_at is not None:
             self._resume_times.observe(now - opened_at)

@@ -1,0 +1,184 @@
+"""The two read paths (aio/link.py, ``BulkReads``; docs/design.md, "Two read paths"): a
+connection reads small messages through the event loop's plain ``data_received`` and bulk
+through the buffered path, moving between them by the size of its reads, and the local
+side never reads on the plain path past its session's room. Real sockets and transports
+under asyncio and uvloop; then real tethers, clear text and TLS, with every byte checked."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tether.aio.client import TetherClient
+from tether.aio.link import (
+    BULK_READ,
+    PLAIN_READ_MAX,
+    SMALL_READS_TO_PLAIN,
+    BulkReads,
+    LocalProtocol,
+    SessionRelay,
+    protocol_of,
+)
+from tether.aio.server import TetherServer
+from tether.config import Address, ClientConfig, ServerConfig
+from tether.protocol.codes import CloseCode
+from tether.protocol.session import Role, Session, SessionConfig
+
+from ..loops import LOOPS, Run, runner
+
+
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Run[Any]:
+    return runner(request.param, 120)
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(30):  # bounded (CONTRIBUTING.md T6), never a timing claim
+        while not check():
+            await asyncio.sleep(0.005)
+
+
+async def _local(window: int) -> tuple[asyncio.Transport, LocalProtocol, socket.socket, Session]:
+    """A LocalProtocol on a real connected socket, bound to a relay whose core (not yet
+    established: it keeps what it is sent) has a replay buffer of ``window``; and the
+    socket's other end."""
+    loop = asyncio.get_running_loop()
+    mine, theirs = socket.socketpair()
+    theirs.setblocking(False)  # written with send() and the loop's sock_sendall()
+    protocol = LocalProtocol(CloseCode.APPLICATION_RESET)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, mine)
+    core = Session(Role.CLIENT, SessionConfig(window=window), loop.time())
+    protocol.bind(SessionRelay(core, logging.getLogger("tests")))
+    return transport, protocol, theirs, core
+
+
+async def _until_sent(core: Session, total: int) -> None:
+    """Until the core holds ``total`` bytes from the local side (each read is in)."""
+    await _until(lambda: core.statistics().replay_buffered == total)
+
+
+def test_a_bulk_read_moves_to_the_buffered_path_and_small_ones_move_back(run: Run[Any]) -> None:
+    async def main() -> None:
+        transport, protocol, theirs, core = await _local(4 * 1024 * 1024)
+        try:
+            assert transport.get_protocol() is protocol  # a connection starts plain
+            theirs.send(b"x" * 100)
+            await _until_sent(core, 100)
+            assert transport.get_protocol() is protocol  # a small read stays plain
+            protocol.data_received(b"y" * BULK_READ)  # a read as large as the plain path's
+            bulk = transport.get_protocol()
+            assert isinstance(bulk, BulkReads) and bulk.protocol is protocol
+            assert protocol_of(transport) is protocol
+            total = 100 + BULK_READ
+            for _ in range(SMALL_READS_TO_PLAIN):
+                assert transport.get_protocol() is bulk  # not yet
+                theirs.send(b"z")  # one read each: the next is sent once this one is in
+                total += 1
+                await _until_sent(core, total)
+            assert transport.get_protocol() is protocol  # back, after that many in a row
+            assert protocol._bulk is None  # no cycle left between the two
+        finally:
+            transport.abort()
+            theirs.close()
+
+    run(main())
+
+
+def test_the_local_side_reads_plain_only_with_room_for_a_whole_plain_read(
+    run: Run[Any],
+) -> None:
+    """A plain read takes what the loop read, whatever the session has room for; so with
+    less room than a plain read (a small window, or a full replay buffer) the local side
+    reads on the buffered path, whose reads are cut to the room, and stays there."""
+
+    async def main() -> None:
+        transport, _, theirs, core = await _local(PLAIN_READ_MAX // 2)
+        try:
+            theirs.send(b"x")
+            await _until_sent(core, 1)
+            assert isinstance(transport.get_protocol(), BulkReads)
+            for n in range(2, SMALL_READS_TO_PLAIN + 4):
+                theirs.send(b"x")
+                await _until_sent(core, n)
+            assert isinstance(transport.get_protocol(), BulkReads)  # small, but no room
+            # Past the room, the buffered path reads one byte, then the reader is paused.
+            sending = asyncio.ensure_future(
+                asyncio.get_running_loop().sock_sendall(theirs, b"w" * PLAIN_READ_MAX)
+            )
+            await _until(lambda: core.send_capacity() <= 0)
+            await asyncio.sleep(0.05)  # a read more would show here (not a timing claim)
+            assert core.statistics().replay_buffered <= PLAIN_READ_MAX // 2 + 1
+            sending.cancel()
+        finally:
+            transport.abort()
+            theirs.close()
+
+    run(main())
+
+
+class _Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
+def test_a_session_moves_between_the_paths_and_loses_nothing(run: Run[Any], tls: bool) -> None:
+    """Small round trips, then 16 MiB echoed, then small round trips again, through a
+    real tether client and server: every byte comes back in order, the four connections
+    (application, backend, and the link at both ends) read bulk on the buffered path, and
+    they are back on the plain path once the messages are small again."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        echo = await loop.create_server(_Echo, "127.0.0.1", 0)
+        server_config = ServerConfig(
+            listen=Address("127.0.0.1", 0),
+            backend=Address("127.0.0.1", echo.sockets[0].getsockname()[1]),
+            plaintext=not tls,
+        )
+        try:
+            async with TetherServer(server_config) as server:
+                client_config = ClientConfig(
+                    listen=Address("127.0.0.1", 0),
+                    server=Address("127.0.0.1", server.addresses[0].port),
+                    plaintext=not tls,
+                )
+                async with TetherClient(client_config) as client:
+                    where = client.addresses[0]
+                    reader, writer = await asyncio.open_connection(where.host, where.port)
+                    rng = random.Random(7)
+
+                    async def exchange(message: bytes) -> None:
+                        writer.write(message)
+                        assert await reader.readexactly(len(message)) == message
+
+                    def paths() -> list[bool]:  # on the buffered path, per connection
+                        relays = [*server.relays(), *client.relays()]
+                        transports = [t for r in relays for t in (r.local, r.link)]
+                        assert len(transports) == 4 and all(transports)
+                        return [isinstance(t.get_protocol(), BulkReads) for t in transports]
+
+                    try:
+                        for _ in range(20):
+                            await exchange(rng.randbytes(64))
+                        assert paths() == [False] * 4
+                        await exchange(rng.randbytes(16 * 1024 * 1024))
+                        assert paths() == [True] * 4
+                        for _ in range(2 * SMALL_READS_TO_PLAIN):
+                            await exchange(rng.randbytes(64))
+                        assert paths() == [False] * 4
+                    finally:
+                        writer.close()
+        finally:
+            echo.close()
+
+    run(main())
