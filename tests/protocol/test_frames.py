@@ -39,7 +39,7 @@ from tether.protocol.frames import (
     pong_frame,
     server_hello,
 )
-from tether.protocol.reader import FrameReader
+from tether.protocol.reader import COPY_BELOW, FrameReader
 
 from . import strategies as fs
 
@@ -237,6 +237,22 @@ def test_reader_byte_by_byte(frames: list[ControlFrame | Data]) -> None:
     stream = b"".join(frame.serialize() for frame in frames)
     one_by_one = read_all([stream[i : i + 1] for i in range(len(stream))])
     assert normalize(one_by_one) == normalize(list(frames))
+
+
+def test_small_bytes_are_sliced_and_anything_else_is_viewed() -> None:
+    """Payloads of a bytes input under COPY_BELOW are bytes (copies, cheaper than views of
+    a message); of a larger one, or of a buffer that may be reused, views of the input."""
+    small = Data(1, b"x" * 100).serialize()
+    (got,) = FrameReader().feed(small)
+    assert isinstance(got, Data) and type(got.payload) is bytes and got.payload == b"x" * 100
+    large = Data(1, b"y" * COPY_BELOW).serialize()
+    (got,) = FrameReader().feed(large)
+    assert isinstance(got, Data) and isinstance(got.payload, memoryview)
+    assert got.payload.obj is large
+    reused = bytearray(small)  # the link's read buffer, say: never copied by slicing
+    (got,) = FrameReader().feed(reused)
+    assert isinstance(got, Data) and isinstance(got.payload, memoryview)
+    assert got.payload.obj is reused
 
 
 def test_reader_returns_data_as_it_arrives_without_buffering() -> None:

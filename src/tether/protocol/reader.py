@@ -5,7 +5,10 @@ are never buffered: each piece of a DATA frame is returned as soon as it arrives
 as a zero-copy ``memoryview`` slice of the input, wrapped in a :class:`Data` that
 carries its own stream offset. Those views are the input's bytes: whoever feeds a
 buffer it reuses must not read into it again while any of them is alive (the reader
-itself keeps none: what it holds between calls is copied). Control frames are
+itself keeps none: what it holds between calls is copied). An input of ``bytes``
+under :data:`COPY_BELOW` (a small message, as the event loop's plain path reads it) is
+sliced as it is: its payloads are ``bytes``, copies of a few bytes, which cost less
+than a view of the input and a view per payload. Control frames are
 buffered until whole, and no frame may claim more than its limit, so the reader holds
 at most ``FRAME_HEADER_SIZE + MAX_CONTROL_PAYLOAD`` bytes between calls.
 
@@ -56,6 +59,10 @@ _MAX_DATA_LENGTH: Final = _OFFSET_SIZE + MAX_DATA_CHUNK
 # every small message (docs/protocol.md, "When ACKs are sent").
 _ACK_SIZE: Final = FRAME_HEADER_SIZE + _OFFSET_SIZE
 _TWO_PREFIXES: Final = 2 * _DATA_PREFIX
+# An input of bytes shorter than this is sliced as it is (copies), not through a view: a
+# memoryview of the input and one per payload cost about 1,200 instructions per message,
+# a copy of a few bytes a few dozen (issue 12, B2). As aio/link.py's JOIN_WRITES_BELOW.
+COPY_BELOW: Final = 4096
 
 
 class FrameReader:
@@ -79,7 +86,10 @@ class FrameReader:
         of ``data`` were not looked at (a read of tiny frames is then handled in parts,
         docs/design.md "Dense reads")."""
         out: list[ControlFrame | Data] = []
-        view = _memoryview(data)
+        # Payloads of a small bytes input are small copies (module docstring).
+        view: bytes | memoryview = (
+            data if type(data) is bytes and len(data) < COPY_BELOW else _memoryview(data)
+        )
         pos = 0
         end = len(view)
         while pos < end:
