@@ -59,6 +59,9 @@ def cyclic_garbage() -> collections.Counter[str]:
     return found
 
 
+BULK = bytes(range(256)) * 4096
+
+
 class Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -104,6 +107,10 @@ def test_links_and_sessions_that_end_leave_no_reference_cycle(run: Run[Any]) -> 
                     reader, writer = await asyncio.open_connection(app_at.host, app_at.port)
                     writer.write(b"ping")
                     assert await reader.readexactly(4) == b"ping"
+                    # 1 MiB each way: every connection then reads on the buffered path
+                    # (aio/link.py BulkReads), which must leave no cycle either.
+                    writer.write(BULK)
+                    assert await reader.readexactly(len(BULK)) == BULK
                     if i % 2:  # cut its link: the client resumes on a new one
                         resumes = server.counters.resumes_total
                         for relay in server.relays():

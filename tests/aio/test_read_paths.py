@@ -27,6 +27,7 @@ from tether.aio.link import (
 )
 from tether.aio.server import TetherServer
 from tether.config import Address, ClientConfig, ServerConfig
+from tether.protocol.admission import MemoryBudget
 from tether.protocol.codes import CloseCode
 from tether.protocol.session import Role, Session, SessionConfig
 
@@ -95,26 +96,58 @@ def test_the_local_side_reads_plain_only_with_room_for_a_whole_plain_read(
 ) -> None:
     """A plain read takes what the loop read, whatever the session has room for; so with
     less room than a plain read (a small window, or a full replay buffer) the local side
-    reads on the buffered path, whose reads are cut to the room, and stays there."""
+    reads on the buffered path, whose reads are cut to the room, from its first read on,
+    and stays there however small its reads."""
 
     async def main() -> None:
         transport, _, theirs, core = await _local(PLAIN_READ_MAX // 2)
         try:
-            theirs.send(b"x")
-            await _until_sent(core, 1)
-            assert isinstance(transport.get_protocol(), BulkReads)
-            for n in range(2, SMALL_READS_TO_PLAIN + 4):
+            assert isinstance(transport.get_protocol(), BulkReads)  # at bind, before a read
+            for n in range(1, SMALL_READS_TO_PLAIN + 4):
                 theirs.send(b"x")
                 await _until_sent(core, n)
             assert isinstance(transport.get_protocol(), BulkReads)  # small, but no room
-            # Past the room, the buffered path reads one byte, then the reader is paused.
+            # More than the room, less than a plain read: cut to the room, then one byte,
+            # then the reader is paused.
             sending = asyncio.ensure_future(
-                asyncio.get_running_loop().sock_sendall(theirs, b"w" * PLAIN_READ_MAX)
+                asyncio.get_running_loop().sock_sendall(theirs, b"w" * (PLAIN_READ_MAX - 1))
             )
             await _until(lambda: core.send_capacity() <= 0)
             await asyncio.sleep(0.05)  # a read more would show here (not a timing claim)
             assert core.statistics().replay_buffered <= PLAIN_READ_MAX // 2 + 1
             sending.cancel()
+        finally:
+            transport.abort()
+            theirs.close()
+
+    run(main())
+
+
+def test_a_session_charged_to_a_memory_budget_reads_its_local_side_buffered(
+    run: Run[Any],
+) -> None:
+    """A server's sessions share a memory budget, whose room for one of them shrinks as
+    the others use it, between two of its reads: its local side reads only on the
+    buffered path, each read cut to the room at that moment."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        mine, theirs = socket.socketpair()
+        protocol = LocalProtocol(CloseCode.BACKEND_RESET)
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, mine)
+        window = 4 * 1024 * 1024
+        core = Session(Role.SERVER, SessionConfig(window=window), loop.time())
+        account = MemoryBudget(64 * 1024 * 1024).grant(window)
+        assert account is not None
+        core.charge_to(account)
+        assert transport.get_protocol() is protocol  # plain until bound
+        protocol.bind(SessionRelay(core, logging.getLogger("tests")))
+        try:
+            assert isinstance(transport.get_protocol(), BulkReads)
+            for n in range(1, SMALL_READS_TO_PLAIN + 4):
+                theirs.send(b"x")
+                await _until_sent(core, n)
+            assert isinstance(transport.get_protocol(), BulkReads)
         finally:
             transport.abort()
             theirs.close()
@@ -134,8 +167,8 @@ class _Echo(asyncio.Protocol):
 def test_a_session_moves_between_the_paths_and_loses_nothing(run: Run[Any], tls: bool) -> None:
     """Small round trips, then 16 MiB echoed, then small round trips again, through a
     real tether client and server: every byte comes back in order, the four connections
-    (application, backend, and the link at both ends) read bulk on the buffered path, and
-    they are back on the plain path once the messages are small again."""
+    (backend, application, and the link at both ends) read bulk on the buffered path, and
+    the three that may are back on the plain path once the messages are small again."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -162,20 +195,24 @@ def test_a_session_moves_between_the_paths_and_loses_nothing(run: Run[Any], tls:
                         assert await reader.readexactly(len(message)) == message
 
                     def paths() -> list[bool]:  # on the buffered path, per connection
-                        relays = [*server.relays(), *client.relays()]
+                        relays = [*server.relays(), *client.relays()]  # server's first
                         transports = [t for r in relays for t in (r.local, r.link)]
                         assert len(transports) == 4 and all(transports)
                         return [isinstance(t.get_protocol(), BulkReads) for t in transports]
 
+                    # The server's backend, the application, the server's and the
+                    # client's link; the backend's session is charged to the server's
+                    # memory budget, so it reads buffered throughout.
+                    small = [True, False, False, False]
                     try:
                         for _ in range(20):
                             await exchange(rng.randbytes(64))
-                        assert paths() == [False] * 4
+                        assert paths() == small
                         await exchange(rng.randbytes(16 * 1024 * 1024))
                         assert paths() == [True] * 4
                         for _ in range(2 * SMALL_READS_TO_PLAIN):
                             await exchange(rng.randbytes(64))
-                        assert paths() == [False] * 4
+                        assert paths() == small
                     finally:
                         writer.close()
         finally:

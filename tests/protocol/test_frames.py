@@ -207,7 +207,7 @@ def test_a_reader_with_a_limit_leaves_the_rest_and_reads_the_same(
     assert normalize(got) == normalize(list(frames))
 
 
-@pytest.mark.parametrize("payload", [b"hi", b"a 64-byte message" * 4])
+@pytest.mark.parametrize("payload", [b"hi", b"a 64-byte message" * 4, b"m" * COPY_BELOW])
 def test_an_ack_before_a_data_frame_reads_as_two_frames(payload: bytes) -> None:
     """A small message's piggybacked ACK goes before its DATA (``ack_and_data_header``),
     and the reader takes both headers in one unpack: each is still a frame of its own,

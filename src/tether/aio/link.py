@@ -654,7 +654,9 @@ SMALL_READS_TO_PLAIN: Final = 8
 # A plain read takes what the event loop's buffer holds (256 KiB: uvloop's and asyncio's),
 # whatever the session has room for; the buffered path's reads are cut to that room
 # (``LocalProtocol.get_buffer``). So the local side reads on the plain path only while its
-# replay buffer has room for a whole plain read: a session never takes more than its bound.
+# replay buffer has room for a whole plain read, and never when it is charged to a server's
+# memory budget, whose room shrinks as other sessions use it (``_plain_fits``): a session
+# never takes more than its bound.
 PLAIN_READ_MAX: Final = 256 * 1024
 
 
@@ -709,6 +711,12 @@ def _read_path(
     elif not bulk and reads is not None and current is reads:
         protocol._bulk = None  # and no cycle between them is left
         transport.set_protocol(protocol)
+
+
+def _plain_fits(core: Session) -> bool:
+    """The local side may read on the plain path: room for a whole plain read, known to
+    stay there until the next read (no shared budget). docs/design.md, obligation 9."""
+    return not core.charged and core.send_capacity() >= PLAIN_READ_MAX
 
 
 def _counted_small(protocol: LocalProtocol | LinkProtocol, nbytes: int) -> bool:
@@ -775,8 +783,11 @@ class LocalProtocol(asyncio.Protocol):
         relay = self.relay
         if relay is not None:
             _local_data(relay, data)
-            if _counted_small(self, nbytes) and relay.core.send_capacity() >= PLAIN_READ_MAX:
-                _read_path(self, self.transport, False)
+            if _counted_small(self, nbytes):
+                if _plain_fits(relay.core):
+                    _read_path(self, self.transport, False)
+                else:
+                    self._small_reads = 0  # counted again once there is room
         else:
             self._early.append(data)
 
@@ -787,6 +798,8 @@ class LocalProtocol(asyncio.Protocol):
         for chunk in self._early:
             relay.local_data(chunk)
         self._early.clear()
+        if not _plain_fits(relay.core):  # before its first read, not after it
+            _read_path(self, self.transport, True)
         if self._early_eof:
             relay.local_eof()
         if self._lost:
@@ -801,7 +814,7 @@ class LocalProtocol(asyncio.Protocol):
         relay = self.relay
         if relay is not None:
             _local_data(relay, data)
-            if len(data) >= BULK_READ or relay.core.send_capacity() < PLAIN_READ_MAX:
+            if len(data) >= BULK_READ or not _plain_fits(relay.core):
                 _read_path(self, self.transport, True)
         else:
             self._early.append(data)
@@ -815,6 +828,7 @@ class LocalProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost, self._lost_exc = True, exc
+        self._bulk = None  # (whether or not a relay is told: a takeover lets go of it first)
         if self.relay is not None:
             self.relay.local_lost(exc, self._reset_code)
             self._let_go()

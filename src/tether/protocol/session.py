@@ -405,6 +405,13 @@ class Session:
         capacity = account.capacity()
         return capacity if capacity < room else room
 
+    @property
+    def charged(self) -> bool:
+        """True once the replay buffer is charged to a memory budget (:meth:`charge_to`),
+        whose room moves with other sessions' use: a driver then reads no more than
+        :meth:`send_capacity` at each read, never a read it cannot size."""
+        return self._account is not None
+
     def charge_to(self, account: Account) -> None:
         """Charge this session's replay buffer to ``account`` (a server's
         :class:`~tether.protocol.admission.MemoryBudget`) from now on; the account is
