@@ -623,6 +623,40 @@ RECYCLE_MAX: Final = RECYCLE_BYTES // READ_SIZE
 _handed: Final[collections.deque[bytearray]] = collections.deque()
 
 
+def _local_get_buffer(protocol: LocalProtocol) -> memoryview:
+    """``LocalProtocol.get_buffer``: the shared read buffer, cut to the session's room."""
+    size = READ_SIZE
+    relay = protocol.relay
+    if relay is not None:
+        capacity = relay.core.send_capacity()
+        if capacity < size:
+            # A read already due when the replay buffer (or the server's memory
+            # budget) has no room: one byte, then the reader is paused.
+            size = capacity if capacity > 0 else 1
+    view = _local_reads.view
+    return view if size == READ_SIZE else view[:size]
+
+
+def _local_buffer_updated(protocol: LocalProtocol, nbytes: int) -> None:
+    """``LocalProtocol.buffer_updated``: a read on the buffered path."""
+    data = _take_local_read(nbytes)
+    relay = protocol.relay
+    if relay is None:
+        protocol._early.append(data)
+        return
+    _local_data(relay, data)
+    # SMALL_READS_TO_PLAIN in a row under SMALL_READ: back to the plain path, if it fits;
+    # counted again either way.
+    if nbytes >= SMALL_READ:
+        protocol._small_reads = 0
+    else:
+        protocol._small_reads += 1
+        if protocol._small_reads >= SMALL_READS_TO_PLAIN:
+            protocol._small_reads = 0
+            if _plain_fits(relay.core):
+                _read_path(protocol, protocol.transport, False)
+
+
 def _take_local_read(nbytes: int) -> bytes | memoryview:
     """The ``nbytes`` a local read put in the shared buffer, as ``LocalProtocol`` hands them
     on: half a buffer or more is handed over whole, less is copied out (its docstring)."""
@@ -670,11 +704,21 @@ class BulkReads(asyncio.BufferedProtocol):
     def __init__(self, protocol: LocalProtocol | LinkProtocol) -> None:
         self.protocol = protocol
 
+    # The reads go to module functions for a LocalProtocol, whose methods a call would look
+    # up by name (it allows interpreted subclasses, D6); a LinkProtocol's are called directly.
+
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.protocol.get_buffer(sizehint)
+        protocol = self.protocol
+        if isinstance(protocol, LinkProtocol):
+            return protocol.get_buffer(sizehint)
+        return _local_get_buffer(protocol)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.protocol.buffer_updated(nbytes)
+        protocol = self.protocol
+        if isinstance(protocol, LinkProtocol):
+            protocol.buffer_updated(nbytes)
+        else:
+            _local_buffer_updated(protocol, nbytes)
 
     def eof_received(self) -> bool | None:
         return self.protocol.eof_received()
@@ -719,16 +763,6 @@ def _plain_fits(core: Session) -> bool:
     return not core.charged and core.send_capacity() >= PLAIN_READ_MAX
 
 
-def _counted_small(protocol: LocalProtocol | LinkProtocol, nbytes: int) -> bool:
-    """A buffered read of ``nbytes`` counted: True once SMALL_READS_TO_PLAIN in a row were
-    under SMALL_READ (time to go back to the plain path)."""
-    if nbytes >= SMALL_READ:
-        protocol._small_reads = 0
-        return False
-    protocol._small_reads += 1
-    return protocol._small_reads >= SMALL_READS_TO_PLAIN
-
-
 @mypyc_attr(allow_interpreted_subclasses=True)
 class LocalProtocol(asyncio.Protocol):
     """The application (client) or the backend (server) connection of one session.
@@ -766,30 +800,11 @@ class LocalProtocol(asyncio.Protocol):
         self._small_reads = 0  # buffered reads under SMALL_READ in a row
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        size = READ_SIZE
-        relay = self.relay
-        if relay is not None:
-            capacity = relay.core.send_capacity()
-            if capacity < size:
-                # A read already due when the replay buffer (or the server's memory
-                # budget) has no room: one byte, then the reader is paused.
-                size = capacity if capacity > 0 else 1
-        view = _local_reads.view
-        return view if size == READ_SIZE else view[:size]
+        return _local_get_buffer(self)
 
     def buffer_updated(self, nbytes: int) -> None:
         """A read on the buffered path (``BulkReads``)."""
-        data = _take_local_read(nbytes)
-        relay = self.relay
-        if relay is not None:
-            _local_data(relay, data)
-            if _counted_small(self, nbytes):
-                if _plain_fits(relay.core):
-                    _read_path(self, self.transport, False)
-                else:
-                    self._small_reads = 0  # counted again once there is room
-        else:
-            self._early.append(data)
+        _local_buffer_updated(self, nbytes)
 
     def bind(self, relay: SessionRelay) -> None:
         """Attach to a relay, handing it anything that arrived before."""
@@ -1032,8 +1047,12 @@ class LinkProtocol(asyncio.Protocol):
         relay = self.relay
         if relay is not None:
             _link_data(relay, self.transport, data)
-            if _counted_small(self, nbytes):
-                _read_path(self, self.transport, False)
+            if nbytes >= SMALL_READ:  # as LocalProtocol.buffer_updated
+                self._small_reads = 0
+            else:
+                self._small_reads += 1
+                if self._small_reads >= SMALL_READS_TO_PLAIN:
+                    _read_path(self, self.transport, False)
         else:
             self._handshake_data(data)
 
