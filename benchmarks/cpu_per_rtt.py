@@ -10,6 +10,7 @@ application and an echo backend, strictly one message in flight::
     python -m benchmarks.cpu_per_rtt --calls [--base ...]   # Python calls per round trip
     python -m benchmarks.cpu_per_rtt --instructions [--base ...]   # instructions (valgrind)
     python -m benchmarks.cpu_per_rtt --tls [...]   # TLS 1.3 links (trust on first use)
+    python -m benchmarks.cpu_per_rtt --callgrind server --out FILE   # by function (valgrind)
 
 ``--calls`` counts instead of timing: the function calls both tether processes make per
 round trip (``sys.setprofile`` from a ``sitecustomize`` put on their ``PYTHONPATH``), the
@@ -34,6 +35,7 @@ import re
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,10 +68,16 @@ if _out and "tether" in sys.orig_argv and "--help" not in sys.orig_argv:
 
 
 def run_once(
-    count: int, home: Path, extra: list[str], wrapper: Callable[[str], list[str]] | None = None
+    count: int,
+    home: Path,
+    extra: list[str],
+    wrapper: Callable[[str], list[str]] | None = None,
+    measuring: Callable[[bool, tuple[int, int]], None] | None = None,
 ) -> tuple[float, float]:
     """(CPU us per round trip of both tether processes, p50 round trip in us).
-    ``wrapper(role)``: a command to run the ``server`` or ``client`` under (valgrind)."""
+    ``wrapper(role)``: a command to run the ``server`` or ``client`` under (valgrind).
+    ``measuring(on, (server pid, client pid))``: called after the warm-up (True) and after
+    the measured round trips (False)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     server, server_port = _start(
@@ -110,12 +118,16 @@ def run_once(
         for _ in range(200):  # warm up: session established, buffers sized
             one()
         times = []
+        if measuring is not None:
+            measuring(True, pids)
         cpu0 = sum(map(_cpu_seconds, pids))
         for _ in range(count):
             t0 = time.perf_counter_ns()
             one()
             times.append(time.perf_counter_ns() - t0)
         cpu1 = sum(map(_cpu_seconds, pids))
+        if measuring is not None:
+            measuring(False, pids)
         for s in (app, back):
             s.close()
     finally:
@@ -201,6 +213,32 @@ def count_instructions(
     return {role: (high - low) / (2 * count) for role, (low, high) in totals.items()}
 
 
+def profile_callgrind(count: int, home: Path, extra: list[str], role: str, out: Path) -> None:
+    """Run the ``role`` process (``server`` or ``client``) under valgrind's callgrind,
+    counting only the ``count`` measured round trips (not start-up or the warm-up), into
+    ``out``; read it with ``callgrind_annotate --inclusive=yes --tree=calling OUT``."""
+    index = 0 if role == "server" else 1
+
+    def wrapper(which: str) -> list[str]:
+        if which != role:
+            return []
+        return [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out}",
+            f"--log-file={out}.log",
+        ]
+
+    def measuring(on: bool, pids: tuple[int, int]) -> None:
+        state = "on" if on else "off"
+        subprocess.run(
+            ["callgrind_control", "-i", state, str(pids[index])], check=True, capture_output=True
+        )
+
+    run_once(count, home, extra, wrapper, measuring)
+
+
 def _print_calls(name: str, calls: dict[str, float]) -> None:
     python = sum(v for k, v in calls.items() if not k.startswith("C:"))
     builtin = sum(v for k, v in calls.items() if k.startswith("C:"))
@@ -222,12 +260,28 @@ def main() -> int:
         action="store_true",
         help="count user-space instructions per round trip (valgrind) instead of time",
     )
+    parser.add_argument(
+        "--callgrind",
+        choices=["server", "client"],
+        help="profile that process by function with valgrind's callgrind (--out FILE)",
+    )
+    parser.add_argument("--out", type=Path, help="--callgrind: the profile's file")
     args = parser.parse_args()
     plaintext = has_plaintext()
     if args.tls and not plaintext:
         parser.error("--tls: the tether on the path has no TLS")
     extra = ["--plaintext"] if plaintext and not args.tls else []
     home = Path(tempfile.mkdtemp(prefix="tbench-rtt-"))
+    if args.callgrind:
+        if args.out is None or shutil.which("callgrind_control") is None:
+            shutil.rmtree(home, ignore_errors=True)
+            parser.error("--callgrind needs --out FILE and valgrind (apt-get install valgrind)")
+        try:
+            profile_callgrind(min(args.count, 3000), home, extra, args.callgrind, args.out)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+        print(f"callgrind_annotate --inclusive=yes --tree=calling {args.out}")
+        return 0
     if args.instructions:
         if shutil.which("valgrind") is None:
             shutil.rmtree(home, ignore_errors=True)

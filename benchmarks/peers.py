@@ -51,6 +51,7 @@ class Peer:
     variant: bool = False  # run through benchmarks/variant.py (a what-if experiment)
     tls: bool = False  # tether: its default TLS instead of --plaintext
     framed: bool = False  # pyrelay: the link between its two hops carries framed messages
+    sockets: bool = False  # pyrelay: add_reader and recv_into/send instead of transports
 
     def describe(self) -> str:
         return self.label or self.name
@@ -71,6 +72,13 @@ PEERS: dict[str, Peer] = {
             "pyrelay",
             2,
             label="two bare uvloop Protocol relays (benchmarks/pyrelay.py): a Python relay's floor",
+        ),
+        Peer(
+            "pyrelay2-sock",
+            "pyrelay",
+            2,
+            sockets=True,
+            label="pyrelay2 on add_reader and recv_into/send, no transports (an experiment)",
         ),
         Peer(
             "pyrelay2-framed",
@@ -194,11 +202,17 @@ def _socat(
 
 
 def _pyrelay(
-    procs: Procs, listen_host: str, target: str, framed: str, name: str, netns: str | None
+    procs: Procs,
+    listen_host: str,
+    target: str,
+    framed: str,
+    name: str,
+    netns: str | None,
+    sockets: bool = False,
 ) -> str:
     """One hop of benchmarks/pyrelay.py; ``framed``: which of its sides speaks frames."""
     argv = [PYTHON, "-m", "benchmarks.pyrelay", "--listen", f"{listen_host}:0"]
-    argv += ["--target", target, "--framed", framed]
+    argv += ["--target", target, "--framed", framed] + (["--sockets"] if sockets else [])
     _, entry = procs.start_ready(argv, name, netns=netns)
     return entry
 
@@ -310,9 +324,9 @@ def start_chain(
         return entry
     if peer.kind == "pyrelay":
         entry = _pyrelay(procs, server_host, backend, "accepted" if peer.framed else "none",
-                         "pyrelay-s", server_ns)  # fmt: skip
+                         "pyrelay-s", server_ns, peer.sockets)  # fmt: skip
         return _pyrelay(procs, "127.0.0.1", entry, "target" if peer.framed else "none",
-                        "pyrelay-c", client_ns)  # fmt: skip
+                        "pyrelay-c", client_ns, peer.sockets)  # fmt: skip
     if peer.kind == "stunnel":
         files = self_signed(Path(tempfile.mkdtemp(prefix="stunnel-", dir=scratch_home())))
         entry = _stunnel(procs, False, server_host, backend, "stunnel-s", server_ns, files)

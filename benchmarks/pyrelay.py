@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import socket
 import struct
 import sys
 
@@ -32,6 +34,7 @@ HEADER = struct.Struct("!IQ")  # type << 24 | (8 + payload length), stream offse
 DATA = 1  # tether's FrameType.DATA
 JOIN_BELOW = 4096  # as tether's JOIN_WRITES_BELOW
 MAX_PAYLOAD = 64 * 1024
+SOCKET_READ = 256 * 1024  # --sockets: one recv_into buffer per direction
 
 
 class Half(relay.Half):
@@ -125,7 +128,77 @@ class Accepted(Half, relay.Accepted):
                 half.data_received(data)
 
 
+class SocketPump:
+    """``--sockets``: one direction of a pair copied with ``loop.add_reader`` and
+    ``socket.recv_into`` / ``socket.send`` on the sockets themselves, no transport: what a
+    relay pays per message without asyncio's transports (issue 12's "a transport of our
+    own" question). Unframed; a short send parks the rest and waits for writability."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket):
+        self.loop, self.src, self.dst = loop, src, dst
+        self.buffer = bytearray(SOCKET_READ)
+        self.view = memoryview(self.buffer)
+        self.rest: memoryview | None = None
+        loop.add_reader(src.fileno(), self.readable)
+
+    def readable(self) -> None:
+        try:
+            n = self.src.recv_into(self.buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if not n:
+            self.loop.remove_reader(self.src.fileno())
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+            return
+        try:
+            sent = self.dst.send(self.view[:n])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < n:
+            self.rest = self.view[sent:n]
+            self.loop.remove_reader(self.src.fileno())
+            self.loop.add_writer(self.dst.fileno(), self.writable)
+
+    def writable(self) -> None:
+        rest = self.rest
+        assert rest is not None
+        try:
+            sent = self.dst.send(rest)
+        except (BlockingIOError, InterruptedError):
+            return
+        if sent < len(rest):
+            self.rest = rest[sent:]
+            return
+        self.rest = None
+        self.loop.remove_writer(self.dst.fileno())
+        self.loop.add_reader(self.src.fileno(), self.readable)
+
+
+async def run_sockets(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    target = parse_addr(args.target)
+    listener = socket.create_server(parse_addr(args.listen), backlog=4096)
+    listener.setblocking(False)
+    host, port = listener.getsockname()[:2]
+    print(f"READY {host}:{port}", flush=True)
+    pumps: list[SocketPump] = []
+    for _ in range(100000):  # bounded: one benchmark's connections
+        accepted, _addr = await loop.sock_accept(listener)
+        out = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        out.setblocking(False)
+        await loop.sock_connect(out, target)
+        for sock in (accepted, out):
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pumps += [SocketPump(loop, accepted, out), SocketPump(loop, out, accepted)]
+
+
 async def run(args: argparse.Namespace) -> None:
+    if args.sockets:
+        return await run_sockets(args)
     loop = asyncio.get_running_loop()
     target = parse_addr(args.target)
     server = await loop.create_server(
@@ -145,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["none", "target", "accepted"],
         default="none",
         help="the side that speaks frames: target (client-side hop), accepted (server-side)",
+    )
+    parser.add_argument(
+        "--sockets",
+        action="store_true",
+        help="copy with add_reader and recv_into/send on the sockets, no transports (unframed)",
     )
     args = parser.parse_args(argv)
     try:
