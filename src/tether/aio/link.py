@@ -494,8 +494,10 @@ def _pump(relay: SessionRelay) -> None:
                 if local is not None and not local.is_closing() and local.can_write_eof():
                     local.write_eof()
             elif isinstance(event, SessionEstablished):
+                _check_local_path(relay)
                 relay.on_established(event)
             elif isinstance(event, SessionResumed):
+                _check_local_path(relay)
                 relay.on_resumed(event)
             elif isinstance(event, LinkLost):
                 if relay.log.isEnabledFor(logging.DEBUG):
@@ -755,6 +757,18 @@ def _read_path(
     elif not bulk and reads is not None and current is reads:
         protocol._bulk = None  # and no cycle between them is left
         transport.set_protocol(protocol)
+
+
+def _check_local_path(relay: SessionRelay) -> None:
+    """The session was established or resumed: the peer's window, now known, may leave less
+    room than a plain read (``_plain_fits``), with no read of the local side to notice it."""
+    local = relay.local
+    if local is None or _plain_fits(relay.core):
+        return
+    get_protocol = getattr(local, "get_protocol", None)  # a library stream's end has none
+    protocol = get_protocol() if get_protocol is not None else None
+    if isinstance(protocol, LocalProtocol):
+        _read_path(protocol, protocol.transport, True)
 
 
 def _plain_fits(core: Session) -> bool:
