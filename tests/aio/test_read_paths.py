@@ -7,10 +7,11 @@ under asyncio and uvloop; then real tethers, clear text and TLS, with every byte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -45,16 +46,23 @@ async def _until(check: Callable[[], bool]) -> None:
             await asyncio.sleep(0.005)
 
 
-async def _local(window: int) -> tuple[asyncio.Transport, LocalProtocol, socket.socket, Session]:
+async def _local(
+    window: int, budget: MemoryBudget | None = None
+) -> tuple[asyncio.Transport, LocalProtocol, socket.socket, Session]:
     """A LocalProtocol on a real connected socket, bound to a relay whose core (not yet
-    established: it keeps what it is sent) has a replay buffer of ``window``; and the
-    socket's other end."""
+    established: it keeps what it is sent) has a replay buffer of ``window``, charged to
+    ``budget`` when one is given (as a server's session is); and the socket's other end."""
     loop = asyncio.get_running_loop()
     mine, theirs = socket.socketpair()
     theirs.setblocking(False)  # written with send() and the loop's sock_sendall()
     protocol = LocalProtocol(CloseCode.APPLICATION_RESET)
     transport, _ = await loop.connect_accepted_socket(lambda: protocol, mine)
     core = Session(Role.CLIENT, SessionConfig(window=window), loop.time())
+    if budget is not None:
+        account = budget.grant(window)
+        assert account is not None
+        core.charge_to(account)
+    assert transport.get_protocol() is protocol  # plain until bound
     protocol.bind(SessionRelay(core, logging.getLogger("tests")))
     return transport, protocol, theirs, core
 
@@ -131,17 +139,8 @@ def test_a_session_charged_to_a_memory_budget_reads_its_local_side_buffered(
     buffered path, each read cut to the room at that moment."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        mine, theirs = socket.socketpair()
-        protocol = LocalProtocol(CloseCode.BACKEND_RESET)
-        transport, _ = await loop.connect_accepted_socket(lambda: protocol, mine)
-        window = 4 * 1024 * 1024
-        core = Session(Role.SERVER, SessionConfig(window=window), loop.time())
-        account = MemoryBudget(64 * 1024 * 1024).grant(window)
-        assert account is not None
-        core.charge_to(account)
-        assert transport.get_protocol() is protocol  # plain until bound
-        protocol.bind(SessionRelay(core, logging.getLogger("tests")))
+        budget = MemoryBudget(64 * 1024 * 1024)
+        transport, _, theirs, core = await _local(4 * 1024 * 1024, budget)
         try:
             assert isinstance(transport.get_protocol(), BulkReads)
             for n in range(1, SMALL_READS_TO_PLAIN + 4):
@@ -155,6 +154,46 @@ def test_a_session_charged_to_a_memory_budget_reads_its_local_side_buffered(
     run(main())
 
 
+class _Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+Tethers = tuple[TetherServer, TetherClient, asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def _tethers(tls: bool, session: SessionConfig | None = None) -> AsyncIterator[Tethers]:
+    """An echo backend, a tether server in front of it (with ``session``'s settings), a
+    tether client of it, and an application's connection through them."""
+    echo = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0)
+    server_config = ServerConfig(
+        listen=Address("127.0.0.1", 0),
+        backend=Address("127.0.0.1", echo.sockets[0].getsockname()[1]),
+        plaintext=not tls,
+        session=session or SessionConfig(),
+    )
+    try:
+        async with TetherServer(server_config) as server:
+            client_config = ClientConfig(
+                listen=Address("127.0.0.1", 0),
+                server=Address("127.0.0.1", server.addresses[0].port),
+                plaintext=not tls,
+            )
+            async with TetherClient(client_config) as client:
+                where = client.addresses[0]
+                reader, writer = await asyncio.open_connection(where.host, where.port)
+                try:
+                    yield server, client, reader, writer
+                finally:
+                    writer.close()
+    finally:
+        echo.close()
+
+
 def test_a_client_told_a_small_window_reads_its_application_buffered_before_a_read(
     run: Run[Any],
 ) -> None:
@@ -164,47 +203,16 @@ def test_a_client_told_a_small_window_reads_its_application_buffered_before_a_re
     again when the session is established, not only after a read."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        echo = await loop.create_server(_Echo, "127.0.0.1", 0)
-        server_config = ServerConfig(
-            listen=Address("127.0.0.1", 0),
-            backend=Address("127.0.0.1", echo.sockets[0].getsockname()[1]),
-            plaintext=True,
-            session=SessionConfig(window=PLAIN_READ_MAX // 2),
-        )
-        try:
-            async with TetherServer(server_config) as server:
-                client_config = ClientConfig(
-                    listen=Address("127.0.0.1", 0),
-                    server=Address("127.0.0.1", server.addresses[0].port),
-                    plaintext=True,
-                )
-                async with TetherClient(client_config) as client:
-                    where = client.addresses[0]
-                    _, writer = await asyncio.open_connection(where.host, where.port)
-                    try:
-                        await _until(
-                            lambda: any(
-                                r.core.state is SessionState.ATTACHED for r in client.relays()
-                            )
-                        )
-                        (relay,) = client.relays()
-                        assert relay.local is not None
-                        assert isinstance(relay.local.get_protocol(), BulkReads)  # type: ignore[attr-defined]
-                    finally:
-                        writer.close()
-        finally:
-            echo.close()
+        small = SessionConfig(window=PLAIN_READ_MAX // 2)
+        async with _tethers(False, small) as (_, client, _, _):
+            await _until(
+                lambda: any(r.core.state is SessionState.ATTACHED for r in client.relays())
+            )
+            (relay,) = client.relays()
+            assert relay.local is not None
+            assert isinstance(relay.local.get_protocol(), BulkReads)  # type: ignore[attr-defined]
 
     run(main())
-
-
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
@@ -216,65 +224,44 @@ def test_a_session_moves_between_the_paths_and_loses_nothing(run: Run[Any], tls:
     again."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        echo = await loop.create_server(_Echo, "127.0.0.1", 0)
-        server_config = ServerConfig(
-            listen=Address("127.0.0.1", 0),
-            backend=Address("127.0.0.1", echo.sockets[0].getsockname()[1]),
-            plaintext=not tls,
-        )
-        try:
-            async with TetherServer(server_config) as server:
-                client_config = ClientConfig(
-                    listen=Address("127.0.0.1", 0),
-                    server=Address("127.0.0.1", server.addresses[0].port),
-                    plaintext=not tls,
-                )
-                async with TetherClient(client_config) as client:
-                    where = client.addresses[0]
-                    reader, writer = await asyncio.open_connection(where.host, where.port)
-                    rng = random.Random(7)
+        async with _tethers(tls) as (server, client, reader, writer):
+            rng = random.Random(7)
 
-                    async def exchange(message: bytes) -> None:
-                        writer.write(message)
-                        assert await reader.readexactly(len(message)) == message
+            async def exchange(message: bytes) -> None:
+                writer.write(message)
+                assert await reader.readexactly(len(message)) == message
 
-                    def paths() -> list[bool]:  # on the buffered path, per connection
-                        relays = [*server.relays(), *client.relays()]  # server's first
-                        transports = [t for r in relays for t in (r.local, r.link)]
-                        assert len(transports) == 4 and all(transports)
-                        return [isinstance(t.get_protocol(), BulkReads) for t in transports]
+            def paths() -> list[bool]:  # on the buffered path, per connection
+                relays = [*server.relays(), *client.relays()]  # server's first
+                transports = [t for r in relays for t in (r.local, r.link)]
+                assert len(transports) == 4 and all(transports)
+                return [isinstance(t.get_protocol(), BulkReads) for t in transports]
 
-                    # The server's backend, the application, the server's and the
-                    # client's link; the backend's session is charged to the server's
-                    # memory budget, so it reads buffered throughout.
-                    small = [True, False, False, False]
-                    try:
-                        for _ in range(20):
-                            await exchange(rng.randbytes(64))
-                        assert paths() == small
-                        # Seen on the buffered path while the bulk goes through: once it is
-                        # through, the client's ACKs of the tail of the echo (small reads)
-                        # may already have moved the server's link back, as they should.
-                        seen = [False] * 4
+            # The server's backend, the application, the server's and the client's link;
+            # the backend's session is charged to the server's memory budget, so it reads
+            # buffered throughout.
+            small = [True, False, False, False]
+            for _ in range(20):
+                await exchange(rng.randbytes(64))
+            assert paths() == small
+            # Seen on the buffered path while the bulk goes through: once it is through,
+            # the client's ACKs of the tail of the echo (small reads) may already have
+            # moved the server's link back, as they should.
+            seen = [False] * 4
 
-                        async def watch() -> None:
-                            while True:
-                                seen[:] = [a or b for a, b in zip(seen, paths(), strict=True)]
-                                await asyncio.sleep(0.001)
+            async def watch() -> None:
+                while True:
+                    seen[:] = [a or b for a, b in zip(seen, paths(), strict=True)]
+                    await asyncio.sleep(0.001)
 
-                        watching = asyncio.ensure_future(watch())
-                        try:
-                            await exchange(rng.randbytes(16 * 1024 * 1024))
-                        finally:
-                            watching.cancel()
-                        assert seen == [True] * 4
-                        for _ in range(2 * SMALL_READS_TO_PLAIN):
-                            await exchange(rng.randbytes(64))
-                        assert paths() == small
-                    finally:
-                        writer.close()
-        finally:
-            echo.close()
+            watching = asyncio.ensure_future(watch())
+            try:
+                await exchange(rng.randbytes(16 * 1024 * 1024))
+            finally:
+                watching.cancel()
+            assert seen == [True] * 4
+            for _ in range(2 * SMALL_READS_TO_PLAIN):
+                await exchange(rng.randbytes(64))
+            assert paths() == small
 
     run(main())
