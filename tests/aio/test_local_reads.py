@@ -100,5 +100,8 @@ def test_small_reads_are_copied_and_hand_nothing_over() -> None:
     view[:5] = b"hello"
     del view
     keeper.got.append(link._take_local_read(5))
-    assert keeper.got == [b"hello"] and isinstance(keeper.got[0], bytes)
+    # a copy of its own (a bytearray slice), not a view of the shared buffer
+    assert keeper.got == [b"hello"] and isinstance(keeper.got[0], bytearray)
+    link._local_reads.buf[:5] = b"world"  # the next read overwrites the shared buffer
+    assert keeper.got == [b"hello"]
     assert not link._handed

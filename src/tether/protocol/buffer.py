@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 __all__ = ["ReplayBuffer"]
 
-Chunk = bytes | memoryview
+Chunk = bytes | bytearray | memoryview
 
 
 class ReplayBuffer:

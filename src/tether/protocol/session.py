@@ -253,7 +253,7 @@ class Session:
         # larger when idle, and pop(0) is quadratic under many small frames).
         self._events: list[events.Event] = []
         self._event_head = 0
-        self._out: list[bytes | memoryview] = []
+        self._out: list[bytes | bytearray | memoryview] = []
         self._reader = FrameReader()
         # Outbound stream. The EOF, once queued, occupies offset ``buffer.end``; offsets
         # below count it, so "the EOF is on this link" is ``_send_next > buffer.end``.
@@ -579,7 +579,7 @@ class Session:
 
     # -- outputs -------------------------------------------------------------------
 
-    def data_to_send(self) -> list[bytes | memoryview]:
+    def data_to_send(self) -> list[bytes | bytearray | memoryview]:
         """Bytes for the current link, as a list of buffers to write in order, with one
         gathering write (``transport.writelines``); payloads are views, not copies."""
         out = self._out
@@ -683,7 +683,7 @@ class Session:
 
     # -- application inputs ------------------------------------------------------
 
-    def send(self, data: bytes | memoryview) -> None:
+    def send(self, data: bytes | bytearray | memoryview) -> None:
         """Queue application bytes. Always accepted; respect :meth:`send_capacity`."""
         if self.state is SessionState.CLOSED:
             raise InvalidState("send() on a closed session")
