@@ -154,6 +154,43 @@ def test_a_session_charged_to_a_memory_budget_reads_its_local_side_buffered(
     run(main())
 
 
+def test_what_a_backend_says_before_bind_is_read_up_to_its_bound_then_waits(
+    run: Run[Any],
+) -> None:
+    """A server's backend may speak before its session is accepted and bound (the turns
+    of the loop in between): it is read in reads cut to ``early_max``, then not at all
+    until ``bind()``, which hands those bytes over and reads the rest within the room."""
+    early_max = 64 * 1024
+    total = 1024 * 1024
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        mine, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        protocol = LocalProtocol(CloseCode.BACKEND_RESET, early_max)
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, mine)
+        sending = asyncio.ensure_future(loop.sock_sendall(theirs, b"b" * total))
+        try:
+            assert isinstance(transport.get_protocol(), BulkReads)  # from the first read
+
+            def early() -> int:
+                return sum(len(chunk) for chunk in protocol._early)
+
+            await _until(lambda: early() == early_max)
+            await asyncio.sleep(0.05)  # a read more would show here (not a timing claim)
+            assert early() == early_max and not transport.is_reading()  # type: ignore[attr-defined]
+            core = Session(Role.SERVER, SessionConfig(window=4 * total), loop.time())
+            protocol.bind(SessionRelay(core, logging.getLogger("tests")))
+            await _until_sent(core, total)  # read again once bound, every byte
+            await sending
+        finally:
+            sending.cancel()
+            transport.abort()
+            theirs.close()
+
+    run(main())
+
+
 class _Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -166,10 +203,15 @@ Tethers = tuple[TetherServer, TetherClient, asyncio.StreamReader, asyncio.Stream
 
 
 @contextlib.asynccontextmanager
-async def _tethers(tls: bool, session: SessionConfig | None = None) -> AsyncIterator[Tethers]:
-    """An echo backend, a tether server in front of it (with ``session``'s settings), a
-    tether client of it, and an application's connection through them."""
-    echo = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0)
+async def _tethers(
+    tls: bool,
+    session: SessionConfig | None = None,
+    backend: Callable[[], asyncio.Protocol] = _Echo,
+) -> AsyncIterator[Tethers]:
+    """An echo backend (or ``backend``), a tether server in front of it (with
+    ``session``'s settings), a tether client of it, and an application's connection
+    through them."""
+    echo = await asyncio.get_running_loop().create_server(backend, "127.0.0.1", 0)
     server_config = ServerConfig(
         listen=Address("127.0.0.1", 0),
         backend=Address("127.0.0.1", echo.sockets[0].getsockname()[1]),
@@ -263,5 +305,36 @@ def test_a_session_moves_between_the_paths_and_loses_nothing(run: Run[Any], tls:
             for _ in range(2 * SMALL_READS_TO_PLAIN):
                 await exchange(rng.randbytes(64))
             assert paths() == small
+
+    run(main())
+
+
+class _Speaker(asyncio.Protocol):
+    """A backend that speaks first: SPEECH as soon as it is connected, then echoes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.write(SPEECH)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+SPEECH = random.Random(11).randbytes(4 * 1024 * 1024)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
+def test_a_backend_that_speaks_first_is_heard_whole_through_tethers(
+    run: Run[Any], tls: bool
+) -> None:
+    """A backend that sends 4 MiB the moment it is connected (before its session is
+    accepted, so most of it waits in the kernel until the session binds it): the
+    application gets every byte in order, then an echo."""
+
+    async def main() -> None:
+        async with _tethers(tls, backend=_Speaker) as (_, _, reader, writer):
+            assert await reader.readexactly(len(SPEECH)) == SPEECH
+            writer.write(b"after")
+            assert await reader.readexactly(5) == b"after"
 
     run(main())

@@ -635,6 +635,10 @@ def _local_get_buffer(protocol: LocalProtocol) -> memoryview:
             # A read already due when the replay buffer (or the server's memory
             # budget) has no room: one byte, then the reader is paused.
             size = capacity if capacity > 0 else 1
+    else:
+        room = protocol._early_room  # before bind(): a server's backend, bounded
+        if 0 <= room < size:
+            size = room if room > 0 else 1
     view = _local_reads.view
     return view if size == READ_SIZE else view[:size]
 
@@ -644,7 +648,7 @@ def _local_buffer_updated(protocol: LocalProtocol, nbytes: int) -> None:
     data = _take_local_read(nbytes)
     relay = protocol.relay
     if relay is None:
-        protocol._early.append(data)
+        _keep_early(protocol, data)
         return
     _local_data(relay, data)
     # SMALL_READS_TO_PLAIN in a row under SMALL_READ: back to the plain path, if it fits;
@@ -657,6 +661,18 @@ def _local_buffer_updated(protocol: LocalProtocol, nbytes: int) -> None:
             protocol._small_reads = 0
             if _plain_fits(relay.core):
                 _read_path(protocol, protocol.transport, False)
+
+
+def _keep_early(protocol: LocalProtocol, data: bytes | bytearray | memoryview) -> None:
+    """Bytes read before ``bind()``, kept for it; with a bound (``early_max``), the reader
+    is paused once they reach it, until ``bind()``."""
+    protocol._early.append(data)
+    room = protocol._early_room
+    if room >= 0:
+        room -= len(data)
+        protocol._early_room = room if room > 0 else 0
+        if room <= 0 and protocol.transport is not None:
+            protocol.transport.pause_reading()
 
 
 def _take_local_read(nbytes: int) -> bytearray | memoryview:
@@ -796,6 +812,7 @@ class LocalProtocol(asyncio.Protocol):
         "_bulk",
         "_early",
         "_early_eof",
+        "_early_room",
         "_lost",
         "_lost_exc",
         "_reset_code",
@@ -804,12 +821,17 @@ class LocalProtocol(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, reset_code: CloseCode) -> None:
+    def __init__(self, reset_code: CloseCode, early_max: int | None = None) -> None:
+        """``early_max``: at most this many bytes are read before :meth:`bind` (reads cut
+        to it, then the reader paused until then); None: no bound (a client's application,
+        bound at once). A server's backend may speak first, in the turns of the loop
+        before its session is accepted and bound (docs/design.md, obligation 9)."""
         self.relay: SessionRelay | None = None
         self.transport: asyncio.Transport | None = None
         self._reset_code = reset_code
         self._early: list[bytes | bytearray | memoryview] = []
         self._early_eof = False
+        self._early_room = -1 if early_max is None else early_max  # -1: unbounded
         self._lost = False
         self._lost_exc: Exception | None = None
         self._bulk: BulkReads | None = None  # set on the transport while reading in bulk
@@ -831,6 +853,11 @@ class LocalProtocol(asyncio.Protocol):
         self._early.clear()
         if not _plain_fits(relay.core):  # before its first read, not after it
             _read_path(self, self.transport, True)
+        if self._early_room == 0 and not relay._local_reading_paused:
+            transport = self.transport  # paused at early_max: the session's room rules now
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
+        self._early_room = -1
         if self._early_eof:
             relay.local_eof()
         if self._lost:
@@ -839,6 +866,10 @@ class LocalProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self._early_room >= 0:
+            # Bounded before bind(): the buffered path from the first read, whose reads
+            # get_buffer() cuts to the bound (a plain read is whatever the loop read).
+            _read_path(self, self.transport, True)
 
     def data_received(self, data: bytes | memoryview) -> None:
         """A read on the plain path: the event loop's bytes, kept as they are."""
@@ -848,7 +879,7 @@ class LocalProtocol(asyncio.Protocol):
             if len(data) >= BULK_READ or not _plain_fits(relay.core):
                 _read_path(self, self.transport, True)
         else:
-            self._early.append(data)
+            _keep_early(self, data)
 
     def eof_received(self) -> bool:
         if self.relay is not None:

@@ -27,7 +27,7 @@ from ..credentials import ClientsFileError, ClientTokens
 from ..errors import StateError
 from ..logs import RateLimitedLog
 from ..protocol import routing
-from ..protocol.admission import HandshakeAdmission, MemoryBudget, MemoryStatistics
+from ..protocol.admission import DEFAULT_FLOOR, HandshakeAdmission, MemoryBudget, MemoryStatistics
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
     Event,
@@ -680,7 +680,9 @@ class TetherServer(Service):
             hs.reject(CloseCode.OVERLOADED, "server busy")  # transient: the client retries
             link.pump_handshake()
             return False
-        backend = _Backend(self._fds)
+        # What the backend says before its session is accepted is bounded by the floor
+        # every session has reserved in the memory budget (docs/design.md, obligation 9).
+        backend = _Backend(self._fds, DEFAULT_FLOOR)
         try:
             transport, _ = await asyncio.wait_for(
                 loop.create_connection(lambda: backend, target.host, target.port),
@@ -774,8 +776,8 @@ class _Backend(LocalProtocol):
 
     __slots__ = ("_fds",)
 
-    def __init__(self, fds: FdGuard | None) -> None:
-        super().__init__(CloseCode.BACKEND_RESET)
+    def __init__(self, fds: FdGuard | None, early_max: int | None = None) -> None:
+        super().__init__(CloseCode.BACKEND_RESET, early_max)
         self._fds = fds
 
     def closed(self) -> None:
