@@ -130,23 +130,30 @@ class Dialer:
         server = self.server
         policy = self._tls
         logger.debug("link to %s: connecting (%s)", server, "TLS" if policy else "clear text")
-        if policy is None:
-            loop = asyncio.get_running_loop()
+        try:
+            if policy is None:
+                loop = asyncio.get_running_loop()
+                return await asyncio.wait_for(
+                    loop.create_connection(self._link, server.host, server.port), limit
+                )
             return await asyncio.wait_for(
-                loop.create_connection(self._link, server.host, server.port), limit
+                tls.create_tls_connection(
+                    self._link,
+                    server.host,
+                    server.port,
+                    context=policy.context,
+                    server_hostname=self.config.server_hostname or server.host,
+                    sessions=policy.sessions,
+                    verify=policy.verify(server),
+                ),
+                limit,
             )
-        return await asyncio.wait_for(
-            tls.create_tls_connection(
-                self._link,
-                server.host,
-                server.port,
-                context=policy.context,
-                server_hostname=self.config.server_hostname or server.host,
-                sessions=policy.sessions,
-                verify=policy.verify(server),
-            ),
-            limit,
-        )
+        except OSError as exc:
+            # asyncio's create_connection (Python 3.11) keeps the error in a list that a
+            # frame of the error's own traceback holds: a reference cycle per refused
+            # attempt, with the session's frames in it, which only the cyclic collector
+            # frees. Raised again from here, without those frames.
+            raise exc.with_traceback(None) from None
 
     async def race(self, backoff: Backoff) -> Connection | None:
         """Race attempts until one connects; None when :meth:`cancel` was called. Raises
