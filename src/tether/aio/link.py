@@ -651,16 +651,19 @@ def _local_buffer_updated(protocol: LocalProtocol, nbytes: int) -> None:
         _keep_early(protocol, data)
         return
     _local_data(relay, data)
-    # SMALL_READS_TO_PLAIN in a row under SMALL_READ: back to the plain path, if it fits;
-    # counted again either way.
-    if nbytes >= SMALL_READ:
-        protocol._small_reads = 0
-    else:
-        protocol._small_reads += 1
-        if protocol._small_reads >= SMALL_READS_TO_PLAIN:
-            protocol._small_reads = 0
-            if _plain_fits(relay.core):
-                _read_path(protocol, protocol.transport, False)
+    protocol._small_reads = small = _count_small_read(protocol._small_reads, nbytes)
+    if small >= SMALL_READS_TO_PLAIN:
+        protocol._small_reads = 0  # counted again, whether or not the plain path fits
+        if _plain_fits(relay.core):
+            _read_path(protocol, protocol.transport, False)
+
+
+def _count_small_read(count: int, nbytes: int) -> int:
+    """Reads under SMALL_READ in a row on the buffered path, after one of ``nbytes`` (with
+    ``count`` before it): SMALL_READS_TO_PLAIN of them move a connection back to the
+    plain path. The one count for local sides and links (a helper of two ints: the
+    protocols' attributes, read through a union, would be looked up by name, D6)."""
+    return count + 1 if nbytes < SMALL_READ else 0
 
 
 def _keep_early(protocol: LocalProtocol, data: bytes | bytearray | memoryview) -> None:
@@ -695,7 +698,8 @@ def _next_read_buffer() -> bytearray:
     return bytearray(READ_SIZE)
 
 
-# Reads in two modes (docs/design.md, "Two read paths"). A connection starts on the event
+# Reads in two modes (docs/design.md, "Two read paths"). A connection (but a server's
+# backend, bounded until bind(): ``LocalProtocol``'s ``early_max``) starts on the event
 # loop's plain path (``data_received``: the loop reads into its own buffer and hands over
 # bytes), which costs about 1,300 instructions less per read than the buffered one (no
 # ``get_buffer`` call, no second hold of the interpreter's lock, no copy of ours), so a
@@ -1094,12 +1098,9 @@ class LinkProtocol(asyncio.Protocol):
         relay = self.relay
         if relay is not None:
             _link_data(relay, self.transport, data)
-            if nbytes >= SMALL_READ:  # as LocalProtocol.buffer_updated
-                self._small_reads = 0
-            else:
-                self._small_reads += 1
-                if self._small_reads >= SMALL_READS_TO_PLAIN:
-                    _read_path(self, self.transport, False)
+            self._small_reads = small = _count_small_read(self._small_reads, nbytes)
+            if small >= SMALL_READS_TO_PLAIN:
+                _read_path(self, self.transport, False)  # (which counts again)
         else:
             self._handshake_data(data)
 

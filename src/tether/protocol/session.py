@@ -684,7 +684,9 @@ class Session:
     # -- application inputs ------------------------------------------------------
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue application bytes. Always accepted; respect :meth:`send_capacity`."""
+        """Queue application bytes. Always accepted; respect :meth:`send_capacity`.
+        ``data`` is kept as it is, not copied, until the peer acknowledges it: a
+        ``bytearray`` or a view handed here must not be changed afterwards."""
         if self.state is SessionState.CLOSED:
             raise InvalidState("send() on a closed session")
         if self._eof:
