@@ -175,3 +175,36 @@ def test_a_session_that_falls_back_leaves_no_reference_cycle(run: Run[Any]) -> N
     garbage = run(main())
     ours = {name: n for name, n in garbage.items() if name.startswith(("tether.", "uvloop."))}
     assert not ours, sorted(ours.items())
+
+
+@pytest.mark.usefixtures("collector_off")
+def test_setups_refused_for_a_backend_that_is_down_leave_no_reference_cycle(
+    run: Run[Any],
+) -> None:
+    """The server cannot reach its backend (refused): each setup is answered
+    BACKEND_UNAVAILABLE, and neither the server nor the client keeps anything of it for
+    the collector (asyncio's wait_for made a cycle of each refused connection)."""
+
+    async def main() -> collections.Counter[str]:
+        nobody = socket.create_server(("127.0.0.1", 0))
+        down = Address("127.0.0.1", nobody.getsockname()[1])
+        nobody.close()
+        config = ServerConfig(listen=Address("127.0.0.1", 0), backend=down, plaintext=True)
+        async with TetherServer(config) as server:
+            client_config = ClientConfig(
+                listen=Address("127.0.0.1", 0), server=server.addresses[0], plaintext=True
+            )
+            async with TetherClient(client_config) as client:
+                app_at = client.addresses[0]
+                for i in range(LINKS):
+                    reader, writer = await asyncio.open_connection(app_at.host, app_at.port)
+                    assert await reader.read() == b""  # the session ended, never set up
+                    writer.close()
+                    await writer.wait_closed()
+                    await settle(lambda n=i + 1: client.counters.ended_total == n)
+                await asyncio.sleep(0.1)  # the loop's last callbacks for closed transports
+                return cyclic_garbage()  # with both still running
+
+    garbage = run(main())
+    ours = {name: n for name, n in garbage.items() if name.startswith(("tether.", "uvloop."))}
+    assert not ours, sorted(ours.items())

@@ -191,6 +191,37 @@ def test_what_a_backend_says_before_bind_is_read_up_to_its_bound_then_waits(
     run(main())
 
 
+def test_early_bytes_that_fill_the_session_leave_its_backend_paused_at_bind(
+    run: Run[Any],
+) -> None:
+    """The bytes read before ``bind()`` already fill the session's window: ``bind()`` hands
+    them over and leaves the reader paused (the session's room rules now), rather than
+    resuming it for a read the session has no room for."""
+    early_max = 64 * 1024
+    window = 16 * 1024
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        mine, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        protocol = LocalProtocol(CloseCode.BACKEND_RESET, early_max)
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, mine)
+        sending = asyncio.ensure_future(loop.sock_sendall(theirs, b"b" * (1024 * 1024)))
+        try:
+            await _until(lambda: sum(len(chunk) for chunk in protocol._early) == early_max)
+            core = Session(Role.SERVER, SessionConfig(window=window), loop.time())
+            protocol.bind(SessionRelay(core, logging.getLogger("tests")))
+            await asyncio.sleep(0.05)  # a read more would show here (not a timing claim)
+            assert core.statistics().replay_buffered == early_max  # not a byte more
+            assert not transport.is_reading()  # type: ignore[attr-defined]
+        finally:
+            sending.cancel()
+            transport.abort()
+            theirs.close()
+
+    run(main())
+
+
 class _Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport

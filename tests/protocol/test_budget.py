@@ -165,7 +165,7 @@ def test_only_when_not_even_the_floor_fits_is_a_setup_refused_and_established_on
     assert refused(router) == []
 
 
-def test_a_cancelled_setup_returns_its_grant() -> None:
+def test_a_cancelled_setup_returns_its_grant_and_says_what_was_reserved() -> None:
     router = budgeted(4 * MiB)
     budget = router.memory
     assert budget is not None
@@ -180,11 +180,15 @@ def test_a_cancelled_setup_returns_its_grant() -> None:
     for chunk in client_hs.data_to_send():
         hs.receive_data(chunk)
     assert hs.request is not None
+    assert router.reserved_for(hs) is None  # not admitted yet: nothing reserved
     assert router.admit_setup(hs, "192.0.2.1") is None
     assert budget.sessions == 1 and budget.committed == DEFAULT_FLOOR
+    # what a backend that speaks first may be read of before the session is accepted
+    assert router.reserved_for(hs) == DEFAULT_FLOOR
     router.cancel_setup("192.0.2.1", hs)  # the backend was down
     assert (budget.sessions, budget.committed) == (0, 0)
     assert router.admission.sessions == 0
+    assert router.reserved_for(hs) is None
 
 
 # -- orphaned setups -------------------------------------------------------------------------

@@ -130,30 +130,22 @@ class Dialer:
         server = self.server
         policy = self._tls
         logger.debug("link to %s: connecting (%s)", server, "TLS" if policy else "clear text")
-        try:
+        # asyncio.timeout(), not wait_for(): on Python 3.11 wait_for's frame keeps the inner
+        # task, whose error's traceback holds that frame, a reference cycle per refused
+        # attempt (with the session's frames in it) that only the cyclic collector frees.
+        async with asyncio.timeout(limit):
             if policy is None:
                 loop = asyncio.get_running_loop()
-                return await asyncio.wait_for(
-                    loop.create_connection(self._link, server.host, server.port), limit
-                )
-            return await asyncio.wait_for(
-                tls.create_tls_connection(
-                    self._link,
-                    server.host,
-                    server.port,
-                    context=policy.context,
-                    server_hostname=self.config.server_hostname or server.host,
-                    sessions=policy.sessions,
-                    verify=policy.verify(server),
-                ),
-                limit,
+                return await loop.create_connection(self._link, server.host, server.port)
+            return await tls.create_tls_connection(
+                self._link,
+                server.host,
+                server.port,
+                context=policy.context,
+                server_hostname=self.config.server_hostname or server.host,
+                sessions=policy.sessions,
+                verify=policy.verify(server),
             )
-        except OSError as exc:
-            # asyncio's create_connection (Python 3.11) keeps the error in a list that a
-            # frame of the error's own traceback holds: a reference cycle per refused
-            # attempt, with the session's frames in it, which only the cyclic collector
-            # frees. Raised again from here, without those frames.
-            raise exc.with_traceback(None) from None
 
     async def race(self, backoff: Backoff) -> Connection | None:
         """Race attempts until one connects; None when :meth:`cancel` was called. Raises

@@ -423,10 +423,10 @@ class TetherGateway(Service):
                 inbound = _Counted(client, server)  # server -> client
                 server.links += 1
                 try:
-                    remote = await asyncio.wait_for(
-                        self._connect(server, functools.partial(_same, inbound)),
-                        self.config.connect_timeout,
-                    )
+                    # asyncio.timeout(), not wait_for(): no reference cycle per refused
+                    # attempt (Dialer.connect says why).
+                    async with asyncio.timeout(self.config.connect_timeout):
+                        remote = await self._connect(server, functools.partial(_same, inbound))
                 except (OSError, TimeoutError, tls.TrustError) as exc:
                     server.links -= 1
                     logger.warning("%s: cannot connect: %s", server, describe(exc))
@@ -518,8 +518,9 @@ class TetherGateway(Service):
     async def _check_forever(self, server: _Server, generation: int, *, now: bool) -> None:
         """Until the gateway stops or the server's checks are restarted or ended: one check
         per interval (the interval in use at each turn). Bounded by the flags as well as by
-        the cancellation, which Python 3.11's wait_for can swallow when the check ends at
-        the same moment (gh-86296): the loop would then go on, and the TaskGroup wait."""
+        the cancellation: a cancellation swallowed when the check ends at the same moment
+        (as Python 3.11's wait_for could, gh-86296) must not keep the loop going, and the
+        TaskGroup waiting."""
         while self._running and server.checks == generation:
             if not now:
                 await asyncio.sleep(self.config.health_interval)
@@ -531,7 +532,8 @@ class TetherGateway(Service):
         why = "no tether server hello, or draining"
         ok = False
         try:
-            ok = await asyncio.wait_for(self._hello(server), self.config.connect_timeout)
+            async with asyncio.timeout(self.config.connect_timeout):  # as in _forward
+                ok = await self._hello(server)
         except (OSError, TimeoutError, tls.TrustError) as exc:
             why = describe(exc)
         except Exception as exc:  # a bug must cost this check only, never the gateway

@@ -524,7 +524,8 @@ class TetherServer(Service):
             try:
                 if handed.backend is not None:
                     fds = self._fds
-                    backend = _Backend(fds if fds is not None and fds.acquire() else None)
+                    # bound at once: a byte at most is read before (obligation 9)
+                    backend = _Backend(fds if fds is not None and fds.acquire() else None, 0)
                     await loop.connect_accepted_socket(_returning(backend), handed.backend)
                     relay.backend = backend
                     backend.bind(relay)
@@ -680,14 +681,17 @@ class TetherServer(Service):
             hs.reject(CloseCode.OVERLOADED, "server busy")  # transient: the client retries
             link.pump_handshake()
             return False
-        # What the backend says before its session is accepted is bounded by the floor
-        # every session has reserved in the memory budget (docs/design.md, obligation 9).
-        backend = _Backend(self._fds, DEFAULT_FLOOR)
+        # What the backend says before its session is accepted is bounded by what the
+        # memory budget reserved for the setup (docs/design.md, obligation 9).
+        reserved = self._router.reserved_for(hs)
+        backend = _Backend(self._fds, DEFAULT_FLOOR if reserved is None else reserved)
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: backend, target.host, target.port),
-                self.config.backend_connect_timeout,
-            )
+            # asyncio.timeout(), not wait_for(): a refused backend then leaves no reference
+            # cycle (Dialer.connect says why).
+            async with asyncio.timeout(self.config.backend_connect_timeout):
+                transport, _ = await loop.create_connection(
+                    lambda: backend, target.host, target.port
+                )
         except (OSError, TimeoutError) as exc:
             backend.closed()
             # The reason and the address stay in our log; the client is told no more.

@@ -129,6 +129,13 @@ class Router:
             self._granted[handshake] = account
         return None
 
+    def reserved_for(self, handshake: ServerHandshake) -> int | None:
+        """The bytes the memory budget reserved for the admitted setup ``handshake``: what its
+        session may be given before it is accepted (a backend that speaks first); None
+        without a budget."""
+        account = self._granted.get(handshake)
+        return None if account is None else account.reserved
+
     def cancel_setup(self, source: str = "?", handshake: ServerHandshake | None = None) -> None:
         """An admitted setup did not happen (the backend was down, the link died)."""
         self.admission.release(source)
