@@ -154,39 +154,56 @@ def test_a_session_charged_to_a_memory_budget_reads_its_local_side_buffered(
     run(main())
 
 
+EARLY_MAX = 64 * 1024  # a server's backend, before bind()
+
+
+def _early(protocol: LocalProtocol) -> int:
+    return sum(len(chunk) for chunk in protocol._early)
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+@contextlib.asynccontextmanager
+async def _speaking_backend(
+    total: int,
+) -> AsyncIterator[tuple[asyncio.Transport, LocalProtocol, asyncio.Future[None]]]:
+    """A server's backend connection, bounded to EARLY_MAX before ``bind()``, on a real
+    socket whose other end sends ``total`` bytes at once (``sending``): yielded once its
+    early bytes reached the bound and it reads no more."""
+    loop = asyncio.get_running_loop()
+    mine, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    protocol = LocalProtocol(CloseCode.BACKEND_RESET, EARLY_MAX)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, mine)
+    sending = asyncio.ensure_future(loop.sock_sendall(theirs, b"b" * total))
+    try:
+        assert isinstance(transport.get_protocol(), BulkReads)  # from the first read
+        await _until(lambda: _early(protocol) == EARLY_MAX)
+        await asyncio.sleep(0.05)  # a read more would show here (not a timing claim)
+        assert _early(protocol) == EARLY_MAX and not transport.is_reading()  # type: ignore[attr-defined]
+        yield transport, protocol, sending
+    finally:
+        sending.cancel()
+        transport.abort()
+        theirs.close()
+
+
 def test_what_a_backend_says_before_bind_is_read_up_to_its_bound_then_waits(
     run: Run[Any],
 ) -> None:
     """A server's backend may speak before its session is accepted and bound (the turns
     of the loop in between): it is read in reads cut to ``early_max``, then not at all
     until ``bind()``, which hands those bytes over and reads the rest within the room."""
-    early_max = 64 * 1024
     total = 1024 * 1024
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        mine, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        protocol = LocalProtocol(CloseCode.BACKEND_RESET, early_max)
-        transport, _ = await loop.connect_accepted_socket(lambda: protocol, mine)
-        sending = asyncio.ensure_future(loop.sock_sendall(theirs, b"b" * total))
-        try:
-            assert isinstance(transport.get_protocol(), BulkReads)  # from the first read
-
-            def early() -> int:
-                return sum(len(chunk) for chunk in protocol._early)
-
-            await _until(lambda: early() == early_max)
-            await asyncio.sleep(0.05)  # a read more would show here (not a timing claim)
-            assert early() == early_max and not transport.is_reading()  # type: ignore[attr-defined]
-            core = Session(Role.SERVER, SessionConfig(window=4 * total), loop.time())
+        async with _speaking_backend(total) as (_, protocol, sending):
+            core = Session(Role.SERVER, SessionConfig(window=4 * total), now())
             protocol.bind(SessionRelay(core, logging.getLogger("tests")))
             await _until_sent(core, total)  # read again once bound, every byte
             await sending
-        finally:
-            sending.cancel()
-            transport.abort()
-            theirs.close()
 
     run(main())
 
@@ -197,27 +214,14 @@ def test_early_bytes_that_fill_the_session_leave_its_backend_paused_at_bind(
     """The bytes read before ``bind()`` already fill the session's window: ``bind()`` hands
     them over and leaves the reader paused (the session's room rules now), rather than
     resuming it for a read the session has no room for."""
-    early_max = 64 * 1024
-    window = 16 * 1024
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        mine, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        protocol = LocalProtocol(CloseCode.BACKEND_RESET, early_max)
-        transport, _ = await loop.connect_accepted_socket(lambda: protocol, mine)
-        sending = asyncio.ensure_future(loop.sock_sendall(theirs, b"b" * (1024 * 1024)))
-        try:
-            await _until(lambda: sum(len(chunk) for chunk in protocol._early) == early_max)
-            core = Session(Role.SERVER, SessionConfig(window=window), loop.time())
+        async with _speaking_backend(1024 * 1024) as (transport, protocol, _):
+            core = Session(Role.SERVER, SessionConfig(window=EARLY_MAX // 4), now())
             protocol.bind(SessionRelay(core, logging.getLogger("tests")))
             await asyncio.sleep(0.05)  # a read more would show here (not a timing claim)
-            assert core.statistics().replay_buffered == early_max  # not a byte more
+            assert core.statistics().replay_buffered == EARLY_MAX  # not a byte more
             assert not transport.is_reading()  # type: ignore[attr-defined]
-        finally:
-            sending.cancel()
-            transport.abort()
-            theirs.close()
 
     run(main())
 
