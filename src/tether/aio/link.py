@@ -626,7 +626,8 @@ _handed: Final[collections.deque[bytearray]] = collections.deque()
 
 
 def _local_get_buffer(protocol: LocalProtocol) -> memoryview:
-    """``LocalProtocol.get_buffer``: the shared read buffer, cut to the session's room."""
+    """``LocalProtocol.get_buffer``: the shared read buffer, cut to the session's room (before
+    ``bind()``, to what is left of ``early_max``)."""
     size = READ_SIZE
     relay = protocol.relay
     if relay is not None:
