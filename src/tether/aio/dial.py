@@ -130,10 +130,7 @@ class Dialer:
         server = self.server
         policy = self._tls
         logger.debug("link to %s: connecting (%s)", server, "TLS" if policy else "clear text")
-        # asyncio.timeout(), not wait_for(): on Python 3.11 wait_for's frame keeps the inner
-        # task, whose error's traceback holds that frame, a reference cycle per refused
-        # attempt (with the session's frames in it) that only the cyclic collector frees.
-        async with asyncio.timeout(limit):
+        async with asyncio.timeout(limit):  # not wait_for (CONTRIBUTING.md C6)
             if policy is None:
                 loop = asyncio.get_running_loop()
                 return await loop.create_connection(self._link, server.host, server.port)

@@ -423,9 +423,7 @@ class TetherGateway(Service):
                 inbound = _Counted(client, server)  # server -> client
                 server.links += 1
                 try:
-                    # asyncio.timeout(), not wait_for(): no reference cycle per refused
-                    # attempt (Dialer.connect says why).
-                    async with asyncio.timeout(self.config.connect_timeout):
+                    async with asyncio.timeout(self.config.connect_timeout):  # CONTRIBUTING.md C6
                         remote = await self._connect(server, functools.partial(_same, inbound))
                 except (OSError, TimeoutError, tls.TrustError) as exc:
                     server.links -= 1
@@ -532,7 +530,7 @@ class TetherGateway(Service):
         why = "no tether server hello, or draining"
         ok = False
         try:
-            async with asyncio.timeout(self.config.connect_timeout):  # as in _forward
+            async with asyncio.timeout(self.config.connect_timeout):  # CONTRIBUTING.md C6
                 ok = await self._hello(server)
         except (OSError, TimeoutError, tls.TrustError) as exc:
             why = describe(exc)

@@ -27,7 +27,7 @@ from ..credentials import ClientsFileError, ClientTokens
 from ..errors import StateError
 from ..logs import RateLimitedLog
 from ..protocol import routing
-from ..protocol.admission import DEFAULT_FLOOR, HandshakeAdmission, MemoryBudget, MemoryStatistics
+from ..protocol.admission import HandshakeAdmission, MemoryBudget, MemoryStatistics
 from ..protocol.codes import CloseCode
 from ..protocol.events import (
     Event,
@@ -683,12 +683,9 @@ class TetherServer(Service):
             return False
         # What the backend says before its session is accepted is bounded by what the
         # memory budget reserved for the setup (docs/design.md, obligation 9).
-        reserved = self._router.reserved_for(hs)
-        backend = _Backend(self._fds, DEFAULT_FLOOR if reserved is None else reserved)
+        backend = _Backend(self._fds, self._router.reserved_for(hs))
         try:
-            # asyncio.timeout(), not wait_for(): a refused backend then leaves no reference
-            # cycle (Dialer.connect says why).
-            async with asyncio.timeout(self.config.backend_connect_timeout):
+            async with asyncio.timeout(self.config.backend_connect_timeout):  # CONTRIBUTING.md C6
                 transport, _ = await loop.create_connection(
                     lambda: backend, target.host, target.port
                 )
