@@ -4,11 +4,38 @@ hashed on arrival (asyncio Protocols; no per-byte Python)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
+from collections.abc import AsyncIterator
 from typing import cast
 
+from tether.aio.client import TetherClient
+from tether.aio.server import TetherServer
+from tether.config import Address, ClientConfig, ServerConfig
+from tether.protocol.session import SessionConfig
+
 CHUNK = 256 * 1024
+
+
+@contextlib.asynccontextmanager
+async def tethers(
+    backend_port: int, *, tls: bool, session: SessionConfig | None = None
+) -> AsyncIterator[tuple[TetherServer, TetherClient]]:
+    """A tether server in front of 127.0.0.1:``backend_port`` (with ``session``'s settings)
+    and a tether client of it, on loopback, their link in TLS or in clear text."""
+    server_config = ServerConfig(
+        listen=Address("127.0.0.1", 0),
+        backend=Address("127.0.0.1", backend_port),
+        plaintext=not tls,
+        session=session or SessionConfig(),
+    )
+    async with TetherServer(server_config) as server:
+        client_config = ClientConfig(
+            listen=Address("127.0.0.1", 0), server=server.addresses[0], plaintext=not tls
+        )
+        async with TetherClient(client_config) as client:
+            yield server, client
 
 
 def stream_digest(seed: int, size: int) -> str:

@@ -29,10 +29,11 @@ from tether.aio.link import (
 )
 from tether.aio.link import _deliver as deliver
 from tether.aio.server import TetherServer
-from tether.config import Address, ClientConfig, ServerConfig
+from tether.config import Address, ServerConfig
 from tether.protocol.session import STATE_SLACK, Role, Session, SessionConfig
 
 from ..loops import LOOPS, Run, runner
+from .endpoints import tethers
 from .rawpeer import OVERRUN, RawClient, overrun, stream_bytes
 
 
@@ -301,18 +302,8 @@ async def _tethers(
     tls: bool, make: Callable[[], E]
 ) -> AsyncIterator[tuple[TetherServer, TetherClient, list[E]]]:
     """A tether server in front of :func:`_backends` and a tether client of it."""
-    async with _backends(make) as (port, backends):
-        server_config = ServerConfig(
-            listen=Address("127.0.0.1", 0), backend=Address("127.0.0.1", port), plaintext=not tls
-        )
-        async with TetherServer(server_config) as server:
-            client_config = ClientConfig(
-                listen=Address("127.0.0.1", 0),
-                server=Address("127.0.0.1", server.addresses[0].port),
-                plaintext=not tls,
-            )
-            async with TetherClient(client_config) as client:
-                yield server, client, backends
+    async with _backends(make) as (port, backends), tethers(port, tls=tls) as (server, client):
+        yield server, client, backends
 
 
 async def _relay(server: TetherServer) -> SessionRelay:

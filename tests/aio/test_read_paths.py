@@ -27,12 +27,12 @@ from tether.aio.link import (
     protocol_of,
 )
 from tether.aio.server import TetherServer
-from tether.config import Address, ClientConfig, ServerConfig
 from tether.protocol.admission import MemoryBudget
 from tether.protocol.codes import CloseCode
 from tether.protocol.session import Role, Session, SessionConfig, SessionState
 
 from ..loops import LOOPS, Run, runner
+from .endpoints import tethers
 
 
 @pytest.fixture(params=LOOPS)
@@ -247,26 +247,15 @@ async def _tethers(
     ``session``'s settings), a tether client of it, and an application's connection
     through them."""
     echo = await asyncio.get_running_loop().create_server(backend, "127.0.0.1", 0)
-    server_config = ServerConfig(
-        listen=Address("127.0.0.1", 0),
-        backend=Address("127.0.0.1", echo.sockets[0].getsockname()[1]),
-        plaintext=not tls,
-        session=session or SessionConfig(),
-    )
     try:
-        async with TetherServer(server_config) as server:
-            client_config = ClientConfig(
-                listen=Address("127.0.0.1", 0),
-                server=Address("127.0.0.1", server.addresses[0].port),
-                plaintext=not tls,
-            )
-            async with TetherClient(client_config) as client:
-                where = client.addresses[0]
-                reader, writer = await asyncio.open_connection(where.host, where.port)
-                try:
-                    yield server, client, reader, writer
-                finally:
-                    writer.close()
+        port = echo.sockets[0].getsockname()[1]
+        async with tethers(port, tls=tls, session=session) as (server, client):
+            where = client.addresses[0]
+            reader, writer = await asyncio.open_connection(where.host, where.port)
+            try:
+                yield server, client, reader, writer
+            finally:
+                writer.close()
     finally:
         echo.close()
 
