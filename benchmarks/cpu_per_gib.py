@@ -6,6 +6,11 @@ machine happened to be. Used to measure data-path changes before and after::
 
     python -m benchmarks.cpu_per_gib [--bytes N] [--runs 3] [--tls]
     PYTHONPATH=/path/to/other/checkout/src python -m benchmarks.cpu_per_gib   # A/B
+    python -m benchmarks.cpu_per_gib --peer socat   # B1's socat2-b256k, measured the same way
+
+Each line gives the pair's total and each process's share (the server side's, then the
+client side's). ``--peer socat`` measures B1's peer instead: two ``socat -b 262144`` hops, one
+connection each (no ``fork``, so that /proc sees the process that copies).
 
 The links are in clear text (``--plaintext`` on both ends) whenever the tether under test
 has TLS, so that figures stay comparable with checkouts from before TLS (issue 8);
@@ -29,6 +34,8 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from benchmarks.procs import free_port, socat_command, wait_listening
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -77,11 +84,11 @@ def _start(
     return proc, int(ready[1].rsplit(":", 1)[1])
 
 
-def run_once(direction: str, size: int, home: Path, extra: list[str]) -> tuple[float, float, float]:
-    """(CPU s/GiB, GB/s, write syscalls/GiB) for one transfer of ``size`` bytes; ``extra``
-    goes to both tether ends (``--plaintext`` or nothing)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    backend_port = listener.getsockname()[1]
+def _tether_pair(
+    backend_port: int, home: Path, extra: list[str]
+) -> tuple[list[subprocess.Popen[bytes]], int]:
+    """A tether server in front of ``backend_port`` and a client in front of it: the
+    processes (server first) and the port the application connects to."""
     server, server_port = _start(
         ["server", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend_port}", *extra],
         home,
@@ -94,14 +101,55 @@ def run_once(direction: str, size: int, home: Path, extra: list[str]) -> tuple[f
     except BaseException:
         server.terminate()
         server.wait(10)
+        raise
+    return [server, client], client_port
+
+
+def _socat_pair(backend_port: int) -> tuple[list[subprocess.Popen[bytes]], int]:
+    """B1's socat2-b256k: two ``socat -b 262144`` hops in front of ``backend_port``, each
+    for one connection; the processes (the server side's first) and the entry port."""
+    exe = socat_command()
+    if exe is None:
+        raise RuntimeError("socat is not installed (apt-get install socat)")
+    procs: list[subprocess.Popen[bytes]] = []
+    target = backend_port
+    try:
+        for _ in range(2):
+            port = free_port()
+            argv = [exe, "-b", "262144", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"]
+            procs.append(subprocess.Popen([*argv, f"TCP:127.0.0.1:{target}"]))
+            wait_listening(port)
+            target = port
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+        raise
+    return procs, target
+
+
+def run_once(
+    direction: str, size: int, home: Path, extra: list[str], peer: str = "tether"
+) -> tuple[list[float], float, float]:
+    """(CPU s/GiB of each process, server side first; GB/s; write syscalls/GiB) for one
+    transfer of ``size`` bytes; ``extra`` goes to both tether ends (``--plaintext`` or
+    nothing)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    backend_port = listener.getsockname()[1]
+    try:
+        if peer == "socat":
+            chain, entry = _socat_pair(backend_port)
+        else:
+            chain, entry = _tether_pair(backend_port, home, extra)
+    except BaseException:
         listener.close()
         raise
-    pids = (server.pid, client.pid)
+    pids = [proc.pid for proc in chain]
     try:
-        app = socket.create_connection(("127.0.0.1", client_port))
+        app = socket.create_connection(("127.0.0.1", entry))
         back, _ = listener.accept()
         src, dst = (app, back) if direction == "up" else (back, app)
-        cpu0 = sum(map(_cpu_seconds, pids))
+        cpu0 = [_cpu_seconds(pid) for pid in pids]
         calls0 = sum(map(_write_calls, pids))
         t0 = time.perf_counter()
         chunk = b"x" * (256 * 1024)
@@ -122,17 +170,18 @@ def run_once(direction: str, size: int, home: Path, extra: list[str]) -> tuple[f
             got += n
         sender.join()
         t1 = time.perf_counter()
-        cpu1 = sum(map(_cpu_seconds, pids))
+        cpu1 = [_cpu_seconds(pid) for pid in pids]
         calls1 = sum(map(_write_calls, pids))
         for s in (app, back):
             s.close()
     finally:
-        for proc in (client, server):
+        for proc in reversed(chain):
             proc.terminate()
             proc.wait(10)
         listener.close()
     gib = size / (1 << 30)
-    return (cpu1 - cpu0) / gib, size / (t1 - t0) / 1e9, (calls1 - calls0) / gib
+    cpu = [(after - before) / gib for before, after in zip(cpu0, cpu1, strict=True)]
+    return cpu, size / (t1 - t0) / 1e9, (calls1 - calls0) / gib
 
 
 def main() -> int:
@@ -145,22 +194,36 @@ def main() -> int:
         help="TLS links (tether's default); without it the links are clear text when the "
         "tether under test has TLS at all",
     )
+    parser.add_argument(
+        "--peer",
+        choices=("tether", "socat"),
+        default="tether",
+        help="socat: B1's peer, two socat -b 262144 hops, measured the same way",
+    )
     args = parser.parse_args()
+    if args.peer == "socat":
+        args.tls = False
     plaintext = has_plaintext()
     if args.tls and not plaintext:
         print("this tether has no TLS (no --plaintext in `tether server --help`)", file=sys.stderr)
         return 2
     extra = [] if args.tls or not plaintext else ["--plaintext"]
     links = "TLS 1.3" if args.tls else "clear text" + (" (--plaintext)" if extra else "")
-    print(f"links: {links}")
+    print(f"{args.peer}, links: {links}" if args.peer == "tether" else "socat -b 262144, two hops")
     home = Path(tempfile.mkdtemp(prefix="tbench-cpu-"))
     try:
         for direction in ("up", "down"):
-            runs = [run_once(direction, args.bytes, home, extra) for _ in range(args.runs)]
-            cpu = sorted(round(r[0], 2) for r in runs)
+            runs = [
+                run_once(direction, args.bytes, home, extra, args.peer) for _ in range(args.runs)
+            ]
+            cpu = sorted(round(sum(r[0]), 2) for r in runs)
+            shares = " ".join("/".join(f"{c:.2f}" for c in r[0]) for r in runs)
             speed = sorted(round(r[1], 2) for r in runs)
             calls = sorted(int(r[2]) for r in runs)
-            print(f"{direction}: CPU s/GiB {cpu}  GB/s {speed}  write syscalls/GiB {calls}")
+            print(
+                f"{direction}: CPU s/GiB {cpu} (server side/client side per run: {shares})"
+                f"  GB/s {speed}  write syscalls/GiB {calls}"
+            )
     finally:
         shutil.rmtree(home, ignore_errors=True)
     return 0
