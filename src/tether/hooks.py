@@ -106,7 +106,8 @@ class HookRunner:
             )
             logger.debug("session %s: %s hook started: %s", session, event, argv[0])
             try:
-                status = await asyncio.wait_for(process.wait(), limit)
+                async with asyncio.timeout(limit):  # CONTRIBUTING.md C6
+                    status = await process.wait()
             except TimeoutError:
                 process.kill()
                 await process.wait()

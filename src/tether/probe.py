@@ -365,7 +365,8 @@ async def _read_answer(reader: asyncio.StreamReader, wait: float) -> _Answer:
         if left <= 0:
             break
         try:
-            chunk = await asyncio.wait_for(reader.read(4096), left)
+            async with asyncio.timeout(left):  # CONTRIBUTING.md C6
+                chunk = await reader.read(4096)
         except TimeoutError:
             break
         except (ConnectionError, ssl.SSLError, OSError):
@@ -552,10 +553,10 @@ class _Prober:
         hostname = None if _is_ip(self.host) else self.host
         assert self.address is not None
         try:  # leave part of the budget for the HTTP attempt should TLS fail
-            reader, writer = await asyncio.wait_for(
-                _connect(self.address, self.family, tls=context, server_hostname=hostname),
-                self.budget.left() * 0.6,
-            )
+            async with asyncio.timeout(self.budget.left() * 0.6):
+                reader, writer = await _connect(
+                    self.address, self.family, tls=context, server_hostname=hostname
+                )
         except (OSError, EOFError):  # ssl.SSLError, ConnectionError, TimeoutError included
             return await self._try_http(None, fallback=clear)
         try:
@@ -579,15 +580,13 @@ class _Prober:
         answer: _Answer | None = None
         if self.budget.left() > 0:
             try:
-                reader, writer = await asyncio.wait_for(
-                    _connect(
+                async with asyncio.timeout(self.budget.left()):
+                    reader, writer = await _connect(
                         self.address,
                         self.family,
                         tls=_tls_context() if tls else None,
                         server_hostname=hostname,
-                    ),
-                    self.budget.left(),
-                )
+                    )
             except (OSError, EOFError):
                 pass
             else:

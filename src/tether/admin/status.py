@@ -92,10 +92,10 @@ async def _presented(url: str) -> str:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, parts.port or 443, ssl=context),
-            REQUEST_TIMEOUT,
-        )
+        async with asyncio.timeout(REQUEST_TIMEOUT):  # CONTRIBUTING.md C6
+            _, writer = await asyncio.open_connection(
+                parts.hostname, parts.port or 443, ssl=context
+            )
     except (OSError, TimeoutError) as exc:
         return f"unknown ({describe(exc) if isinstance(exc, OSError) else 'timed out'})"
     try:
@@ -105,7 +105,8 @@ async def _presented(url: str) -> str:
     finally:
         writer.close()
         with contextlib.suppress(OSError, TimeoutError):  # ssl.SSLError is an OSError
-            await asyncio.wait_for(writer.wait_closed(), REQUEST_TIMEOUT)
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                await writer.wait_closed()
 
 
 def _headers(token_file: Path | None) -> dict[str, str]:
