@@ -4,16 +4,18 @@ The reloader builds the new settings as a start would (defaults, then the ``--co
 file, then the command line, which still wins), compares them key by key with those in use,
 and applies every change that can take effect live; sessions already running keep what they
 began with. What only a restart can change (the listening address, clear text or TLS, the
-admin endpoint's address, token, certificate and clear text or not) is kept as it is and
-named in one WARNING. A file that does not load, or a certificate, CA or clients file that
-does not read, changes nothing: one ERROR, and the old settings stay.
+admin endpoint's address, token, certificate and clear text or not; a server's id, routing
+key and memory budget) is kept as it is and named in one WARNING. A file that does not load,
+or a certificate, CA or clients file that does not read, changes nothing: one ERROR, and the
+old settings stay.
 The process never exits on SIGHUP. systemd hears ``RELOADING=1`` before and ``READY=1``
 after (``Type=notify-reload``, or ``Type=notify`` with ``ExecReload=``).
 
 What applies live (docs/operations.md, "Reload"):
 
 - server: session timeouts, keepalive, buffer and handshake timeout for new sessions and
-  links, session and handshake limits, the backend for new sessions, the clients file, the
+  links, session and handshake limits, the backend for new sessions, the drain timeout (from
+  the next drain), the clients file, the
   TLS certificate and key (re-read even when their paths did not change: a renewed
   certificate), the client CA, the log level and format;
 - client: the same session settings, the server, fallback and connect timeout for new
@@ -69,8 +71,9 @@ _RESTART_FIELDS = (
 )
 RESTART_KEYS = frozenset(name.replace("_", "-") for name in _RESTART_FIELDS)
 # A server makes its session ids with these (routing.py), once, at start; a gateway
-# re-reads its routing key on reload.
-_SERVER_RESTART_FIELDS = ("server_id", "routing_key_file")
+# re-reads its routing key on reload. The memory budget is built once too (its accounts are
+# the live sessions'), so a reload says so rather than claiming to apply it.
+_SERVER_RESTART_FIELDS = ("server_id", "routing_key_file", "memory_budget")
 
 
 def _restart_fields(config: object) -> tuple[str, ...]:

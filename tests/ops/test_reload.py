@@ -219,12 +219,13 @@ def test_sighup_without_a_config_file_is_logged_not_fatal(tmp_path: Path) -> Non
     asyncio.run(main())
 
 
-def test_a_server_keeps_its_routing_identity_until_a_restart(
+def test_a_server_keeps_its_routing_identity_and_memory_budget_until_a_restart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A server makes its session ids with its server id and routing key at start
-    (docs/protocol.md, "Routing"): a reload that changes them says they need a restart and
-    keeps the ones in use, while what can change (the backend) does."""
+    (docs/protocol.md, "Routing"), and its memory budget: a reload that changes them says
+    they need a restart and keeps the ones in use, while what can change (the backend) does.
+    (A changed memory budget was once logged as applied "for new sessions" and never was.)"""
     import base64
     import os
 
@@ -244,6 +245,7 @@ def test_a_server_keeps_its_routing_identity_until_a_restart(
         plaintext=True,
         server_id=1,
         routing_key_file=keys[0],
+        memory_budget=8 << 20,
         state_dir=tmp_path / "state",
     )
     file = tmp_path / "server.toml"
@@ -254,23 +256,29 @@ def test_a_server_keeps_its_routing_identity_until_a_restart(
             plaintext=True,
             server_id=2,
             routing_key_file=keys[1],
+            memory_budget=16 << 20,
             backend=Address("127.0.0.1", 7000),
             state_dir=tmp_path / "state",
         ),
         file=file,
     )
 
-    async def main() -> ServerConfig:
+    async def main() -> tuple[ServerConfig, int]:
         async with TetherServer(base) as server:
             reloader = Reloader(server, old, lambda: new, _OPTIONS["server"], lambda *_: None)
             assert reloader.reload()
-            return server.config
+            memory = server._router.memory
+            assert memory is not None
+            return server.config, memory.total
 
     with caplog.at_level("INFO", logger="tether"):
-        config = asyncio.run(main())
+        config, budget = asyncio.run(main())
     assert (config.server_id, config.routing_key_file) == (1, keys[0])
+    assert (config.memory_budget, budget) == (8 << 20, 8 << 20)
     assert config.backend == Address("127.0.0.1", 7000)
     restart = [r.getMessage() for r in caplog.records if "after a restart" in r.getMessage()]
     assert restart and "server-id" in restart[0] and "routing-key-file" in restart[0]
+    assert "memory-budget" in restart[0]
     applied = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reload")]
     assert not any("server-id 1 -> 2" in line and "restart" not in line for line in applied)
+    assert not any("memory-budget" in line and "restart" not in line for line in applied)
