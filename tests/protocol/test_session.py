@@ -34,7 +34,12 @@ from tether.protocol.frames import (
     client_hello,
     server_hello,
 )
-from tether.protocol.handshake import ClientHandshake, HandshakeStage, ServerHandshake
+from tether.protocol.handshake import (
+    MAX_EARLY_BYTES,
+    ClientHandshake,
+    HandshakeStage,
+    ServerHandshake,
+)
 from tether.protocol.reader import FrameReader
 from tether.protocol.session import (
     SERVER_TICK_LAG,
@@ -625,6 +630,30 @@ def test_setup_rejected_by_the_server() -> None:
     q.pump()
     q.transfer()
     assert q.app.ended == SessionEnded(CloseCode.BACKEND_UNAVAILABLE, "backend down", True)
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_a_client_may_send_max_early_bytes_before_the_answer_and_no_more(chunks: int) -> None:
+    """What a client sends after its SETUP and before the server's answer is held for the
+    session, up to MAX_EARLY_BYTES (docs/security.md, "Abuse"); one byte more fails the link
+    PROTOCOL_ERROR, whether it comes in one read or several."""
+    for extra in (MAX_EARLY_BYTES, MAX_EARLY_BYTES + 1):
+        client_hs = ClientHandshake(Session.client(CONFIG, 0.0), 0.0)
+        hs = ServerHandshake(CONFIG, 0.0)
+        hs.receive_data(b"".join(client_hs.data_to_send()))  # the client's hello
+        client_hs.receive_data(b"".join(hs.data_to_send()))  # the server's: SETUP is queued
+        early = b"".join(client_hs.data_to_send()) + bytes(extra)
+        step = -(-len(early) // chunks)
+        for start in range(0, len(early), step):
+            hs.receive_data(early[start : start + step])
+        events = list(iter(hs.next_event, None))
+        failed = [e for e in events if isinstance(e, HandshakeFailed)]
+        if extra == MAX_EARLY_BYTES:
+            assert events == [SetupRequested()]
+        else:
+            assert [(e.code, e.reason) for e in failed] == [
+                (CloseCode.PROTOCOL_ERROR, "client sent too much before the handshake finished")
+            ]
 
 
 def test_handshake_decisions_out_of_turn_are_caller_errors() -> None:
