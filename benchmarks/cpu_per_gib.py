@@ -9,8 +9,9 @@ machine happened to be. Used to measure data-path changes before and after::
     python -m benchmarks.cpu_per_gib --peer socat   # B1's socat2-b256k, measured the same way
 
 Each line gives the pair's total and each process's share (the server side's, then the
-client side's). ``--peer socat`` measures B1's peer instead: two ``socat -b 262144`` hops, one
-connection each (no ``fork``, so that /proc sees the process that copies).
+client side's, each as user + system time). ``--peer socat`` measures B1's peer instead: two
+``socat -b 262144`` hops, one connection each (no ``fork``, so that /proc sees the process
+that copies).
 
 The links are in clear text (``--plaintext`` on both ends) whenever the tether under test
 has TLS, so that figures stay comparable with checkouts from before TLS (issue 8);
@@ -39,9 +40,15 @@ from benchmarks.procs import free_port, socat_command, wait_listening
 
 
 def _cpu_seconds(pid: int) -> float:
+    return sum(_cpu_split(pid))
+
+
+def _cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` so far, from /proc."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _write_calls(pid: int) -> int:
@@ -130,10 +137,10 @@ def _socat_pair(backend_port: int) -> tuple[list[subprocess.Popen[bytes]], int]:
 
 def run_once(
     direction: str, size: int, home: Path, extra: list[str], peer: str = "tether"
-) -> tuple[list[float], float, float]:
-    """(CPU s/GiB of each process, server side first; GB/s; write syscalls/GiB) for one
-    transfer of ``size`` bytes; ``extra`` goes to both tether ends (``--plaintext`` or
-    nothing)."""
+) -> tuple[list[tuple[float, float]], float, float]:
+    """((user, system) CPU s/GiB of each process, server side first; GB/s; write
+    syscalls/GiB) for one transfer of ``size`` bytes; ``extra`` goes to both tether ends
+    (``--plaintext`` or nothing)."""
     listener = socket.create_server(("127.0.0.1", 0))
     backend_port = listener.getsockname()[1]
     try:
@@ -149,7 +156,7 @@ def run_once(
         app = socket.create_connection(("127.0.0.1", entry))
         back, _ = listener.accept()
         src, dst = (app, back) if direction == "up" else (back, app)
-        cpu0 = [_cpu_seconds(pid) for pid in pids]
+        cpu0 = [_cpu_split(pid) for pid in pids]
         calls0 = sum(map(_write_calls, pids))
         t0 = time.perf_counter()
         chunk = b"x" * (256 * 1024)
@@ -170,7 +177,7 @@ def run_once(
             got += n
         sender.join()
         t1 = time.perf_counter()
-        cpu1 = [_cpu_seconds(pid) for pid in pids]
+        cpu1 = [_cpu_split(pid) for pid in pids]
         calls1 = sum(map(_write_calls, pids))
         for s in (app, back):
             s.close()
@@ -180,7 +187,10 @@ def run_once(
             proc.wait(10)
         listener.close()
     gib = size / (1 << 30)
-    cpu = [(after - before) / gib for before, after in zip(cpu0, cpu1, strict=True)]
+    cpu = [
+        ((after[0] - before[0]) / gib, (after[1] - before[1]) / gib)
+        for before, after in zip(cpu0, cpu1, strict=True)
+    ]
     return cpu, size / (t1 - t0) / 1e9, (calls1 - calls0) / gib
 
 
@@ -216,12 +226,13 @@ def main() -> int:
             runs = [
                 run_once(direction, args.bytes, home, extra, args.peer) for _ in range(args.runs)
             ]
-            cpu = sorted(round(sum(r[0]), 2) for r in runs)
-            shares = " ".join("/".join(f"{c:.2f}" for c in r[0]) for r in runs)
+            cpu = sorted(round(sum(u + k for u, k in r[0]), 2) for r in runs)
+            shares = " ".join("/".join(f"{u:.2f}+{k:.2f}" for u, k in r[0]) for r in runs)
             speed = sorted(round(r[1], 2) for r in runs)
             calls = sorted(int(r[2]) for r in runs)
             print(
-                f"{direction}: CPU s/GiB {cpu} (server side/client side per run: {shares})"
+                f"{direction}: CPU s/GiB {cpu} (server side/client side, user+system, per run:"
+                f" {shares})"
                 f"  GB/s {speed}  write syscalls/GiB {calls}"
             )
     finally:
