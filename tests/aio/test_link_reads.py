@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -22,6 +23,7 @@ from tether.aio.link import (
     HOLD_SLACK,
     LINK_READ_SIZE,
     LINK_VIEW_FROM,
+    MAX_EARLY_LINK_BYTES,
     READ_SIZE,
     LinkOwner,
     LinkProtocol,
@@ -203,6 +205,59 @@ def test_views_held_by_a_transport_that_cannot_write_keep_the_buffer(run: Run[An
         finally:
             transport.abort()
             sink.close()
+
+    run(main())
+
+
+class _Lost:
+    """A LinkOwner that only hears of a link's end (the handshake has not started)."""
+
+    def __init__(self) -> None:
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def link_event(self, link: LinkProtocol, event: object) -> None:
+        raise AssertionError(f"no handshake was started, yet {event!r}")
+
+    def link_ready(self, link: LinkProtocol) -> None:
+        raise AssertionError("no handshake was started")
+
+    def link_lost(self, link: LinkProtocol, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+def _same(link: LinkProtocol) -> LinkProtocol:
+    return link
+
+
+def test_a_peer_that_speaks_before_the_handshake_is_cut_past_max_early_link_bytes(
+    run: Run[Any],
+) -> None:
+    """A link keeps what its peer says before its handshake starts (a server that speaks
+    first: ``LinkProtocol._early``) up to MAX_EARLY_LINK_BYTES and is aborted at one byte
+    more, on a real socket: a hostile server cannot make a client hold more."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for extra in (0, 1):
+            ours, theirs = socket.socketpair()
+            owner = _Lost()
+            link = LinkProtocol(cast(LinkOwner, owner))
+            transport, _ = await loop.connect_accepted_socket(functools.partial(_same, link), ours)
+            with theirs:
+                theirs.sendall(bytes(MAX_EARLY_LINK_BYTES))
+                async with asyncio.timeout(30):  # bounded (CONTRIBUTING.md T6)
+                    while len(link._early) < MAX_EARLY_LINK_BYTES:
+                        await asyncio.sleep(0.005)
+                assert not transport.is_closing()
+                if extra:
+                    theirs.sendall(b"!")
+                    async with asyncio.timeout(30):
+                        await owner.lost
+                    assert transport.is_closing()
+                else:  # the check is made in the read that appends: none came
+                    assert len(link._early) == MAX_EARLY_LINK_BYTES and not owner.lost.done()
+                    transport.close()
 
     run(main())
 
