@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO, cast
 
+from .errors import ProtocolError
 from .protocol.codes import CloseCode
 from .protocol.frames import (
     FRAME_HEADER_SIZE,
@@ -499,7 +500,7 @@ class _Prober:
         if kind is Kind.TETHER:
             try:
                 version, _nonce = parse_server_hello(data[:SERVER_HELLO_SIZE])
-            except Exception:
+            except ProtocolError:  # what the peer said is not a server hello after all
                 version = None
             if version is not None:
                 where = (

@@ -554,7 +554,8 @@ class _Gate(asyncio.Protocol):
             if not der:
                 raise TrustError("the server presented no certificate")
             self.verify(der)
-        except Exception as exc:
+        except Exception as exc:  # contained to this connection (CONTRIBUTING.md E4): the
+            # caller raises it once the transport is aborted (create_tls_connection)
             self.error = exc
             cast(asyncio.Transport, transport).abort()
             return

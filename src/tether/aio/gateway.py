@@ -88,6 +88,8 @@ class _Server:
 class _Counted(Splice):
     """The server side's splice: counts its link on the server while it lives."""
 
+    __slots__ = ("server",)
+
     def __init__(self, target: asyncio.Transport, server: _Server) -> None:
         super().__init__(target)
         self.server = server
@@ -102,6 +104,8 @@ class _Counted(Splice):
 
 class _ClientSide(Splice):
     """The client side's splice, once routed: known to the gateway while it lives."""
+
+    __slots__ = ("links", "on_closed")
 
     def __init__(
         self,
@@ -151,6 +155,19 @@ class _HealthProbe(asyncio.Protocol):
 
 class _ClientLink(asyncio.Protocol):
     """A client's link until it is routed: read its first bytes, then hand it over."""
+
+    # One per link the gateway holds (CONTRIBUTING.md N4).
+    __slots__ = (
+        "_timer",
+        "eof",
+        "gateway",
+        "on_closed",
+        "peer",
+        "reader",
+        "refused",
+        "settled",
+        "transport",
+    )
 
     def __init__(self, gateway: TetherGateway) -> None:
         self.gateway = gateway

@@ -14,6 +14,10 @@ __all__ = ["Splice", "splice_to"]
 class Splice(asyncio.Protocol):
     """The protocol of one transport whose bytes go to ``target``."""
 
+    # One pair per fallback and per gateway session: no per-instance dict (CONTRIBUTING.md
+    # N4). A subclass declares its own attributes.
+    __slots__ = ("done", "target", "transport")
+
     def __init__(self, target: asyncio.Transport | None = None) -> None:
         self.target = target
         self.transport: asyncio.Transport | None = None

@@ -425,7 +425,7 @@ ControlFrame = (
 
 # Keyed by FrameType, looked up by the header's plain int (an IntEnum hashes and compares
 # as its value): no enum conversion per frame on the per-message path.
-_FIXED: dict[int, struct.Struct] = {
+_FIXED: Final[dict[int, struct.Struct]] = {  # Final: CONTRIBUTING.md D6
     FrameType.ACCEPT: _ACCEPT,
     FrameType.RESUME: _RESUME,
     FrameType.RESUMED: _RESUMED,
@@ -436,7 +436,7 @@ _FIXED: dict[int, struct.Struct] = {
     FrameType.PONG: _U64,
     FrameType.DRAINING: _U32,
 }
-_CLASSES: dict[int, type] = {
+_CLASSES: Final[dict[int, type]] = {
     FrameType.ACCEPT: Accept,
     FrameType.RESUME: Resume,
     FrameType.RESUMED: Resumed,

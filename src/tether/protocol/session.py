@@ -157,7 +157,7 @@ class _Input(enum.Enum):
 
 # docs/protocol.md, "Session lifecycle": the one transition table. A pair not in it
 # is a bug in the caller or the core, never something a peer can cause.
-TRANSITIONS: dict[tuple[SessionState, _Input], SessionState] = {
+TRANSITIONS: Final[dict[tuple[SessionState, _Input], SessionState]] = {
     (SessionState.NEW, _Input.ESTABLISH): SessionState.ATTACHED,
     (SessionState.NEW, _Input.END): SessionState.CLOSED,
     # A server may hear a resume before it noticed that the old link died.
