@@ -226,10 +226,10 @@ def main() -> int:
             runs = [
                 run_once(direction, args.bytes, home, extra, args.peer) for _ in range(args.runs)
             ]
-            cpu = sorted(round(sum(u + k for u, k in r[0]), 2) for r in runs)
+            cpu = [round(sum(u + k for u, k in r[0]), 2) for r in runs]  # in run order
             shares = " ".join("/".join(f"{u:.2f}+{k:.2f}" for u, k in r[0]) for r in runs)
-            speed = sorted(round(r[1], 2) for r in runs)
-            calls = sorted(int(r[2]) for r in runs)
+            speed = [round(r[1], 2) for r in runs]
+            calls = [int(r[2]) for r in runs]
             print(
                 f"{direction}: CPU s/GiB {cpu} (server side/client side, user+system, per run:"
                 f" {shares})"

@@ -1,15 +1,20 @@
 """What the event loop's TLS plumbing costs a message, against OpenSSL on the socket (issue 12).
 
 ``python -m benchmarks.tls_plumbing [--count N] [--repeats R]``: a 64-byte echo server in a
-process of its own, on uvloop, in three forms, visited in turn each repeat:
+process of its own, on uvloop, in four forms, visited in turn each repeat:
 
-- ``clear``: ``loop.create_server``, clear text (the floor);
+- ``clear``: ``loop.create_server``, clear text through the loop's transport;
 - ``loop-tls``: ``loop.create_server(ssl=...)``, TLS 1.3 through the loop's TLS protocol
   (uvloop's ``SSLProtocol``: memory BIOs between OpenSSL and the transport), as tether's
   links have it;
-- ``socket-tls``: TLS 1.3 on a non-blocking ``ssl.SSLSocket`` read and written from
-  ``loop.add_reader`` (OpenSSL's socket BIO: it reads and writes the socket itself), as
-  stunnel drives OpenSSL, and as asyncio's own TLS transport did before Python 3.7.
+- ``socket-clear``: clear text on a non-blocking socket read and written from
+  ``loop.add_reader`` (no transport), the floor of the next form;
+- ``socket-tls``: the same with TLS 1.3 on a non-blocking ``ssl.SSLSocket`` (OpenSSL's socket
+  BIO: it reads and writes the socket itself), as stunnel drives OpenSSL, and as asyncio's own
+  TLS transport did before Python 3.7.
+
+What TLS adds is each TLS form against its own clear form: ``loop-tls`` - ``clear`` is TLS
+with the loop's plumbing, ``socket-tls`` - ``socket-clear`` TLS driven on the socket.
 
 One blocking client (TLS 1.3 against the TLS servers, verifying a certificate made for the
 run) sends 64 bytes and waits for their echo, ``N`` times after a warm-up of 1,000. Printed
@@ -37,7 +42,8 @@ from pathlib import Path
 
 from benchmarks.peers import self_signed
 
-FORMS = ("clear", "loop-tls", "socket-tls")
+FORMS = ("clear", "loop-tls", "socket-clear", "socket-tls")
+CLEAR_OF = {"loop-tls": "clear", "socket-tls": "socket-clear"}
 MESSAGE = 64
 WARM_UP = 1000
 
@@ -59,7 +65,7 @@ class _Echo(asyncio.Protocol):
 
 async def _serve(form: str, cert: Path, key: Path) -> None:
     loop = asyncio.get_running_loop()
-    if form != "socket-tls":
+    if not form.startswith("socket-"):
         context = _server_context(cert, key) if form == "loop-tls" else None
         server = await loop.create_server(_Echo, "127.0.0.1", 0, ssl=context)
         print(server.sockets[0].getsockname()[1], flush=True)
@@ -68,25 +74,29 @@ async def _serve(form: str, cert: Path, key: Path) -> None:
     print(listener.getsockname()[1], flush=True)
     raw, _ = await loop.run_in_executor(None, listener.accept)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    tls = _server_context(cert, key).wrap_socket(raw, server_side=True)  # blocking handshake
-    tls.setblocking(False)
+    if form == "socket-tls":
+        sock: socket.socket = _server_context(cert, key).wrap_socket(raw, server_side=True)
+    else:
+        sock = raw  # (the TLS handshake above is blocking; it happens before the timing)
+    sock.setblocking(False)
+    tls = sock if isinstance(sock, ssl.SSLSocket) else None
     buf = bytearray(65536)
     view = memoryview(buf)
 
     def readable() -> None:
         while True:  # what OpenSSL already holds decrypted is read before waiting again
             try:
-                n = tls.recv_into(buf)
-            except ssl.SSLWantReadError:
+                n = sock.recv_into(buf)
+            except (ssl.SSLWantReadError, BlockingIOError):
                 return
             if n == 0:
-                loop.remove_reader(tls.fileno())
+                loop.remove_reader(sock.fileno())
                 return
-            tls.sendall(view[:n])  # 64 bytes into an empty socket buffer: never blocks here
-            if not tls.pending():
+            sock.sendall(view[:n])  # 64 bytes into an empty socket buffer: never blocks here
+            if tls is None or not tls.pending():
                 return
 
-    loop.add_reader(tls.fileno(), readable)
+    loop.add_reader(sock.fileno(), readable)
     await asyncio.Future()
 
 
@@ -125,22 +135,30 @@ def _once(form: str, cert: Path, key: Path, count: int) -> tuple[float, float]:
     """(median round trip in us, server CPU us per round trip) for one server of ``form``."""
     argv = [sys.executable, "-m", "benchmarks.tls_plumbing", "--serve", form]
     argv += ["--cert", str(cert), "--key", str(key)]
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        context = None
-        if form != "clear":
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.minimum_version = ssl.TLSVersion.TLSv1_3
-            context.load_verify_locations(cert)
-        before = _cpu_seconds(server.pid)
-        p50 = _round_trips(port, context, count)
-        cpu = (_cpu_seconds(server.pid) - before) / (WARM_UP + count) * 1e6
-        return p50, cpu
-    finally:
-        server.kill()
-        server.wait()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as server:
+        try:
+            return _measure(server, form, cert, count)
+        finally:
+            server.kill()
+
+
+def _measure(
+    server: subprocess.Popen[str], form: str, cert: Path, count: int
+) -> tuple[float, float]:
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the {form} echo server did not start (is uvloop installed?)")
+    port = int(line)
+    context = None
+    if form in CLEAR_OF:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_verify_locations(cert)
+    before = _cpu_seconds(server.pid)
+    p50 = _round_trips(port, context, count)
+    cpu = (_cpu_seconds(server.pid) - before) / (WARM_UP + count) * 1e6
+    return p50, cpu
 
 
 def main() -> None:
@@ -166,14 +184,15 @@ def main() -> None:
     cpu = {form: statistics.median(r[1] for r in results[form]) for form in FORMS}
     print(f"{args.count} round trips of {MESSAGE} bytes, {args.repeats} repeats, medians")
     for form in FORMS:
-        line = f"{form:11s} p50 {p50[form]:6.1f} us   server CPU {cpu[form]:5.1f} us per round trip"
-        if form != "clear":
+        line = f"{form:12s} p50 {p50[form]:6.1f} us   server CPU {cpu[form]:5.1f} us per round trip"
+        if form in CLEAR_OF:
+            clear = CLEAR_OF[form]
             line += (
-                f"   TLS adds {p50[form] - p50['clear']:5.1f} us,"
-                f" {cpu[form] - cpu['clear']:5.1f} us of CPU"
+                f"   TLS adds {p50[form] - p50[clear]:5.1f} us,"
+                f" {cpu[form] - cpu[clear]:5.1f} us of CPU (against {clear})"
             )
         print(line)
-        print("            per repeat: " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in results[form]))
+        print("             per repeat: " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in results[form]))
 
 
 if __name__ == "__main__":

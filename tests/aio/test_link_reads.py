@@ -245,13 +245,15 @@ def test_a_peer_that_speaks_before_the_handshake_is_cut_past_max_early_link_byte
             link = LinkProtocol(cast(LinkOwner, owner))
             transport, _ = await loop.connect_accepted_socket(functools.partial(_same, link), ours)
             with theirs:
-                theirs.sendall(bytes(MAX_EARLY_LINK_BYTES))
+                theirs.setblocking(False)  # written by the loop, under its timeouts (T6)
+                async with asyncio.timeout(30):
+                    await loop.sock_sendall(theirs, bytes(MAX_EARLY_LINK_BYTES))
                 async with asyncio.timeout(30):  # bounded (CONTRIBUTING.md T6)
                     while len(link._early) < MAX_EARLY_LINK_BYTES:
                         await asyncio.sleep(0.005)
                 assert not transport.is_closing()
                 if extra:
-                    theirs.sendall(b"!")
+                    await loop.sock_sendall(theirs, b"!")
                     async with asyncio.timeout(30):
                         await owner.lost
                     assert transport.is_closing()

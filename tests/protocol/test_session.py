@@ -640,9 +640,9 @@ def test_a_client_may_send_max_early_bytes_before_the_answer_and_no_more(chunks:
     for extra in (MAX_EARLY_BYTES, MAX_EARLY_BYTES + 1):
         client_hs = ClientHandshake(Session.client(CONFIG, 0.0), 0.0)
         hs = ServerHandshake(CONFIG, 0.0)
-        hs.receive_data(b"".join(client_hs.data_to_send()))  # the client's hello
-        client_hs.receive_data(b"".join(hs.data_to_send()))  # the server's: SETUP is queued
-        early = b"".join(client_hs.data_to_send()) + bytes(extra)
+        hs.receive_data(b"".join(client_hs.data_to_send()))  # the client's hello and SETUP
+        client_hs.receive_data(b"".join(hs.data_to_send()))  # the server's hello
+        early = b"".join(client_hs.data_to_send()) + bytes(extra)  # (nothing more queued)
         step = -(-len(early) // chunks)
         for start in range(0, len(early), step):
             hs.receive_data(early[start : start + step])
