@@ -464,6 +464,7 @@ def test_a_streaming_backend_flood_stays_within_the_memory_budget(tmp_path: Any)
 # -- orphaned setups ---------------------------------------------------------------------------
 
 
+@pytest.mark.once  # waits out ORPHAN_GRACE; the core's rule runs plain in test_budget.py
 def test_a_setup_whose_client_leaves_at_once_is_released_after_the_grace(tmp_path: Any) -> None:
     """A peer that sets up a session and leaves without a further byte: the server
     releases it (and its backend connection) after ORPHAN_GRACE, not the 180 s timeout;

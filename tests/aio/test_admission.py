@@ -269,6 +269,7 @@ def test_at_the_file_descriptor_limit_a_new_link_is_told_overloaded(tmp_path: Pa
     asyncio.run(main())
 
 
+@pytest.mark.once  # the descriptor guard is listener.py's, not compiled: 11 s not run twice
 def test_at_the_file_descriptor_limit_a_tls_link_is_told_overloaded_after_tls(
     tmp_path: Path,
 ) -> None:

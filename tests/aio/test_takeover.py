@@ -425,6 +425,7 @@ def test_a_request_from_another_user_is_refused(tmp_path: Path) -> None:
     run(main())
 
 
+@pytest.mark.once  # waits out server.py's FLUSH_TIMEOUT (not compiled code)
 def test_a_backend_that_does_not_read_makes_the_takeover_wait_then_refuse(
     tmp_path: Path,
 ) -> None:
