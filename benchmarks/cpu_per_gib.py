@@ -211,15 +211,15 @@ def main() -> int:
         help="socat: B1's peer, two socat -b 262144 hops, measured the same way",
     )
     args = parser.parse_args()
-    if args.peer == "socat":
-        args.tls = False
+    if args.peer == "socat" and args.tls:
+        parser.error("--tls measures tether's TLS links; B1's socat peer has none")
     plaintext = has_plaintext()
     if args.tls and not plaintext:
         print("this tether has no TLS (no --plaintext in `tether server --help`)", file=sys.stderr)
         return 2
     extra = [] if args.tls or not plaintext else ["--plaintext"]
     links = "TLS 1.3" if args.tls else "clear text" + (" (--plaintext)" if extra else "")
-    print(f"{args.peer}, links: {links}" if args.peer == "tether" else "socat -b 262144, two hops")
+    print(f"tether, links: {links}" if args.peer == "tether" else "socat -b 262144, two hops")
     home = Path(tempfile.mkdtemp(prefix="tbench-cpu-"))
     try:
         for direction in ("up", "down"):

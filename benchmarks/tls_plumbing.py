@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import ssl
 import statistics
@@ -40,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.cpu_per_gib import _cpu_seconds
 from benchmarks.peers import self_signed
 
 FORMS = ("clear", "loop-tls", "socket-clear", "socket-tls")
@@ -74,12 +74,11 @@ async def _serve(form: str, cert: Path, key: Path) -> None:
     print(listener.getsockname()[1], flush=True)
     raw, _ = await loop.run_in_executor(None, listener.accept)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if form == "socket-tls":
-        sock: socket.socket = _server_context(cert, key).wrap_socket(raw, server_side=True)
-    else:
-        sock = raw  # (the TLS handshake above is blocking; it happens before the timing)
+    tls = None
+    sock = raw
+    if form == "socket-tls":  # a blocking handshake, before the timing starts
+        sock = tls = _server_context(cert, key).wrap_socket(raw, server_side=True)
     sock.setblocking(False)
-    tls = sock if isinstance(sock, ssl.SSLSocket) else None
     buf = bytearray(65536)
     view = memoryview(buf)
 
@@ -98,12 +97,6 @@ async def _serve(form: str, cert: Path, key: Path) -> None:
 
     loop.add_reader(sock.fileno(), readable)
     await asyncio.Future()
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _round_trips(port: int, context: ssl.SSLContext | None, count: int) -> float:

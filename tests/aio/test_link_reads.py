@@ -226,10 +226,6 @@ class _Lost:
             self.lost.set_result(exc)
 
 
-def _same(link: LinkProtocol) -> LinkProtocol:
-    return link
-
-
 def test_a_peer_that_speaks_before_the_handshake_is_cut_past_max_early_link_bytes(
     run: Run[Any],
 ) -> None:
@@ -242,8 +238,8 @@ def test_a_peer_that_speaks_before_the_handshake_is_cut_past_max_early_link_byte
         for extra in (0, 1):
             ours, theirs = socket.socketpair()
             owner = _Lost()
-            link = LinkProtocol(cast(LinkOwner, owner))
-            transport, _ = await loop.connect_accepted_socket(functools.partial(_same, link), ours)
+            made = functools.partial(LinkProtocol, cast(LinkOwner, owner))
+            transport, link = await loop.connect_accepted_socket(made, ours)
             with theirs:
                 theirs.setblocking(False)  # written by the loop, under its timeouts (T6)
                 async with asyncio.timeout(30):
