@@ -11,6 +11,12 @@ thousand times a second) from drowning the log: the first message per key is log
 once, the rest are counted and summarised at most once per window::
 
     link from 198.18.0.7 refused 523 times in the last 10 s: handshake timed out
+
+A window that saw other messages for the key names them too, after the latest (at most
+ALSO_MAX, then "and others"), so a reason that came between two others is not lost::
+
+    link from 198.18.0.7 refused 3 times in the last 4.7 s: Connection reset by peer; also:
+    certificate verify failed
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 __all__ = ["JsonFormatter", "RateLimitedLog", "setup_logging"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+ALSO_MAX = 3  # other messages a summary names besides the latest
 RESERVED = frozenset(("time", "level", "logger", "message", "traceback", "stack"))
 OTHER_SOURCES = "other sources"
 
@@ -102,6 +109,21 @@ class _Count:
     logged: int  # of which logged at once: 1 in a key's first window, then 0
     key: str  # the latest key (the overflow bucket gathers many)
     message: str  # the latest message
+    also: list[str] = field(default_factory=list)  # other messages counted (ALSO_MAX)
+    more: bool = False  # and others beyond those
+
+    def note(self, message: str) -> None:
+        """A counted hit (``hits`` already counts it) with ``message``: the latest, and the
+        one before it kept in ``also`` while it differs, was seen in this window (a window
+        that follows a summary starts with that summary's message) and there is room."""
+        previous = self.message
+        self.message = message
+        if self.hits < 2 or previous == message or previous in self.also:
+            return
+        if len(self.also) < ALSO_MAX:
+            self.also.append(previous)
+        else:
+            self.more = True
 
 
 class RateLimitedLog:
@@ -161,7 +183,8 @@ class RateLimitedLog:
             self.logger.log(self.level, "%s: %s", key, message)
             return True
         count.hits += 1
-        count.key, count.message = key, message
+        count.key = key
+        count.note(message)
         return False
 
     def next_timer(self) -> float | None:
@@ -215,13 +238,15 @@ class RateLimitedLog:
                 count.message,
             )
         else:
+            also = [m for m in count.also if m != count.message]
             self.logger.log(
                 self.level,
-                "%s %s in the last %s s: %s",
+                "%s %s in the last %s s: %s%s",
                 count.key,
                 _times(count.hits),
                 span,
                 count.message,
+                f"; also: {'; '.join(also)}{', and others' if count.more else ''}" if also else "",
             )
         return True
 

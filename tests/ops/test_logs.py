@@ -187,3 +187,28 @@ def test_memory_is_bounded_and_the_overflow_summarised(caplog: pytest.LogCapture
     ]
     assert len(log) == 0
     assert log.hit("link from 198.18.9.9 refused", "bad magic") is True  # room again
+
+
+def test_a_summary_names_the_other_reasons_its_window_saw_up_to_a_bound(
+    limited: tuple[RateLimitedLog, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reason that came between two others is not lost to the latest one (a client
+    refused for a forged certificate between resets), and a flood of distinct reasons
+    still writes one line per window, naming at most ALSO_MAX of them besides the latest."""
+    log, clock = limited
+    for why in ("no certificate", "verify failed", "reset", "reset", "verify failed", "reset"):
+        log.hit("a", why)
+    clock.now += 1
+    log.flush()
+    assert messages(caplog) == [
+        "a: no certificate",
+        "a 6 times in the last 1 s: reset; also: no certificate; verify failed",
+    ]
+    caplog.clear()
+    for i in range(100):
+        log.hit("b", f"reason {i}")
+    log.flush()
+    assert messages(caplog) == [
+        "b: reason 0",
+        "b 100 times in the last 0 s: reason 99; also: reason 0; reason 1; reason 2, and others",
+    ]
