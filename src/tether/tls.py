@@ -54,7 +54,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .aio import tlssocket
 from .errors import TetherError
 from .files import append_line
 
@@ -538,9 +537,6 @@ class SessionCache:
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
-# A client's TLS handshake limit when the caller gives none (the event loops' default).
-HANDSHAKE_TIMEOUT = 60.0
-
 
 class _Gate(asyncio.Protocol):
     """Stands in for the application's protocol until the server's certificate passed
@@ -571,15 +567,6 @@ class _Gate(asyncio.Protocol):
             self.error = exc or ConnectionResetError("connection lost during the TLS handshake")
 
 
-def _certified(verify: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def check(der: bytes) -> Any:
-        if not der:
-            raise TrustError("the server presented no certificate")
-        return verify(der)
-
-    return check
-
-
 async def create_tls_connection(
     protocol_factory: Callable[[], _P],
     host: str,
@@ -599,23 +586,6 @@ async def create_tls_connection(
     """
     loop = asyncio.get_running_loop()
     session = sessions.session(host, port, context) if sessions is not None else None
-    if tlssocket.available(loop):  # TLS on the socket (aio/tlssocket.py); else the loop's
-        limit = kwargs.pop("ssl_handshake_timeout", HANDSHAKE_TIMEOUT)
-        if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-        on_socket, protocol = await tlssocket.connect(
-            protocol_factory,
-            host,
-            port,
-            context,
-            server_hostname=server_hostname,
-            session=session,
-            verify=_certified(verify) if verify is not None else None,
-            handshake_timeout=limit,
-        )
-        if sessions is not None:
-            sessions.remember(host, port, on_socket.tls_state)
-        return on_socket, protocol
     gate: _Gate | None = None
 
     def make() -> asyncio.BaseProtocol:

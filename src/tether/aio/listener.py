@@ -50,7 +50,6 @@ from ..protocol.events import Event, HandshakeFailed, ResumeRequested, SetupRequ
 from ..protocol.frames import MAGIC, MIN_PROTOCOL_VERSION, NONCE_SIZE, Reject, server_hello
 from ..protocol.handshake import ServerHandshake
 from ..resources import FdGuard
-from . import tlssocket
 from .link import LinkProtocol
 from .util import describe
 
@@ -278,8 +277,6 @@ class LinkListener:
         try:
             if tls is None:
                 await loop.connect_accepted_socket(made, conn)
-            elif tlssocket.available(loop):
-                await tlssocket.accept(made, conn, tls, handshake_timeout=self._timeout)
             else:
                 await loop.connect_accepted_socket(
                     made, conn, ssl=tls, ssl_handshake_timeout=self._timeout
