@@ -6,7 +6,7 @@ process of its own, on uvloop, in four forms, visited in turn each repeat:
 - ``clear``: ``loop.create_server``, clear text through the loop's transport;
 - ``loop-tls``: ``loop.create_server(ssl=...)``, TLS 1.3 through the loop's TLS protocol
   (uvloop's ``SSLProtocol``: memory BIOs between OpenSSL and the transport), as tether's
-  links have it;
+  links have it (with tls.py's ``_SSLObject``: OpenSSL's own read, write and pending);
 - ``socket-clear``: clear text on a non-blocking socket read and written from
   ``loop.add_reader`` (no transport), the floor of the next form;
 - ``socket-tls``: the same with TLS 1.3 on a non-blocking ``ssl.SSLSocket`` (OpenSSL's socket
@@ -41,6 +41,7 @@ from pathlib import Path
 
 from benchmarks.cpu_per_gib import _cpu_seconds
 from benchmarks.peers import self_signed
+from tether.tls import _SSLObject
 
 FORMS = ("clear", "loop-tls", "socket-clear", "socket-tls")
 CLEAR_OF = {"loop-tls": "clear", "socket-tls": "socket-clear"}
@@ -50,6 +51,10 @@ WARM_UP = 1000
 
 def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # As tether's links: the loop's TLS protocol calls OpenSSL's own read, write and
+    # pending, not ssl.SSLObject's Python wrappers (tls.py; the tenth round measured the
+    # loop form without this, which overstated what the loop's plumbing costs tether).
+    context.sslobject_class = _SSLObject
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(cert, key)
     return context
