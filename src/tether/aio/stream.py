@@ -36,6 +36,8 @@ class _ReaderFlow(asyncio.ReadTransport):
     again: the relay's local side stops (or starts) taking bytes, so the session holds
     back (or sends) its acknowledgements (docs/protocol.md, "Flow control")."""
 
+    __slots__ = ("_stream",)
+
     def __init__(self, stream: TetherStream) -> None:
         super().__init__()
         self._stream = stream
@@ -53,6 +55,8 @@ class _ReaderFlow(asyncio.ReadTransport):
 
 class _LocalEnd:
     """The stream's side of the relay: the relay's ``LocalTransport``."""
+
+    __slots__ = ("_closing", "_stream")
 
     def __init__(self, stream: TetherStream) -> None:
         self._stream = stream
@@ -113,6 +117,9 @@ class _LocalEnd:
 
 class TetherStream:
     """One end of a tether session as a byte stream. Made by tether, not by users."""
+
+    # One per session (CONTRIBUTING.md N4): no per-instance dict.
+    __slots__ = ("_reader", "_relay", "_unread", "_writable", "local_end")
 
     def __init__(self) -> None:
         self._reader = asyncio.StreamReader(limit=READ_LIMIT)
