@@ -186,3 +186,16 @@ def test_a_stream_whose_peer_does_not_keep_to_the_window_is_held_past_it() -> No
                     await sending
 
     run(main())
+
+
+def test_a_stream_keeps_no_per_instance_dict() -> None:
+    """One stream per session (CONTRIBUTING.md N4): the stream and the two objects it makes
+    for the relay have ``__slots__`` only."""
+
+    async def main() -> None:
+        stream = tether.TetherStream()
+        flow = stream._reader._transport  # type: ignore[attr-defined]
+        for part in (stream, stream.local_end, flow):
+            assert not hasattr(part, "__dict__"), type(part).__name__
+
+    run(main())
