@@ -182,10 +182,17 @@ def run_once(
         for s in (app, back):
             s.close()
     finally:
-        for proc in reversed(chain):
-            proc.terminate()
-            proc.wait(10)
-        listener.close()
+        try:
+            for proc in reversed(chain):
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    raise
+        finally:
+            listener.close()
     gib = size / (1 << 30)
     cpu = [
         ((after[0] - before[0]) / gib, (after[1] - before[1]) / gib)
@@ -213,13 +220,19 @@ def main() -> int:
     args = parser.parse_args()
     if args.peer == "socat" and args.tls:
         parser.error("--tls measures tether's TLS links; B1's socat peer has none")
-    plaintext = has_plaintext()
-    if args.tls and not plaintext:
-        print("this tether has no TLS (no --plaintext in `tether server --help`)", file=sys.stderr)
-        return 2
-    extra = [] if args.tls or not plaintext else ["--plaintext"]
-    links = "TLS 1.3" if args.tls else "clear text" + (" (--plaintext)" if extra else "")
-    print(f"tether, links: {links}" if args.peer == "tether" else "socat -b 262144, two hops")
+    extra: list[str] = []
+    if args.peer == "socat":
+        print("socat -b 262144, two hops")
+    else:
+        plaintext = has_plaintext()
+        if args.tls and not plaintext:
+            print(
+                "this tether has no TLS (no --plaintext in `tether server --help`)", file=sys.stderr
+            )
+            return 2
+        extra = [] if args.tls or not plaintext else ["--plaintext"]
+        links = "TLS 1.3" if args.tls else "clear text" + (" (--plaintext)" if extra else "")
+        print(f"tether, links: {links}")
     home = Path(tempfile.mkdtemp(prefix="tbench-cpu-"))
     try:
         for direction in ("up", "down"):

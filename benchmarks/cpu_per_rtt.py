@@ -131,10 +131,17 @@ def run_once(
         for s in (app, back):
             s.close()
     finally:
-        for proc in (client, server):
-            proc.terminate()
-            proc.wait(600 if wrapper else 10)  # valgrind takes minutes to exit on a busy host
-        listener.close()
+        try:
+            for proc in (client, server):
+                proc.terminate()
+                try:  # valgrind takes minutes to exit on a busy host
+                    proc.wait(600 if wrapper else 10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()  # a wrapped process's profile is lost with it
+                    proc.wait()
+                    raise
+        finally:
+            listener.close()
     return (cpu1 - cpu0) / count * 1e6, statistics.median(times) / 1000
 
 

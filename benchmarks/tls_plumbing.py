@@ -38,10 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.cpu_per_gib import _cpu_seconds
 from benchmarks.peers import self_signed
+from benchmarks.procs import HarnessError, read_line
 from tether import tls
 
 FORMS = ("clear", "loop-tls", "socket-clear", "socket-tls")
@@ -77,10 +79,10 @@ async def _serve(form: str, cert: Path, key: Path) -> None:
     print(listener.getsockname()[1], flush=True)
     raw, _ = await loop.run_in_executor(None, listener.accept)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    tls = None
+    tls_sock = None
     sock = raw
     if form == "socket-tls":  # a blocking handshake, before the timing starts
-        sock = tls = _server_context(cert, key).wrap_socket(raw, server_side=True)
+        sock = tls_sock = _server_context(cert, key).wrap_socket(raw, server_side=True)
     sock.setblocking(False)
     buf = bytearray(65536)
     view = memoryview(buf)
@@ -95,23 +97,29 @@ async def _serve(form: str, cert: Path, key: Path) -> None:
                 loop.remove_reader(sock.fileno())
                 return
             sock.sendall(view[:n])  # 64 bytes into an empty socket buffer: never blocks here
-            if tls is None or not tls.pending():
+            if tls_sock is None or not tls_sock.pending():
                 return
 
     loop.add_reader(sock.fileno(), readable)
     await asyncio.Future()
 
 
-def _round_trips(port: int, context: ssl.SSLContext | None, count: int) -> float:
-    """The median round trip in microseconds."""
-    raw = socket.create_connection(("127.0.0.1", port))
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock = context.wrap_socket(raw, server_hostname="localhost") if context else raw
-    message, buf = b"x" * MESSAGE, bytearray(MESSAGE)
-    view = memoryview(buf)
-    times = []
+def _round_trips(
+    port: int, context: ssl.SSLContext | None, count: int, warmed: Callable[[], None]
+) -> float:
+    """The median round trip in microseconds; ``warmed()`` is called once the warm-up is
+    done, before the first measured round trip."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)  # bounded (T6)
+    sock = raw
     try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+        message, buf = b"x" * MESSAGE, bytearray(MESSAGE)
+        view = memoryview(buf)
+        times = []
         for i in range(WARM_UP + count):
+            if i == WARM_UP:
+                warmed()
             start = time.perf_counter_ns()
             sock.sendall(message)
             got = 0
@@ -141,19 +149,18 @@ def _once(form: str, cert: Path, key: Path, count: int) -> tuple[float, float]:
 def _measure(
     server: subprocess.Popen[str], form: str, cert: Path, count: int
 ) -> tuple[float, float]:
-    assert server.stdout is not None
-    line = server.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the {form} echo server did not start (is uvloop installed?)")
-    port = int(line)
+    try:
+        port = int(read_line(server, 30))
+    except HarnessError as exc:
+        raise RuntimeError(f"the {form} echo server did not start (is uvloop installed?)") from exc
     context = None
     if form in CLEAR_OF:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.load_verify_locations(cert)
-    before = _cpu_seconds(server.pid)
-    p50 = _round_trips(port, context, count)
-    cpu = (_cpu_seconds(server.pid) - before) / (WARM_UP + count) * 1e6
+    before: list[float] = []  # the server's CPU once warmed up: the same window as the p50
+    p50 = _round_trips(port, context, count, lambda: before.append(_cpu_seconds(server.pid)))
+    cpu = (_cpu_seconds(server.pid) - before[0]) / count * 1e6
     return p50, cpu
 
 
