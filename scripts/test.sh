@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # plain Python source, which is what runs where there is no compiler (about 2 minutes). The
 # tests of whole CLI processes (test_integration.py) run once, compiled: the drivers' own
 # tests already run the same code in process, and the README's command must stay under 15
-# minutes.
+# minutes; so do the tests marked `once` (slow waits whose logic has a plain-source test).
 if [ $# = 0 ] && .venv/bin/tether --version | grep -q mypyc; then
   pure=$(mktemp -d)
   trap 'rm -rf "$pure"' EXIT
