@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import __version__, configfile, sdnotify
+from . import __version__, allocator, configfile, sdnotify
 from .aio.listener import ListenError
 from .config import (
     ADMIN_PORTS,
@@ -951,7 +951,7 @@ def _setup_logging(level: str, log_format: str) -> None:
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    _tune_malloc()
+    allocator.tune()
     finished: list[int] = []
 
     async def recorded() -> int:
@@ -975,29 +975,6 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         if finished:
             return finished[0]
         raise
-
-
-def _tune_malloc() -> None:
-    """Keep glibc from mapping and unmapping memory for every large read buffer.
-
-    Each 64 KiB-1 MiB object the data path allocates is above glibc's default mmap
-    threshold, so it costs an mmap, page faults and an munmap; raising the thresholds
-    lets freed chunks be reused (CONTRIBUTING.md, "Data path" D3; docs/benchmarks.md
-    measures it).
-    Set TETHER_NO_MALLOC_TUNING=1 to leave malloc alone.
-    """
-    if os.environ.get("TETHER_NO_MALLOC_TUNING") or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    mallopt(m_mmap_threshold, 4 * 1024 * 1024)
-    mallopt(m_trim_threshold, 32 * 1024 * 1024)
 
 
 MACOS_OPEN_MAX = 10240  # <sys/syslimits.h> OPEN_MAX: the most macOS allows a soft limit
@@ -1212,7 +1189,7 @@ async def _serve_until_signal(
         await _check_names(service)
     except* ValueError as group:
         raise group.exceptions[0] from None
-    async with runner, admin as admin_url:
+    async with runner, admin as admin_url, allocator.trimming():
         if hangup is not None:
             reloader = Reloader(runner, settings, reread, _OPTIONS[runner.role], _setup_logging)
             _on_signal(loop, hangup, reloader)

@@ -1,0 +1,217 @@
+"""glibc's allocator: tuned at start, and given back what a burst of connections left.
+
+Outside the sans-I/O core on purpose (it calls into libc). Both rules are for glibc on
+Linux only, and both are off with ``TETHER_NO_MALLOC_TUNING=1``:
+
+- :func:`tune`, at start: raise malloc's mmap and trim thresholds, so that the data
+  path's read buffers (64 KiB-1 MiB) are reused rather than mapped and unmapped per read
+  (CONTRIBUTING.md D3; docs/benchmarks.md measures it).
+- :class:`HeapTrimmer`, while a service runs (:func:`trimming`): give back to the system
+  the free memory glibc keeps inside its heap. Each TLS connection's event-loop layer
+  (uvloop's and asyncio's ``SSLProtocol``) allocates a 256 KiB read buffer, under the
+  raised threshold as under glibc's own sliding one, so it comes from the heap; after a
+  burst of connections ends, the freed buffers are holes between small allocations still
+  alive, and glibc returns only the top of its heap by itself. A process that once held a
+  few hundred TLS connections kept 100 MiB or more it no longer used, and kept growing
+  under churn (docs/fuzzing.md, F7). ``malloc_trim`` releases the whole pages inside free
+  chunks (``madvise``), wherever they are; it takes a few milliseconds on such a heap, so
+  it runs only when enough has been freed since the last one, at most once per
+  :data:`TRIM_INTERVAL`, on the event loop (a trim from another thread would hold the
+  arena's lock against the loop's own allocations all the same).
+
+Mapping those buffers instead (a threshold under 256 KiB) also ends the growth, but maps
+and unmaps the data path's larger objects too (the TLS ciphertext of each write among
+them): 4-18 % more CPU per GiB of bulk (docs/fuzzing.md, F7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Final
+
+__all__ = ["TRIM_INTERVAL", "TRIM_MIN", "HeapTrimmer", "running", "trimming", "tune"]
+
+MMAP_THRESHOLD: Final = 4 * 1024 * 1024  # above the largest read buffer (1 MiB)
+TRIM_THRESHOLD: Final = 32 * 1024 * 1024  # free memory kept at the top of the heap
+M_TRIM_THRESHOLD: Final = -1  # <malloc.h>
+M_MMAP_THRESHOLD: Final = -3
+
+TRIM_INTERVAL: Final = 5.0  # seconds between two looks at the heap (a look: ~30 us)
+# Bytes freed inside the heap since the last trim (or since its free memory was lowest)
+# that make a trim worth its few milliseconds: well above what one session's churn frees.
+TRIM_MIN: Final = 16 * 1024 * 1024
+
+log = logging.getLogger("tether")
+
+
+class _Mallinfo2(ctypes.Structure):
+    """``struct mallinfo2`` (glibc 2.33 and later): every field a ``size_t``."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",  # bytes taken from the system with brk, all arenas
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",  # bytes in chunks mapped one by one
+            "usmblks",
+            "fsmblks",
+            "uordblks",  # bytes allocated
+            "fordblks",  # bytes free, in bins and at the tops of the arenas
+            "keepcost",  # bytes free at the top of the main arena
+        )
+    ]
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """libc, when it is glibc on Linux and tuning is not turned off; else None."""
+    if os.environ.get("TETHER_NO_MALLOC_TUNING") or not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt  # noqa: B018 (glibc has it; musl and others do not)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def tune() -> None:
+    """Keep glibc from mapping and unmapping memory for every large read buffer.
+
+    Each 64 KiB-1 MiB object the data path allocates is above glibc's default mmap
+    threshold, so it costs an mmap, page faults and an munmap; raising the thresholds
+    lets freed chunks be reused (CONTRIBUTING.md, "Data path" D3).
+    """
+    libc = _glibc()
+    if libc is None:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
+
+class HeapTrimmer:
+    """Calls ``malloc_trim(0)`` when the process holds :data:`TRIM_MIN` bytes or more of
+    resident memory it has freed since the last trim (:meth:`tick`, once per
+    :data:`TRIM_INTERVAL`).
+
+    glibc cannot say which free chunks are resident, so the trimmer watches the excess
+    of the RSS over the bytes the allocator has handed out (``mallinfo2``: in use in the
+    heap, plus chunks mapped one by one): memory freed while resident raises it (the
+    RSS stays, the bytes in use fall), memory reused lowers it again. A trim when the
+    excess has grown by :data:`TRIM_MIN` since its lowest point, and the heap holds at
+    least that much free outside its top (whose return is glibc's, by the trim
+    threshold). A free chunk reused, touched and freed again between two looks counts
+    again, as it should: its pages are resident again. Growth that is not the heap's
+    (Python's own arenas, libraries paged in) can cost one trim that gives back
+    little; the excess after each trim is the new starting point. A look reads
+    ``mallinfo2`` (a walk of glibc's bins, no system call) and ``/proc/self/statm``."""
+
+    __slots__ = ("_info", "_trim", "floor", "released", "trims")
+
+    def __init__(self, libc: ctypes.CDLL) -> None:
+        info = libc.mallinfo2  # AttributeError before glibc 2.33
+        info.restype = _Mallinfo2
+        info.argtypes = []
+        trim = libc.malloc_trim
+        trim.restype = ctypes.c_int
+        trim.argtypes = [ctypes.c_size_t]
+        self._info = info
+        self._trim = trim
+        self.floor = self.excess()  # the lowest excess since the last trim
+        self.trims = 0  # trims made
+        self.released = 0  # bytes of resident memory the trims gave back (RSS before - after)
+
+    @classmethod
+    def for_process(cls) -> HeapTrimmer | None:
+        """A trimmer for this process's allocator, or None where there is none to trim
+        (not glibc, glibc before 2.33, or ``TETHER_NO_MALLOC_TUNING=1``)."""
+        libc = _glibc()
+        if libc is None:
+            return None
+        try:
+            return cls(libc)
+        except AttributeError:
+            return None
+
+    def excess(self, info: _Mallinfo2 | None = None) -> int:
+        """Resident bytes beyond what the allocator has handed out."""
+        if info is None:
+            info = self._info()
+        return resident_bytes() - int(info.uordblks + info.hblkhd)
+
+    def tick(self) -> bool:
+        """Trim if enough resident memory was freed since the last trim; True if it did."""
+        info = self._info()
+        excess = self.excess(info)
+        if excess < self.floor:
+            self.floor = excess
+            return False
+        free = int(info.fordblks - info.keepcost)
+        if excess - self.floor < TRIM_MIN or free < TRIM_MIN:
+            return False
+        before = resident_bytes()
+        started = time.perf_counter()
+        self._trim(0)
+        took = time.perf_counter() - started
+        after = resident_bytes()
+        self.floor = self.excess()
+        self.trims += 1
+        released = max(0, before - after)
+        self.released += released
+        log.debug(
+            "heap trim: %.1f MiB given back in %.1f ms (%.1f MiB free inside the heap)",
+            released / 2**20,
+            took * 1000,
+            free / 2**20,
+        )
+        return True
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (``/proc/self/statm``), 0 if unreadable."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+_running: list[HeapTrimmer] = []  # what trimming() runs in this process (the admin reads it)
+
+
+def running() -> HeapTrimmer | None:
+    """The trimmer :func:`trimming` runs in this process, if any."""
+    return _running[-1] if _running else None
+
+
+@contextlib.asynccontextmanager
+async def trimming(interval: float = TRIM_INTERVAL) -> AsyncIterator[HeapTrimmer | None]:
+    """While the body runs, a task ticks this process's :class:`HeapTrimmer` every
+    ``interval`` seconds (nothing where there is none to trim)."""
+    trimmer = HeapTrimmer.for_process()
+    if trimmer is None:
+        yield None
+        return
+
+    async def run(trimmer: HeapTrimmer) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            trimmer.tick()
+
+    task = asyncio.get_running_loop().create_task(run(trimmer), name="tether heap trim")
+    _running.append(trimmer)
+    try:
+        yield trimmer
+    finally:
+        _running.remove(trimmer)
+        task.cancel()
+        await asyncio.wait([task])  # a cancellation of the caller still propagates
