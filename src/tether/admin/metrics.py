@@ -19,10 +19,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .. import __version__
+from .. import __version__, allocator
 from ..aio.service import HistogramSnapshot, Service, TrafficStatistics
 
-__all__ = ["ServiceCollector", "registry_for"]
+__all__ = ["HeapCollector", "ServiceCollector", "registry_for"]
 
 
 class ServiceCollector(Collector):
@@ -133,6 +133,26 @@ class ServiceCollector(Collector):
             )
 
 
+class HeapCollector(Collector):
+    """The process's heap trims (tether.allocator), where it trims: the RSS that
+    ``process_resident_memory_bytes`` shows falling after a peak is these."""
+
+    def collect(self) -> Iterator[Metric]:
+        trimmer = allocator.running()
+        if trimmer is None:
+            return
+        yield CounterMetricFamily(
+            "tether_heap_trims",
+            "Times the process gave freed heap memory back to the system (malloc_trim)",
+            value=trimmer.trims,
+        )
+        yield CounterMetricFamily(
+            "tether_heap_released_bytes",
+            "Resident bytes those trims gave back (RSS before minus after)",
+            value=trimmer.released,
+        )
+
+
 def _histogram(name: str, documentation: str, snapshot: HistogramSnapshot) -> Metric:
     buckets: list[tuple[str, float]] = []
     cumulative = 0
@@ -149,5 +169,6 @@ def registry_for(
     ``traffic`` replaces ``service.traffic`` (the endpoint's cached one)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(service, traffic))
+    registry.register(HeapCollector())
     ProcessCollector(registry=registry)
     return registry
