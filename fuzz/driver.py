@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tether.allocator import TRIM_INTERVAL
 from tether.errors import ProtocolError
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import (
@@ -119,6 +120,10 @@ PROBE_EVERY = 3.0
 FD_SLACK = 3  # fds above the baseline still accepted after the settle time
 SETTLE_LIMIT = HANDSHAKE_TIMEOUT + 2 * KEEPALIVE + TARGET_TIMEOUT + 10.0
 RSS_BOUND = 64 * 1024 * 1024  # bytes above the baseline RSS accepted afterwards
+# The targets give the memory their closed connections freed back at their next heap trim
+# (tether.allocator: at most TRIM_INTERVAL later): once the fds settle, RSS may take that
+# long (and a second) to come within its bound.
+RSS_SETTLE = TRIM_INTERVAL + 1.0
 # RSS growth accepted over the second half of a phase's fuzzing: by then the working set
 # of the concurrent connections is in place, so steady growth there is a leak.
 RSS_SLOPE_BOUND = 16 * 1024 * 1024
@@ -1513,7 +1518,8 @@ async def run_workers(
 
 
 async def settle(target: Target, result: PhaseResult, baseline: int) -> None:
-    """Wait (bounded) for the target's fds to come back to the baseline."""
+    """Wait (bounded) for the target's fds to come back to the baseline, then for its RSS
+    to come within its bound (RSS_SETTLE at most)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < SETTLE_LIMIT:
         if target.popen.poll() is not None:
@@ -1522,6 +1528,11 @@ async def settle(target: Target, result: PhaseResult, baseline: int) -> None:
             break
         await asyncio.sleep(0.25)
     result.settle_seconds = time.monotonic() - t0
+    t1 = time.monotonic()
+    while time.monotonic() - t1 < RSS_SETTLE and target.popen.poll() is None:
+        if rss_bytes(target.pid) <= result.rss_baseline + RSS_BOUND:
+            break
+        await asyncio.sleep(0.25)
 
 
 def finish(target: Target, result: PhaseResult) -> None:
