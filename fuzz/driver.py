@@ -29,8 +29,9 @@ send parses (a server's answer through the core's own handshake and session, a
 client's request through the core's server handshake); a probe (a client hello) gets
 a server hello within 2 s throughout; a fresh legitimate session works after the
 campaign; every fuzz connection ends within its time bound; and afterwards the
-process's open fds come back to within ``FD_SLACK`` of the baseline, its RSS stays
-within ``RSS_BOUND`` of the baseline (both taken after a warm-up session) and grows by
+process's open fds come back to within ``FD_SLACK`` of the baseline, its RSS comes
+within ``RSS_BOUND`` of the baseline (both taken after a warm-up session; the RSS may take
+``RSS_SETTLE``, a heap trim of the target's) and grows by
 at most ``RSS_SLOPE_BOUND`` over the second half of the fuzzing.
 
 Every connection's choices come from ``random.Random(f"{seed}:{phase}:{index}")``, so

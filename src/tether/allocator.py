@@ -1,7 +1,8 @@
 """glibc's allocator: tuned at start, and given back what a burst of connections left.
 
 Outside the sans-I/O core on purpose (it calls into libc). Both rules are for glibc on
-Linux only, and both are off with ``TETHER_NO_MALLOC_TUNING=1``:
+Linux only, and both are off with ``TETHER_NO_MALLOC_TUNING=1``; ``TETHER_NO_HEAP_TRIM=1``
+turns off the second alone:
 
 - :func:`tune`, at start: raise malloc's mmap and trim thresholds, so that the data
   path's read buffers (64 KiB-1 MiB) are reused rather than mapped and unmapped per read
@@ -43,10 +44,12 @@ TRIM_THRESHOLD: Final = 32 * 1024 * 1024  # free memory kept at the top of the h
 M_TRIM_THRESHOLD: Final = -1  # <malloc.h>
 M_MMAP_THRESHOLD: Final = -3
 
-TRIM_INTERVAL: Final = 5.0  # seconds between two looks at the heap (a look: ~30 us)
-# Bytes freed inside the heap since the last trim (or since its free memory was lowest)
-# that make a trim worth its few milliseconds: well above what one session's churn frees.
+TRIM_INTERVAL: Final = 5.0  # seconds between two looks at the heap (a look: tens of us)
+# Resident bytes freed since the last trim (measured from their lowest point) that make a
+# trim worth its few milliseconds: well above what one session's churn frees.
 TRIM_MIN: Final = 16 * 1024 * 1024
+# A trim this slow stalls every session of the process noticeably: said once, at WARNING.
+TRIM_SLOW: Final = 0.1
 
 log = logging.getLogger("tether")
 
@@ -57,7 +60,7 @@ class _Mallinfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
         for name in (
-            "arena",  # bytes taken from the system with brk, all arenas
+            "arena",  # bytes of the arenas' heaps
             "ordblks",
             "smblks",
             "hblks",
@@ -106,18 +109,20 @@ class HeapTrimmer:
     of the RSS over the bytes the allocator has handed out (``mallinfo2``: in use in the
     heap, plus chunks mapped one by one): memory freed while resident raises it (the
     RSS stays, the bytes in use fall), memory reused lowers it again. A trim when the
-    excess has grown by :data:`TRIM_MIN` since its lowest point, and the heap holds at
-    least that much free outside its top (whose return is glibc's, by the trim
-    threshold). A free chunk reused, touched and freed again between two looks counts
-    again, as it should: its pages are resident again. Growth that is not the heap's
-    (Python's own arenas, libraries paged in) can cost one trim that gives back
-    little; the excess after each trim is the new starting point. A look reads
-    ``mallinfo2`` (a walk of glibc's bins, no system call) and ``/proc/self/statm``."""
+    excess has grown by :data:`TRIM_MIN` since its lowest point since the last trim, and
+    the heap holds at least that much free outside its top (whose return is glibc's, by
+    the trim threshold). A free chunk reused, touched and freed again between two looks
+    counts again, as it should: its pages are resident again. Growth that is not the
+    heap's (Python's own arenas, libraries paged in) is not trimmed for unless the heap
+    also holds that much free, and then costs one trim that gives back little; the
+    excess after each trim is the new starting point. A look reads ``mallinfo2`` (a walk
+    of glibc's free lists: tens of microseconds for thousands of free chunks, no system
+    call) and ``/proc/self/statm``; a look that cannot read the RSS is skipped."""
 
-    __slots__ = ("_info", "_trim", "floor", "released", "trims")
+    __slots__ = ("_info", "_trim", "floor", "released", "seconds", "slow_said", "trims")
 
-    def __init__(self, libc: ctypes.CDLL) -> None:
-        info = libc.mallinfo2  # AttributeError before glibc 2.33
+    def __init__(self, libc: ctypes.CDLL, floor: int) -> None:
+        info = libc.mallinfo2
         info.restype = _Mallinfo2
         info.argtypes = []
         trim = libc.malloc_trim
@@ -125,32 +130,41 @@ class HeapTrimmer:
         trim.argtypes = [ctypes.c_size_t]
         self._info = info
         self._trim = trim
-        self.floor = self.excess()  # the lowest excess since the last trim
+        self.floor = floor  # the lowest excess since the last trim
         self.trims = 0  # trims made
         self.released = 0  # bytes of resident memory the trims gave back (RSS before - after)
+        self.seconds = 0.0  # time the trims took, on the event loop
+        self.slow_said = False
 
     @classmethod
     def for_process(cls) -> HeapTrimmer | None:
-        """A trimmer for this process's allocator, or None where there is none to trim
-        (not glibc, glibc before 2.33, or ``TETHER_NO_MALLOC_TUNING=1``)."""
+        """A trimmer for this process's allocator, or None where there is none to trim:
+        not glibc 2.33 or later on Linux (``mallinfo2``), no ``/proc/self/statm``, or
+        ``TETHER_NO_MALLOC_TUNING=1`` or ``TETHER_NO_HEAP_TRIM=1``."""
         libc = _glibc()
-        if libc is None:
+        if libc is None or os.environ.get("TETHER_NO_HEAP_TRIM"):
             return None
         try:
-            return cls(libc)
+            info = libc.mallinfo2  # AttributeError before glibc 2.33
         except AttributeError:
             return None
+        info.restype = _Mallinfo2
+        info.argtypes = []
+        excess = _excess(info())
+        if excess is None:
+            return None
+        return cls(libc, excess)
 
-    def excess(self, info: _Mallinfo2 | None = None) -> int:
-        """Resident bytes beyond what the allocator has handed out."""
-        if info is None:
-            info = self._info()
-        return resident_bytes() - int(info.uordblks + info.hblkhd)
+    def excess(self) -> int | None:
+        """Resident bytes beyond what the allocator has handed out (None: RSS unknown)."""
+        return _excess(self._info())
 
     def tick(self) -> bool:
         """Trim if enough resident memory was freed since the last trim; True if it did."""
         info = self._info()
-        excess = self.excess(info)
+        excess = _excess(info)
+        if excess is None:
+            return False
         if excess < self.floor:
             self.floor = excess
             return False
@@ -162,56 +176,88 @@ class HeapTrimmer:
         self._trim(0)
         took = time.perf_counter() - started
         after = resident_bytes()
-        self.floor = self.excess()
         self.trims += 1
-        released = max(0, before - after)
-        self.released += released
-        log.debug(
-            "heap trim: %.1f MiB given back in %.1f ms (%.1f MiB free inside the heap)",
-            released / 2**20,
-            took * 1000,
-            free / 2**20,
-        )
+        self.seconds += took
+        released = before - after if before is not None and after is not None else 0
+        self.released += max(0, released)
+        self.floor = after - int(info.uordblks + info.hblkhd) if after is not None else excess
+        if took >= TRIM_SLOW and not self.slow_said:
+            self.slow_said = True
+            log.warning(
+                "heap trim took %.0f ms (%.0f MiB free inside the heap): every session waited "
+                "that long; TETHER_NO_HEAP_TRIM=1 turns it off (said once)",
+                took * 1000,
+                free / 2**20,
+            )
+        else:
+            log.debug(
+                "heap trim: %.1f MiB given back in %.1f ms (%.1f MiB free inside the heap)",
+                max(0, released) / 2**20,
+                took * 1000,
+                free / 2**20,
+            )
         return True
 
 
-def resident_bytes() -> int:
-    """This process's resident memory (``/proc/self/statm``), 0 if unreadable."""
+def _excess(info: _Mallinfo2) -> int | None:
+    rss = resident_bytes()
+    return None if rss is None else rss - int(info.uordblks + info.hblkhd)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (``/proc/self/statm``), None if unreadable (no
+    procfs, or no descriptor left to open it)."""
     try:
         with open("/proc/self/statm", "rb") as statm:
             pages = int(statm.read().split()[1])
     except (OSError, ValueError, IndexError):
-        return 0
+        return None
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-_running: list[HeapTrimmer] = []  # what trimming() runs in this process (the admin reads it)
+_running: list[HeapTrimmer] = []  # the trimmers trim_periodically() runs (the admin reads it)
 
 
 def running() -> HeapTrimmer | None:
-    """The trimmer :func:`trimming` runs in this process, if any."""
+    """The trimmer this process runs, if any."""
     return _running[-1] if _running else None
+
+
+async def trim_periodically(trimmer: HeapTrimmer, interval: float = TRIM_INTERVAL) -> None:
+    """Tick ``trimmer`` every ``interval`` seconds until cancelled. A tick that fails is
+    logged with its traceback and ends the trimming (it is a saving, not a duty: the
+    process goes on without it)."""
+    _running.append(trimmer)
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                trimmer.tick()
+            except Exception:  # a containment boundary (CONTRIBUTING.md E4)
+                log.warning("heap trim failed: turned off", exc_info=True)
+                return
+    finally:
+        _running.remove(trimmer)
 
 
 @contextlib.asynccontextmanager
 async def trimming(interval: float = TRIM_INTERVAL) -> AsyncIterator[HeapTrimmer | None]:
-    """While the body runs, a task ticks this process's :class:`HeapTrimmer` every
-    ``interval`` seconds (nothing where there is none to trim)."""
+    """While the body runs, :func:`trim_periodically` runs this process's trimmer in a task
+    group of its own (nothing where there is none to trim). An error of the body leaves as
+    itself, not wrapped in the group's ``ExceptionGroup`` (as ``Service.__aexit__``)."""
     trimmer = HeapTrimmer.for_process()
     if trimmer is None:
         yield None
         return
-
-    async def run(trimmer: HeapTrimmer) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            trimmer.tick()
-
-    task = asyncio.get_running_loop().create_task(run(trimmer), name="tether heap trim")
-    _running.append(trimmer)
-    try:
-        yield trimmer
-    finally:
-        _running.remove(trimmer)
-        task.cancel()
-        await asyncio.wait([task])  # a cancellation of the caller still propagates
+    error: Exception | None = None
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(trim_periodically(trimmer, interval), name="tether heap trim")
+        await asyncio.sleep(0)  # started, so running() answers from the body's first line
+        try:
+            yield trimmer
+        except Exception as exc:
+            error = exc
+        finally:
+            task.cancel()
+    if error is not None:
+        raise error

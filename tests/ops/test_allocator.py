@@ -7,14 +7,20 @@ between small allocations that outlive them), and reads its own RSS."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from prometheus_client import CollectorRegistry
+
+from tether import allocator
+from tether.admin.metrics import HeapCollector
 
 
 def has_mallinfo2() -> bool:
@@ -30,7 +36,7 @@ pytestmark = pytest.mark.skipif(
 
 FRAGMENT = textwrap.dedent(
     """
-    import asyncio, ctypes, json, sys
+    import asyncio, ctypes, json, mmap, sys
     from tether import allocator
 
     allocator.tune()
@@ -54,11 +60,31 @@ FRAGMENT = textwrap.dedent(
             libc.free(b)
         return small
 
+    def touched_mapping(size):
+        # resident memory outside the heap, as Python's own arenas or a library
+        m = mmap.mmap(-1, size)
+        for i in range(0, size, mmap.PAGESIZE):
+            m[i] = 1
+        return m
+
+    # Take up the small free chunks the interpreter's start left, so that the small
+    # allocations of a burst come from the heap's end, between its buffers (as in a
+    # process that has served connections for a while), not from old holes below them.
+    kept = [libc.malloc(700) for _ in range(5000)]
     out = {}
     trimmer = allocator.HeapTrimmer.for_process()
     out["none"] = trimmer is None
     if trimmer is not None:
-        kept = burst(1)  # below TRIM_MIN
+        outside = touched_mapping(32 << 20)
+        out["outside_growth"] = trimmer.tick()  # the RSS grew, but the heap has little free
+        # a trimmer that starts with that mapping, which then goes: its floor comes down,
+        # so 20 MiB freed afterwards count from there
+        second = allocator.HeapTrimmer.for_process()
+        outside.close()
+        out["after_unmap"] = second.tick()
+        kept += burst(80)  # 20 MiB
+        out["floor_lowered"] = second.tick()
+        kept += burst(1)  # below TRIM_MIN
         out["small_burst"] = trimmer.tick()
         kept += burst(400)  # 100 MiB
         before = allocator.resident_bytes()
@@ -85,7 +111,8 @@ FRAGMENT = textwrap.dedent(
 
 
 def fragment(**env: str) -> dict[str, object]:
-    clean = {k: v for k, v in os.environ.items() if k != "TETHER_NO_MALLOC_TUNING"}
+    off = ("TETHER_NO_MALLOC_TUNING", "TETHER_NO_HEAP_TRIM")
+    clean = {k: v for k, v in os.environ.items() if k not in off}
     proc = subprocess.run(
         [sys.executable, "-c", FRAGMENT],
         env={**clean, **env},
@@ -101,13 +128,16 @@ def fragment(**env: str) -> dict[str, object]:
 def test_a_trim_gives_back_what_a_burst_freed_once() -> None:
     out = fragment()
     assert out["none"] is False
+    assert out["outside_growth"] is False  # not the heap's: nothing for a trim to give back
+    assert out["after_unmap"] is False
+    assert out["floor_lowered"] is True
     assert out["small_burst"] is False  # 256 KiB freed: not worth a trim
     assert out["trimmed"] is True
     # 100 MiB of resident buffers freed inside the heap: most of it given back
     assert isinstance(out["given_back"], int) and out["given_back"] >= 64 * 2**20
     assert out["again"] is False  # the same free memory is not trimmed twice
     assert out["after_second_burst"] is True
-    assert out["trims"] == 2
+    assert out["trims"] == 2  # of the first trimmer
 
 
 def test_a_service_trims_on_its_own() -> None:
@@ -116,5 +146,72 @@ def test_a_service_trims_on_its_own() -> None:
 
 
 def test_no_malloc_tuning_turns_the_trimmer_off() -> None:
-    out = fragment(TETHER_NO_MALLOC_TUNING="1")
-    assert out == {"none": True}
+    assert fragment(TETHER_NO_MALLOC_TUNING="1") == {"none": True}
+    assert fragment(TETHER_NO_HEAP_TRIM="1") == {"none": True}
+
+
+def test_a_tick_that_fails_turns_the_trimming_off(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(allocator.HeapTrimmer):
+        __slots__ = ()
+
+        def tick(self) -> bool:
+            raise RuntimeError("no heap")
+
+    async def main() -> None:
+        broken = Broken(ctypes.CDLL(None), 0)
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(allocator.trim_periodically(broken, 0.001))
+            await asyncio.wait_for(asyncio.shield(task), 10)  # ends by itself
+        assert allocator.running() is None
+
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        asyncio.run(main())
+    assert "heap trim failed: turned off" in caplog.text
+    assert "RuntimeError: no heap" in caplog.text
+
+
+def test_the_trimming_ends_with_its_body_and_lets_its_errors_through() -> None:
+    async def main() -> None:
+        async with allocator.trimming(interval=3600) as trimmer:
+            assert trimmer is not None
+            assert allocator.running() is trimmer
+        assert allocator.running() is None
+        with pytest.raises(ValueError, match="the body's"):  # itself, not an ExceptionGroup
+            async with allocator.trimming(interval=3600):
+                raise ValueError("the body's")
+        assert allocator.running() is None
+        body = asyncio.get_running_loop().create_future()
+
+        async def cancelled() -> None:
+            async with allocator.trimming(interval=3600):
+                body.set_result(None)
+                await asyncio.sleep(3600)
+
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(cancelled())
+            await body
+            task.cancel()
+        assert task.cancelled()
+        assert allocator.running() is None
+
+    asyncio.run(main())
+
+
+def test_the_admin_counters_read_the_running_trimmer() -> None:
+    async def main() -> None:
+        trimmer = allocator.HeapTrimmer.for_process()
+        assert trimmer is not None
+        trimmer.trims, trimmer.released, trimmer.seconds = 3, 5 << 20, 0.25
+        registry = CollectorRegistry()
+        registry.register(HeapCollector())
+        assert registry.get_sample_value("tether_heap_trims_total") is None  # none running
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(allocator.trim_periodically(trimmer, 3600))
+            await asyncio.sleep(0)
+            assert registry.get_sample_value("tether_heap_trims_total") == 3
+            assert registry.get_sample_value("tether_heap_released_bytes_total") == 5 << 20
+            assert registry.get_sample_value("tether_heap_trim_seconds_total") == 0.25
+            task.cancel()
+        assert registry.get_sample_value("tether_heap_trims_total") is None
+
+    asyncio.run(main())

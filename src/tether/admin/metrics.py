@@ -151,6 +151,11 @@ class HeapCollector(Collector):
             "Resident bytes those trims gave back (RSS before minus after)",
             value=trimmer.released,
         )
+        yield CounterMetricFamily(
+            "tether_heap_trim_seconds",
+            "Time those trims took, during which the event loop served nothing else",
+            value=trimmer.seconds,
+        )
 
 
 def _histogram(name: str, documentation: str, snapshot: HistogramSnapshot) -> Metric:
