@@ -37,7 +37,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Final
 
-__all__ = ["TRIM_INTERVAL", "TRIM_MIN", "HeapTrimmer", "running", "trimming", "tune"]
+__all__ = [
+    "TRIM_INTERVAL",
+    "TRIM_MIN",
+    "HeapTrimmer",
+    "running",
+    "trim_periodically",
+    "trimming",
+    "tune",
+]
 
 MMAP_THRESHOLD: Final = 4 * 1024 * 1024  # above the largest read buffer (1 MiB)
 TRIM_THRESHOLD: Final = 32 * 1024 * 1024  # free memory kept at the top of the heap
@@ -80,7 +88,7 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt  # noqa: B018 (glibc has it; musl and others do not)
+        libc.mallopt  # noqa: B018 (a libc without it is left alone; musl's does nothing)
     except (OSError, AttributeError):
         return None
     return libc
