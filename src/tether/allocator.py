@@ -1,8 +1,9 @@
 """glibc's allocator: tuned at start, and given back what a burst of connections left.
 
 Outside the sans-I/O core on purpose (it calls into libc). Both rules are for glibc on
-Linux only, and both are off with ``TETHER_NO_MALLOC_TUNING=1``; ``TETHER_NO_HEAP_TRIM=1``
-turns off the second alone:
+Linux only (the trim reads ``mallinfo2``, or ``mallinfo`` before glibc 2.33), and both are
+off with ``TETHER_NO_MALLOC_TUNING=1``; ``TETHER_NO_HEAP_TRIM=1`` turns off the second
+alone:
 
 - :func:`tune`, at start: raise malloc's mmap and trim thresholds, so that the data
   path's read buffers (64 KiB-1 MiB) are reused rather than mapped and unmapped per read
@@ -34,8 +35,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import Final
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
 
 __all__ = [
     "TRIM_INTERVAL",
@@ -62,24 +63,55 @@ TRIM_SLOW: Final = 0.1
 log = logging.getLogger("tether")
 
 
+_FIELDS = (
+    "arena",  # bytes of the arenas' heaps
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",  # bytes in chunks mapped one by one
+    "usmblks",
+    "fsmblks",
+    "uordblks",  # bytes allocated
+    "fordblks",  # bytes free, in bins and at the tops of the arenas
+    "keepcost",  # bytes free at the top of the main arena
+)
+
+
 class _Mallinfo2(ctypes.Structure):
     """``struct mallinfo2`` (glibc 2.33 and later): every field a ``size_t``."""
 
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",  # bytes of the arenas' heaps
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",  # bytes in chunks mapped one by one
-            "usmblks",
-            "fsmblks",
-            "uordblks",  # bytes allocated
-            "fordblks",  # bytes free, in bins and at the tops of the arenas
-            "keepcost",  # bytes free at the top of the main arena
-        )
-    ]
+    _fields_ = [(name, ctypes.c_size_t) for name in _FIELDS]
+
+
+class _Mallinfo(ctypes.Structure):
+    """``struct mallinfo``, all ``int``: what glibc before 2.33 has. Read unsigned, so a
+    count up to 4 GiB reads right; past that it wraps."""
+
+    _fields_ = [(name, ctypes.c_uint) for name in _FIELDS]
+
+
+# What the trimmer reads of the allocator: the bytes it has handed out (in use in the heap,
+# plus chunks mapped one by one), and the bytes free outside the main heap's top.
+Counts = Callable[[], tuple[int, int]]
+
+
+def _counts(libc: ctypes.CDLL, *, legacy: bool = False) -> Counts | None:
+    """The allocator's counts through ``mallinfo2``, else (or if ``legacy``) through
+    ``mallinfo``, whose counts wrap at 4 GiB; None if libc has neither."""
+    info: Any = None if legacy else getattr(libc, "mallinfo2", None)
+    struct: type[ctypes.Structure] = _Mallinfo2
+    if info is None:
+        info, struct = getattr(libc, "mallinfo", None), _Mallinfo
+        if info is None:
+            return None
+    info.restype = struct
+    info.argtypes = []
+
+    def counts() -> tuple[int, int]:
+        got = info()
+        return int(got.uordblks + got.hblkhd), max(0, int(got.fordblks - got.keepcost))
+
+    return counts
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -113,30 +145,25 @@ class HeapTrimmer:
     resident memory it has freed since the last trim (:meth:`tick`, once per
     :data:`TRIM_INTERVAL`).
 
-    glibc cannot say which free chunks are resident, so the trimmer watches the excess
-    of the RSS over the bytes the allocator has handed out (``mallinfo2``: in use in the
-    heap, plus chunks mapped one by one): memory freed while resident raises it (the
-    RSS stays, the bytes in use fall), memory reused lowers it again. A trim when the
-    excess has grown by :data:`TRIM_MIN` since its lowest point since the last trim, and
-    the heap holds at least that much free outside its top (whose return is glibc's, by
-    the trim threshold). A free chunk reused, touched and freed again between two looks
-    counts again, as it should: its pages are resident again. Growth that is not the
-    heap's (Python's own arenas, libraries paged in) is not trimmed for unless the heap
-    also holds that much free, and then costs one trim that gives back little; the
-    excess after each trim is the new starting point. A look reads ``mallinfo2`` (a walk
-    of glibc's free lists: tens of microseconds for thousands of free chunks, no system
-    call) and ``/proc/self/statm``; a look that cannot read the RSS is skipped."""
+    glibc cannot say which free chunks are resident, so the trimmer watches the excess of
+    the RSS over the bytes the allocator has handed out (:data:`Counts`): memory freed while
+    resident raises it (the RSS stays, the bytes in use fall), memory reused lowers it
+    again. A trim when the excess has grown by :data:`TRIM_MIN` since its lowest point since
+    the last trim, and the heap holds at least that much free outside its top (whose return
+    is glibc's, by the trim threshold). A free chunk reused, touched and freed again between
+    two looks counts again, as it should: its pages are resident again. Growth that is not
+    the heap's (Python's own arenas, libraries paged in) is not trimmed for unless the heap
+    also holds that much free, and then costs one trim that gives back little; the excess
+    after each trim is the new starting point. A look reads ``mallinfo2`` (a walk of glibc's
+    free lists: tens of microseconds for thousands of free chunks, no system call;
+    ``mallinfo`` before glibc 2.33, whose counts wrap past 4 GiB, so that a heap that large
+    may trim when it need not) and ``/proc/self/statm``; a look that cannot read the RSS is
+    skipped."""
 
-    __slots__ = ("_info", "_trim", "floor", "released", "seconds", "slow_said", "trims")
+    __slots__ = ("_counts", "_trim", "floor", "released", "seconds", "slow_said", "trims")
 
-    def __init__(self, libc: ctypes.CDLL, floor: int) -> None:
-        info = libc.mallinfo2
-        info.restype = _Mallinfo2
-        info.argtypes = []
-        trim = libc.malloc_trim
-        trim.restype = ctypes.c_int
-        trim.argtypes = [ctypes.c_size_t]
-        self._info = info
+    def __init__(self, counts: Counts, trim: Callable[[int], object], floor: int) -> None:
+        self._counts = counts
         self._trim = trim
         self.floor = floor  # the lowest excess since the last trim
         self.trims = 0  # trims made
@@ -145,38 +172,38 @@ class HeapTrimmer:
         self.slow_said = False
 
     @classmethod
-    def for_process(cls) -> HeapTrimmer | None:
+    def for_process(cls, *, legacy: bool = False) -> HeapTrimmer | None:
         """A trimmer for this process's allocator, or None where there is none to trim:
-        not glibc 2.33 or later on Linux (``mallinfo2``), no ``/proc/self/statm``, or
-        ``TETHER_NO_MALLOC_TUNING=1`` or ``TETHER_NO_HEAP_TRIM=1``."""
+        not glibc on Linux, no ``/proc/self/statm``, or ``TETHER_NO_MALLOC_TUNING=1`` or
+        ``TETHER_NO_HEAP_TRIM=1``. ``legacy``: read ``mallinfo`` even where there is
+        ``mallinfo2`` (what glibc before 2.33 gets)."""
         libc = _glibc()
         if libc is None or os.environ.get("TETHER_NO_HEAP_TRIM"):
             return None
-        try:
-            info = libc.mallinfo2  # AttributeError before glibc 2.33
-        except AttributeError:
+        counts = _counts(libc, legacy=legacy)
+        trim = getattr(libc, "malloc_trim", None)
+        if counts is None or trim is None:
             return None
-        info.restype = _Mallinfo2
-        info.argtypes = []
-        excess = _excess(info())
+        trim.restype = ctypes.c_int
+        trim.argtypes = [ctypes.c_size_t]
+        excess = _excess(counts()[0])
         if excess is None:
             return None
-        return cls(libc, excess)
+        return cls(counts, trim, excess)
 
     def excess(self) -> int | None:
         """Resident bytes beyond what the allocator has handed out (None: RSS unknown)."""
-        return _excess(self._info())
+        return _excess(self._counts()[0])
 
     def tick(self) -> bool:
         """Trim if enough resident memory was freed since the last trim; True if it did."""
-        info = self._info()
-        excess = _excess(info)
+        used, free = self._counts()
+        excess = _excess(used)
         if excess is None:
             return False
         if excess < self.floor:
             self.floor = excess
             return False
-        free = int(info.fordblks - info.keepcost)
         if excess - self.floor < TRIM_MIN or free < TRIM_MIN:
             return False
         before = resident_bytes()
@@ -188,7 +215,7 @@ class HeapTrimmer:
         self.seconds += took
         released = before - after if before is not None and after is not None else 0
         self.released += max(0, released)
-        self.floor = after - int(info.uordblks + info.hblkhd) if after is not None else excess
+        self.floor = after - used if after is not None else excess
         if took >= TRIM_SLOW and not self.slow_said:
             self.slow_said = True
             log.warning(
@@ -207,9 +234,9 @@ class HeapTrimmer:
         return True
 
 
-def _excess(info: _Mallinfo2) -> int | None:
+def _excess(used: int) -> int | None:
     rss = resident_bytes()
-    return None if rss is None else rss - int(info.uordblks + info.hblkhd)
+    return None if rss is None else rss - used
 
 
 def resident_bytes() -> int | None:
