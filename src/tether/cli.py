@@ -45,7 +45,7 @@ from .config import (
 )
 from .demo import run_demo
 from .errors import TetherError
-from .logs import setup_logging
+from .logs import loop_exception_handler, setup_logging
 from .reload import Reloader, Settings
 
 if TYPE_CHECKING:
@@ -955,6 +955,7 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     finished: list[int] = []
 
     async def recorded() -> int:
+        asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
         code = await main()
         finished.append(code)
         return code

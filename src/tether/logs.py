@@ -21,6 +21,7 @@ ALSO_MAX, then "and others"), so a reason that came between two others is not lo
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -30,9 +31,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
-__all__ = ["JsonFormatter", "RateLimitedLog", "setup_logging"]
+__all__ = ["JsonFormatter", "RateLimitedLog", "loop_exception_handler", "setup_logging"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# uvloop's SSLProtocol, after its TCP transport was closed under it, still flushes what its
+# TLS object had to send (docs/fuzzing.md, F4): its error, as it reaches the loop's handler.
+UVLOOP_CLOSED_WRITE = ("Fatal error on SSL protocol", "the handler is closed")
+UVLOOP_CLOSED_WRITE_LINE = (
+    "TLS link: the event loop's TLS layer had bytes to send on a connection already closed; "
+    "they were dropped with it (uvloop; docs/fuzzing.md, F4)"
+)
 ALSO_MAX = 3  # other messages a summary names besides the latest
 RESERVED = frozenset(("time", "level", "logger", "message", "traceback", "stack"))
 OTHER_SOURCES = "other sources"
@@ -75,6 +83,19 @@ class JsonFormatter(logging.Formatter):
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler setup_logging installs, told apart from any other when replaced."""
+
+
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler in tether's processes (cli.py). uvloop's one
+    known error a peer can cause (F4: its TLS layer writes to a TCP transport it no
+    longer has, after the connection ended) is one WARNING line of tether's, with no
+    traceback; anything else goes to the loop's default handler, as before."""
+    message, text = UVLOOP_CLOSED_WRITE
+    exc = context.get("exception")
+    if context.get("message") == message and isinstance(exc, RuntimeError) and text in str(exc):
+        logging.getLogger("tether").warning(UVLOOP_CLOSED_WRITE_LINE)
+        return
+    loop.default_exception_handler(context)
 
 
 def setup_logging(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 import json
@@ -11,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tether.logs import RateLimitedLog, setup_logging
+from tether import cli
+from tether.logs import RateLimitedLog, loop_exception_handler, setup_logging
 
 
 @pytest.fixture
@@ -212,3 +214,52 @@ def test_a_summary_names_the_other_reasons_its_window_saw_up_to_a_bound(
         "b: reason 0",
         "b 100 times in the last 0 s: reason 99; also: reason 0; reason 1; reason 2, and others",
     ]
+
+
+# uvloop's own words (handles/handle.pyx, UVHandle._ensure_alive), as F4 met them
+CLOSED = "unable to perform operation on <TCPTransport closed=True reading=False 0x55d0>; the handler is closed"  # noqa: E501
+
+
+def test_uvloops_known_tls_error_is_one_warning_line(caplog: pytest.LogCaptureFixture) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            loop_exception_handler(
+                loop,
+                {"message": "Fatal error on SSL protocol", "exception": RuntimeError(CLOSED)},
+            )
+    finally:
+        loop.close()
+    assert [(r.name, r.levelname, r.exc_info) for r in caplog.records] == [
+        ("tether", "WARNING", None)
+    ]
+    assert "dropped with it (uvloop; docs/fuzzing.md, F4)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"message": "Fatal error on SSL protocol", "exception": RuntimeError("something else")},
+        {"message": "Fatal error on SSL protocol", "exception": OSError(CLOSED)},
+        {"message": "Task exception was never retrieved", "exception": RuntimeError(CLOSED)},
+        {"message": "Fatal error on SSL protocol"},
+    ],
+)
+def test_any_other_loop_error_is_the_loops_as_before(
+    caplog: pytest.LogCaptureFixture, context: dict[str, object]
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            loop_exception_handler(loop, context)
+    finally:
+        loop.close()
+    assert [(r.name, r.levelname) for r in caplog.records] == [("asyncio", "ERROR")]
+
+
+def test_the_cli_runs_its_loops_with_that_handler() -> None:
+    async def main() -> int:
+        handler = asyncio.get_running_loop().get_exception_handler()
+        return 0 if handler is loop_exception_handler else 1
+
+    assert cli._run(main) == 0
