@@ -459,7 +459,11 @@ class LogWatch:
         for name, parts in KNOWN_ERRORS:
             if all(part in entry for part in parts):
                 self.known[name] = self.known.get(name, 0) + 1
-                return
+                # What follows it in the same entry (a traceback from Python's last-resort
+                # handler has no timestamp of its own) is still checked.
+                for part in parts:
+                    entry = entry.replace(part, "")
+                break
         if "Traceback" in entry or " ERROR " in entry or " CRITICAL " in entry:
             new.append(entry[:4000])
 

@@ -120,7 +120,7 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt  # noqa: B018 (a libc without it is left alone; musl's does nothing)
+        libc.gnu_get_libc_version  # noqa: B018 (glibc's own: musl, bionic... are left alone)
     except (OSError, AttributeError):
         return None
     return libc
@@ -157,8 +157,8 @@ class HeapTrimmer:
     after each trim is the new starting point. A look reads ``mallinfo2`` (a walk of glibc's
     free lists: tens of microseconds for thousands of free chunks, no system call;
     ``mallinfo`` before glibc 2.33, whose counts wrap past 4 GiB, so that a heap that large
-    may trim when it need not) and ``/proc/self/statm``; a look that cannot read the RSS is
-    skipped."""
+    may trim when it need not, or not when it should) and ``/proc/self/statm``; a look that
+    cannot read the RSS is skipped."""
 
     __slots__ = ("_counts", "_trim", "floor", "released", "seconds", "slow_said", "trims")
 

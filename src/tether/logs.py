@@ -87,12 +87,25 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """The event loop's exception handler in tether's processes (cli.py). uvloop's one
-    known error a peer can cause (F4: its TLS layer writes to a TCP transport it no
-    longer has, after the connection ended) is one WARNING line of tether's, with no
-    traceback; anything else goes to the loop's default handler, as before."""
+    known error a peer can cause (F4: a TLS protocol writes to its own TCP transport,
+    already closed with its connection) is one WARNING line of tether's, with no
+    traceback; anything else goes to the loop's default handler, as before.
+
+    Matched narrowly: the message, a ``RuntimeError`` saying ``the handler is closed``,
+    and that closed handle being the TLS protocol's own transport (uvloop's error names
+    it by ``id``). A write of tether's own code to some other closed transport, made
+    while the TLS protocol called it, reaches the loop with the same message and stays
+    the loop's ERROR with its traceback."""
     message, text = UVLOOP_CLOSED_WRITE
     exc = context.get("exception")
-    if context.get("message") == message and isinstance(exc, RuntimeError) and text in str(exc):
+    transport = context.get("transport")
+    if (
+        context.get("message") == message
+        and isinstance(exc, RuntimeError)
+        and transport is not None
+        and text in str(exc)
+        and f"{id(transport):#x}>" in str(exc)
+    ):
         logging.getLogger("tether").warning(UVLOOP_CLOSED_WRITE_LINE)
         return
     loop.default_exception_handler(context)

@@ -22,7 +22,7 @@ def glibc_trims() -> bool:
     Linux, unless turned off."""
     if os.environ.get("TETHER_NO_MALLOC_TUNING") or os.environ.get("TETHER_NO_HEAP_TRIM"):
         return False
-    return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo")
+    return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 
 
 def test_a_refused_setup_is_counted_by_its_reason_on_both_ends(tmp_path: Path) -> None:

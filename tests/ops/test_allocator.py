@@ -25,7 +25,8 @@ from tether.admin.metrics import HeapCollector
 
 def glibc() -> bool:
     try:
-        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo")
+        libc = ctypes.CDLL(None)
+        return sys.platform.startswith("linux") and hasattr(libc, "gnu_get_libc_version")
     except OSError:
         return False
 

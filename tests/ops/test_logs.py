@@ -216,17 +216,26 @@ def test_a_summary_names_the_other_reasons_its_window_saw_up_to_a_bound(
     ]
 
 
-# uvloop's own words (handles/handle.pyx, UVHandle._ensure_alive), as F4 met them
-CLOSED = "unable to perform operation on <TCPTransport closed=True reading=False 0x55d0>; the handler is closed"  # noqa: E501
+# uvloop's own words (handles/handle.pyx, UVHandle._ensure_alive; its repr ends with the id)
+def closed(transport: object) -> RuntimeError:
+    return RuntimeError(
+        f"unable to perform operation on <TCPTransport closed=True reading=False "
+        f"{id(transport):#x}>; the handler is closed"
+    )
 
 
 def test_uvloops_known_tls_error_is_one_warning_line(caplog: pytest.LogCaptureFixture) -> None:
     loop = asyncio.new_event_loop()
+    transport = object()
     try:
         with caplog.at_level(logging.DEBUG):
             loop_exception_handler(
                 loop,
-                {"message": "Fatal error on SSL protocol", "exception": RuntimeError(CLOSED)},
+                {
+                    "message": "Fatal error on SSL protocol",
+                    "exception": closed(transport),
+                    "transport": transport,
+                },
             )
     finally:
         loop.close()
@@ -236,13 +245,18 @@ def test_uvloops_known_tls_error_is_one_warning_line(caplog: pytest.LogCaptureFi
     assert "dropped with it (uvloop; docs/fuzzing.md, F4)" in caplog.text
 
 
+OWN, OTHER = object(), object()
+
+
 @pytest.mark.parametrize(
     "context",
     [
         {"message": "Fatal error on SSL protocol", "exception": RuntimeError("something else")},
-        {"message": "Fatal error on SSL protocol", "exception": OSError(CLOSED)},
-        {"message": "Task exception was never retrieved", "exception": RuntimeError(CLOSED)},
+        {"message": "Fatal error on SSL protocol", "exception": OSError(str(closed(OWN)))},
+        {"message": "Task exception was never retrieved", "exception": closed(OWN)},
         {"message": "Fatal error on SSL protocol"},
+        # tether's own write to another closed transport, made from the TLS protocol's call
+        {"message": "Fatal error on SSL protocol", "exception": closed(OTHER)},
     ],
 )
 def test_any_other_loop_error_is_the_loops_as_before(
@@ -251,15 +265,25 @@ def test_any_other_loop_error_is_the_loops_as_before(
     loop = asyncio.new_event_loop()
     try:
         with caplog.at_level(logging.DEBUG):
-            loop_exception_handler(loop, context)
+            loop_exception_handler(loop, {**context, "transport": OWN})
     finally:
         loop.close()
     assert [(r.name, r.levelname) for r in caplog.records] == [("asyncio", "ERROR")]
 
 
-def test_the_cli_runs_its_loops_with_that_handler() -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_cli_runs_its_loops_with_that_handler(
+    loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if loop == "asyncio":
+        monkeypatch.setenv("TETHER_NO_UVLOOP", "1")
+    else:
+        pytest.importorskip("uvloop")
+
     async def main() -> int:
-        handler = asyncio.get_running_loop().get_exception_handler()
-        return 0 if handler is loop_exception_handler else 1
+        running = asyncio.get_running_loop()
+        uses = "uvloop" if type(running).__module__.startswith("uvloop") else "asyncio"
+        handler = running.get_exception_handler()
+        return 0 if handler is loop_exception_handler and uses == loop else 1
 
     assert cli._run(main) == 0
