@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.procs import free_port, socat_command, wait_listening
+from benchmarks.procs import free_port, socat_command, stop, wait_listening
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -106,8 +106,7 @@ def _tether_pair(
             home,
         )
     except BaseException:
-        server.terminate()
-        server.wait(10)
+        stop(server)
         raise
     return [server, client], client_port
 
@@ -183,16 +182,11 @@ def run_once(
             s.close()
     finally:
         try:
-            for proc in reversed(chain):
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    raise
+            late = [proc.args for proc in reversed(chain) if not stop(proc)]
         finally:
             listener.close()
+    if late:  # killed: what it did meanwhile is in the figures; the run is not kept
+        raise RuntimeError(f"did not exit within 10 s of SIGTERM: {late}")
     gib = size / (1 << 30)
     cpu = [
         ((after[0] - before[0]) / gib, (after[1] - before[1]) / gib)

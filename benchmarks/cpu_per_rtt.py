@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks.cpu_per_gib import _cpu_seconds, _start, has_plaintext
+from benchmarks.procs import stop
 
 __all__ = ["count_calls", "run_once"]
 
@@ -92,8 +93,7 @@ def run_once(
             wrapper("client") if wrapper else (),
         )
     except BaseException:
-        server.terminate()
-        server.wait(10)
+        stop(server)
         listener.close()
         raise
     pids = (server.pid, client.pid)
@@ -132,16 +132,12 @@ def run_once(
             s.close()
     finally:
         try:
-            for proc in (client, server):
-                proc.terminate()
-                try:  # valgrind takes minutes to exit on a busy host
-                    proc.wait(600 if wrapper else 10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()  # a wrapped process's profile is lost with it
-                    proc.wait()
-                    raise
+            # valgrind takes minutes to exit on a busy host; a killed one loses its profile
+            late = [p.args for p in (client, server) if not stop(p, 600 if wrapper else 10)]
         finally:
             listener.close()
+    if late:
+        raise RuntimeError(f"did not exit in time after SIGTERM: {late}")
     return (cpu1 - cpu0) / count * 1e6, statistics.median(times) / 1000
 
 

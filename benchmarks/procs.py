@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -216,24 +217,33 @@ class Procs:
         return proc, line[len("READY") :].strip()
 
     def stop(self, proc: subprocess.Popen[str], timeout: float = 10.0) -> int | None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout)
-        for f in (proc.stdin, proc.stdout):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
+        stop(proc, timeout)
         return proc.returncode
 
     def close(self) -> None:
         while self.children:
             self.stop(self.children.pop())
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> bool:
+    """SIGTERM, then SIGKILL if ``proc`` has not exited within ``timeout`` seconds; its
+    pipes closed. True if it exited on SIGTERM in time (or had already), False if killed."""
+    in_time = True
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            in_time = False
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout)
+    for f in (proc.stdin, proc.stdout):
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+    return in_time
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
