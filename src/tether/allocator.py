@@ -186,35 +186,31 @@ class HeapTrimmer:
             return None
         trim.restype = ctypes.c_int
         trim.argtypes = [ctypes.c_size_t]
-        excess = _excess(counts()[0])
-        if excess is None:
+        rss = resident_bytes()
+        if rss is None:
             return None
-        return cls(counts, trim, excess)
-
-    def excess(self) -> int | None:
-        """Resident bytes beyond what the allocator has handed out (None: RSS unknown)."""
-        return _excess(self._counts()[0])
+        return cls(counts, trim, rss - counts()[0])
 
     def tick(self) -> bool:
         """Trim if enough resident memory was freed since the last trim; True if it did."""
         used, free = self._counts()
-        excess = _excess(used)
-        if excess is None:
+        before = resident_bytes()
+        if before is None:
             return False
+        excess = before - used  # resident bytes beyond what the allocator has handed out
         if excess < self.floor:
             self.floor = excess
             return False
         if excess - self.floor < TRIM_MIN or free < TRIM_MIN:
             return False
-        before = resident_bytes()
         started = time.perf_counter()
         self._trim(0)
         took = time.perf_counter() - started
         after = resident_bytes()
         self.trims += 1
         self.seconds += took
-        released = before - after if before is not None and after is not None else 0
-        self.released += max(0, released)
+        released = max(0, before - after) if after is not None else 0
+        self.released += released
         self.floor = after - used if after is not None else excess
         if took >= TRIM_SLOW and not self.slow_said:
             self.slow_said = True
@@ -227,16 +223,11 @@ class HeapTrimmer:
         else:
             log.debug(
                 "heap trim: %.1f MiB given back in %.1f ms (%.1f MiB free inside the heap)",
-                max(0, released) / 2**20,
+                released / 2**20,
                 took * 1000,
                 free / 2**20,
             )
         return True
-
-
-def _excess(used: int) -> int | None:
-    rss = resident_bytes()
-    return None if rss is None else rss - used
 
 
 def resident_bytes() -> int | None:
