@@ -130,6 +130,13 @@ def progress(text: str) -> None:
     print(f"   {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
+def fmt(x: float | None, digits: int = 2) -> str:
+    """A figure for a table: ``digits`` decimals, "-" for none."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     if not values:
