@@ -30,7 +30,7 @@ import pytest
 from tether.protocol.codes import CloseCode
 
 from .endpoints import Backend, close_all, connect_app
-from .faultnet import Proc, start_tether, stop
+from .faultnet import Proc, start_tether, stop, tether_pair
 from .rawpeer import RawClient, read_stream, tls_client_context
 
 
@@ -413,3 +413,56 @@ def test_at_the_file_descriptor_limit_a_client_with_fallback_retries_and_never_f
                     raw.close()
 
     asyncio.run(main())
+
+
+STORM_SESSIONS = 40
+STORM_CUTS = 3
+
+
+@pytest.mark.once  # the client's rule for a refusal's hello is handshake.py's, not compiled
+def test_a_resume_storm_past_the_handshake_limit_ends_no_session(tmp_path: Path) -> None:
+    """Every session resumes at once after an outage; a clear-text server past its per-source
+    handshake limit refuses most links before reading them, with a hello of version 2 and
+    REJECT(OVERLOADED). A resume offers only its session's version (4): the client must
+    read that hello as a refusal and retry, not as a server of another version (B4's
+    reconnect storm ended 182 of 2,000 sessions UNSUPPORTED_VERSION that way). Each cut
+    is followed by a round trip on every session, the same bytes back in order."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def round_trip(
+        app: tuple[asyncio.StreamReader, asyncio.StreamWriter], tag: bytes
+    ) -> None:
+        reader, writer = app
+        writer.write(tag)
+        assert await reader.readexactly(len(tag)) == tag
+
+    async def main() -> None:
+        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+        address = backend.sockets[0].getsockname()[:2]
+        server_args = ("--plaintext", "--max-handshakes-per-source", "2")
+        try:
+            async with tether_pair(
+                address, str(tmp_path), server_args=server_args, client_args=("--plaintext",)
+            ) as (server, client, relay):
+                apps = [
+                    await asyncio.open_connection(*client.address) for _ in range(STORM_SESSIONS)
+                ]
+                for cut in range(STORM_CUTS + 1):
+                    if cut:
+                        relay.kill_all()
+                    tags = [f"session {i}, cut {cut};".encode() for i in range(len(apps))]
+                    await asyncio.wait_for(asyncio.gather(*map(round_trip, apps, tags)), 60)
+                assert "too many handshakes" in server.log()  # the storm met the limit
+                assert " ended " not in client.log(), client.log()
+                for _, writer in apps:
+                    writer.close()
+        finally:
+            backend.close()
+
+    asyncio.run(asyncio.wait_for(main(), 300))

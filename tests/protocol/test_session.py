@@ -21,7 +21,9 @@ from tether.protocol.events import (
     SetupRequested,
 )
 from tether.protocol.frames import (
+    CLIENT_HELLO_SIZE,
     MAX_DATA_CHUNK,
+    MIN_PROTOCOL_VERSION,
     NONCE_SIZE,
     PROTOCOL_VERSION,
     Data,
@@ -30,6 +32,8 @@ from tether.protocol.frames import (
     Ping,
     Reject,
     Resume,
+    Resumed,
+    Route,
     Setup,
     client_hello,
     server_hello,
@@ -614,9 +618,71 @@ def test_version_mismatch_seen_by_the_server() -> None:
 
 def test_version_mismatch_seen_by_the_client() -> None:
     client = Session.client(CONFIG, 0.0)
-    ClientHandshake(client, 0.0).receive_data(server_hello(PROTOCOL_VERSION + 1, bytes(NONCE_SIZE)))
+    hello = server_hello(PROTOCOL_VERSION + 1, os.urandom(NONCE_SIZE))
+    ClientHandshake(client, 0.0).receive_data(hello)
     ended = client.next_event()
     assert isinstance(ended, SessionEnded) and ended.code is CloseCode.UNSUPPORTED_VERSION
+
+
+def _refusal(code: CloseCode, reason: str) -> bytes:
+    """What a clear-text server refusing before it reads the client's hello writes
+    (aio/listener.py: out of handshakes or descriptors, or TLS only)."""
+    return server_hello(MIN_PROTOCOL_VERSION, bytes(NONCE_SIZE)) + Reject(code, reason).serialize()
+
+
+def test_a_busy_servers_refusal_leaves_a_session_resumed_at_a_later_version_detached(
+    pair: Pair,
+) -> None:
+    """A resume offers only its session's version (4); the refusal's hello says 2, before
+    the server has read the client's hello. Its REJECT decides: OVERLOADED is transient,
+    so the session retries (it used to end UNSUPPORTED_VERSION, as 182 sessions did in
+    B4's reconnect storm), and nothing more is sent on the refused link."""
+    assert pair.client.version == PROTOCOL_VERSION > MIN_PROTOCOL_VERSION
+    pair.cut()
+    client = pair.client
+    hs = ClientHandshake(client, pair.now)
+    sent = b"".join(hs.data_to_send())
+    hs.receive_data(_refusal(CloseCode.OVERLOADED, "server busy"))
+    assert client.state is SessionState.DETACHED and not client.closed
+    losses = [e for e in iter(hs.next_event, None) if isinstance(e, HandshakeFailed)]
+    assert [loss.code for loss in losses] == [CloseCode.OVERLOADED]
+    assert b"".join(hs.data_to_send()) == b""  # no RESUME after the hello and ROUTE
+    assert len(sent) == CLIENT_HELLO_SIZE + len(Route(client.session_id).serialize())
+
+
+def test_a_refusal_ends_a_session_when_its_reject_is_final(pair: Pair) -> None:
+    pair.cut()
+    client = pair.client
+    ClientHandshake(client, pair.now).receive_data(
+        _refusal(CloseCode.TLS_REQUIRED, "this server takes TLS links only")
+    )
+    assert client.closed and client.close_code is CloseCode.TLS_REQUIRED
+
+
+def test_a_refusals_hello_followed_by_anything_but_a_reject_fails_the_link(pair: Pair) -> None:
+    """A zero nonce cannot start a session: an ACCEPT or RESUMED after it is the peer
+    breaking the protocol, not an answer."""
+    pair.cut()
+    client = pair.client
+    hs = ClientHandshake(client, pair.now)
+    hs.data_to_send()
+    hs.receive_data(server_hello(PROTOCOL_VERSION, bytes(NONCE_SIZE)))
+    assert hs.data_to_send() == []  # no RESUME to a refusal, even one in our version
+    hs.receive_data(Resumed(0, bytes(32)).serialize())  # as if the resume were accepted
+    losses = [e for e in iter(hs.next_event, None) if isinstance(e, HandshakeFailed)]
+    assert [loss.code for loss in losses] == [CloseCode.PROTOCOL_ERROR]
+    assert client.state is SessionState.DETACHED
+
+
+def test_a_hello_of_no_common_version_still_ends_the_session(pair: Pair) -> None:
+    """Version 0 (with its zero nonce) is the server saying it speaks none of ours: the
+    refusal rule does not apply, whatever follows."""
+    pair.cut()
+    client = pair.client
+    hs = ClientHandshake(client, pair.now)
+    hs.receive_data(server_hello(0, bytes(NONCE_SIZE)))
+    hs.receive_data(Reject(CloseCode.OVERLOADED, "server busy").serialize())
+    assert client.closed and client.close_code is CloseCode.UNSUPPORTED_VERSION
 
 
 def test_setup_rejected_by_the_server() -> None:

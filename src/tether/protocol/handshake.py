@@ -427,6 +427,7 @@ class ClientHandshake(_Handshake):
         self._sent = [client_hello(*self._versions)]  # hello and SETUP: confirmed by ACCEPT
         self._keypair: crypto.KeyPair | None = None
         self._version = 0  # the server's choice
+        self._refused = False  # its hello was a refusal's: only a REJECT may follow
         if session.state is SessionState.DETACHED and session.version >= 3:
             self._out.append(self._sent[0])
             self._out.append(Route(session.session_id).serialize())
@@ -448,17 +449,25 @@ class ClientHandshake(_Handshake):
                 return
             version, self._server_nonce = parse_server_hello(hello)
             self._sent.append(hello)
+            # A hello with a version and an all-zero nonce is a refusal's (a busy or TLS-only
+            # server in clear text, a gateway), whatever the version: a server that answers
+            # sends a fresh nonce. Its REJECT decides, so that a busy server's version-2
+            # refusal does not end a session resumed at version 4 (docs/protocol.md,
+            # "Version negotiation").
+            self._refused = version != 0 and self._server_nonce == bytes(NONCE_SIZE)
             lo, hi = self._versions
-            if not lo <= version <= hi:
+            if not self._refused and not lo <= version <= hi:
                 reason = f"server offers version {version}"
                 session.rejected(CloseCode.UNSUPPORTED_VERSION, reason)
                 raise ProtocolError(reason, CloseCode.UNSUPPORTED_VERSION)
             self._version = version
             self._step(_Step.SERVER_HELLO)
-            if session.state is SessionState.DETACHED:
+            if session.state is SessionState.DETACHED and not self._refused:
                 self._send_resume()
         if self.stage is HandshakeStage.ANSWER:
             expected = (FrameType.ACCEPT, FrameType.RESUMED, FrameType.REJECT)
+            if self._refused:
+                expected = (FrameType.REJECT,)
             frame = take_control_frame(self._buf, expected, "server")
             if isinstance(frame, Reject):
                 self._rejected(frame)
