@@ -32,6 +32,7 @@ import base64
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -285,8 +286,9 @@ def _idle(
     if counts[-1] < max(scale.gateway_sessions):
         note = (
             f"{part}: at most {counts[-1]} sessions instead of {max(scale.gateway_sessions)}: "
-            f"RLIMIT_NOFILE is {limit * 2 + 64} here and cannot be raised, and the gateway and "
-            "the client hold two descriptors per session"
+            f"RLIMIT_NOFILE is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} here and cannot "
+            "be raised, the gateway and the client hold two descriptors per session, and a "
+            "tether process keeps 1/16 of its descriptors in reserve (scale.session_limit)"
         )
         result.notes.append(note)
     rtt_count = min(scale.rtt_count, IDLE_RTT_COUNT)

@@ -44,7 +44,7 @@ def test_section_holds_targets_with_per_repeat_ratios() -> None:
     assert "## With TLS (issue 8)" in text
     assert "### Targets with TLS (issues 8 and 12" in text
     # 0.6 / 0.8 GB/s = 0.75x stunnel: missed; (260 - 60) / (120 - 60) = 3.33x: missed
-    assert "| B1 up: tether-tls >= 0.8x stunnel two hops | 0.75x" in text
+    assert "| B1 up: tether-tls >= 0.8x stunnel two hops | 0.75 (0.75-0.75) per repeat" in text
     assert "B2 p50: tether-tls added latency <= 1.5x stunnel2's | +200.0 vs +60.0 us" in text
     # clear text's targets are the top table's (issue 12's thresholds), not this section's
     assert "B1 both: tether >=" not in text and "tether added latency" not in text
