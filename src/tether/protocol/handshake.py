@@ -465,7 +465,11 @@ class ClientHandshake(_Handshake):
             if session.state is SessionState.DETACHED and not self._refused:
                 self._send_resume()
         if self.stage is HandshakeStage.ANSWER:
-            expected = (FrameType.ACCEPT, FrameType.RESUMED, FrameType.REJECT)
+            expected: tuple[FrameType, ...] = (
+                FrameType.ACCEPT,
+                FrameType.RESUMED,
+                FrameType.REJECT,
+            )
             if self._refused:
                 expected = (FrameType.REJECT,)
             frame = take_control_frame(self._buf, expected, "server")
