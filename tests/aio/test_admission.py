@@ -27,7 +27,9 @@ from typing import Any
 
 import pytest
 
+from tether.aio.listener import refusal_for
 from tether.protocol.codes import CloseCode
+from tether.protocol.frames import MAGIC, NONCE_SIZE, client_hello
 
 from .endpoints import Backend, close_all, connect_app
 from .faultnet import Proc, start_tether, stop, tether_pair
@@ -466,3 +468,25 @@ def test_a_resume_storm_past_the_handshake_limit_ends_no_session(tmp_path: Path)
             backend.close()
 
     asyncio.run(asyncio.wait_for(main(), 300))
+
+
+@pytest.mark.once  # listener.py is not compiled
+@pytest.mark.parametrize(
+    ("sent", "version"),
+    [(b"", 2), (client_hello(3, 3), 3), (client_hello(2, 4), 4), (client_hello(3, 3)[:5], 2)],
+)
+def test_a_refusal_answers_in_the_clients_version_when_its_hello_has_arrived(
+    sent: bytes, version: int
+) -> None:
+    """The listener's clear-text refusal peeks at what the client sent, never waits for it:
+    a whole hello gets a refusal in the client's version (so that a client from before the
+    refusal rule, resuming at 3 or 4, reads the REJECT and retries), anything less
+    version 2. Over a real socket pair; the client's bytes stay unread."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(sent)
+        answer = refusal_for(ours, CloseCode.OVERLOADED, "server busy")
+        assert answer[: len(MAGIC) + 1] == MAGIC + bytes((version,))
+        assert answer[len(MAGIC) + 1 : len(MAGIC) + 1 + NONCE_SIZE] == bytes(NONCE_SIZE)
+        if sent:
+            assert ours.recv(64, socket.MSG_DONTWAIT) == sent  # peeked, not taken

@@ -43,6 +43,8 @@ from tether.protocol.handshake import (
     ClientHandshake,
     HandshakeStage,
     ServerHandshake,
+    refusal,
+    refusal_version,
 )
 from tether.protocol.reader import FrameReader
 from tether.protocol.session import (
@@ -625,9 +627,33 @@ def test_version_mismatch_seen_by_the_client() -> None:
 
 
 def _refusal(code: CloseCode, reason: str) -> bytes:
-    """What a clear-text server refusing before it reads the client's hello writes
+    """What a clear-text server refusing before the client's hello has arrived writes
     (aio/listener.py: out of handshakes or descriptors, or TLS only)."""
-    return server_hello(MIN_PROTOCOL_VERSION, bytes(NONCE_SIZE)) + Reject(code, reason).serialize()
+    return refusal(refusal_version(b""), code, reason)
+
+
+@pytest.mark.parametrize(
+    ("hello", "version"),
+    [
+        (client_hello(2, 4), 4),
+        (client_hello(3, 3), 3),  # a session resumed at version 3 is answered in its own
+        (client_hello(2, 2), 2),
+        (client_hello(5, 9), PROTOCOL_VERSION),  # none in common: the server's own
+        (client_hello(3, 3)[:9], MIN_PROTOCOL_VERSION),  # not all there yet
+        (b"", MIN_PROTOCOL_VERSION),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03", MIN_PROTOCOL_VERSION),  # TLS, not tether
+    ],
+)
+def test_a_refusals_version_is_the_clients_when_its_hello_is_known(
+    hello: bytes, version: int
+) -> None:
+    """So that a client from before the refusal rule, which ends a resumed session on any
+    version but its own, reads the REJECT when the refuser has seen its hello."""
+    assert refusal_version(hello) == version
+    raw = refusal(version, CloseCode.OVERLOADED, "server busy")
+    assert raw[: len(server_hello(version, bytes(NONCE_SIZE)))] == server_hello(
+        version, bytes(NONCE_SIZE)
+    )
 
 
 def test_a_busy_servers_refusal_leaves_a_session_resumed_at_a_later_version_detached(

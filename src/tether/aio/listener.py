@@ -47,17 +47,36 @@ from ..config import Address
 from ..protocol.admission import HandshakeAdmission
 from ..protocol.codes import CloseCode
 from ..protocol.events import Event, HandshakeFailed, ResumeRequested, SetupRequested
-from ..protocol.frames import MAGIC, MIN_PROTOCOL_VERSION, NONCE_SIZE, Reject, server_hello
-from ..protocol.handshake import ServerHandshake
+from ..protocol.frames import CLIENT_HELLO_SIZE, MAGIC
+from ..protocol.handshake import ServerHandshake, refusal, refusal_version
 from ..resources import FdGuard
 from .link import LinkProtocol
 from .util import describe
 
-__all__ = ["TLS_RECORD", "BusyOwner", "LinkListener", "ListenError", "open_listening_socket"]
+__all__ = [
+    "TLS_RECORD",
+    "BusyOwner",
+    "LinkListener",
+    "ListenError",
+    "open_listening_socket",
+    "refusal_for",
+]
 
 logger = logging.getLogger("tether.server")
 
 TLS_RECORD = 0x16  # a TLS handshake record: what every TLS ClientHello starts with
+
+
+def refusal_for(conn: socket.socket, code: CloseCode, reason: str) -> bytes:
+    """The clear-text refusal of a connection the server will not read (busy, or TLS only):
+    in the client's version when its hello has already arrived (peeked, never waited for),
+    so that a client from before the refusal rule reads the REJECT (docs/protocol.md,
+    "Version negotiation"), else version 2."""
+    try:
+        hello = conn.recv(CLIENT_HELLO_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing yet (BlockingIOError), or the connection already gone
+        hello = b""
+    return refusal(refusal_version(hello), code, reason)
 
 
 class LinkListener:
@@ -164,9 +183,8 @@ class LinkListener:
 
     def _overloaded(self, conn: socket.socket) -> None:
         if self._tls is None:  # cheap in clear text; past the refusal slice, TLS just closes
-            busy = Reject(CloseCode.OVERLOADED, "server busy")
             with contextlib.suppress(OSError):
-                conn.send(server_hello(MIN_PROTOCOL_VERSION, bytes(NONCE_SIZE)) + busy.serialize())
+                conn.send(refusal_for(conn, CloseCode.OVERLOADED, "server busy"))
         conn.close()
 
     def _sniff(
@@ -243,10 +261,9 @@ class LinkListener:
     ) -> None:
         if first == MAGIC[0]:
             # A clear-text client: tell it, in its own terms, why it cannot go on.
-            refusal = Reject(CloseCode.TLS_REQUIRED, "this server takes TLS links only")
             with contextlib.suppress(OSError):
                 conn.send(
-                    server_hello(MIN_PROTOCOL_VERSION, bytes(NONCE_SIZE)) + refusal.serialize()
+                    refusal_for(conn, CloseCode.TLS_REQUIRED, "this server takes TLS links only")
                 )
             _close_gently(conn)
             refused(source, "the client speaks clear text; this server requires TLS")

@@ -63,6 +63,8 @@ __all__ = [
     "Random",
     "ServerHandshake",
     "SessionIds",
+    "refusal",
+    "refusal_version",
 ]
 
 Random = Callable[[int], bytes]
@@ -81,6 +83,27 @@ TRANSIENT_REJECTS = frozenset(
         CloseCode.SERVER_UNREACHABLE,
     }
 )
+
+
+def refusal_version(hello: bytes) -> int:
+    """The version of a refusal's server hello (docs/protocol.md, "Version negotiation") to
+    a client whose first bytes are ``hello``: the version a server would choose when they
+    are a whole, valid client hello (at least MIN_PROTOCOL_VERSION, even with none in
+    common), else MIN_PROTOCOL_VERSION. A client from before the refusal rule ends a
+    resumed session on any version but its own; this one reads the REJECT whatever the
+    version, so the refuser only has to say the client's when it knows it."""
+    try:
+        _, hi = parse_client_hello(hello[:CLIENT_HELLO_SIZE])
+    except ProtocolError:
+        return MIN_PROTOCOL_VERSION
+    return max(MIN_PROTOCOL_VERSION, min(hi, PROTOCOL_VERSION))
+
+
+def refusal(version: int, code: CloseCode, reason: str) -> bytes:
+    """A refusal before any handshake (a busy or TLS-only server in clear text, a gateway):
+    a server hello of ``version`` with a zero nonce, which marks it as a refusal, then
+    ``REJECT(code, reason)``."""
+    return server_hello(version, bytes(NONCE_SIZE)) + Reject(code, reason).serialize()
 
 
 class HandshakeStage(enum.Enum):

@@ -35,19 +35,14 @@ from .codes import CloseCode
 from .frames import (
     CLIENT_HELLO_SIZE,
     FRAME_HEADER_SIZE,
-    MIN_PROTOCOL_VERSION,
-    NONCE_SIZE,
     PROTOCOL_VERSION,
     SERVER_HELLO_SIZE,
     SESSION_ID_SIZE,
     FrameType,
-    Reject,
     check_magic,
-    parse_client_hello,
     parse_server_hello,
-    server_hello,
 )
-from .handshake import Random, SessionIds
+from .handshake import Random, SessionIds, refusal, refusal_version
 
 __all__ = [
     "MAX_SERVER_ID",
@@ -177,8 +172,7 @@ class FirstBytes:
     def refusal(self, code: CloseCode, reason: str) -> Refuse:
         """What a client the gateway cannot serve is told: a server hello (zero nonce) and
         ``REJECT(code, reason)``, as a server would."""
-        answer = server_hello(self._version, bytes(NONCE_SIZE)) + Reject(code, reason).serialize()
-        return Refuse(answer, f"{code.name}: {reason}")
+        return Refuse(refusal(self._version, code, reason), f"{code.name}: {reason}")
 
     def unreachable(self) -> Refuse | None:
         """What a resume is told when its server cannot be reached: from version 4
@@ -205,10 +199,9 @@ class FirstBytes:
         check_magic(buf, "client")
         if len(buf) < CLIENT_HELLO_SIZE:
             return None
-        _, hi = parse_client_hello(bytes(buf[:CLIENT_HELLO_SIZE]))
-        # The version a server would choose (handshake.py); the server itself refuses a
-        # client with none in common, so such a link is forwarded like any setup.
-        self._version = max(MIN_PROTOCOL_VERSION, min(hi, PROTOCOL_VERSION))
+        # The version a server would choose (the server itself refuses a client with none
+        # in common, so such a link is forwarded like any setup).
+        self._version = refusal_version(bytes(buf[:CLIENT_HELLO_SIZE]))
         if len(buf) < SERVER_ID_AT:
             return None
         (word,) = _HEADER.unpack_from(buf, FIRST_FRAME_AT)
