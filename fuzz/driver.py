@@ -1091,6 +1091,8 @@ async def probe_server(address: tuple[str, int], context: ssl.SSLContext | None)
             writer.transport.abort()
     if hello[: len(MAGIC)] != MAGIC or hello[len(MAGIC)] != PROTOCOL_VERSION:
         raise ProtocolError(f"probe: not a server hello: {hello!r}")
+    if hello[len(MAGIC) + 1 :] == bytes(NONCE_SIZE):  # a refusal's (busy), not an answer
+        raise ProtocolError("probe: the server refused the link (a refusal's hello)")
     return time.monotonic() - t0
 
 

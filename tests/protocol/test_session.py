@@ -650,10 +650,6 @@ def test_a_refusals_version_is_the_clients_when_its_hello_is_known(
     """So that a client from before the refusal rule, which ends a resumed session on any
     version but its own, reads the REJECT when the refuser has seen its hello."""
     assert refusal_version(hello) == version
-    raw = refusal(version, CloseCode.OVERLOADED, "server busy")
-    assert raw[: len(server_hello(version, bytes(NONCE_SIZE)))] == server_hello(
-        version, bytes(NONCE_SIZE)
-    )
 
 
 def test_a_busy_servers_refusal_leaves_a_session_resumed_at_a_later_version_detached(
