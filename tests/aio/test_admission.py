@@ -29,7 +29,8 @@ import pytest
 
 from tether.aio.listener import refusal_for
 from tether.protocol.codes import CloseCode
-from tether.protocol.frames import MAGIC, NONCE_SIZE, client_hello
+from tether.protocol.frames import MAGIC, MIN_PROTOCOL_VERSION, NONCE_SIZE, client_hello
+from tether.protocol.handshake import refusal
 
 from .endpoints import Backend, close_all, connect_app
 from .faultnet import Proc, start_tether, stop, tether_pair
@@ -494,3 +495,60 @@ def test_a_refusal_answers_in_the_clients_version_when_its_hello_has_arrived(
         assert answer[len(MAGIC) + 1 : len(MAGIC) + 1 + NONCE_SIZE] == bytes(NONCE_SIZE)
         if sent:
             assert ours.recv(64, socket.MSG_DONTWAIT) == sent  # peeked, not taken
+
+
+@pytest.mark.once  # the client's rule for a refusal's hello is handshake.py's, not compiled
+def test_a_resume_refused_in_version_2_retries_until_the_server_takes_it(tmp_path: Path) -> None:
+    """Deterministic: while the path leads to a peer that answers every connection at once,
+    before reading it, as a busy server does when the client's hello has not arrived (a
+    version-2 hello with a zero nonce, REJECT(OVERLOADED)), a session resumed at version 4
+    keeps retrying; once the path leads to its server again, it resumes, every byte once."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    refusals = 0
+
+    async def busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal refusals
+        refusals += 1
+        writer.write(refusal(MIN_PROTOCOL_VERSION, CloseCode.OVERLOADED, "server busy"))
+        writer.write_eof()  # then read what the client sends, so the close is no reset
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(4096):
+                pass
+        writer.close()
+
+    async def main() -> None:
+        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+        refuser = await asyncio.start_server(busy, "127.0.0.1", 0)
+        address = backend.sockets[0].getsockname()[:2]
+        try:
+            async with tether_pair(
+                address, str(tmp_path), server_args=("--plaintext",), client_args=("--plaintext",)
+            ) as (server, client, relay):
+                reader, writer = await asyncio.open_connection(*client.address)
+                writer.write(b"before;")
+                assert await asyncio.wait_for(reader.readexactly(7), 30) == b"before;"
+                relay.target = refuser.sockets[0].getsockname()[:2]
+                relay.kill_all()
+                writer.write(b"during;")  # queued by the client while it is refused
+                deadline = time.monotonic() + 30
+                while refusals < 3:
+                    assert time.monotonic() < deadline, client.log()
+                    await asyncio.sleep(0.05)
+                assert " ended " not in client.log(), client.log()
+                relay.target = server.address
+                assert await asyncio.wait_for(reader.readexactly(7), 30) == b"during;"
+                assert " ended " not in client.log(), client.log()
+                assert "refused for now: OVERLOADED" in client.log()
+                writer.close()
+        finally:
+            backend.close()
+            refuser.close()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
