@@ -418,6 +418,15 @@ def test_at_the_file_descriptor_limit_a_client_with_fallback_retries_and_never_f
     asyncio.run(main())
 
 
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A backend that sends back what it reads (asyncio.start_server's handler)."""
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
 STORM_SESSIONS = 40
 STORM_CUTS = 3
 
@@ -435,13 +444,6 @@ def test_a_resume_storm_past_the_handshake_limit_ends_no_session(tmp_path: Path)
     the listener answered in the client's version when it could; all runs failed); the
     handshake's own tests in tests/protocol/test_session.py are the deterministic ones."""
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
     async def round_trip(
         app: tuple[asyncio.StreamReader, asyncio.StreamWriter], tag: bytes
     ) -> None:
@@ -450,7 +452,7 @@ def test_a_resume_storm_past_the_handshake_limit_ends_no_session(tmp_path: Path)
         assert await reader.readexactly(len(tag)) == tag
 
     async def main() -> None:
-        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+        backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
         address = backend.sockets[0].getsockname()[:2]
         server_args = ("--plaintext", "--max-handshakes-per-source", "2")
         try:
@@ -504,13 +506,6 @@ def test_a_resume_refused_in_version_2_retries_until_the_server_takes_it(tmp_pat
     version-2 hello with a zero nonce, REJECT(OVERLOADED)), a session resumed at version 4
     keeps retrying; once the path leads to its server again, it resumes, every byte once."""
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
     refusals = 0
 
     async def busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -524,7 +519,7 @@ def test_a_resume_refused_in_version_2_retries_until_the_server_takes_it(tmp_pat
         writer.close()
 
     async def main() -> None:
-        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+        backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
         refuser = await asyncio.start_server(busy, "127.0.0.1", 0)
         address = backend.sockets[0].getsockname()[:2]
         try:
