@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tether.aio.listener import refusal_for
+from tether.aio.listener import refusal_for, refuse_and_close
 from tether.protocol.codes import CloseCode
 from tether.protocol.frames import MAGIC, MIN_PROTOCOL_VERSION, NONCE_SIZE, client_hello
 from tether.protocol.handshake import refusal
@@ -429,6 +429,36 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 STORM_SESSIONS = 40
 STORM_CUTS = 3
+
+
+@pytest.mark.once  # listener.py is not compiled
+@pytest.mark.parametrize(
+    "code", [CloseCode.OVERLOADED, CloseCode.TLS_REQUIRED], ids=lambda code: code.name
+)
+def test_a_refusal_reaches_a_client_whose_hello_waits_unread(code: CloseCode) -> None:
+    """A busy (or TLS-only) server refuses a clear-text client whose hello already sits
+    unread in its socket: over real TCP the client reads the whole refusal, in its
+    version, then an orderly end. A plain close with unread bytes makes Linux answer with
+    a reset that discards the refusal (the client saw "connection reset" and never read
+    whether to retry); this fails that way with the gentle close taken out."""
+    hello = client_hello(2, 4)
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listening,
+        socket.create_connection(listening.getsockname(), timeout=5) as client,
+    ):
+        client.sendall(hello)
+        conn, _ = listening.accept()
+        conn.settimeout(5)
+        assert conn.recv(len(hello), socket.MSG_PEEK | socket.MSG_WAITALL) == hello
+        refuse_and_close(conn, code, "refused")
+        assert conn.fileno() == -1
+        received = b""
+        for _ in range(16):  # the refusal is a few dozen bytes, then EOF
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        assert received == refusal(4, code, "refused")
 
 
 @pytest.mark.once  # the client's rule for a refusal's hello is handshake.py's, not compiled

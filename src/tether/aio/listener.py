@@ -60,6 +60,7 @@ __all__ = [
     "ListenError",
     "open_listening_socket",
     "refusal_for",
+    "refuse_and_close",
 ]
 
 logger = logging.getLogger("tether.server")
@@ -77,6 +78,16 @@ def refusal_for(conn: socket.socket, code: CloseCode, reason: str) -> bytes:
     except OSError:  # nothing yet (BlockingIOError), or the connection already gone
         hello = b""
     return refusal(refusal_version(hello), code, reason)
+
+
+def refuse_and_close(conn: socket.socket, code: CloseCode, reason: str) -> None:
+    """Send a clear-text client ``refusal_for`` its connection, then close it gently: what
+    it sent is read first, or the kernel would answer the close with a reset, which can
+    reach the client before the refusal and discard it (the client then sees "connection
+    reset" instead of the code that tells it whether to retry)."""
+    with contextlib.suppress(OSError):
+        conn.send(refusal_for(conn, code, reason))
+    _close_gently(conn)
 
 
 class LinkListener:
@@ -183,9 +194,9 @@ class LinkListener:
 
     def _overloaded(self, conn: socket.socket) -> None:
         if self._tls is None:  # cheap in clear text; past the refusal slice, TLS just closes
-            with contextlib.suppress(OSError):
-                conn.send(refusal_for(conn, CloseCode.OVERLOADED, "server busy"))
-        conn.close()
+            refuse_and_close(conn, CloseCode.OVERLOADED, "server busy")
+        else:
+            conn.close()
 
     def _sniff(
         self,
@@ -261,11 +272,7 @@ class LinkListener:
     ) -> None:
         if first == MAGIC[0]:
             # A clear-text client: tell it, in its own terms, why it cannot go on.
-            with contextlib.suppress(OSError):
-                conn.send(
-                    refusal_for(conn, CloseCode.TLS_REQUIRED, "this server takes TLS links only")
-                )
-            _close_gently(conn)
+            refuse_and_close(conn, CloseCode.TLS_REQUIRED, "this server takes TLS links only")
             refused(source, "the client speaks clear text; this server requires TLS")
         elif first == TLS_RECORD:
             conn.close()
@@ -354,8 +361,11 @@ def _close_gently(conn: socket.socket) -> None:
     does not reset the connection (and maybe discard the answer) for unread bytes."""
     conn.setblocking(False)
     with contextlib.suppress(OSError):  # BlockingIOError once nothing is left
-        for _ in range(16):  # at most 1 MiB: a client owed an answer sent a few bytes
-            if not conn.recv(65536):
+        # At most 64 KiB: a client owed an answer has sent its hello (a few dozen bytes)
+        # and waits for ours; one that sent more than this is not a tether client, and
+        # a refusal must stay cheap for a busy server (its reset is then its own doing).
+        for _ in range(4):
+            if not conn.recv(16384):
                 break
     with contextlib.suppress(OSError):
         conn.shutdown(socket.SHUT_WR)
