@@ -416,6 +416,13 @@ class ServerHandshake(_Handshake):
             self._refuse(code, reason or code.name)
 
 
+# What a client may read after the server's hello: an answer, or after a refusal's hello
+# (version, zero nonce) only the REJECT that must follow it (docs/protocol.md, "Version
+# negotiation").
+_ANSWERS: tuple[FrameType, ...] = (FrameType.ACCEPT, FrameType.RESUMED, FrameType.REJECT)
+_REFUSAL: tuple[FrameType, ...] = (FrameType.REJECT,)
+
+
 class ClientHandshake(_Handshake):
     """Sans-I/O client handshake for one link of ``session`` (NEW: a setup; DETACHED: a
     resume). It decides on the server's answer itself and hands the link over."""
@@ -488,13 +495,7 @@ class ClientHandshake(_Handshake):
             if session.state is SessionState.DETACHED and not self._refused:
                 self._send_resume()
         if self.stage is HandshakeStage.ANSWER:
-            expected: tuple[FrameType, ...] = (
-                FrameType.ACCEPT,
-                FrameType.RESUMED,
-                FrameType.REJECT,
-            )
-            if self._refused:
-                expected = (FrameType.REJECT,)
+            expected = _REFUSAL if self._refused else _ANSWERS
             frame = take_control_frame(self._buf, expected, "server")
             if isinstance(frame, Reject):
                 self._rejected(frame)
