@@ -27,7 +27,10 @@ from typing import Any
 
 import pytest
 
+from tether.aio.client import TetherClient, _ClientSession
+from tether.aio.link import LinkProtocol
 from tether.aio.listener import refusal_for, refuse_and_close
+from tether.config import Address, ClientConfig
 from tether.protocol.codes import CloseCode
 from tether.protocol.frames import MAGIC, MIN_PROTOCOL_VERSION, NONCE_SIZE, client_hello
 from tether.protocol.handshake import refusal
@@ -459,6 +462,50 @@ def test_a_refusal_reaches_a_client_whose_hello_waits_unread(code: CloseCode) ->
                 break
             received += chunk
         assert received == refusal(4, code, "refused")
+
+
+def test_a_refusal_that_came_before_the_attempt_started_is_read_not_lost() -> None:
+    """A busy server refuses at accept, before the client's hello: its refusal and its FIN
+    can both arrive while the client's dialer is still racing its connections, so the
+    link is gone when the attempt starts. The client reads what the server said and
+    fails the attempt OVERLOADED, from a tether server (so a new session retries and
+    never takes its fallback); it took it for "connection lost at once" from no tether
+    server, which sent a clear-text setup to the fallback. The race is made certain by
+    waiting for the close before the attempt, over real sockets."""
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(refusal(2, CloseCode.OVERLOADED, "server busy"))
+        writer.close()
+
+    async def main() -> None:
+        busy = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = busy.sockets[0].getsockname()[1]
+        config = ClientConfig(
+            server=Address("127.0.0.1", port), fallback=Address("127.0.0.1", 9), plaintext=True
+        )
+        try:
+            async with TetherClient(config, listen=False) as client:
+                session = _ClientSession(client, None, 1)
+                loop = asyncio.get_running_loop()
+                transport, link = await loop.create_connection(
+                    lambda: LinkProtocol(session), "127.0.0.1", port
+                )
+                for _ in range(500):  # until the refusal and the FIN are in (bounded: 5 s)
+                    if link.lost:
+                        break
+                    await asyncio.sleep(0.01)
+                assert link.lost and link.has_early_bytes()
+                assert not await session._use(transport, link)
+                failure = session._failure
+                assert failure is not None
+                assert (failure.code, failure.peer_is_tether) == (CloseCode.OVERLOADED, True)
+                assert not session.core.closed  # a busy server: the session may retry
+                session.dialer.close()
+        finally:
+            busy.close()
+            await busy.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 @pytest.mark.once  # the client's rule for a refusal's hello is handshake.py's, not compiled

@@ -340,7 +340,8 @@ class _ClientSession(SessionRelay):
         if self.core.closed:  # the session ended while this link was being made
             transport.close()
             return False
-        if link.lost or transport.is_closing():
+        lost = link.lost or transport.is_closing()
+        if lost and not link.has_early_bytes():
             self._failure = HandshakeFailed(
                 CloseCode.LINK_LOST, "connection lost at once", self._verified
             )
@@ -353,7 +354,17 @@ class _ClientSession(SessionRelay):
             link.peer,
             "RESUME" if self.core.session_id else "SETUP",
         )
+        # On a link already gone, the server said something before it closed (while the
+        # dialer's race ran): most often a busy server's whole refusal, sent before our
+        # hello arrived. The handshake reads it, so that its REJECT decides (OVERLOADED:
+        # retry, never the fallback), not "connection lost".
         link.start(ClientHandshake(self.core, self.loop.time(), token=self.client.token))
+        if lost and not self._outcome.done():
+            self._outcome = self._trying = None
+            self._failure = HandshakeFailed(
+                CloseCode.LINK_LOST, "connection lost at once", self._verified
+            )
+            return False
         expiry = self.loop.call_at(until, self._expire, link) if until is not None else None
         try:
             return await self._outcome

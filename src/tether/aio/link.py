@@ -1078,6 +1078,10 @@ class LinkProtocol(asyncio.Protocol):
         if self.handshake is not None:
             self.pump_handshake()
 
+    def has_early_bytes(self) -> bool:
+        """Did the peer send anything before :meth:`start`?"""
+        return bool(self._early)
+
     def start(self, handshake: ClientHandshake) -> None:
         """Begin ``handshake`` on this (already connected) link."""
         self.handshake = handshake

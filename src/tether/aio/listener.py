@@ -185,8 +185,10 @@ class LinkListener:
             closed = _Once(fds.release if fds is not None else _nothing)
             verdict = self.admission.admit(source)
             if not verdict.admitted:
-                self._overloaded(conn)
-                closed()
+                try:
+                    self._overloaded(conn)
+                finally:
+                    closed()
                 self._refused(source, f"too many handshakes ({verdict.value})")
                 continue
             release = _Once(functools.partial(self.admission.release, source))
