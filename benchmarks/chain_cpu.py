@@ -15,9 +15,12 @@ time::
 sees the processes that copy); the ``tether`` peers are those of ``python -m benchmarks``
 (``tether-base`` runs ``$TBENCH_BASE_SRC``, an A/B against another checkout). Peers run
 interleaved, their order reversed every other run. Each line gives, as medians over the
-runs, GB/s, the application's user and system time per GiB, each relay's CPU (user +
-system) per GiB, server side first, and the chain's total; then each peer's GB/s over
-socat's, per run.
+runs, GB/s, the application's user and system time per GiB (the whole ``bulk`` process,
+its interpreter's start-up included, the same for every peer), the backend's CPU (user +
+system) per GiB, each relay's, server side first, and the chain's total (the median of each
+run's sum, so not the sum of the medians); then each peer's GB/s over socat's, per run.
+Only the tether peers and ``pyrelay`` run as chains here: a peer that forks per connection
+would be counted as its parent alone.
 
 Loopback only; every transfer is bounded in size and every process is stopped after.
 """
@@ -37,6 +40,8 @@ from benchmarks.cpu_per_gib import _cpu_seconds, _socat_pair
 from benchmarks.peers import PEERS, start_chain
 from benchmarks.procs import REPO, Procs, child_env, endpoint, stop
 
+CHAINS = {"tether", "pyrelay"}  # peers whose relays are long-lived processes of their own
+
 
 def _transfer(entry: str, up: int, down: int) -> tuple[float, float, float]:
     """(seconds, user s, system s) of one ``bulk`` client moving ``up`` and ``down`` bytes."""
@@ -48,11 +53,15 @@ def _transfer(entry: str, up: int, down: int) -> tuple[float, float, float]:
         env=child_env(None),
     )
     assert proc.stdout is not None
-    try:
-        out = proc.stdout.read()
-    finally:
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with proc.stdout:
+        try:
+            out = proc.stdout.read()
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"bulk client exited with {proc.returncode}")
     seconds = float(json.loads(out.strip().splitlines()[-1])["seconds"])
@@ -62,12 +71,17 @@ def _transfer(entry: str, up: int, down: int) -> tuple[float, float, float]:
 def measure(
     peers: list[str], cases: list[str], size: int, runs: int
 ) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """For each (case, peer): per-run GB/s, the application's user and system s/GiB and
-    each relay's CPU s/GiB (``relay0`` the server side)."""
+    """For each (case, peer): per-run GB/s, the application's user and system s/GiB, the
+    backend's CPU s/GiB and each relay's (``relay0`` the server side)."""
     gib = size / (1 << 30)
     rows: dict[tuple[str, str], dict[str, list[float]]] = {}
-    with Procs(Path(tempfile.mkdtemp(prefix="tbench-chain-"))) as procs:
-        _, backend = procs.start_ready(endpoint("backend", "--listen", "127.0.0.1:0"), "backend")
+    with (
+        tempfile.TemporaryDirectory(prefix="tbench-chain-") as logdir,
+        Procs(Path(logdir)) as procs,
+    ):
+        backend_proc, backend = procs.start_ready(
+            endpoint("backend", "--listen", "127.0.0.1:0"), "backend"
+        )
         relays: dict[str, list[int]] = {}
         entries: dict[str, str] = {}
         for name in peers:
@@ -85,6 +99,7 @@ def measure(
                         entry, pids = f"127.0.0.1:{port}", [proc.pid for proc in chain]
                     else:
                         entry, pids = entries[name], relays[name]
+                    pids = [backend_proc.pid, *pids]
                     try:
                         before = [_cpu_seconds(pid) for pid in pids]
                         seconds, user, system = _transfer(entry, up, down)
@@ -96,8 +111,10 @@ def measure(
                     row.setdefault("gbps", []).append(size / seconds / 1e9)
                     row.setdefault("app user", []).append(user / gib)
                     row.setdefault("app system", []).append(system / gib)
-                    for i, (b, a) in enumerate(zip(before, after, strict=True)):
-                        row.setdefault(f"relay{i}", []).append((a - b) / gib)
+                    spent = [(a - b) / gib for b, a in zip(before, after, strict=True)]
+                    row.setdefault("backend", []).append(spent[0])
+                    for i, cpu in enumerate(spent[1:]):
+                        row.setdefault(f"relay{i}", []).append(cpu)
     return rows
 
 
@@ -110,9 +127,9 @@ def main() -> int:
     args = parser.parse_args()
     peers = args.peers.split(",")
     cases = args.cases.split(",")
-    unknown = [p for p in peers if p != "socat" and p not in PEERS]
+    unknown = [p for p in peers if p != "socat" and (p not in PEERS or PEERS[p].kind not in CHAINS)]
     if unknown or not set(cases) <= {"up", "down"}:
-        parser.error(f"unknown peer or case: {unknown or cases}")
+        parser.error(f"unknown peer or case (peers: socat, tether..., pyrelay): {unknown or cases}")
     rows = measure(peers, cases, args.bytes, args.runs)
     med = statistics.median
     for case in cases:
@@ -122,7 +139,8 @@ def main() -> int:
             total = med([sum(v) for v in zip(*(row[k] for k in row if k != "gbps"), strict=True)])
             print(
                 f"{case} {name}: GB/s {med(row['gbps']):.2f}, application user"
-                f" {med(row['app user']):.3f} system {med(row['app system']):.3f}, relays"
+                f" {med(row['app user']):.3f} system {med(row['app system']):.3f}, backend"
+                f" {med(row['backend']):.3f}, relays"
                 f" {' / '.join(f'{r:.3f}' for r in relays)}, chain {total:.3f} CPU s/GiB"
                 f" (GB/s per run {[round(x, 2) for x in row['gbps']]})"
             )

@@ -238,8 +238,8 @@ def test_session_memory_reports_both_ends(tmp_path: Path) -> None:
 @pytest.mark.skipif(not _tether_available(), reason="the tether CLI is not installed")
 def test_chain_cpu_reads_every_process(tmp_path: Path) -> None:
     """``benchmarks.chain_cpu`` in its smallest run: for each peer and case a line with the
-    application's CPU, one figure per relay (two) and the chain's total, and the ratio to
-    socat; no figure is asserted beyond being a number."""
+    application's CPU, the backend's, one figure per relay (two) and the chain's total, and
+    the ratio to socat; no figure is asserted beyond being a number."""
     argv = [sys.executable, "-m", "benchmarks.chain_cpu", "--runs", "1", "--bytes", "8388608"]
     done = _run([*argv, "--peers", "socat,tether"], timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -249,5 +249,6 @@ def test_chain_cpu_reads_every_process(tmp_path: Path) -> None:
             (line,) = [x for x in lines if x.startswith(f"{case} {peer}: GB/s ")]
             relays = line.split(" relays ", 1)[1].split(",", 1)[0].split(" / ")
             assert len(relays) == 2 and all(float(r) >= 0 for r in relays), line
+            assert float(line.split(" backend ", 1)[1].split(",", 1)[0]) >= 0, line
             assert " chain " in line and "CPU s/GiB" in line, line
         assert any(x.startswith(f"{case} tether / socat GB/s per run: median ") for x in lines)
