@@ -32,7 +32,13 @@ from tether.aio.link import LinkProtocol
 from tether.aio.listener import refusal_for, refuse_and_close
 from tether.config import Address, ClientConfig
 from tether.protocol.codes import CloseCode
-from tether.protocol.frames import MAGIC, MIN_PROTOCOL_VERSION, NONCE_SIZE, client_hello
+from tether.protocol.frames import (
+    MAGIC,
+    MIN_PROTOCOL_VERSION,
+    NONCE_SIZE,
+    SERVER_HELLO_SIZE,
+    client_hello,
+)
 from tether.protocol.handshake import refusal
 
 from .endpoints import Backend, close_all, connect_app
@@ -464,22 +470,39 @@ def test_a_refusal_reaches_a_client_whose_hello_waits_unread(code: CloseCode) ->
         assert received == refusal(4, code, "refused")
 
 
-def test_a_refusal_that_came_before_the_attempt_started_is_read_not_lost() -> None:
+_BUSY = refusal(2, CloseCode.OVERLOADED, "server busy")
+
+
+@pytest.mark.parametrize(
+    ("early", "code", "tether", "ended"),
+    [
+        (_BUSY, CloseCode.OVERLOADED, True, False),  # a busy server's whole refusal
+        (refusal(2, CloseCode.UNAUTHORIZED, "no"), CloseCode.UNAUTHORIZED, True, True),
+        (_BUSY[:SERVER_HELLO_SIZE], CloseCode.LINK_LOST, True, False),  # no REJECT: lost
+        (MAGIC[:2], CloseCode.LINK_LOST, False, False),  # not even the magic
+    ],
+    ids=["busy", "final-reject", "hello-only", "partial-magic"],
+)
+def test_what_a_server_said_before_the_attempt_started_is_read_not_lost(
+    early: bytes, code: CloseCode, tether: bool, ended: bool
+) -> None:
     """A busy server refuses at accept, before the client's hello: its refusal and its FIN
     can both arrive while the client's dialer is still racing its connections, so the
-    link is gone when the attempt starts. The client reads what the server said and
-    fails the attempt OVERLOADED, from a tether server (so a new session retries and
-    never takes its fallback); it took it for "connection lost at once" from no tether
-    server, which sent a clear-text setup to the fallback. The race is made certain by
-    waiting for the close before the attempt, over real sockets."""
+    link is gone when the attempt starts. The client reads what the server said: a whole
+    refusal fails the attempt with its code, from a tether server (a busy one: the session
+    retries and a new one never takes its fallback; a final code ends the session); less
+    than an answer is a lost link, from a tether server once its magic was read. The old
+    client took every such link for "connection lost at once" from no tether server, and
+    a new clear-text session with a fallback took the fallback. The race is made certain
+    by waiting for the close before the attempt, over real sockets."""
 
-    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(refusal(2, CloseCode.OVERLOADED, "server busy"))
+    async def speak_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(early)
         writer.close()
 
     async def main() -> None:
-        busy = await asyncio.start_server(refuse, "127.0.0.1", 0)
-        port = busy.sockets[0].getsockname()[1]
+        server = await asyncio.start_server(speak_first, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
         config = ClientConfig(
             server=Address("127.0.0.1", port), fallback=Address("127.0.0.1", 9), plaintext=True
         )
@@ -490,7 +513,7 @@ def test_a_refusal_that_came_before_the_attempt_started_is_read_not_lost() -> No
                 transport, link = await loop.create_connection(
                     lambda: LinkProtocol(session), "127.0.0.1", port
                 )
-                for _ in range(500):  # until the refusal and the FIN are in (bounded: 5 s)
+                for _ in range(500):  # until the bytes and the FIN are in (bounded: 5 s)
                     if link.lost:
                         break
                     await asyncio.sleep(0.01)
@@ -498,12 +521,14 @@ def test_a_refusal_that_came_before_the_attempt_started_is_read_not_lost() -> No
                 assert not await session._use(transport, link)
                 failure = session._failure
                 assert failure is not None
-                assert (failure.code, failure.peer_is_tether) == (CloseCode.OVERLOADED, True)
-                assert not session.core.closed  # a busy server: the session may retry
+                assert (failure.code, failure.peer_is_tether) == (code, tether)
+                assert session.core.closed is ended
+                if ended:
+                    assert session.core.close_code is code
                 session.dialer.close()
         finally:
-            busy.close()
-            await busy.wait_closed()
+            server.close()
+            await server.wait_closed()
 
     asyncio.run(asyncio.wait_for(main(), 30))
 

@@ -275,11 +275,15 @@ class _ClientSession(SessionRelay):
     def link_lost(self, link: LinkProtocol, exc: Exception | None) -> None:
         if link is not self._trying:
             return  # an attempt that lost the race, closed by us
-        handshake = link.handshake
         reason = describe_link_failure(exc) if exc is not None else "connection closed"
-        tether = self._verified or (handshake.peer_is_tether if handshake is not None else False)
-        self._failure = HandshakeFailed(CloseCode.LINK_LOST, reason, tether)
+        self._failure = HandshakeFailed(CloseCode.LINK_LOST, reason, self._tether_seen(link))
         self._settle(False)
+
+    def _tether_seen(self, link: LinkProtocol) -> bool:
+        """Was a tether server on ``link`` (its certificate verified, or its magic read)?
+        A link lost after that is not a reason to fall back."""
+        handshake = link.handshake
+        return self._verified or (handshake.peer_is_tether if handshake is not None else False)
 
     def _wake_up(self) -> None:
         self._woken = True
@@ -349,20 +353,23 @@ class _ClientSession(SessionRelay):
         self._outcome = self.loop.create_future()
         self._trying = link
         self.log.debug(
-            "session %s: link %s: sending %s",
+            "session %s: link %s: %s",
             self.name,
             link.peer,
-            "RESUME" if self.core.session_id else "SETUP",
+            "closed with bytes from the server: reading them"
+            if lost
+            else f"sending {'RESUME' if self.core.session_id else 'SETUP'}",
         )
         # On a link already gone, the server said something before it closed (while the
         # dialer's race ran): most often a busy server's whole refusal, sent before our
         # hello arrived. The handshake reads it, so that its REJECT decides (OVERLOADED:
         # retry, never the fallback), not "connection lost".
         link.start(ClientHandshake(self.core, self.loop.time(), token=self.client.token))
-        if lost and not self._outcome.done():
+        if lost and not self._outcome.done():  # no whole answer: lost after all
             self._outcome = self._trying = None
+            link.abort()  # a transport closing but not yet closed: no handshake timer
             self._failure = HandshakeFailed(
-                CloseCode.LINK_LOST, "connection lost at once", self._verified
+                CloseCode.LINK_LOST, "connection lost at once", self._tether_seen(link)
             )
             return False
         expiry = self.loop.call_at(until, self._expire, link) if until is not None else None
