@@ -438,6 +438,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 STORM_SESSIONS = 40
 STORM_CUTS = 3
+FALLBACK_SESSIONS = 300
 
 
 @pytest.mark.once  # listener.py is not compiled
@@ -492,8 +493,8 @@ def test_what_a_server_said_before_the_attempt_started_is_read_not_lost(
     refusal fails the attempt with its code, from a tether server (a busy one: the session
     retries and a new one never takes its fallback; a final code ends the session); less
     than an answer is a lost link, from a tether server once its magic was read. The old
-    client took every such link for "connection lost at once" from no tether server, and
-    a new clear-text session with a fallback took the fallback. The race is made certain
+    client took every such link for "connection lost at once" from no tether server, on
+    which a new clear-text session with a fallback takes the fallback. The race is made certain
     by waiting for the close before the attempt, over real sockets."""
 
     async def speak_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -577,6 +578,62 @@ def test_a_resume_storm_past_the_handshake_limit_ends_no_session(tmp_path: Path)
             backend.close()
 
     asyncio.run(asyncio.wait_for(main(), 300))
+
+
+@pytest.mark.once  # whole processes; the classification's deterministic test is above
+def test_new_sessions_refused_by_a_busy_server_never_take_the_fallback(tmp_path: Path) -> None:
+    """Many applications connect at once to a clear-text client with a fallback, in front
+    of a server past its per-source handshake limit: the server refuses most links at
+    accept, and every session must wait its turn on the tether server, none connect
+    directly to the fallback (a session there has no reliability, and nothing says so but
+    a WARNING). It fails when the busy server closes without its refusal (2 of 2 runs).
+    It did not catch the client that took a refusal arrived before its attempt began for
+    "no tether server" (0 of 8 runs: here a setup's attempt starts before the refusal
+    lands); the test above makes that race certain."""
+    fallback_hits = 0
+
+    async def fallback(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal fallback_hits
+        fallback_hits += 1
+        writer.close()
+
+    async def round_trip(app: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        reader, writer = app
+        writer.write(b"through tether")
+        assert await reader.readexactly(14) == b"through tether"
+        writer.close()
+
+    async def main() -> None:
+        backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        direct = await asyncio.start_server(fallback, "127.0.0.1", 0)
+        server = client = None
+        try:
+            host, port = backend.sockets[0].getsockname()[:2]
+            server = await start_tether(
+                "server", "--listen", "127.0.0.1:0", "--backend", f"{host}:{port}",
+                "--plaintext", "--max-handshakes-per-source", "1", tmp=str(tmp_path),
+            )  # fmt: skip
+            fallback_port = direct.sockets[0].getsockname()[1]
+            client = await start_tether(
+                "client", "--listen", "127.0.0.1:0", "--plaintext",
+                "--server", f"{server.address[0]}:{server.address[1]}",
+                "--fallback", f"127.0.0.1:{fallback_port}", tmp=str(tmp_path),
+            )  # fmt: skip
+            apps = await asyncio.gather(
+                *(asyncio.open_connection(*client.address) for _ in range(FALLBACK_SESSIONS))
+            )
+            await asyncio.wait_for(asyncio.gather(*map(round_trip, apps)), 60)
+            assert "too many handshakes" in server.log()  # the server did refuse
+            assert fallback_hits == 0, client.log()
+            assert "connecting directly to fallback" not in client.log(), client.log()
+        finally:
+            for proc in (client, server):
+                if proc is not None:
+                    stop(proc)
+            direct.close()
+            backend.close()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
 
 
 @pytest.mark.once  # listener.py is not compiled
