@@ -580,6 +580,50 @@ def test_a_resume_storm_past_the_handshake_limit_ends_no_session(tmp_path: Path)
     asyncio.run(asyncio.wait_for(main(), 300))
 
 
+@pytest.mark.once  # listener.py is not compiled; whole processes
+def test_a_busy_refusal_sent_before_the_hello_still_reaches_the_client(tmp_path: Path) -> None:
+    """A server past its per-source handshake limit (one connection holds it, silent) refuses
+    the next at accept, before its hello; the client reads late (its loop busy), after its
+    hello has reached the refused socket, already closed. The refusal and the server's FIN
+    came first, so the client reads the whole refusal and an orderly end: Linux keeps what
+    was received readable when the late hello is answered with a reset, so the server need
+    not linger for it (a build that lingered changed nothing here). A server that reset the
+    refused connection instead (SO_LINGER 0) fails this with ConnectionResetError, and its
+    client could not tell a busy tether server from none. Generous pauses order the steps."""
+
+    async def main() -> None:
+        backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        server = None
+        try:
+            host, port = backend.sockets[0].getsockname()[:2]
+            server = await start_tether(
+                "server", "--listen", "127.0.0.1:0", "--backend", f"{host}:{port}",
+                "--plaintext", "--max-handshakes-per-source", "1", tmp=str(tmp_path),
+            )  # fmt: skip
+            with (
+                socket.create_connection(server.address, timeout=5) as holder,
+                socket.create_connection(server.address, timeout=5) as late,
+            ):
+                await asyncio.sleep(0.3)  # the refusal and the FIN are in, unread
+                late.sendall(client_hello(2, 4))
+                await asyncio.sleep(0.3)  # the hello has reached the refused socket
+                received = b""
+                for _ in range(16):  # a refusal is a few dozen bytes, then EOF
+                    chunk = late.recv(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+                assert received == refusal(2, CloseCode.OVERLOADED, "server busy")
+                assert holder.fileno() != -1
+            assert "too many handshakes" in server.log()
+        finally:
+            if server is not None:
+                stop(server)
+            backend.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 @pytest.mark.once  # whole processes; the classification's deterministic test is above
 def test_new_sessions_refused_by_a_busy_server_never_take_the_fallback(tmp_path: Path) -> None:
     """Many applications connect at once to a clear-text client with a fallback, in front
