@@ -346,20 +346,14 @@ class _ClientSession(SessionRelay):
             return False
         lost = link.lost or transport.is_closing()
         if lost and not link.has_early_bytes():
-            self._failure = HandshakeFailed(
-                CloseCode.LINK_LOST, "connection lost at once", self._verified
-            )
-            return False
+            return self._lost_at_once(link)
         self._outcome = self.loop.create_future()
         self._trying = link
-        self.log.debug(
-            "session %s: link %s: %s",
-            self.name,
-            link.peer,
-            "closed with bytes from the server: reading them"
-            if lost
-            else f"sending {'RESUME' if self.core.session_id else 'SETUP'}",
-        )
+        if lost:
+            what = "closed with bytes from the server: reading them"
+        else:
+            what = "sending RESUME" if self.core.session_id else "sending SETUP"
+        self.log.debug("session %s: link %s: %s", self.name, link.peer, what)
         # On a link already gone, the server said something before it closed (while the
         # dialer's race ran): most often a busy server's whole refusal, sent before our
         # hello arrived. The handshake reads it, so that its REJECT decides (OVERLOADED:
@@ -368,10 +362,7 @@ class _ClientSession(SessionRelay):
         if lost and not self._outcome.done():  # no whole answer: lost after all
             self._outcome = self._trying = None
             link.abort()  # a transport closing but not yet closed: no handshake timer
-            self._failure = HandshakeFailed(
-                CloseCode.LINK_LOST, "connection lost at once", self._tether_seen(link)
-            )
-            return False
+            return self._lost_at_once(link)
         expiry = self.loop.call_at(until, self._expire, link) if until is not None else None
         try:
             return await self._outcome
@@ -379,6 +370,13 @@ class _ClientSession(SessionRelay):
             if expiry is not None:
                 expiry.cancel()
             self._outcome = self._trying = None
+
+    def _lost_at_once(self, link: LinkProtocol) -> bool:
+        """The attempt on ``link`` fails: its connection was gone before an answer."""
+        self._failure = HandshakeFailed(
+            CloseCode.LINK_LOST, "connection lost at once", self._tether_seen(link)
+        )
+        return False
 
     def _expire(self, link: LinkProtocol) -> None:
         """An attempt of a new session ran out of its share of the connect timeout."""
