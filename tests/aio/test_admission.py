@@ -436,6 +436,28 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
+def _read_to_eof(sock: socket.socket) -> bytes:
+    """What a refused client receives: a refusal of a few dozen bytes, then EOF (bounded;
+    a reset raises ConnectionResetError)."""
+    received = b""
+    for _ in range(16):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+async def _busy_server(backend: asyncio.Server, tmp_path: Path) -> Proc:
+    """A clear-text tether server for ``backend`` that takes one handshake at a time from a
+    source, so that a second connection is refused at accept."""
+    host, port = backend.sockets[0].getsockname()[:2]
+    return await start_tether(
+        "server", "--listen", "127.0.0.1:0", "--backend", f"{host}:{port}",
+        "--plaintext", "--max-handshakes-per-source", "1", tmp=str(tmp_path),
+    )  # fmt: skip
+
+
 STORM_SESSIONS = 40
 STORM_CUTS = 3
 FALLBACK_SESSIONS = 300
@@ -462,16 +484,10 @@ def test_a_refusal_reaches_a_client_whose_hello_waits_unread(code: CloseCode) ->
         assert conn.recv(len(hello), socket.MSG_PEEK | socket.MSG_WAITALL) == hello
         refuse_and_close(conn, code, "refused")
         assert conn.fileno() == -1
-        received = b""
-        for _ in range(16):  # the refusal is a few dozen bytes, then EOF
-            chunk = client.recv(4096)
-            if not chunk:
-                break
-            received += chunk
-        assert received == refusal(4, code, "refused")
+        assert _read_to_eof(client) == refusal(4, code, "refused")
 
 
-_BUSY = refusal(2, CloseCode.OVERLOADED, "server busy")
+_BUSY = refusal(MIN_PROTOCOL_VERSION, CloseCode.OVERLOADED, "server busy")  # version 2
 
 
 @pytest.mark.parametrize(
@@ -595,11 +611,7 @@ def test_a_busy_refusal_sent_before_the_hello_still_reaches_the_client(tmp_path:
         backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
         server = None
         try:
-            host, port = backend.sockets[0].getsockname()[:2]
-            server = await start_tether(
-                "server", "--listen", "127.0.0.1:0", "--backend", f"{host}:{port}",
-                "--plaintext", "--max-handshakes-per-source", "1", tmp=str(tmp_path),
-            )  # fmt: skip
+            server = await _busy_server(backend, tmp_path)
             with (
                 socket.create_connection(server.address, timeout=5) as holder,
                 socket.create_connection(server.address, timeout=5) as late,
@@ -607,13 +619,7 @@ def test_a_busy_refusal_sent_before_the_hello_still_reaches_the_client(tmp_path:
                 await asyncio.sleep(0.3)  # the refusal and the FIN are in, unread
                 late.sendall(client_hello(2, 4))
                 await asyncio.sleep(0.3)  # the hello has reached the refused socket
-                received = b""
-                for _ in range(16):  # a refusal is a few dozen bytes, then EOF
-                    chunk = late.recv(4096)
-                    if not chunk:
-                        break
-                    received += chunk
-                assert received == refusal(2, CloseCode.OVERLOADED, "server busy")
+                assert _read_to_eof(late) == _BUSY
                 assert holder.fileno() != -1
             assert "too many handshakes" in server.log()
         finally:
@@ -652,11 +658,7 @@ def test_new_sessions_refused_by_a_busy_server_never_take_the_fallback(tmp_path:
         direct = await asyncio.start_server(fallback, "127.0.0.1", 0)
         server = client = None
         try:
-            host, port = backend.sockets[0].getsockname()[:2]
-            server = await start_tether(
-                "server", "--listen", "127.0.0.1:0", "--backend", f"{host}:{port}",
-                "--plaintext", "--max-handshakes-per-source", "1", tmp=str(tmp_path),
-            )  # fmt: skip
+            server = await _busy_server(backend, tmp_path)
             fallback_port = direct.sockets[0].getsockname()[1]
             client = await start_tether(
                 "client", "--listen", "127.0.0.1:0", "--plaintext",
@@ -714,7 +716,7 @@ def test_a_resume_refused_in_version_2_retries_until_the_server_takes_it(tmp_pat
     async def busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal refusals
         refusals += 1
-        writer.write(refusal(MIN_PROTOCOL_VERSION, CloseCode.OVERLOADED, "server busy"))
+        writer.write(_BUSY)
         writer.write_eof()  # then read what the client sends, so the close is no reset
         with contextlib.suppress(ConnectionError):
             while await reader.read(4096):
