@@ -18,7 +18,8 @@ interleaved, their order reversed every other run. Each line gives, as medians o
 runs, GB/s, the application's user and system time per GiB (the whole ``bulk`` process,
 its interpreter's start-up included, the same for every peer), the backend's CPU (user +
 system) per GiB, each relay's, server side first, and the chain's total (the median of each
-run's sum, so not the sum of the medians); then each peer's GB/s over socat's, per run.
+run's sum, so not the sum of the medians); then each peer's GB/s over socat's per run, as
+median (min-max).
 Only the tether peers and ``pyrelay`` run as chains here: a peer that forks per connection
 would be counted as its parent alone.
 
@@ -39,6 +40,7 @@ from pathlib import Path
 from benchmarks.cpu_per_gib import _cpu_seconds, _socat_pair
 from benchmarks.peers import PEERS, start_chain
 from benchmarks.procs import REPO, Procs, child_env, endpoint, stop
+from benchmarks.targets import ratio_text
 
 CHAINS = {"tether", "pyrelay"}  # peers whose relays are long-lived processes of their own
 
@@ -153,10 +155,7 @@ def main() -> int:
                             rows[(case, name)]["gbps"], rows[(case, "socat")]["gbps"], strict=True
                         )
                     ]
-                    print(
-                        f"{case} {name} / socat GB/s per run: median {med(ratios):.2f}"
-                        f" {[round(x, 2) for x in ratios]}"
-                    )
+                    print(f"{case} {name} / socat GB/s per run: {ratio_text(ratios)}")
     return 0
 
 

@@ -251,4 +251,6 @@ def test_chain_cpu_reads_every_process(tmp_path: Path) -> None:
             assert len(relays) == 2 and all(float(r) >= 0 for r in relays), line
             assert float(line.split(" backend ", 1)[1].split(",", 1)[0]) >= 0, line
             assert " chain " in line and "CPU s/GiB" in line, line
-        assert any(x.startswith(f"{case} tether / socat GB/s per run: median ") for x in lines)
+        (ratio,) = [x for x in lines if x.startswith(f"{case} tether / socat GB/s per run: ")]
+        median, spread = ratio.rsplit(": ", 1)[1].split(" ", 1)
+        assert float(median) > 0 and spread.startswith("(") and spread.endswith(")"), ratio
