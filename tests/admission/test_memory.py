@@ -1,5 +1,6 @@
 """MemoryBudget: the sum of replay buffers never exceeds the budget; windows shrink as it
-fills; above the high-water mark the largest sessions are stopped, never dropped."""
+fills; above the high-water mark the largest sessions are stopped, never dropped; bytes
+held for a local side that is not reading count against new sessions, not their holder."""
 
 from __future__ import annotations
 
@@ -113,6 +114,43 @@ def test_reserved_bytes_are_never_over_share() -> None:
     assert budget.grant(64 * KiB) is None  # 4 KiB left: not even the floor
 
 
+def test_held_bytes_count_against_new_sessions_and_the_high_water_mark_not_the_holder() -> None:
+    budget = MemoryBudget(total=4 * MiB, floor=64 * KiB, high_water=0.9)
+    holder = budget.grant(4 * MiB)
+    other = budget.grant(4 * MiB)
+    assert holder is not None and other is not None
+    assert holder.window == 4 * MiB and budget.committed == 128 * KiB
+    alone = 4 * MiB - 128 * KiB + 64 * KiB  # what either could take before anything is held
+    assert holder.capacity() == other.capacity() == alone
+    holder.hold(2 * MiB)  # a backend that is not reading holds 2 MiB of the peer's
+    assert (budget.held, holder.held, budget.used) == (2 * MiB, 2 * MiB, 0)
+    assert budget.committed == 128 * KiB  # the replay buffers' own figure is untouched
+    assert budget.free == 4 * MiB - 128 * KiB - 2 * MiB  # less than half: windows shrink
+    window = budget.window_for(4 * MiB)
+    assert window is not None and window == 4 * MiB * 2 * budget.free // budget.total
+    assert holder.capacity() == other.capacity() == alone  # below high water: no cut
+    holder.hold(4 * MiB)  # more than the budget: never refused, they have arrived
+    assert budget.free < 0
+    assert budget.window_for(64 * KiB) is None and budget.grant(64 * KiB) is None
+    # Above the high-water mark every session, the holder too, may still fill its fair
+    # share (never less than its reservation): its reads of its own backend go on.
+    assert holder.capacity() == other.capacity() == budget.fair_share() == 2 * MiB
+    holder.charge(2 * MiB)
+    assert not budget.over_share(holder) and holder.capacity() == 0  # at its share
+    holder.credit(2 * MiB)  # its peer's acknowledgements, whatever it holds
+    assert holder.capacity() == 2 * MiB
+    holder.hold(0)  # the backend took them
+    assert budget.held == 0 and budget.free == 4 * MiB - 128 * KiB
+    assert holder.capacity() == alone
+    holder.hold(1 * MiB)
+    holder.close()  # an end returns what was held too
+    assert (budget.held, budget.committed, budget.sessions) == (0, 64 * KiB, 1)
+    holder.hold(5)  # after the end: nothing
+    assert budget.held == 0
+    with pytest.raises(ValueError):
+        other.hold(-1)
+
+
 def test_close_returns_everything_and_is_idempotent() -> None:
     budget = MemoryBudget(total=1 * MiB, floor=64 * KiB)
     account = budget.grant(512 * KiB)
@@ -210,9 +248,9 @@ class BudgetMachine(RuleBasedStateMachine):
     def charge_beyond_capacity_is_refused(self, data: st.DataObject, extra: int) -> None:
         account = data.draw(st.sampled_from(self.open))
         before = (account.used, self.budget.committed, self.budget.used)
-        hard = min(
+        hard = min(  # held bytes do not refuse a charge: the replay buffers' own bound
             account.window - account.used,
-            self.budget.free + max(0, account.reserved - account.used),
+            self.budget.total - self.budget.committed + max(0, account.reserved - account.used),
         )
         n = max(account.capacity(), hard) + extra
         with pytest.raises(InvalidState):
@@ -224,6 +262,13 @@ class BudgetMachine(RuleBasedStateMachine):
     def credit(self, data: st.DataObject, fraction: float) -> None:
         account = data.draw(st.sampled_from(self.open))
         account.credit(int(account.used * fraction))
+
+    @precondition(lambda self: bool(self.open))
+    @rule(data=st.data(), held=st.integers(0, 2_000_000))
+    def hold(self, data: st.DataObject, held: int) -> None:
+        account = data.draw(st.sampled_from(self.open))
+        account.hold(held)  # never refused, whatever the budget holds
+        assert account.held == held
 
     @precondition(lambda self: bool(self.open))
     @rule(data=st.data())
@@ -240,7 +285,8 @@ class BudgetMachine(RuleBasedStateMachine):
         committed = sum(max(a.used, a.reserved) for a in self.open)
         assert 0 <= used == budget.used <= committed == budget.committed <= budget.total
         assert budget.sessions == len(self.open)
-        assert budget.free >= 0
+        held = sum(a.held for a in self.open)
+        assert held == budget.held and budget.free == budget.total - committed - held
 
     @invariant()
     def every_session_can_use_its_reservation(self) -> None:
@@ -254,7 +300,8 @@ class BudgetMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for account in self.open:
             account.close()
-        assert (self.budget.committed, self.budget.used, self.budget.sessions) == (0, 0, 0)
+        budget = self.budget
+        assert (budget.committed, budget.used, budget.held, budget.sessions) == (0, 0, 0, 0)
 
 
 TestBudgetMachine = BudgetMachine.TestCase

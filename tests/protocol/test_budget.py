@@ -4,9 +4,10 @@
 - The router grants each new session its window from a :class:`MemoryBudget` (smaller as
   it fills), refuses a setup OVERLOADED only when not even the floor fits, and never
   touches an established session to make room.
-- A session charges its replay buffer to its account, reports the account's capacity as
-  its own (a session past its fair share stops its sender until its peer acknowledges),
-  and closes the account when it ends: nothing leaks.
+- A session charges its replay buffer to its account, and what its slow local side holds
+  while it says so, reports the account's capacity as its own (a session past its fair
+  share stops its sender until its peer acknowledges), and closes the account when it
+  ends: nothing leaks.
 - A session never heard from after its ACCEPT is an orphan: when its setup link dies it is
   released after ORPHAN_GRACE, not the session timeout (docs/protocol.md, "Limits").
 """
@@ -102,6 +103,26 @@ def test_acknowledgements_credit_the_account() -> None:
     p.advance(KEEPALIVE)  # the client's delayed acknowledgement
     assert p.server.replay_buffered == budget.used == 0
     assert budget.committed == DEFAULT_FLOOR  # its reservation stays while it lives
+
+
+def test_what_a_slow_local_side_holds_is_charged_until_it_is_writable_or_the_end() -> None:
+    router = budgeted(8 * MiB)
+    budget = router.memory
+    assert budget is not None
+    p = joined(router)
+    p.server.local_writable(False)
+    p.server.local_held(300 * KiB)
+    assert (budget.held, budget.used) == (300 * KiB, 0)
+    assert budget.free == 8 * MiB - DEFAULT_FLOOR - 300 * KiB
+    p.server.local_writable(True)  # it took them
+    assert budget.held == 0
+    p.server.local_writable(False)
+    p.server.local_held(1 * MiB)
+    p.server.close(CloseCode.BACKEND_RESET, "gone")
+    p.pump()
+    assert (budget.held, budget.committed, budget.sessions) == (0, 0, 0)  # no leak
+    p.client.local_held(1 * MiB)  # a session without an account: nothing to count
+    assert budget.held == 0
 
 
 def test_a_session_past_its_fair_share_stops_its_sender_until_acknowledged() -> None:

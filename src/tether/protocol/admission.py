@@ -351,6 +351,7 @@ class MemoryStatistics:
     total: int
     committed: int  # bytes no new charge may take: sum of max(used, reserved) per session
     used: int  # bytes actually in replay buffers
+    held: int  # bytes slow local sides hold for their sessions (Account.hold): not refusable
     sessions: int
     refused_total: int  # grants refused (REJECT OVERLOADED)
 
@@ -362,7 +363,8 @@ class MemoryBudget:
 
     - ``window``: its replay-buffer bound (what the server advertises in ACCEPT);
     - ``reserved``: ``min(floor, window)`` bytes set aside for it at grant time;
-    - ``used``: the bytes its replay buffer holds now.
+    - ``used``: the bytes its replay buffer holds now;
+    - ``held``: the bytes its slow local side holds for it (:meth:`Account.hold`).
 
     The budget counts ``committed = sum(max(used, reserved))`` over open accounts: reserved
     bytes are held whether used or not, bytes beyond the reservation come from the shared
@@ -374,6 +376,19 @@ class MemoryBudget:
     sender than :meth:`Account.capacity` allows (read into a buffer of at most that size),
     and the bytes it read can always be charged. Established sessions are never dropped to
     make room: a full budget refuses new sessions and stops readers, nothing else.
+
+    Held bytes are the other direction's: what the peer sent within the window it was
+    given, delivered to a local side that is not taking it (a backend that does not read),
+    and not yet acknowledged. They cannot be refused once they have arrived (the window
+    allowed them), so they are counted apart, as ``held``, and weigh where refusing is
+    possible: a new session's window and grant see ``free = total - committed - held``,
+    and the high-water mark is tested on ``committed + held``. They never cut the holding
+    session's own :meth:`Account.capacity` below what its reservation and fair share give
+    it, for its replay buffer drains by its peer's acknowledgements whatever it holds, and
+    a backend that writes its answer before it reads what is held for it must still be
+    read (docs/design.md, "Flow control: acknowledge what the local side takes"). The
+    invariant above is the replay buffers'; ``committed + held`` may pass ``total`` by
+    what sessions hold, each at most its window and the driver's slack.
 
     Why this design rather than reserving whole windows up front: a reserved window sits
     idle in most sessions (an interactive session uses a few KiB of its 4 MiB), so full
@@ -390,13 +405,14 @@ class MemoryBudget:
     by ``2 * free / total``, never below ``floor`` (nor above what was requested). When not
     even its reservation fits, :meth:`grant` returns None: answer REJECT OVERLOADED.
 
-    Above the high-water mark (``committed > high_water * total``) no session may grow past
+    Above the high-water mark (``committed + held > high_water * total``) no session may grow past
     ``max(fair_share(), reserved)``: :meth:`over_share` says so and :meth:`Account.capacity`
     is clamped to it, so the last of the pool goes to the small sessions, not the largest.
     """
 
     __slots__ = (
         "_committed",
+        "_held",
         "_refused",
         "_sessions",
         "_used",
@@ -428,6 +444,7 @@ class MemoryBudget:
         self.high_water = int(total * high_water)  # in bytes
         self._committed = 0
         self._used = 0
+        self._held = 0
         self._sessions = 0
         self._refused = 0
 
@@ -440,9 +457,17 @@ class MemoryBudget:
         return self._used
 
     @property
+    def held(self) -> int:
+        return self._held
+
+    @property
     def free(self) -> int:
-        """Bytes neither reserved nor used: what new reservations and growth can take."""
-        return self.total - self._committed
+        """Bytes neither reserved, used nor held: what new sessions can take (negative
+        while held bytes overdraw the budget)."""
+        return self.total - self._committed - self._held
+
+    def _above_high_water(self) -> bool:
+        return self._committed + self._held > self.high_water
 
     @property
     def sessions(self) -> int:
@@ -459,7 +484,7 @@ class MemoryBudget:
         cap = min(requested_window, self.total)
         if self.max_window is not None:
             cap = min(cap, self.max_window)
-        free = self.total - self._committed
+        free = self.total - self._committed - self._held
         if free < min(self.floor, cap):
             return None
         if 2 * free >= self.total:
@@ -496,7 +521,7 @@ class MemoryBudget:
         its own reservation). Backpressure only; nothing is dropped."""
         return (
             not account.closed
-            and self._committed > self.high_water
+            and self._above_high_water()
             and account.used > max(self.fair_share(), account.reserved)
         )
 
@@ -505,6 +530,7 @@ class MemoryBudget:
             total=self.total,
             committed=self._committed,
             used=self._used,
+            held=self._held,
             sessions=self._sessions,
             refused_total=self._refused,
         )
@@ -514,22 +540,28 @@ class Account:
     """One session's share of a :class:`MemoryBudget`; open it with :meth:`MemoryBudget.grant`.
 
     ``charge(n)`` when ``n`` bytes join the replay buffer, ``credit(n)`` when acknowledged
-    bytes leave it (or :meth:`set_used` with the buffer's length after each pump), and
-    :meth:`close` when the session ends.
+    bytes leave it (or :meth:`set_used` with the buffer's length after each pump),
+    :meth:`hold` with what the session's slow local side holds for it, and :meth:`close`
+    when the session ends.
     """
 
-    __slots__ = ("_budget", "_closed", "_used", "reserved", "window")
+    __slots__ = ("_budget", "_closed", "_held", "_used", "reserved", "window")
 
     def __init__(self, budget: MemoryBudget, window: int, reserved: int) -> None:
         self._budget = budget
         self.window = window
         self.reserved = reserved
         self._used = 0
+        self._held = 0
         self._closed = False
 
     @property
     def used(self) -> int:
         return self._used
+
+    @property
+    def held(self) -> int:
+        return self._held
 
     @property
     def closed(self) -> bool:
@@ -543,8 +575,10 @@ class Account:
         budget = self._budget
         used = self._used
         room = self.window - used
+        # The pool is the replay buffers' (held bytes are not in ``_committed``); held
+        # bytes, this session's too, count only in the high-water test (MemoryBudget).
         pool = budget.total - budget._committed + max(0, self.reserved - used)
-        if budget._committed > budget.high_water:
+        if budget._committed + budget._held > budget.high_water:
             room = min(room, max(budget.fair_share(), self.reserved) - used)
         return max(0, min(room, pool))
 
@@ -603,6 +637,18 @@ class Account:
         budget._used += used - old
         self._used = used
 
+    def hold(self, held: int) -> None:
+        """The session's local side holds ``held`` bytes the peer sent and it has not
+        taken (0 once it takes them again). Never refused: they have arrived, within the
+        window the peer was given; they count against new sessions and the high-water
+        mark, not against this session's replay buffer (MemoryBudget, "Held bytes")."""
+        if self._closed:
+            return
+        if held < 0:
+            raise ValueError("hold() of a negative size")
+        self._budget._held += held - self._held
+        self._held = held
+
     def close(self) -> None:
         """The session ended: return its reservation and its bytes. Idempotent."""
         if self._closed:
@@ -611,5 +657,7 @@ class Account:
         budget = self._budget
         budget._committed -= max(self._used, self.reserved)
         budget._used -= self._used
+        budget._held -= self._held
         budget._sessions -= 1
         self._used = 0
+        self._held = 0

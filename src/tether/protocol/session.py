@@ -654,13 +654,23 @@ class Session:
         for the peer's acknowledgements of our own bytes can read the link for them while
         the slow local side holds at most that much. Acknowledging
         resumes, for everything received, when it is True again (docs/protocol.md, "Flow
-        control")."""
+        control"), and what :meth:`local_held` charged ends."""
+        if writable and self._account is not None:
+            self._account.hold(0)
         held = not writable and not self._peer_eof
         if held == self._ack_held:
             return
         self._ack_held = held
         if not held and self._writable and self.state is SessionState.ATTACHED:
             self._send_ack()
+
+    def local_held(self, held: int) -> None:
+        """The driver's word, while the local side is not writable, on the bytes it holds
+        that the peer sent and it has not taken: a server's memory account counts them
+        (:meth:`~tether.protocol.admission.Account.hold`) until :meth:`local_writable` is
+        True again. Without an account, nothing."""
+        if self._account is not None:
+            self._account.hold(held)
 
     def link_writable(self, writable: bool) -> None:
         """The driver's word on the current link's write buffer: False once it is above
