@@ -20,15 +20,22 @@ CHUNK = 256 * 1024
 
 @contextlib.asynccontextmanager
 async def tethers(
-    backend_port: int, *, tls: bool, session: SessionConfig | None = None
+    backend_port: int,
+    *,
+    tls: bool,
+    session: SessionConfig | None = None,
+    memory_budget: int | None = None,
 ) -> AsyncIterator[tuple[TetherServer, TetherClient]]:
-    """A tether server in front of 127.0.0.1:``backend_port`` (with ``session``'s settings)
-    and a tether client of it, on loopback, their link in TLS or in clear text."""
+    """A tether server in front of 127.0.0.1:``backend_port`` (with ``session``'s settings,
+    and ``memory_budget`` when given) and a tether client of it, on loopback, their link in
+    TLS or in clear text."""
+    budget = {} if memory_budget is None else {"memory_budget": memory_budget}
     server_config = ServerConfig(
         listen=Address("127.0.0.1", 0),
         backend=Address("127.0.0.1", backend_port),
         plaintext=not tls,
         session=session or SessionConfig(),
+        **budget,
     )
     async with TetherServer(server_config) as server:
         client_config = ClientConfig(

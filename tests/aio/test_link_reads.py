@@ -352,10 +352,13 @@ async def _backends(make: Callable[[], E]) -> AsyncIterator[tuple[int, list[E]]]
 
 @contextlib.asynccontextmanager
 async def _tethers(
-    tls: bool, make: Callable[[], E]
+    tls: bool, make: Callable[[], E], memory_budget: int | None = None
 ) -> AsyncIterator[tuple[TetherServer, TetherClient, list[E]]]:
     """A tether server in front of :func:`_backends` and a tether client of it."""
-    async with _backends(make) as (port, backends), tethers(port, tls=tls) as (server, client):
+    async with (
+        _backends(make) as (port, backends),
+        tethers(port, tls=tls, memory_budget=memory_budget) as (server, client),
+    ):
         yield server, client, backends
 
 
@@ -452,7 +455,10 @@ async def _exchange(app: _Reads, far: _WritesFirst) -> None:
     assert far.digest.digest() == hashlib.sha256(app.data).digest()
 
 
-@pytest.mark.parametrize("path", ["direct", "clear", "tls"])
+SMALL_BUDGET = 2 * 1024 * 1024  # the window is cut to it: what is held can fill it
+
+
+@pytest.mark.parametrize("path", ["direct", "clear", "tls", "budget"])
 def test_a_backend_that_answers_before_it_reads_is_not_deadlocked(
     run: Run[Any], path: str, tmp_path: Path
 ) -> None:
@@ -461,19 +467,37 @@ def test_a_backend_that_answers_before_it_reads_is_not_deadlocked(
     server's backend stops taking bytes, yet the server must go on reading the link: the
     client's acknowledgements of the backend's bytes travel behind the upload, and without
     them the server's window stays full, it stops reading the backend, and the backend,
-    blocked in its write, never starts reading (docs/design.md, "Flow control")."""
+    blocked in its write, never starts reading (docs/design.md, "Flow control").
+
+    "budget": in clear text with a memory budget of 2 MiB, which the upload held for the
+    backend fills (charged to it, as the watch below sees): held bytes count against new
+    sessions, never against the holding session's own reads of its backend, or this
+    exchange would deadlock again (docs/design.md, limitation 16's resolution)."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        most_held = 0
         async with contextlib.AsyncExitStack() as stack:
             if path == "direct":
                 port, backends = await stack.enter_async_context(_backends(_WritesFirst))
                 host = "127.0.0.1"
             else:
-                _, client, backends = await stack.enter_async_context(
-                    _tethers(path == "tls", _WritesFirst)
+                budget = SMALL_BUDGET if path == "budget" else None
+                server, client, backends = await stack.enter_async_context(
+                    _tethers(path == "tls", _WritesFirst, memory_budget=budget)
                 )
                 host, port = client.addresses[0].host, client.addresses[0].port
+
+                async def watch() -> None:
+                    nonlocal most_held
+                    while True:
+                        memory = server.memory()
+                        assert memory is not None
+                        most_held = max(most_held, memory.held)
+                        await asyncio.sleep(0.005)
+
+                watching = asyncio.ensure_future(watch())
+                stack.callback(watching.cancel)
             _, app = await loop.create_connection(_Reads, host, port)
             try:
                 await _until("the backend connection", lambda: bool(backends))
@@ -481,6 +505,8 @@ def test_a_backend_that_answers_before_it_reads_is_not_deadlocked(
             finally:
                 assert app.transport is not None
                 app.transport.abort()
+        if path == "budget":
+            assert most_held > SMALL_BUDGET // 2, most_held
 
     run(main())
 
@@ -567,7 +593,12 @@ def test_a_peer_that_does_not_keep_to_the_window_is_held_past_it(run: Run[Any]) 
     waits for its ACKs (its own window spent): the server reads the link past the window
     (for the ACKs on it), then stops, holding no more than the window, HOLD_SLACK and one
     read, and TCP pushes back; once the backend reads, every byte arrives in order and the
-    link is read again."""
+    link is read again.
+
+    What it holds is charged to the memory budget (8 MiB; the session's window is 4 MiB
+    and its replay buffer full of the backend's unacknowledged answer): a new setup is
+    refused OVERLOADED while it is held, which the replay buffer alone would have let in,
+    and admitted again once the backend has taken it."""
 
     async def main() -> None:
         async with _backends(_sink) as (port, sinks):
@@ -576,11 +607,13 @@ def test_a_peer_that_does_not_keep_to_the_window_is_held_past_it(run: Run[Any]) 
                 backend=Address("127.0.0.1", port),
                 plaintext=True,
                 session=SessionConfig(keepalive=60),  # the raw peer answers no PING
+                memory_budget=8 * 1024 * 1024,
             )
             async with TetherServer(config) as server:
-                address = server.addresses[0]
-                raw = await asyncio.to_thread(RawClient, (address.host, address.port))
+                address = (server.addresses[0].host, server.addresses[0].port)
+                raw = await asyncio.to_thread(RawClient, address)
                 sending = asyncio.ensure_future(asyncio.to_thread(overrun, raw.sock))
+                others: list[RawClient] = []
                 try:
                     relay = await _relay(server)
                     window = relay.core.config.window
@@ -590,14 +623,24 @@ def test_a_peer_that_does_not_keep_to_the_window_is_held_past_it(run: Run[Any]) 
                     await asyncio.sleep(0.5)  # held: nothing more is read
                     assert local.get_write_buffer_size() == held
                     assert window < held <= window + HOLD_SLACK + LINK_READ_SIZE
+                    memory = server.memory()
+                    assert memory is not None and memory.held == held
+                    assert memory.committed + held > memory.total
+                    assert memory.total - memory.committed >= 64 * 1024  # in, but for held
+                    with pytest.raises(ConnectionError, match="OVERLOADED"):
+                        others.append(await asyncio.to_thread(RawClient, address))
                     sinks[0].resume()
                     await sending
                     await _until("every byte", lambda: sinks[0].received == OVERRUN)
                     expected = hashlib.sha256(stream_bytes(0, OVERRUN)).digest()
                     assert sinks[0].digest.digest() == expected
                     assert not relay._link_held
+                    memory = server.memory()
+                    assert memory is not None and memory.held == 0
+                    others.append(await asyncio.to_thread(RawClient, address))
                 finally:
-                    raw.close()
+                    for peer in (raw, *others):
+                        peer.close()
                     with contextlib.suppress(OSError):  # closed under the sender on failure
                         await sending
 

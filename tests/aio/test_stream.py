@@ -137,8 +137,9 @@ def test_a_stream_whose_peer_does_not_keep_to_the_window_is_held_past_it() -> No
     """The server's handler writes past its window and reads nothing, while a peer that
     never acknowledges sends past the window (an earlier release keeps to its own): the
     server reads the link for ACKs, the reader's buffer is the local side (docs/protocol.md,
-    "Flow control"), and past the window and HOLD_SLACK the link is not read; once the
-    handler reads, every byte arrives in order."""
+    "Flow control"), charged to the memory budget, and past the window and HOLD_SLACK the
+    link is not read; once the handler reads, every byte arrives in order and nothing is
+    charged."""
 
     async def main() -> None:
         streams: list[tether.TetherStream] = []
@@ -175,11 +176,15 @@ def test_a_stream_whose_peer_does_not_keep_to_the_window_is_held_past_it() -> No
                 await asyncio.sleep(0.5)  # held: nothing more is read
                 assert far._unread == held
                 assert window < held <= window + HOLD_SLACK + LINK_READ_SIZE
+                memory = server.memory()  # charged to the budget as a transport's would be
+                assert memory is not None and memory.held == held
                 go.set()
                 await sending
                 await _until("every byte", lambda: count == OVERRUN)
                 assert got.digest() == hashlib.sha256(stream_bytes(0, OVERRUN)).digest()
                 assert not relay._link_held
+                memory = server.memory()
+                assert memory is not None and memory.held == 0
             finally:
                 raw.close()
                 with contextlib.suppress(OSError):  # closed under the sender on failure

@@ -233,10 +233,14 @@ class SessionRelay:
         self._steer_link()
         _pump(self)  # the acknowledgement held back meanwhile
 
-    def hold_link(self) -> None:
-        """The slow local side holds more than the window and HOLD_SLACK: stop reading the
-        link until it has drained (``local_resume_writing``), whatever the window."""
-        if not self._link_held:
+    def local_holds(self, held: int) -> None:
+        """The slow local side (paused, ``local_pause_writing``) holds ``held`` bytes it
+        has not taken, after a link read: the core charges them to the session's memory
+        account, if it has one (docs/design.md, "Flow control"), and past the window and
+        HOLD_SLACK the link is not read until the local side has drained
+        (``local_resume_writing``), whatever the window."""
+        self.core.local_held(held)
+        if held > self.core.config.window + HOLD_SLACK and not self._link_held:
             self._link_held = True
             self._steer_link()
 
@@ -441,13 +445,13 @@ def _feed(
     (docs/design.md, "Dense reads")."""
     left = relay.core.receive_data(data, relay.loop.time(), FRAMES_PER_TURN)
     _pump(relay)
-    if relay._local_writing_paused and not relay._link_held:
+    if relay._local_writing_paused:
         local = relay.local
-        if (
-            local is not None
-            and local.get_write_buffer_size() > relay.core.config.window + HOLD_SLACK
-        ):
-            relay.hold_link()
+        # A paused transport holds more than its low-water mark; a stream's local end
+        # says 0 (its reader copies) and tells what its reader holds itself (stream.py).
+        held = local.get_write_buffer_size() if local is not None else 0
+        if held:
+            relay.local_holds(held)
     if left and transport is not None and transport is relay.link:
         # A view: the bytes stay whoever's they were (the link's read buffer is not
         # read over while a view of it lives).

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from ..errors import SessionClosed
 from ..protocol.codes import CloseCode
 from ..protocol.session import SessionStatistics
-from .link import HOLD_SLACK
 
 if TYPE_CHECKING:
     from .link import SessionRelay
@@ -133,13 +132,14 @@ class TetherStream:
     def _fed(self, size: int) -> None:
         """The relay handed the application ``size`` more bytes. While the application is
         behind (the reader paused the relay), the link is read only while the session
-        waits for the peer's ACKs, and the peer sends at most a window more; past the
-        window and HOLD_SLACK (a peer that does not keep to it) the link stops being read
-        whatever the window, as for a local transport (aio/link.py)."""
+        waits for the peer's ACKs, and the peer sends at most a window more: what it
+        has not read is held for it as by a local transport (``SessionRelay.local_holds``:
+        charged to a server's memory budget, and past the window and HOLD_SLACK the
+        link is not read whatever the window)."""
         self._unread += size
         relay = self._relay
-        if relay is not None and self._unread > relay.core.config.window + HOLD_SLACK:
-            relay.hold_link()
+        if relay is not None and relay._local_writing_paused:
+            relay.local_holds(self._unread)
 
     def bind(self, relay: SessionRelay) -> None:
         """Become ``relay``'s local side (tether calls this once)."""
