@@ -96,6 +96,7 @@ def test_a_full_memory_budget_shows_and_makes_the_server_not_ready(tmp_path: Pat
             else:
                 assert not any(name in before for name in heap), before
             assert before["tether_memory_budget_committed_bytes"] == 0
+            assert before["tether_memory_budget_held_bytes"] == 0
             assert before["tether_accepting"] == 1
             assert (await request("GET", t.server_admin + "readyz"))[0] == 200
             assert "tether_memory_budget_bytes" not in await metrics(t.client_admin)

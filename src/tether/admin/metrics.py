@@ -131,6 +131,12 @@ class ServiceCollector(Collector):
                 "Bytes no new session may take: per session, the larger of used and reserved",
                 value=memory.committed,
             )
+            yield GaugeMetricFamily(
+                "tether_memory_budget_held_bytes",
+                "Bytes sessions hold for backends that are not reading, counted against "
+                "new sessions and the high-water mark",
+                value=memory.held,
+            )
 
 
 class HeapCollector(Collector):
