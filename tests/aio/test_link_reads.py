@@ -18,6 +18,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 
+from tether.admin.metrics import registry_for
 from tether.aio.client import TetherClient
 from tether.aio.link import (
     HOLD_SLACK,
@@ -625,6 +626,8 @@ def test_a_peer_that_does_not_keep_to_the_window_is_held_past_it(run: Run[Any]) 
                     assert window < held <= window + HOLD_SLACK + LINK_READ_SIZE
                     memory = server.memory()
                     assert memory is not None and memory.held == held
+                    gauge = registry_for(server).get_sample_value("tether_memory_budget_held_bytes")
+                    assert gauge == held  # what an operator sees (docs/operations.md)
                     assert memory.committed + held > memory.total
                     assert memory.total - memory.committed >= 64 * 1024  # in, but for held
                     with pytest.raises(ConnectionError, match="OVERLOADED"):

@@ -400,7 +400,7 @@ class MemoryBudget:
     share is resumed by its own peer's acknowledgements, which only lower ``used``: no
     cross-session wake-up is needed.
 
-    The window shrinks as the budget fills: with ``free = total - committed``, a session gets
+    The window shrinks as the budget fills: with ``free = total - committed - held``, a session gets
     ``min(requested, max_window, total)`` while at least half the budget is free, then that scaled
     by ``2 * free / total``, never below ``floor`` (nor above what was requested). When not
     even its reservation fits, :meth:`grant` returns None: answer REJECT OVERLOADED.
@@ -484,7 +484,7 @@ class MemoryBudget:
         cap = min(requested_window, self.total)
         if self.max_window is not None:
             cap = min(cap, self.max_window)
-        free = self.total - self._committed - self._held
+        free = self.free
         if free < min(self.floor, cap):
             return None
         if 2 * free >= self.total:
@@ -578,7 +578,7 @@ class Account:
         # The pool is the replay buffers' (held bytes are not in ``_committed``); held
         # bytes, this session's too, count only in the high-water test (MemoryBudget).
         pool = budget.total - budget._committed + max(0, self.reserved - used)
-        if budget._committed + budget._held > budget.high_water:
+        if budget._above_high_water():
             room = min(room, max(budget.fair_share(), self.reserved) - used)
         return max(0, min(room, pool))
 
