@@ -237,6 +237,59 @@ def test_abort_reaches_the_peer(pair: Pair, side: str) -> None:
     assert closer.session.close_code is code
 
 
+def test_a_client_abort_while_detached_reaches_the_server_on_the_next_link(pair: Pair) -> None:
+    """The application resets while the path is down: nothing can carry the CLOSE, so the
+    client keeps the session and resumes it, sends again what the server lacks, then
+    CLOSE; the server ends it with the application's code, not at expiry (limitation 3)."""
+    pair.client_send(b"before")
+    pair.transfer()
+    pair.cut()
+    pair.client_send(b" queued")  # in the replay buffer, never on a link yet
+    pair.client.close(CloseCode.APPLICATION_RESET, "reset by peer", deliver=True)
+    pair.pump()
+    assert pair.client.state is SessionState.DETACHED and pair.client.close_pending
+    assert pair.app.ended is None
+    pair.advance(KEEPALIVE * 3, transfer=False)  # an outage, shorter than the timeout
+    assert pair.server.state is SessionState.DETACHED and pair.backend.ended is None
+    pair.reconnect()
+    pair.transfer()
+    assert pair.app.ended == SessionEnded(CloseCode.APPLICATION_RESET, "reset by peer", False)
+    assert pair.backend.ended == SessionEnded(CloseCode.APPLICATION_RESET, "reset by peer", True)
+    assert pair.backend.received == b"before queued"  # what came before the abort, first
+    assert not pair.client.close_pending
+
+
+def test_a_client_abort_while_detached_that_never_reaches_a_server_expires(pair: Pair) -> None:
+    pair.cut()
+    pair.client.close(CloseCode.APPLICATION_RESET, "reset", deliver=True)
+    pair.advance(TIMEOUT + KEEPALIVE, transfer=False)
+    assert pair.app.ended is not None and pair.app.ended.code is CloseCode.EXPIRED
+    assert not pair.client.close_pending
+
+
+def test_a_shutdown_ends_a_session_whose_abort_waits_for_a_link(pair: Pair) -> None:
+    pair.cut()
+    pair.client.close(CloseCode.APPLICATION_RESET, "reset", deliver=True)
+    pair.client.close(CloseCode.APPLICATION_RESET, "a second word changes nothing", deliver=True)
+    pair.client.close(CloseCode.GOING_AWAY, "client shutting down")  # without deliver: now
+    pair.pump()
+    assert pair.app.ended == SessionEnded(CloseCode.GOING_AWAY, "client shutting down", False)
+
+
+@pytest.mark.parametrize("state", ["attached", "server"])
+def test_deliver_ends_at_once_when_a_link_is_there_or_on_a_server(pair: Pair, state: str) -> None:
+    """Attached, the CLOSE goes on the link now; a server ends at once even detached (its
+    client learns the code from the REJECT of its resume)."""
+    if state == "server":
+        pair.cut()
+    closer = pair.app if state == "attached" else pair.backend
+    code = CloseCode.APPLICATION_RESET if state == "attached" else CloseCode.BACKEND_RESET
+    closer.session.close(code, "reset", deliver=True)
+    pair.pump()
+    assert closer.ended == SessionEnded(code, "reset", by_peer=False)
+    assert not closer.session.close_pending
+
+
 @pytest.mark.parametrize("side", ["client", "server"])
 def test_close_before_both_directions_finished_reaches_the_peer(pair: Pair, side: str) -> None:
     """close() with its default code on an unfinished session is still an end the peer hears."""

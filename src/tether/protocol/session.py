@@ -198,6 +198,7 @@ class Session:
         "_ack_held",
         "_acked",
         "_buffer",
+        "_close_later",
         "_confirmed",
         "_control",
         "_detached_since",
@@ -300,6 +301,8 @@ class Session:
         self._links = 0
         self._resumes = 0
         self._end_code: CloseCode | None = None
+        # A client's abort while detached, sent as CLOSE on the next link (close(deliver=True)).
+        self._close_later: tuple[CloseCode, str] | None = None
         # Replay-buffer memory (server): the budget's account the buffer is charged to.
         self._account: Account | None = None
         # The peer has shown it knows the session (server: it spoke after the ACCEPT, or
@@ -327,6 +330,11 @@ class Session:
     @property
     def close_code(self) -> CloseCode | None:
         return self._end_code
+
+    @property
+    def close_pending(self) -> bool:
+        """A client's abort waits for the next link to tell the server (:meth:`close`)."""
+        return self._close_later is not None and self.state is not SessionState.CLOSED
 
     @property
     def secret(self) -> bytes:
@@ -736,10 +744,27 @@ class Session:
         if self._writable and self.state is SessionState.ATTACHED:
             self._flush()
 
-    def close(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
-        """End the session now in both directions (an abort, unless already finished)."""
-        if self.state is not SessionState.CLOSED:
-            self._end(code, reason, by_peer=False)
+    def close(
+        self, code: CloseCode = CloseCode.NORMAL, reason: str = "", *, deliver: bool = False
+    ) -> None:
+        """End the session now in both directions (an abort, unless already finished).
+
+        ``deliver``: a client whose local side is gone while the session is DETACHED
+        does not end it yet, for no link would carry the CLOSE and the server would keep
+        its backend connection until the session expires. The session goes on resuming
+        as before (until its timeout) and ends with ``code`` on the next link that
+        carries it, as soon as the resume is done: what was queued before is sent again,
+        then CLOSE (docs/protocol.md, "Abort"). No more bytes are to be sent meanwhile.
+        A server ends at once: the client learns the end code when it resumes (REJECT,
+        from the ended sessions the router remembers). Attached, or in NEW, it ends at
+        once too. A later close without ``deliver`` (a shutdown) ends it at once."""
+        if self.state is SessionState.CLOSED:
+            return
+        if deliver and self.state is SessionState.DETACHED and self.role is Role.CLIENT:
+            if self._close_later is None:
+                self._close_later = (code, reason)
+            return
+        self._end(code, reason, by_peer=False)
 
     # -- link inputs (from the driver) -----------------------------------------------
 
@@ -880,6 +905,9 @@ class Session:
         self._confirmed = True  # the client proved it knows the session
         replayed = self._start_link(now, peer_received, preamble)
         self._events.append(events.SessionResumed(replayed, peer_received))
+        later = self._close_later
+        if later is not None and self.state is SessionState.ATTACHED:
+            self._end(later[0], later[1], by_peer=False)  # CLOSE, after what was sent again
         return replayed
 
     def drain(self, now: float, deadline: float | None) -> None:
