@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Coroutine
@@ -162,6 +163,59 @@ def test_expiry_ends_the_session_on_both_sides(tmp_path: Any) -> None:
             await asyncio.sleep(0.2)
             assert "EXPIRED" in server.log()
             assert "EXPIRED" in client.log()
+
+    run(main())
+
+
+@pytest.mark.parametrize("link", ["clear", "tls"])
+def test_an_application_reset_during_an_outage_reaches_the_backend_when_the_path_returns(
+    tmp_path: Any, link: str
+) -> None:
+    """The application resets its connection while the path is down, and the backend has
+    written meanwhile (the server sends it again on the resume, into the client's link):
+    once the path is back the server hears the abort and closes the backend connection,
+    within seconds, not at the 60 s timeout it waited for before (docs/design.md,
+    limitation 3)."""
+    args = ("--timeout", "60", "--keepalive", "0.3", *(("--plaintext",) if link == "clear" else ()))
+
+    async def main() -> None:
+        async with (
+            Backend(seed=7, size=64 * 1024, eof=False) as backend,
+            tether_pair(backend.address, str(tmp_path), server_args=args, client_args=args) as (
+                server,
+                client,
+                relay,
+            ),
+        ):
+            app = await connect_app(client.address, seed=8, size=64 * 1024, eof=False)
+            far = await backend.serving(64 * 1024)
+            for _ in range(200):  # both streams delivered: the session is up
+                if app.received == far.received == 64 * 1024:
+                    break
+                await asyncio.sleep(0.05)
+            relay.reset_new = True  # the path is down until we say
+            relay.kill_all()
+            assert far.transport is not None
+            far.transport.write(bytes(256 * 1024))  # for the client, sent again at the resume
+            assert app.transport is not None
+            app.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            app.transport.abort()  # a reset, not an end of stream
+            for _ in range(200):
+                if "application connection ended" in client.log():
+                    break
+                await asyncio.sleep(0.05)
+            assert "the server is told when the session resumes" in client.log()
+            await asyncio.sleep(1.0)  # the outage goes on: the backend is not told yet
+            assert not far.peer_eof.is_set()
+            started = asyncio.get_running_loop().time()
+            relay.reset_new = False  # the path is back
+            await wait_for(far.peer_eof, 20, "the backend connection to be closed")
+            assert asyncio.get_running_loop().time() - started < 20
+            await asyncio.sleep(0.2)
+            assert "APPLICATION_RESET" in server.log(), server.log()
+            assert "ended APPLICATION_RESET" in client.log(), client.log()
 
     run(main())
 

@@ -199,6 +199,17 @@ class _ClientSession(SessionRelay):
         seconds = f"{within:.0f}" if within is not None else ""
         self._hook("drain", "server draining", drain_seconds=seconds)
 
+    def local_lost(self, exc: Exception | None, code: CloseCode) -> None:
+        super().local_lost(exc, code)
+        if self.core.close_pending:
+            self.log.info(
+                "session %s: application connection ended (%s) while the link is down; "
+                "the server is told when the session resumes (or it expires)",
+                self.name,
+                describe(exc) if exc is not None else "closed",
+                extra=self._fields("close_pending", code=code.name),
+            )
+
     def on_ended(self, event: SessionEnded) -> None:
         self._set_ready(False)
         self.dialer.cancel()
@@ -328,7 +339,7 @@ class _ClientSession(SessionRelay):
             self.log.exception("session %s: internal error", self.name)
             self.abort(CloseCode.INTERNAL_ERROR, f"internal error: {exc!r}")
         finally:
-            if not self.core.closed and self.local is not None:
+            if not self.core.closed:  # (with no local side left: an abort still to deliver)
                 self.abort(CloseCode.GOING_AWAY, "client shutting down")
             if self.link is not None:
                 self.link.abort()

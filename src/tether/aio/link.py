@@ -218,7 +218,9 @@ class SessionRelay:
                 if self._local_writing_paused:
                     self.local_resume_writing()
                 return
-            self.core.close(code, str(exc) if exc else "connection closed")
+            # A client's session detached from its server tells the server on its next link
+            # (Session.close: deliver), rather than leave it its backend until expiry.
+            self.core.close(code, str(exc) if exc else "connection closed", deliver=True)
             _pump(self)
 
     def local_pause_writing(self) -> None:
