@@ -239,13 +239,15 @@ def test_abort_reaches_the_peer(pair: Pair, side: str) -> None:
 
 def test_a_client_abort_while_detached_reaches_the_server_on_the_next_link(pair: Pair) -> None:
     """The application resets while the path is down: nothing can carry the CLOSE, so the
-    client keeps the session and resumes it, sends again what the server lacks, then
-    CLOSE; the server ends it with the application's code, not at expiry (limitation 3)."""
+    client keeps the session and resumes it, then sends CLOSE and nothing else (what was in
+    flight is dropped, as by any abort); the server ends it with the application's code,
+    not at expiry (limitation 3)."""
     pair.client_send(b"before")
     pair.transfer()
     pair.cut()
     pair.client_send(b" queued")  # in the replay buffer, never on a link yet
     pair.client.close(CloseCode.APPLICATION_RESET, "reset by peer", deliver=True)
+    pair.client.close(CloseCode.BACKEND_RESET, "a second word changes nothing", deliver=True)
     pair.pump()
     assert pair.client.state is SessionState.DETACHED and pair.client.close_pending
     assert pair.app.ended is None
@@ -255,8 +257,21 @@ def test_a_client_abort_while_detached_reaches_the_server_on_the_next_link(pair:
     pair.transfer()
     assert pair.app.ended == SessionEnded(CloseCode.APPLICATION_RESET, "reset by peer", False)
     assert pair.backend.ended == SessionEnded(CloseCode.APPLICATION_RESET, "reset by peer", True)
-    assert pair.backend.received == b"before queued"  # what came before the abort, first
+    assert pair.backend.received == b"before"  # the queued bytes were dropped with the abort
     assert not pair.client.close_pending
+
+
+def test_a_client_abort_waiting_for_a_link_ends_with_the_servers_reject(pair: Pair) -> None:
+    """Both ends aborted during the outage: the server's end is what the resume meets."""
+    pair.cut()
+    pair.client.close(CloseCode.APPLICATION_RESET, "reset", deliver=True)
+    pair.server.close(CloseCode.BACKEND_RESET, "backend gone", deliver=True)  # a server: now
+    pair.pump()
+    assert pair.backend.ended == SessionEnded(CloseCode.BACKEND_RESET, "backend gone", False)
+    pair.reconnect()
+    pair.transfer()
+    assert pair.app.ended is not None and pair.app.ended.code is CloseCode.BACKEND_RESET
+    assert pair.app.ended.by_peer and not pair.client.close_pending
 
 
 def test_a_client_abort_while_detached_that_never_reaches_a_server_expires(pair: Pair) -> None:
@@ -270,7 +285,6 @@ def test_a_client_abort_while_detached_that_never_reaches_a_server_expires(pair:
 def test_a_shutdown_ends_a_session_whose_abort_waits_for_a_link(pair: Pair) -> None:
     pair.cut()
     pair.client.close(CloseCode.APPLICATION_RESET, "reset", deliver=True)
-    pair.client.close(CloseCode.APPLICATION_RESET, "a second word changes nothing", deliver=True)
     pair.client.close(CloseCode.GOING_AWAY, "client shutting down")  # without deliver: now
     pair.pump()
     assert pair.app.ended == SessionEnded(CloseCode.GOING_AWAY, "client shutting down", False)

@@ -154,6 +154,9 @@ class _ClientSession(SessionRelay):
         self._settle(True)
 
     def on_resumed(self, event: SessionResumed) -> None:
+        if self.core.closed:  # a resume only to deliver an abort (local_lost): its end follows
+            self._settle(True)
+            return
         self.client.note_resumed(self, event)
         away = self.loop.time() - self._detached_at if self._detached_at else 0.0
         self._detached_at = None

@@ -753,8 +753,9 @@ class Session:
         does not end it yet, for no link would carry the CLOSE and the server would keep
         its backend connection until the session expires. The session goes on resuming
         as before (until its timeout) and ends with ``code`` on the next link that
-        carries it, as soon as the resume is done: what was queued before is sent again,
-        then CLOSE (docs/protocol.md, "Abort"). No more bytes are to be sent meanwhile.
+        carries it, as soon as the resume is done, with CLOSE and nothing else: what was
+        in flight is dropped, as by any abort (docs/protocol.md, "Abort"). No more bytes
+        are to be sent meanwhile.
         A server ends at once: the client learns the end code when it resumes (REJECT,
         from the ended sessions the router remembers). Attached, or in NEW, it ends at
         once too. A later close without ``deliver`` (a shutdown) ends it at once."""
@@ -903,11 +904,17 @@ class Session:
             self._adopt_peer_window(peer_window)
         self._resumes += 1
         self._confirmed = True  # the client proved it knows the session
+        later = self._close_later
+        if later is not None:
+            # An abort waited for this link: the CLOSE alone, what was in flight dropped
+            # as by any abort (docs/protocol.md, "Abort"), nothing sent again.
+            self._out = list(preamble) if preamble else []
+            self._peer_acked = max(self._peer_acked, peer_received)
+            self._events.append(events.SessionResumed(0, peer_received))
+            self._end(later[0], later[1], by_peer=False)
+            return 0
         replayed = self._start_link(now, peer_received, preamble)
         self._events.append(events.SessionResumed(replayed, peer_received))
-        later = self._close_later
-        if later is not None and self.state is SessionState.ATTACHED:
-            self._end(later[0], later[1], by_peer=False)  # CLOSE, after what was sent again
         return replayed
 
     def drain(self, now: float, deadline: float | None) -> None:
