@@ -12,6 +12,7 @@ import hashlib
 import logging
 import random
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -22,6 +23,7 @@ from tether.admin.metrics import registry_for
 from tether.aio.client import TetherClient
 from tether.aio.link import (
     HOLD_SLACK,
+    LINGER,
     LINK_READ_SIZE,
     LINK_VIEW_FROM,
     MAX_EARLY_LINK_BYTES,
@@ -30,9 +32,12 @@ from tether.aio.link import (
     LinkProtocol,
     SessionRelay,
 )
+from tether.aio.link import _close_link as close_link
 from tether.aio.link import _deliver as deliver
 from tether.aio.server import TetherServer
 from tether.config import Address, ServerConfig
+from tether.protocol.codes import CloseCode
+from tether.protocol.events import SessionEnded
 from tether.protocol.session import STATE_SLACK, Role, Session, SessionConfig
 
 from ..loops import LOOPS, Run, runner
@@ -546,6 +551,94 @@ def test_a_backend_that_answers_before_it_reads_is_not_deadlocked_across_resumes
             finally:
                 assert app.transport is not None
                 app.transport.abort()
+
+    run(main())
+
+
+class _Quiet(asyncio.Protocol):
+    """A link's protocol after its session: reads nothing itself (the transport's reads
+    are what _close_link drives)."""
+
+    def __init__(self) -> None:
+        self.lost = asyncio.Event()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+
+def test_a_session_that_ended_itself_lingers_until_the_peer_has_read_its_last_word(
+    run: Run[Any],
+) -> None:
+    """A link closed with the peer's bytes unread in its receive queue makes Linux send a
+    reset, which drops what was not yet sent: here 4 MiB and a last word, written just
+    before, while the peer has not read yet (a fresh link's small window, as after a
+    resume). ``_close_link`` half-closes and reads instead, so the peer reads
+    every byte, then its EOF, and the link closes when the peer does."""
+    payload = random.Random(5).randbytes(4 << 20) + b"CLOSE"
+
+    def peer(listener: socket.socket) -> bytes:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(64):  # unread by the other end: in its receive queue
+                    conn.send(bytes(64 * 1024))
+            conn.settimeout(30)
+            got = bytearray()
+            while data := conn.recv(1 << 20):  # a reset raises here
+                got += data
+            return bytes(got)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            reading = asyncio.ensure_future(asyncio.to_thread(peer, listener))
+            transport, protocol = await loop.create_connection(_Quiet, *listener.getsockname()[:2])
+            transport.pause_reading()  # the peer's bytes wait, unread
+            await asyncio.sleep(0.2)  # they are in the receive queue
+            transport.write(payload)
+            close_link(loop, transport, SessionEnded(CloseCode.APPLICATION_RESET, "reset", False))
+            got = await asyncio.wait_for(reading, 60)
+            assert len(got) == len(payload) and got == payload
+            await asyncio.wait_for(protocol.lost.wait(), 2 * LINGER)
+
+    run(main())
+
+
+class _Both(_End):
+    """Sends its data (no EOF) and reads all along."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.write(self.data)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
+def test_an_abort_while_both_directions_stream_reaches_the_server(run: Run[Any], tls: bool) -> None:
+    """The application resets while it uploads and the backend downloads: the client ends
+    the session with CLOSE behind the upload still queued for the link, with the server's
+    bytes unread on it. Closed at once, Linux would answer with a reset that drops what
+    was not yet sent, the CLOSE among it, and the server would hold the session until
+    expiry; the client's link lingers until the server closes it (link.py, _close_link),
+    so the server ends the session APPLICATION_RESET."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with _tethers(tls, lambda: _Both(seed=1)) as (server, client, backends):
+            address = client.addresses[0]
+            _, app = await loop.create_connection(lambda: _Both(seed=2), address.host, address.port)
+            relay = await _relay(server)
+            await _until("the backend connection", lambda: bool(backends))
+            far = backends[0]
+            await _until("both ways", lambda: min(app.received, far.received) > 4 << 20)
+            assert app.transport is not None
+            sock = app.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            app.transport.abort()  # a reset: the client aborts the session
+            async with asyncio.timeout(20):  # the session's timeout is 180 s
+                await relay.ended.wait()
+            assert relay.close_code is CloseCode.APPLICATION_RESET
 
     run(main())
 

@@ -330,7 +330,7 @@ class SessionRelay:
         reset = event.code in _RESET_CODES
         link, local = self.link, self.local
         if link is not None:
-            link.close()
+            _close_link(self.loop, link, event)
         if local is not None:
             if reset:
                 local.abort()
@@ -786,6 +786,36 @@ def _read_path(
     elif not bulk and reads is not None and current is reads:
         protocol._bulk = None  # and no cycle between them is left
         transport.set_protocol(protocol)
+
+
+# How long a link is kept open and read after this side's last word, waiting for the peer
+# to close it (_close_link).
+LINGER: Final = 2.0
+
+
+def _close_link(
+    loop: asyncio.AbstractEventLoop, link: asyncio.Transport, end: SessionEnded
+) -> None:
+    """Close the link of a session that ended. When this side ended it, its last word (a
+    CLOSE, or the final ACK) may still be on its way, and a TCP socket closed with the
+    peer's bytes unread (a replay, a download) makes Linux send a reset, which throws away
+    what it had not sent yet and may reach the peer first. So the link is read, what
+    arrives dropped, until the peer closes it (which it does on a CLOSE, or once it has
+    finished too), for at most LINGER seconds: a clear-text link half-closed first (the
+    peer reads our EOF), a TLS link left open (asyncio's TLS close fails on data that
+    follows its close_notify, and aborts), except after a normal end, whose close is the
+    TLS close as before."""
+    if end.by_peer or link.is_closing():
+        link.close()
+    elif link.can_write_eof():
+        link.write_eof()
+        link.resume_reading()
+        loop.call_later(LINGER, link.abort)
+    elif end.code is CloseCode.NORMAL:
+        link.close()
+    else:
+        link.resume_reading()
+        loop.call_later(LINGER, link.close)
 
 
 def _check_local_path(relay: SessionRelay) -> None:
