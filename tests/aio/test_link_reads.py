@@ -566,7 +566,7 @@ class _Quiet(asyncio.Protocol):
         self.lost.set()
 
 
-def test_a_session_that_ended_itself_lingers_until_the_peer_has_read_its_last_word(
+def test_a_client_that_ended_itself_lingers_until_the_server_has_read_its_last_word(
     run: Run[Any],
 ) -> None:
     """A link closed with the peer's bytes unread in its receive queue makes Linux send a
@@ -595,9 +595,15 @@ def test_a_session_that_ended_itself_lingers_until_the_peer_has_read_its_last_wo
             reading = asyncio.ensure_future(asyncio.to_thread(peer, listener))
             transport, protocol = await loop.create_connection(_Quiet, *listener.getsockname()[:2])
             transport.pause_reading()  # the peer's bytes wait, unread
+            client_core = Session.client(SessionConfig(), loop.time())
             await asyncio.sleep(0.2)  # they are in the receive queue
             transport.write(payload)
-            close_link(loop, transport, SessionEnded(CloseCode.APPLICATION_RESET, "reset", False))
+            close_link(
+                loop,
+                transport,
+                client_core,
+                SessionEnded(CloseCode.APPLICATION_RESET, "reset", False),
+            )
             got = await asyncio.wait_for(reading, 60)
             assert len(got) == len(payload) and got == payload
             await asyncio.wait_for(protocol.lost.wait(), 2 * LINGER)

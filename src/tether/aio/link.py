@@ -52,7 +52,7 @@ from ..protocol.events import (
     SessionResumed,
 )
 from ..protocol.handshake import ClientHandshake, HandshakeStage, ServerHandshake
-from ..protocol.session import Session, SessionState
+from ..protocol.session import Role, Session, SessionState
 from .ticker import Ticker
 from .util import describe
 
@@ -330,7 +330,7 @@ class SessionRelay:
         reset = event.code in _RESET_CODES
         link, local = self.link, self.local
         if link is not None:
-            _close_link(self.loop, link, event)
+            _close_link(self.loop, link, self.core, event)
         if local is not None:
             if reset:
                 local.abort()
@@ -788,27 +788,38 @@ def _read_path(
         transport.set_protocol(protocol)
 
 
-# How long a link is kept open and read after this side's last word, waiting for the peer
-# to close it (_close_link).
+# How long a client's link is kept open and read after the client's last word, waiting for
+# the server to close it (_close_link).
 LINGER: Final = 2.0
 
 
 def _close_link(
-    loop: asyncio.AbstractEventLoop, link: asyncio.Transport, end: SessionEnded
+    loop: asyncio.AbstractEventLoop, link: asyncio.Transport, core: Session, end: SessionEnded
 ) -> None:
-    """Close the link of a session that ended. When this side ended it, its last word (a
-    CLOSE, or the final ACK) may still be on its way, and a TCP socket closed with the
-    peer's bytes unread (a replay, a download) makes Linux send a reset, which throws away
-    what it had not sent yet and may reach the peer first. So the link is read, what
-    arrives dropped, until the peer closes it (which it does on a CLOSE, or once it has
-    finished too), for at most LINGER seconds: a clear-text link half-closed first (the
-    peer reads our EOF), a TLS link left open (asyncio's TLS close fails on data that
-    follows its close_notify, and aborts), except after a normal end, whose close is the
-    TLS close as before."""
-    if end.by_peer or link.is_closing():
+    """Close the link of a session that ended. A client that ended it itself (not shutting
+    down) lingers: its last word (a CLOSE, or the final ACK) may still be on its way, and a
+    TCP socket closed with the peer's bytes unread (a replay, a download) makes Linux send a
+    reset, which throws away what it had not sent yet and may reach the server first; the
+    client, which forgets the session, could not tell it again, and the server would keep
+    it until expiry. So the link is read, what arrives dropped, until the server closes it
+    (it does on a CLOSE, and once it has finished too), for at most LINGER seconds: a
+    clear-text link half-closed first (the server reads our EOF), a TLS link left open
+    (asyncio's TLS close fails on data that follows its close_notify, and aborts), except
+    after a normal end, which closes TLS as before. A server does not linger: a client whose
+    CLOSE from the server is lost learns the end from the REJECT of its resume."""
+    if (
+        end.by_peer
+        or end.code is CloseCode.GOING_AWAY
+        or core.role is not Role.CLIENT
+        or link.is_closing()
+    ):
         link.close()
     elif link.can_write_eof():
-        link.write_eof()
+        try:
+            link.write_eof()
+        except OSError:  # the connection is gone already (asyncio's transport raises)
+            link.abort()
+            return
         link.resume_reading()
         loop.call_later(LINGER, link.abort)
     elif end.code is CloseCode.NORMAL:
