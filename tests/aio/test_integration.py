@@ -4,12 +4,13 @@ fault-injecting relay between them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import pytest
@@ -136,24 +137,41 @@ def test_backend_close_reaches_the_application_after_all_its_data(tmp_path: Any)
     run(main())
 
 
+@contextlib.asynccontextmanager
+async def _session_up(tmp_path: Any, args: tuple[str, ...]) -> AsyncIterator[Any]:
+    """A server and a client (both with ``args``) behind a fault relay, and one session
+    through them whose 64 KiB each way have arrived: (server, client, relay, app, far)."""
+    async with (
+        Backend(seed=7, size=64 * 1024, eof=False) as backend,
+        tether_pair(backend.address, str(tmp_path), server_args=args, client_args=args) as (
+            server,
+            client,
+            relay,
+        ),
+    ):
+        app = await connect_app(client.address, seed=8, size=64 * 1024, eof=False)
+        far = await backend.serving(64 * 1024)
+        for _ in range(200):  # both streams delivered: the session is up
+            if app.received == far.received == 64 * 1024:
+                break
+            await asyncio.sleep(0.05)
+        yield server, client, relay, app, far
+
+
+async def _logged(proc: Any, text: str, limit: float = 10.0) -> None:
+    """Until ``proc``'s log has ``text`` (bounded; a log line follows its action)."""
+    for _ in range(int(limit / 0.05)):
+        if text in proc.log():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {text!r} in the log:\n{proc.log()}")
+
+
 def test_expiry_ends_the_session_on_both_sides(tmp_path: Any) -> None:
     args = ("--timeout", "2", "--keepalive", "0.3")
 
     async def main() -> None:
-        async with (
-            Backend(seed=7, size=64 * 1024, eof=False) as backend,
-            tether_pair(backend.address, str(tmp_path), server_args=args, client_args=args) as (
-                server,
-                client,
-                relay,
-            ),
-        ):
-            app = await connect_app(client.address, seed=8, size=64 * 1024, eof=False)
-            far = await backend.serving(64 * 1024)
-            for _ in range(200):  # both streams delivered: the session is up
-                if app.received == far.received == 64 * 1024:
-                    break
-                await asyncio.sleep(0.05)
+        async with _session_up(tmp_path, args) as (server, client, relay, app, far):
             relay.reset_new = True  # the path never comes back
             relay.kill_all()
             started = asyncio.get_running_loop().time()
@@ -179,49 +197,23 @@ def test_an_application_reset_during_an_outage_reaches_the_backend_when_the_path
     args = ("--timeout", "60", "--keepalive", "0.3", *(("--plaintext",) if link == "clear" else ()))
 
     async def main() -> None:
-        async with (
-            Backend(seed=7, size=64 * 1024, eof=False) as backend,
-            tether_pair(backend.address, str(tmp_path), server_args=args, client_args=args) as (
-                server,
-                client,
-                relay,
-            ),
-        ):
-            app = await connect_app(client.address, seed=8, size=64 * 1024, eof=False)
-            far = await backend.serving(64 * 1024)
-            for _ in range(200):  # both streams delivered: the session is up
-                if app.received == far.received == 64 * 1024:
-                    break
-                await asyncio.sleep(0.05)
+        async with _session_up(tmp_path, args) as (server, client, relay, app, far):
             relay.reset_new = True  # the path is down until we say
             relay.kill_all()
-            for _ in range(200):  # the client knows (an abort before that goes on the link)
-                if "link lost" in client.log():
-                    break
-                await asyncio.sleep(0.05)
-            assert far.transport is not None
-            far.transport.write(bytes(256 * 1024))  # for the client, sent again at the resume
-            assert app.transport is not None
+            await _logged(client, "link lost")  # (an abort before that goes on the link)
+            far.transport.write(bytes(256 * 1024))  # for the client, sent on the resume
             app.transport.get_extra_info("socket").setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
             )
             app.transport.abort()  # a reset, not an end of stream
-            for _ in range(200):
-                if "application connection ended" in client.log():
-                    break
-                await asyncio.sleep(0.05)
-            assert "the server is told when the session resumes" in client.log()
+            await _logged(client, "the server is told when the session resumes")
             await asyncio.sleep(1.0)  # the outage goes on: the backend is not told yet
             assert not far.peer_eof.is_set()
             started = asyncio.get_running_loop().time()
             relay.reset_new = False  # the path is back
             await wait_for(far.peer_eof, 20, "the backend connection to be closed")
             assert asyncio.get_running_loop().time() - started < 20
-            for _ in range(100):  # the server logs the end just after closing the backend
-                if "APPLICATION_RESET" in server.log():
-                    break
-                await asyncio.sleep(0.05)
-            assert "APPLICATION_RESET" in server.log(), server.log()
+            await _logged(server, "ended APPLICATION_RESET")  # logged just after the close
             assert "ended APPLICATION_RESET" in client.log(), client.log()
 
     run(main())
