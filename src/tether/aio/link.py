@@ -805,8 +805,10 @@ def _close_link(
     (it does on a CLOSE, and once it has finished too), for at most LINGER seconds: a
     clear-text link half-closed first (the server reads our EOF), a TLS link left open
     (asyncio's TLS close fails on data that follows its close_notify, and aborts), except
-    after a normal end, which closes TLS as before. A server does not linger: a client whose
-    CLOSE from the server is lost learns the end from the REJECT of its resume."""
+    after both directions finished (a CLOSE was not sent: at most the final ACK), which
+    closes TLS as before. The time runs from here, not from when the write buffer has
+    drained. A server does not linger: a client whose CLOSE from the server is lost learns
+    the end from the REJECT of its resume."""
     if (
         end.by_peer
         or end.code is CloseCode.GOING_AWAY
@@ -822,7 +824,7 @@ def _close_link(
             return
         link.resume_reading()
         loop.call_later(LINGER, link.abort)
-    elif end.code is CloseCode.NORMAL:
+    elif core.eof_sent and core.eof_received:
         link.close()
     else:
         link.resume_reading()
