@@ -788,31 +788,30 @@ def _read_path(
         transport.set_protocol(protocol)
 
 
-# How long a client's link is kept open and read after the client's last word, waiting for
-# the server to close it (_close_link).
+# How long a client's link is kept open and read after its CLOSE, waiting for the server to
+# close it (_close_link).
 LINGER: Final = 2.0
 
 
 def _close_link(
     loop: asyncio.AbstractEventLoop, link: asyncio.Transport, core: Session, end: SessionEnded
 ) -> None:
-    """Close the link of a session that ended. A client that ended it itself (not shutting
-    down) lingers: its last word (a CLOSE, or the final ACK) may still be on its way, and a
-    TCP socket closed with the peer's bytes unread (a replay, a download) makes Linux send a
-    reset, which throws away what it had not sent yet and may reach the server first; the
-    client, which forgets the session, could not tell it again, and the server would keep
-    it until expiry. So the link is read, what arrives dropped, until the server closes it
-    (it does on a CLOSE, and once it has finished too), for at most LINGER seconds: a
-    clear-text link half-closed first (the server reads our EOF), a TLS link left open
-    (asyncio's TLS close fails on data that follows its close_notify, and aborts), except
-    after both directions finished (a CLOSE was not sent: at most the final ACK), which
-    closes TLS as before. The time runs from here, not from when the write buffer has
-    drained. A server does not linger: a client whose CLOSE from the server is lost learns
-    the end from the REJECT of its resume."""
+    """Close the link of a session that ended. A client that aborted it (sent a CLOSE, not
+    shutting down) lingers: a TCP socket closed with the peer's bytes unread (a replay, a
+    download) makes Linux send a reset, which throws away what it had not sent yet, the
+    CLOSE among it, and may reach the server first; the client, which forgets the session,
+    could not tell it again, and the server would keep it until expiry. So the link is read,
+    what arrives dropped, until the server closes it (it does on a CLOSE), for at most
+    LINGER seconds from here (not from when the write buffer has drained): a clear-text
+    link half-closed first, a TLS link left open (asyncio's TLS close fails on data that
+    follows its close_notify, and aborts). A server does not linger (a client whose CLOSE
+    from the server is lost learns the end from the REJECT of its resume), nor does a
+    session whose both directions finished (no CLOSE: at most the final ACK, limitation 1)."""
     if (
         end.by_peer
         or end.code is CloseCode.GOING_AWAY
         or core.role is not Role.CLIENT
+        or (core.eof_sent and core.eof_received)
         or link.is_closing()
     ):
         link.close()
@@ -824,8 +823,6 @@ def _close_link(
             return
         link.resume_reading()
         loop.call_later(LINGER, link.abort)
-    elif core.eof_sent and core.eof_received:
-        link.close()
     else:
         link.resume_reading()
         loop.call_later(LINGER, link.close)
