@@ -41,6 +41,7 @@ from tether.protocol.events import SessionEnded
 from tether.protocol.session import STATE_SLACK, Role, Session, SessionConfig
 
 from ..loops import LOOPS, Run, runner
+from ..protocol.pair import Pair
 from .endpoints import tethers
 from .rawpeer import OVERRUN, RawClient, overrun, stream_bytes
 
@@ -595,13 +596,16 @@ def test_a_client_that_ended_itself_lingers_until_the_server_has_read_its_last_w
             reading = asyncio.ensure_future(asyncio.to_thread(peer, listener))
             transport, protocol = await loop.create_connection(_Quiet, *listener.getsockname()[:2])
             transport.pause_reading()  # the peer's bytes wait, unread
-            client_core = Session.client(SessionConfig(), loop.time())
+            aborted = Pair(SessionConfig())  # a client session that ended with a CLOSE
+            aborted.establish()
+            aborted.client.close(CloseCode.APPLICATION_RESET, "reset")
+            assert aborted.client.close_sent
             await asyncio.sleep(0.2)  # they are in the receive queue
             transport.write(payload)
             close_link(
                 loop,
                 transport,
-                client_core,
+                aborted.client,
                 SessionEnded(CloseCode.APPLICATION_RESET, "reset", False),
             )
             got = await asyncio.wait_for(reading, 60)

@@ -212,6 +212,7 @@ def test_normal_completion_on_both_sides(pair: Pair) -> None:
         assert (end.ended.code, end.ended.by_peer) == (CloseCode.NORMAL, False)
         assert end.session.closed and end.session.close_code is CloseCode.NORMAL
         assert end.session.next_timer() is None
+        assert not end.session.close_sent  # finished: no CLOSE (link.py closes at once)
     assert pair.app.received == b"pong" and pair.backend.received == b"ping"
     assert pair.client.session_id not in pair.sessions  # the server forgot it
 
@@ -231,6 +232,7 @@ def test_abort_reaches_the_peer(pair: Pair, side: str) -> None:
     assert closer.ended == SessionEnded(code, "reset by peer", by_peer=False)
     pair.transfer()
     assert peer.ended == SessionEnded(code, "reset by peer", by_peer=True)
+    assert closer.session.close_sent and not peer.session.close_sent  # (link.py's linger)
     with pytest.raises(InvalidState):
         closer.session.send(b"x")
     closer.session.close(CloseCode.GOING_AWAY)  # a second close changes nothing

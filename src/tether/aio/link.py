@@ -806,12 +806,12 @@ def _close_link(
     link half-closed first, a TLS link left open (asyncio's TLS close fails on data that
     follows its close_notify, and aborts). A server does not linger (a client whose CLOSE
     from the server is lost learns the end from the REJECT of its resume), nor does a
-    session whose both directions finished (no CLOSE: at most the final ACK, limitation 1)."""
+    session that sent no CLOSE (ended by the peer, or finished: at most the final ACK,
+    limitation 1)."""
     if (
-        end.by_peer
+        not core.close_sent
         or end.code is CloseCode.GOING_AWAY
         or core.role is not Role.CLIENT
-        or (core.eof_sent and core.eof_received)
         or link.is_closing()
     ):
         link.close()

@@ -199,6 +199,7 @@ class Session:
         "_acked",
         "_buffer",
         "_close_later",
+        "_close_sent",
         "_confirmed",
         "_control",
         "_detached_since",
@@ -303,6 +304,7 @@ class Session:
         self._end_code: CloseCode | None = None
         # A client's abort while detached, sent as CLOSE on the next link (close(deliver=True)).
         self._close_later: tuple[CloseCode, str] | None = None
+        self._close_sent = False  # this end ended the session with a CLOSE (_end)
         # Replay-buffer memory (server): the budget's account the buffer is charged to.
         self._account: Account | None = None
         # The peer has shown it knows the session (server: it spoke after the ACCEPT, or
@@ -330,6 +332,12 @@ class Session:
     @property
     def close_code(self) -> CloseCode | None:
         return self._end_code
+
+    @property
+    def close_sent(self) -> bool:
+        """This end ended the session and put a CLOSE on its link (an abort, or any end
+        before both directions finished), which the peer has yet to read."""
+        return self._close_sent
 
     @property
     def close_pending(self) -> bool:
@@ -1162,6 +1170,7 @@ class Session:
                 # Any end before both directions finished, whatever its code, is one
                 # the peer must hear of, or it would wait for a resume until it expires.
                 self._out.append(Close(code, reason).serialize())
+                self._close_sent = True
         self._transition(_Input.END)
         self._end_code = code
         self._tick_at = self._expire_at = None
