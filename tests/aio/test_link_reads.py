@@ -35,7 +35,7 @@ from tether.aio.link import (
 from tether.aio.link import _close_link as close_link
 from tether.aio.link import _deliver as deliver
 from tether.aio.server import TetherServer
-from tether.config import Address, ServerConfig
+from tether.config import Address, ClientConfig, ServerConfig
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import SessionEnded
 from tether.protocol.session import STATE_SLACK, Role, Session, SessionConfig
@@ -558,24 +558,61 @@ def test_a_backend_that_answers_before_it_reads_is_not_deadlocked_across_resumes
 
 class _Quiet(asyncio.Protocol):
     """A link's protocol after its session: reads nothing itself (the transport's reads
-    are what _close_link drives)."""
+    are what _close_link drives), and tells the relay when its transport is gone, as
+    LinkProtocol does."""
 
     def __init__(self) -> None:
         self.lost = asyncio.Event()
+        self.relay: SessionRelay | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost.set()
+        if self.relay is not None and self.transport is not None:
+            self.relay.link_closed(self.transport, exc)
 
 
+class _Lingers(SessionRelay):
+    __slots__ = ("lingered",)
+
+    def __init__(self, core: Session) -> None:
+        super().__init__(core, logging.getLogger("test"))
+        self.lingered = 0
+
+    def on_lingered(self) -> None:
+        self.lingered += 1
+
+
+def _ended_first(how: str) -> tuple[Session, SessionEnded]:
+    """A client session that ended itself while attached: by an abort (its last word a
+    CLOSE), or by finishing first (the ACK of the server's EOF; limitation 1)."""
+    pair = Pair(SessionConfig())
+    pair.establish()
+    if how == "aborted":
+        pair.client.close(CloseCode.APPLICATION_RESET, "reset")
+        pair.pump()
+    else:
+        pair.client_eof()
+        pair.server_eof()
+        pair.transfer()
+    assert pair.app.ended is not None and pair.client.ended_on_link
+    return pair.client, pair.app.ended
+
+
+@pytest.mark.parametrize("how", ["aborted", "finished"])
 def test_a_client_that_ended_itself_lingers_until_the_server_has_read_its_last_word(
-    run: Run[Any],
+    run: Run[Any], how: str
 ) -> None:
     """A link closed with the peer's bytes unread in its receive queue makes Linux send a
     reset, which drops what was not yet sent: here 4 MiB and a last word, written just
     before, while the peer has not read yet (a fresh link's small window, as after a
     resume). ``_close_link`` half-closes and reads instead, so the peer reads
-    every byte, then its EOF, and the link closes when the peer does."""
-    payload = random.Random(5).randbytes(4 << 20) + b"CLOSE"
+    every byte, then its EOF, and the link closes when the peer does; meanwhile it is the
+    relay's ``lingering`` link, and the relay hears when it is closed."""
+    payload = random.Random(5).randbytes(4 << 20) + b"LAST WORD"
 
     def peer(listener: socket.socket) -> bytes:
         conn, _ = listener.accept()
@@ -596,21 +633,16 @@ def test_a_client_that_ended_itself_lingers_until_the_server_has_read_its_last_w
             reading = asyncio.ensure_future(asyncio.to_thread(peer, listener))
             transport, protocol = await loop.create_connection(_Quiet, *listener.getsockname()[:2])
             transport.pause_reading()  # the peer's bytes wait, unread
-            aborted = Pair(SessionConfig())  # a client session that ended with a CLOSE
-            aborted.establish()
-            aborted.client.close(CloseCode.APPLICATION_RESET, "reset")
-            assert aborted.client.close_sent
+            core, end = _ended_first(how)
+            relay = protocol.relay = _Lingers(core)
             await asyncio.sleep(0.2)  # they are in the receive queue
             transport.write(payload)
-            close_link(
-                loop,
-                transport,
-                aborted.client,
-                SessionEnded(CloseCode.APPLICATION_RESET, "reset", False),
-            )
+            close_link(relay, transport, end)
+            assert relay.lingering is transport
             got = await asyncio.wait_for(reading, 60)
             assert len(got) == len(payload) and got == payload
             await asyncio.wait_for(protocol.lost.wait(), 2 * LINGER)
+            assert relay.lingering is None and relay.lingered == 1
 
     run(main())
 
@@ -649,6 +681,63 @@ def test_an_abort_while_both_directions_stream_reaches_the_server(run: Run[Any],
             async with asyncio.timeout(20):  # the session's timeout is 180 s
                 await relay.ended.wait()
             assert relay.close_code is CloseCode.APPLICATION_RESET
+
+    run(main())
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
+def test_a_clients_close_waits_for_the_link_of_a_session_that_just_ended(
+    run: Run[Any], tls: bool
+) -> None:
+    """The application resets and the client sends CLOSE, which the server has not read
+    yet (its link not read): the session is no longer listed, but its link lingers, and
+    the client's own close waits for it rather than cutting it (a reset that could lose
+    the CLOSE) or leaving it open past the client (an unclosed transport once the loop
+    ends). Once the server reads the CLOSE it closes the link, and the close completes."""
+
+    async def main() -> None:
+        async with _backends(lambda: _End(seed=1, size=0)) as (port, _):
+            listen = Address("127.0.0.1", 0)
+            backend = Address("127.0.0.1", port)
+            async with TetherServer(
+                ServerConfig(listen=listen, backend=backend, plaintext=not tls)
+            ) as server:
+                client = TetherClient(
+                    ClientConfig(listen=listen, server=server.addresses[0], plaintext=not tls)
+                )
+                await client.__aenter__()
+                closing: asyncio.Future[None] | None = None
+                try:
+                    closing = await _abort_and_close(client, server)
+                finally:
+                    if closing is None:
+                        await client.__aexit__(None, None, None)
+
+    async def _abort_and_close(client: TetherClient, server: TetherServer) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        address = client.addresses[0]
+        _, app = await loop.create_connection(
+            lambda: _End(seed=2, size=0), address.host, address.port
+        )
+        relay = await _relay(server)
+        await _until("attached", lambda: [s.state for s in client.sessions()] == ["attached"])
+        assert relay.link is not None and app.transport is not None
+        relay.link.pause_reading()  # the server reads nothing more from the link
+        sock = app.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        app.transport.abort()  # a reset: the client aborts the session
+        await _until("the client's end", lambda: not client.relays())
+        (ended,) = client._live
+        assert ended.core.closed and ended.lingering is not None
+        closing = asyncio.ensure_future(client.__aexit__(None, None, None))
+        await asyncio.sleep(0.2)  # well within LINGER: the link still lingers
+        assert not closing.done() and ended.lingering is not None
+        relay.link.resume_reading()
+        await asyncio.wait_for(closing, 10)
+        assert ended.lingering is None and not client._live
+        await _until("the server's end", lambda: relay.close_code is not None)
+        assert relay.close_code is CloseCode.APPLICATION_RESET
+        return closing
 
     run(main())
 

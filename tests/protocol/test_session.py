@@ -212,7 +212,7 @@ def test_normal_completion_on_both_sides(pair: Pair) -> None:
         assert (end.ended.code, end.ended.by_peer) == (CloseCode.NORMAL, False)
         assert end.session.closed and end.session.close_code is CloseCode.NORMAL
         assert end.session.next_timer() is None
-        assert not end.session.close_sent  # finished: no CLOSE (link.py closes at once)
+        assert end.session.ended_on_link  # each ended it itself (link.py's linger)
     assert pair.app.received == b"pong" and pair.backend.received == b"ping"
     assert pair.client.session_id not in pair.sessions  # the server forgot it
 
@@ -232,7 +232,7 @@ def test_abort_reaches_the_peer(pair: Pair, side: str) -> None:
     assert closer.ended == SessionEnded(code, "reset by peer", by_peer=False)
     pair.transfer()
     assert peer.ended == SessionEnded(code, "reset by peer", by_peer=True)
-    assert closer.session.close_sent and not peer.session.close_sent  # (link.py's linger)
+    assert closer.session.ended_on_link and not peer.session.ended_on_link  # (link.py's linger)
     with pytest.raises(InvalidState):
         closer.session.send(b"x")
     closer.session.close(CloseCode.GOING_AWAY)  # a second close changes nothing
@@ -261,6 +261,7 @@ def test_a_client_abort_while_detached_reaches_the_server_on_the_next_link(pair:
     assert pair.backend.ended == SessionEnded(CloseCode.APPLICATION_RESET, "reset by peer", True)
     assert pair.backend.received == b"before"  # the queued bytes were dropped with the abort
     assert not pair.client.close_pending
+    assert pair.client.ended_on_link  # on the new link: its CLOSE waits to be read
 
 
 def test_a_client_abort_waiting_for_a_link_ends_with_the_servers_reject(pair: Pair) -> None:
@@ -370,6 +371,7 @@ def test_expiry_while_detached_on_both_sides(pair: Pair) -> None:
         assert end.ended is not None
         assert (end.ended.code, end.ended.by_peer) == (CloseCode.EXPIRED, False)
         assert end.session.statistics().replay_buffered == 0
+        assert not end.session.ended_on_link  # no link to linger on
     assert pair.client.session_id not in pair.sessions
     pair.reconnect()  # a closed session does not reconnect
     assert len(pair.links) == 1

@@ -305,6 +305,19 @@ class _ClientSession(SessionRelay):
         if wake is not None and not wake.done():
             wake.set_result(None)
 
+    async def _woken_up(self) -> None:
+        """Wait for :meth:`_wake_up` (at once if it came already)."""
+        if not self._woken:
+            self._wake = self.loop.create_future()
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+        self._woken = False
+
+    def on_lingered(self) -> None:
+        self._wake_up()
+
     def _settle(self, up: bool) -> None:
         if self._outcome is not None and not self._outcome.done():
             self._outcome.set_result(up)
@@ -329,23 +342,22 @@ class _ClientSession(SessionRelay):
                     await self._fallback[1].done.wait()
                 return
             while not self.core.closed:
-                if not self._woken:
-                    self._wake = self.loop.create_future()
-                    try:
-                        await self._wake
-                    finally:
-                        self._wake = None
-                self._woken = False
+                await self._woken_up()
                 if self.core.state is SessionState.DETACHED:
                     await self._reconnect()
+            # Its link may outlive the end by up to LINGER (link.py, _close_link): until it
+            # is closed the session stays the client's, so that the client's close waits.
+            while self.lingering is not None:
+                await self._woken_up()
         except Exception as exc:  # a bug must cost this session only, never the client
             self.log.exception("session %s: internal error", self.name)
             self.abort(CloseCode.INTERNAL_ERROR, f"internal error: {exc!r}")
         finally:
             if not self.core.closed:  # (with no local side left: an abort still to deliver)
                 self.abort(CloseCode.GOING_AWAY, "client shutting down")
-            if self.link is not None:
-                self.link.abort()
+            for link in (self.link, self.lingering):
+                if link is not None:
+                    link.abort()
             self.dialer.close()
             self.client._live.discard(self)
 
@@ -639,7 +651,8 @@ class TetherClient(Service):
         self._draining.pop(server, None)
 
     def relays(self) -> Iterable[SessionRelay]:
-        return [session for session in self._live if session._fallback is None]
+        # Not the sessions that ended while their link lingers (link.py, _close_link).
+        return [s for s in self._live if s._fallback is None and not s.core.closed]
 
     def handshakes_in_flight(self) -> int:
         return sum(session._trying is not None for session in self._live)

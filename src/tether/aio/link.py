@@ -131,6 +131,7 @@ class SessionRelay:
         "_timer_slot",
         "core",
         "detached_at",
+        "lingering",
         "link",
         "local",
         "local_address",
@@ -146,6 +147,8 @@ class SessionRelay:
         self.loop = asyncio.get_running_loop()
         self.local: LocalTransport | None = None
         self.link: asyncio.Transport | None = None
+        # The link of a session that ended, still read until the peer closes it (_close_link).
+        self.lingering: asyncio.Transport | None = None
         self._local_reading_paused = False  # by us, for a full replay buffer
         self._frozen = False  # a takeover: neither side is read, no timer runs
         self._local_writing_paused = False  # the local side cannot take more
@@ -196,7 +199,11 @@ class SessionRelay:
         """Client: the server said it is draining (the session goes on)."""
 
     def on_ended(self, event: SessionEnded) -> None:
-        """The session is over; everything has been closed already."""
+        """The session is over; everything has been closed already (its link may linger:
+        :attr:`lingering`)."""
+
+    def on_lingered(self) -> None:
+        """The link that outlived the session's end (:attr:`lingering`) is closed."""
 
     # -- local side --------------------------------------------------------------
 
@@ -319,6 +326,9 @@ class SessionRelay:
             self.core.link_lost(self.loop.time())
             self.on_link_lost(describe(exc) if exc is not None else "connection closed")
             _pump(self)
+        elif transport is self.lingering:
+            self.lingering = None
+            self.on_lingered()
 
     # -- the pump ----------------------------------------------------------------
 
@@ -330,7 +340,7 @@ class SessionRelay:
         reset = event.code in _RESET_CODES
         link, local = self.link, self.local
         if link is not None:
-            _close_link(self.loop, link, self.core, event)
+            _close_link(self, link, event)
         if local is not None:
             if reset:
                 local.abort()
@@ -788,44 +798,44 @@ def _read_path(
         transport.set_protocol(protocol)
 
 
-# How long a client's link is kept open and read after its CLOSE, waiting for the server to
-# close it (_close_link).
+# How long a client's link is kept open and read after the session's end, waiting for the
+# server to close it (_close_link).
 LINGER: Final = 2.0
 
 
-def _close_link(
-    loop: asyncio.AbstractEventLoop, link: asyncio.Transport, core: Session, end: SessionEnded
-) -> None:
-    """Close the link of a session that ended. A client that aborted it (sent a CLOSE, not
-    shutting down) lingers: a TCP socket closed with the peer's bytes unread (a replay, a
-    download) makes Linux send a reset, which throws away what it had not sent yet, the
-    CLOSE among it, and may reach the server first; the client, which forgets the session,
-    could not tell it again, and the server would keep it until expiry. So the link is read,
-    what arrives dropped, until the server closes it (it does on a CLOSE), for at most
+def _close_link(relay: SessionRelay, link: asyncio.Transport, end: SessionEnded) -> None:
+    """Close the link of a session that ended. A client that ended the session itself
+    (``Session.ended_on_link``: it aborted, or it finished first), not shutting down,
+    lingers: a TCP socket closed with the peer's bytes unread (a replay, a download, a
+    keepalive) makes Linux send a reset, which throws away what it had not sent yet, its
+    CLOSE or its last acknowledgement among it, and may reach the server first; the
+    client, which forgets the session, could not tell it again, and the server would keep
+    it until expiry (docs/design.md, limitation 1). So the link is read, what arrives
+    dropped, until the server closes it (it does once its session ended), for at most
     LINGER seconds from here (not from when the write buffer has drained): a clear-text
     link half-closed first, a TLS link left open (asyncio's TLS close fails on data that
-    follows its close_notify, and aborts). A server does not linger (a client whose CLOSE
-    from the server is lost learns the end from the REJECT of its resume), nor does a
-    session that sent no CLOSE (ended by the peer, or finished: at most the final ACK,
-    limitation 1)."""
+    follows its close_notify, and aborts); then it is aborted. Meanwhile it is
+    ``relay.lingering``, which a client's session task waits for (so that the client's
+    own close waits too). A server does not linger (a client whose end from the server
+    is lost learns it from the REJECT of its resume)."""
+    core = relay.core
     if (
-        not core.close_sent
+        not core.ended_on_link
         or end.code is CloseCode.GOING_AWAY
         or core.role is not Role.CLIENT
         or link.is_closing()
     ):
         link.close()
-    elif link.can_write_eof():
+        return
+    if link.can_write_eof():
         try:
             link.write_eof()
         except OSError:  # the connection is gone already (asyncio's transport raises)
             link.abort()
             return
-        link.resume_reading()
-        loop.call_later(LINGER, link.abort)
-    else:
-        link.resume_reading()
-        loop.call_later(LINGER, link.close)
+    link.resume_reading()
+    relay.lingering = link
+    relay.loop.call_later(LINGER, link.abort)
 
 
 def _check_local_path(relay: SessionRelay) -> None:

@@ -199,7 +199,6 @@ class Session:
         "_acked",
         "_buffer",
         "_close_later",
-        "_close_sent",
         "_confirmed",
         "_control",
         "_detached_since",
@@ -208,6 +207,7 @@ class Session:
         "_draining",
         "_dup_next",
         "_end_code",
+        "_ended_on_link",
         "_eof",
         "_event_head",
         "_events",
@@ -304,7 +304,7 @@ class Session:
         self._end_code: CloseCode | None = None
         # A client's abort while detached, sent as CLOSE on the next link (close(deliver=True)).
         self._close_later: tuple[CloseCode, str] | None = None
-        self._close_sent = False  # this end ended the session with a CLOSE (_end)
+        self._ended_on_link = False  # this end ended the session while attached (_end)
         # Replay-buffer memory (server): the budget's account the buffer is charged to.
         self._account: Account | None = None
         # The peer has shown it knows the session (server: it spoke after the ACCEPT, or
@@ -334,10 +334,13 @@ class Session:
         return self._end_code
 
     @property
-    def close_sent(self) -> bool:
-        """This end ended the session and put a CLOSE on its link (an abort, or any end
-        before both directions finished), which the peer has yet to read."""
-        return self._close_sent
+    def ended_on_link(self) -> bool:
+        """This end ended the session while attached: what it wrote last, a CLOSE (an
+        abort, or any end before both directions finished) or the acknowledgement of the
+        peer's EOF (both finished), may be unread by the peer yet, which a driver that
+        closes the link at once could lose (link.py, ``_close_link``). Not after an end
+        the peer sent, nor one while detached."""
+        return self._ended_on_link
 
     @property
     def close_pending(self) -> bool:
@@ -1170,7 +1173,7 @@ class Session:
                 # Any end before both directions finished, whatever its code, is one
                 # the peer must hear of, or it would wait for a resume until it expires.
                 self._out.append(Close(code, reason).serialize())
-                self._close_sent = True
+            self._ended_on_link = True
         self._transition(_Input.END)
         self._end_code = code
         self._tick_at = self._expire_at = None
