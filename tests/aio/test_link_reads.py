@@ -706,14 +706,18 @@ def test_a_clients_close_waits_for_the_link_of_a_session_that_just_ended(
                     ClientConfig(listen=listen, server=server.addresses[0], plaintext=not tls)
                 )
                 await client.__aenter__()
-                closing: asyncio.Future[None] | None = None
+                closing: list[asyncio.Future[None]] = []  # the client's exit, once begun
                 try:
-                    closing = await _abort_and_close(client, server)
+                    await _abort_and_close(client, server, closing)
                 finally:
-                    if closing is None:
+                    if closing:
+                        await asyncio.wait_for(closing[0], 10)
+                    else:
                         await client.__aexit__(None, None, None)
 
-    async def _abort_and_close(client: TetherClient, server: TetherServer) -> asyncio.Future[None]:
+    async def _abort_and_close(
+        client: TetherClient, server: TetherServer, closing: list[asyncio.Future[None]]
+    ) -> None:
         loop = asyncio.get_running_loop()
         address = client.addresses[0]
         _, app = await loop.create_connection(
@@ -729,15 +733,17 @@ def test_a_clients_close_waits_for_the_link_of_a_session_that_just_ended(
         await _until("the client's end", lambda: not client.relays())
         (ended,) = client._live
         assert ended.core.closed and ended.lingering is not None
-        closing = asyncio.ensure_future(client.__aexit__(None, None, None))
-        await asyncio.sleep(0.2)  # well within LINGER: the link still lingers
-        assert not closing.done() and ended.lingering is not None
+        closing.append(asyncio.ensure_future(client.__aexit__(None, None, None)))
+        # A few turns of the loop, not a wait (LINGER is 2 s away): without the linger's
+        # wait the exit has nothing left to wait for, and completes within them.
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not closing[0].done() and ended.lingering is not None
         relay.link.resume_reading()
-        await asyncio.wait_for(closing, 10)
+        await asyncio.wait_for(closing[0], 10)
         assert ended.lingering is None and not client._live
         await _until("the server's end", lambda: relay.close_code is not None)
         assert relay.close_code is CloseCode.APPLICATION_RESET
-        return closing
 
     run(main())
 

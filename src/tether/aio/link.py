@@ -805,7 +805,7 @@ LINGER: Final = 2.0
 
 def _close_link(relay: SessionRelay, link: asyncio.Transport, end: SessionEnded) -> None:
     """Close the link of a session that ended. A client that ended the session itself
-    (``Session.ended_on_link``: it aborted, or it finished first), not shutting down,
+    (``Session.ended_on_link``: it aborted, or it finished), not shutting down,
     lingers: a TCP socket closed with the peer's bytes unread (a replay, a download, a
     keepalive) makes Linux send a reset, which throws away what it had not sent yet, its
     CLOSE or its last acknowledgement among it, and may reach the server first; the

@@ -337,9 +337,10 @@ class Session:
     def ended_on_link(self) -> bool:
         """This end ended the session while attached: what it wrote last, a CLOSE (an
         abort, or any end before both directions finished) or the acknowledgement of the
-        peer's EOF (both finished), may be unread by the peer yet, which a driver that
-        closes the link at once could lose (link.py, ``_close_link``). Not after an end
-        the peer sent, nor one while detached."""
+        peer's EOF (both finished: now, or earlier if this end finished second), may be
+        unread by the peer yet, which a driver that closes the link at once could lose
+        (link.py, ``_close_link``). Not after an end the peer sent, nor one while
+        detached."""
         return self._ended_on_link
 
     @property
