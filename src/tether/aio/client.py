@@ -346,7 +346,8 @@ class _ClientSession(SessionRelay):
                 if self.core.state is SessionState.DETACHED:
                     await self._reconnect()
             # Its link may outlive the end by up to LINGER (link.py, _close_link): until it
-            # is closed the session stays the client's, so that the client's close waits.
+            # is closed the session stays the client's, so that leaving the client's
+            # ``async with`` (its task group) waits for it.
             while self.lingering is not None:
                 await self._woken_up()
         except Exception as exc:  # a bug must cost this session only, never the client

@@ -815,9 +815,9 @@ def _close_link(relay: SessionRelay, link: asyncio.Transport, end: SessionEnded)
     LINGER seconds from here (not from when the write buffer has drained): a clear-text
     link half-closed first, a TLS link left open (asyncio's TLS close fails on data that
     follows its close_notify, and aborts); then it is aborted. Meanwhile it is
-    ``relay.lingering``, which a client's session task waits for (so that the client's
-    own close waits too). A server does not linger (a client whose end from the server
-    is lost learns it from the REJECT of its resume)."""
+    ``relay.lingering``, which a client's session task waits for (so that leaving the
+    client's ``async with``, its task group, waits too). A server does not linger (a
+    client whose end from the server is lost learns it from the REJECT of its resume)."""
     core = relay.core
     if (
         not core.ended_on_link
