@@ -315,7 +315,17 @@ class _ClientSession(SessionRelay):
                 self._wake = None
         self._woken = False
 
-    def on_lingered(self) -> None:
+    def on_lingered(self, answered: bool, how: str) -> None:
+        if not answered:
+            # docs/design.md, limitations 1 and 3: a server that did not read the end keeps
+            # the session, and its backend connection, until it expires.
+            self.log.warning(
+                "session %s: after its end, %s; the server may not have read the end, and "
+                "then keeps the session until it expires",
+                self.name,
+                how,
+                extra=self._fields("end_unconfirmed", reason=how),
+            )
         self._wake_up()
 
     def _settle(self, up: bool) -> None:
@@ -356,7 +366,8 @@ class _ClientSession(SessionRelay):
         finally:
             if not self.core.closed:  # (with no local side left: an abort still to deliver)
                 self.abort(CloseCode.GOING_AWAY, "client shutting down")
-            for link in (self.link, self.lingering):
+            lingering, self.lingering = self.lingering, None  # cut, not answered
+            for link in (self.link, lingering):
                 if link is not None:
                     link.abort()
             self.dialer.close()

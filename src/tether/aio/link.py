@@ -202,8 +202,10 @@ class SessionRelay:
         """The session is over; everything has been closed already (its link may linger:
         :attr:`lingering`)."""
 
-    def on_lingered(self) -> None:
-        """The link that outlived the session's end (:attr:`lingering`) is closed."""
+    def on_lingered(self, answered: bool, how: str) -> None:
+        """The link that outlived the session's end (:attr:`lingering`) is closed:
+        ``answered`` when the peer closed it (it read the end), not when it was reset or
+        the linger ran out (``how`` says which)."""
 
     # -- local side --------------------------------------------------------------
 
@@ -328,7 +330,8 @@ class SessionRelay:
             _pump(self)
         elif transport is self.lingering:
             self.lingering = None
-            self.on_lingered()
+            how = f"the link was lost ({describe(exc)})" if exc is not None else "closed"
+            self.on_lingered(exc is None, how)
 
     # -- the pump ----------------------------------------------------------------
 
@@ -835,7 +838,15 @@ def _close_link(relay: SessionRelay, link: asyncio.Transport, end: SessionEnded)
             return
     link.resume_reading()
     relay.lingering = link
-    relay.loop.call_later(LINGER, link.abort)
+    relay.loop.call_later(LINGER, _linger_over, relay, link)
+
+
+def _linger_over(relay: SessionRelay, link: asyncio.Transport) -> None:
+    """LINGER after the end, the server has not closed the link: give up on it."""
+    if relay.lingering is link:  # (else closed already)
+        relay.lingering = None
+        link.abort()
+        relay.on_lingered(False, f"the server did not close the link within {LINGER:.0f} s")
 
 
 def _check_local_path(relay: SessionRelay) -> None:
