@@ -188,6 +188,19 @@ class Proc:
             return f.read()
 
 
+async def logged(proc: Proc, text: str, after: int = 0, limit: float = 20.0) -> str:
+    """The first log line of ``proc`` holding ``text`` (past character ``after``), polled
+    for at most ``limit`` seconds (a bound, not a measurement); fails if ``proc`` exits."""
+    for _ in range(int(limit / 0.05)):
+        log = proc.log()[after:]
+        for line in log.splitlines():
+            if text in line:
+                return line
+        assert proc.popen.poll() is None, f"tether exited ({proc.popen.returncode}):\n{log}"
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no log line with {text!r} within {limit}s:\n{proc.log()}")
+
+
 _LOGS = itertools.count(1)  # one log file per process (id() of a dead tuple is reused)
 
 

@@ -26,7 +26,7 @@ from tether.protocol.frames import (
 )
 
 from .endpoints import Backend, close_all, connect_app, stream_digest
-from .faultnet import FaultRelay, tether_pair
+from .faultnet import FaultRelay, logged, tether_pair
 
 FAST = ("--keepalive", "0.3")
 
@@ -158,15 +158,6 @@ async def _session_up(tmp_path: Any, args: tuple[str, ...]) -> AsyncIterator[Any
         yield server, client, relay, app, far
 
 
-async def _logged(proc: Any, text: str, limit: float = 10.0) -> None:
-    """Until ``proc``'s log has ``text`` (bounded; a log line follows its action)."""
-    for _ in range(int(limit / 0.05)):
-        if text in proc.log():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no {text!r} in the log:\n{proc.log()}")
-
-
 def test_expiry_ends_the_session_on_both_sides(tmp_path: Any) -> None:
     args = ("--timeout", "2", "--keepalive", "0.3")
 
@@ -200,20 +191,20 @@ def test_an_application_reset_during_an_outage_reaches_the_backend_when_the_path
         async with _session_up(tmp_path, args) as (server, client, relay, app, far):
             relay.reset_new = True  # the path is down until we say
             relay.kill_all()
-            await _logged(client, "link lost")  # (an abort before that goes on the link)
+            await logged(client, "link lost")  # (an abort before that goes on the link)
             far.transport.write(bytes(256 * 1024))  # for the client, sent on the resume
             app.transport.get_extra_info("socket").setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
             )
             app.transport.abort()  # a reset, not an end of stream
-            await _logged(client, "the server is told when the session resumes")
+            await logged(client, "the server is told when the session resumes")
             await asyncio.sleep(1.0)  # the outage goes on: the backend is not told yet
             assert not far.peer_eof.is_set()
             started = asyncio.get_running_loop().time()
             relay.reset_new = False  # the path is back
             await wait_for(far.peer_eof, 20, "the backend connection to be closed")
             assert asyncio.get_running_loop().time() - started < 20
-            await _logged(server, "ended APPLICATION_RESET")  # logged just after the close
+            await logged(server, "ended APPLICATION_RESET")  # logged just after the close
             assert "ended APPLICATION_RESET" in client.log(), client.log()
 
     run(main())

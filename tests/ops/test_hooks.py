@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.aio.faultnet import FaultRelay, start_tether, stop
+from tests.aio.faultnet import FaultRelay, logged, start_tether, stop
 from tether.config import HookConfig
 from tether.hooks import HookRunner
 
-from .test_reload import LIMIT, App, echo, logged
+from .test_reload import LIMIT, App, echo
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the hook is a shell script")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.aio.faultnet import FaultRelay, Proc, start_tether, stop
+from tests.aio.faultnet import FaultRelay, Proc, logged, start_tether, stop
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="needs SIGHUP")
 
@@ -63,18 +63,6 @@ class App:
 
     def close(self) -> None:
         self.writer.close()
-
-
-async def logged(proc: Proc, text: str, after: int = 0) -> str:
-    """The first log line holding ``text`` (past character ``after``), polled with a bound."""
-    for _ in range(int(LIMIT / 0.05)):
-        log = proc.log()[after:]
-        for line in log.splitlines():
-            if text in line:
-                return line
-        assert proc.popen.poll() is None, f"tether exited ({proc.popen.returncode}):\n{log}"
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no log line with {text!r} within {LIMIT}s:\n{proc.log()}")
 
 
 async def notified(sock: socket.socket) -> bytes:

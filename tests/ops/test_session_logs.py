@@ -8,9 +8,9 @@ import json
 import re
 from pathlib import Path
 
-from tests.aio.faultnet import tether_pair
+from tests.aio.faultnet import logged, tether_pair
 
-from .test_reload import LIMIT, App, echo, logged
+from .test_reload import LIMIT, App, echo
 
 
 def _line(log: str, pattern: str) -> str:
