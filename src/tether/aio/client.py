@@ -315,16 +315,16 @@ class _ClientSession(SessionRelay):
                 self._wake = None
         self._woken = False
 
-    def on_lingered(self, answered: bool, how: str) -> None:
-        if not answered:
+    def on_lingered(self, unconfirmed: str | None) -> None:
+        if unconfirmed is not None:
             # docs/design.md, limitations 1 and 3: a server that did not read the end keeps
             # the session, and its backend connection, until it expires.
             self.log.warning(
                 "session %s: after its end, %s; the server may not have read the end, and "
                 "then keeps the session until it expires",
                 self.name,
-                how,
-                extra=self._fields("end_unconfirmed", reason=how),
+                unconfirmed,
+                extra=self._fields("end_unconfirmed", reason=unconfirmed),
             )
         self._wake_up()
 

@@ -202,10 +202,9 @@ class SessionRelay:
         """The session is over; everything has been closed already (its link may linger:
         :attr:`lingering`)."""
 
-    def on_lingered(self, answered: bool, how: str) -> None:
-        """The link that outlived the session's end (:attr:`lingering`) is closed:
-        ``answered`` when the peer closed it (it read the end), not when it was reset or
-        the linger ran out (``how`` says which)."""
+    def on_lingered(self, unconfirmed: str | None) -> None:
+        """The link that outlived the session's end (:attr:`lingering`) is closed: by the
+        peer (None: it read the end), or not (why: lost, or the linger ran out)."""
 
     # -- local side --------------------------------------------------------------
 
@@ -330,8 +329,7 @@ class SessionRelay:
             _pump(self)
         elif transport is self.lingering:
             self.lingering = None
-            how = f"the link was lost ({describe(exc)})" if exc is not None else "closed"
-            self.on_lingered(exc is None, how)
+            self.on_lingered(None if exc is None else f"the link was lost ({describe(exc)})")
 
     # -- the pump ----------------------------------------------------------------
 
@@ -846,7 +844,7 @@ def _linger_over(relay: SessionRelay, link: asyncio.Transport) -> None:
     if relay.lingering is link:  # (else closed already)
         relay.lingering = None
         link.abort()
-        relay.on_lingered(False, f"the server did not close the link within {LINGER:.0f} s")
+        relay.on_lingered(f"the server did not close the link within {LINGER:.0f} s")
 
 
 def _check_local_path(relay: SessionRelay) -> None:
